@@ -1,0 +1,189 @@
+"""``bookcast`` command line. Run ``bookcast <command> --help`` for each command's options and examples.
+
+Exit codes: 0 success, 1 a runtime failure (a service died, a check failed), 2 bad usage or missing input.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "up": """examples:
+  bookcast up                              # nats-server + ingest (bundled Coinbase recording, looping) + gateway on :8080
+  bookcast up --port 0 --workers 1         # a free port, one gateway worker
+  bookcast up --capture ../shared/data/polymarket/btc-1h-20251211.jsonl --speed 10""",
+    "tail": """examples:
+  bookcast tail coinbase:SKL-USD                         # live top of book from ws://127.0.0.1:8080/v1/ws
+  bookcast tail coinbase:BAND-GBP --depth 10 --url ws://127.0.0.1:8080/v1/ws --url ws://127.0.0.1:8081/v1/ws
+  bookcast tail coinbase:SKL-USD --once                  # print one frame and exit""",
+    "replay": """examples:
+  bookcast replay --nats nats://127.0.0.1:4222 capture.jsonl        # run an ingest replaying a capture in real time
+  bookcast replay --speed 10 --loop --nats nats://127.0.0.1:4222 a.jsonl b.jsonl.gz
+  bookcast replay --check ../shared/data/coinbase/coinbase-level2-20210417.jsonl   # no NATS: parse, build books, summarise""",
+    "record": """examples:
+  bookcast record --venue coinbase --symbols BTC-USD,ETH-USD --out cb.jsonl --duration-s 60
+  bookcast record --venue polymarket --symbols <token id>,<token id> --out pm.jsonl.gz --max-messages 10000""",
+    "gateway": """examples:
+  bookcast gateway --nats nats://127.0.0.1:4222 --port 8080 --workers 2""",
+}
+
+
+def _tail_module():
+    # feed.client re-exports a ``tail`` function that shadows the submodule's name.
+    return importlib.import_module("feed.client.tail")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from feed.gateway import server
+    from feed import stack
+
+    p = argparse.ArgumentParser(
+        prog="bookcast",
+        description="bookcast: order books from venue feeds through NATS to WebSocket clients, with measured latency.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  bookcast up\n  bookcast tail coinbase:SKL-USD\n  bookcast replay --check capture.jsonl",
+    )
+    p.add_argument("--log-level", default=os.environ.get("BOOKCAST_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING, ERROR (default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    stack.add_arguments(cmd("up", "start the whole stack on embedded defaults"))
+    _tail_module().add_arguments(cmd("tail", "show the live top of book of one instrument"))
+
+    r = cmd("replay", "run an ingest that replays capture files as its upstream")
+    r.add_argument("captures", nargs="+", type=Path, help="capture files (.jsonl or .jsonl.gz, PROTOCOL.md section 9)")
+    r.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL (default %(default)s)")
+    r.add_argument("--speed", type=float, default=1.0, help="speed factor; 0 = as fast as possible (default %(default)s)")
+    r.add_argument("--loop", action="store_true", help="restart from the top at the end, forever")
+    r.add_argument("--http-port", type=int, default=0, help="serve /metrics, /healthz, /v1/status on this port")
+    r.add_argument("--check", action="store_true", help="no NATS: parse and build books, print a summary, exit")
+    r.add_argument("--name", default="ingest", help="name shown to NATS and in logs")
+
+    rec = cmd("record", "record a live venue WebSocket into a capture file")
+    rec.add_argument("--venue", required=True, choices=["coinbase", "polymarket"])
+    rec.add_argument("--symbols", required=True, help="comma-separated venue symbols (product ids / token ids)")
+    rec.add_argument("--out", required=True, type=Path, help="output .jsonl or .jsonl.gz")
+    rec.add_argument("--url", help="venue WebSocket URL (default: the venue's public one)")
+    rec.add_argument("--duration-s", type=float, help="stop after this many seconds")
+    rec.add_argument("--max-messages", type=int, help="stop after this many messages")
+
+    g = cmd("gateway", "run a gateway (WebSocket + REST) fed from NATS")
+    server.add_arguments(g)
+    g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if args.command == "up":
+        from feed import stack
+
+        return stack.up(args)
+    if args.command == "tail":
+        return _run_async(_tail_module().main_async(args))
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "record":
+        return _record(args)
+    if args.command == "gateway":
+        from feed.gateway import server
+
+        return server.worker_main(args) if args.worker else server.serve(args)
+    return 2
+
+
+def _run_async(coro) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    missing = [str(c) for c in args.captures if not c.is_file()]
+    if missing:
+        print(f"bookcast replay: capture file not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.check:
+        from feed.replaycheck import check_captures
+
+        return check_captures(args.captures)
+    return _run_async(_run_ingest(args))
+
+
+async def _run_ingest(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from feed.ingest import Ingest, IngestConfig
+
+    config = IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None,
+                          loop=args.loop, name=args.name)
+    ingest = Ingest(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    try:
+        await ingest.start()
+    except Exception as exc:  # noqa: BLE001 - report a clear reason and a non-zero code
+        logging.getLogger("bookcast.ingest").error("cannot connect to NATS at %s: %s", args.nats, exc)
+        return 1
+    if args.http_port:
+        runner = web.AppRunner(ingest.http_app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", args.http_port).start()
+    replay_task = loop.create_task(ingest.run())
+    stop_task = loop.create_task(stop.wait())
+    await asyncio.wait({replay_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if replay_task.done() and replay_task.exception() is not None:
+        logging.getLogger("bookcast.ingest").error("replay failed: %s", replay_task.exception())
+        code = 1
+    elif replay_task.done():
+        await stop.wait()  # replay over: keep serving snapshots until stopped
+    replay_task.cancel()
+    stop_task.cancel()
+    if runner is not None:
+        await runner.cleanup()
+    await ingest.stop()
+    return code
+
+
+def _record(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from feed.capture import DEFAULT_URLS, default_subscribe, record
+
+    symbols = [s for s in args.symbols.split(",") if s]
+    url = args.url or DEFAULT_URLS[args.venue]
+    if args.duration_s is None and args.max_messages is None:
+        print("bookcast record: give --duration-s or --max-messages (or stop with Ctrl-C)", file=sys.stderr)
+    try:
+        count = asyncio.run(record(url, args.venue, default_subscribe(args.venue, symbols), args.out,
+                                   duration_s=args.duration_s, max_messages=args.max_messages))
+    except KeyboardInterrupt:
+        print(f"stopped; {args.out} holds what was received", file=sys.stderr)
+        return 0
+    except (OSError, aiohttp.ClientError) as exc:
+        print(f"bookcast record: cannot record from {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"recorded {count} messages to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""Verified local books from a bookcast stream: the pure core of the client SDK.
+
+``VerifiedBooks.on_message(msg, recv_ns)`` takes one decoded server message (PROTOCOL.md section 4) and
+the time it was received, updates the local books, and returns what happened: *events* for the user
+(``BookUpdated``, ``GapDetected``, ...) and *actions* the connection must carry out (``SendResync``).
+No I/O, no clock: the adapter (``feed.client.sdk``) passes ``recv_ns`` and sends the actions.
+
+Rules, per instrument (a "fault" drops the book, counts it, emits ``GapDetected`` and ``SendResync``;
+until the next snapshot the instrument has no book and its deltas are ignored):
+
+=========  ==================================================================================
+message    rule
+=========  ==================================================================================
+snapshot   replaces the book at (epoch, seq); checksum differs from the book's: fault (sec 6).
+delta      no book (awaiting a snapshot): ignored, counted in ``deltas_ignored``.
+           epoch differs from the book's: fault ``epoch_change`` (sec 4).
+           ``prev_seq`` differs from the held seq: fault ``seq_gap``; a conflated delta whose
+           ``prev_seq`` is the held seq applies normally, however far ``seq`` skips (sec 4).
+           else the changes are applied, seq = ``seq``, checksum differs: fault (sec 6).
+resync     drops the book (a snapshot follows), counted by reason (sec 4).
+heartbeat  for each held book, "behind" means the heartbeat's ``[epoch, seq]`` has another epoch or a
+           higher seq. Behind at two heartbeats in a row while the book did not move in between (no
+           delta arrived to reveal the loss): fault ``stale_heartbeat``. One heartbeat behind is allowed
+           (a delta may be in flight or held back by conflation); equal or ahead is fine.
+other      trade, subscribed, unsubscribed (drops those books), pong, error, shutdown: events.
+           Unknown types and unknown fields are ignored (sec 10).
+=========  ==================================================================================
+
+A data message with a missing or malformed field for an instrument whose book is held is a fault
+(``bad_message``): the book cannot be trusted past it. Messages the client cannot attribute to an
+instrument are counted in ``bad_messages`` and otherwise ignored.
+"""
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from feed.book import L2Book
+from feed.errors import ChecksumMismatch, InvalidDecimal, RemoteError, SeqGap
+from feed.model import AggressorSide, LevelChange, Side, parse_decimal
+
+
+class UpdateKind(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+    DELTA = "delta"
+
+
+class GapReason(enum.StrEnum):
+    """Why the client dropped a book and asked for ``resync``."""
+
+    SEQ_GAP = "seq_gap"
+    EPOCH_CHANGE = "epoch_change"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    STALE_HEARTBEAT = "stale_heartbeat"
+    BAD_MESSAGE = "bad_message"
+
+
+# -- actions: what the connection must send --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendResync:
+    """Send ``{"op": "resync", "instrument": ...}`` (PROTOCOL.md section 3)."""
+
+    instrument: str
+    reason: GapReason
+
+
+Action = SendResync
+
+
+# -- events: what the user sees --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BookUpdated:
+    """A snapshot or delta was applied and verified.
+
+    ``book`` is the live local book: later messages keep mutating it (``book.copy()`` to keep this
+    state). Latencies are ``recv_ns`` minus the message's timestamp, in ns, ``None`` when the message
+    lacks that timestamp: ``latency_ns`` from ``ts_send_ns`` (gateway -> client), ``publish_latency_ns``
+    from ``ts_publish_ns``, ``e2e_ns`` from ``ts_event_ns`` (or ``ts_ingest_ns`` when the venue gives no
+    event time). Clocks of different hosts may disagree, so these can be negative.
+    """
+
+    instrument: str
+    kind: UpdateKind
+    book: L2Book
+    epoch: str
+    seq: int
+    recv_ns: int
+    latency_ns: int | None
+    publish_latency_ns: int | None
+    e2e_ns: int | None
+    msg: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BookCrossed:
+    """After a verified update the book's best bid >= best ask (the server's book is crossed too)."""
+
+    instrument: str
+    seq: int
+    best_bid: Decimal
+    best_ask: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class GapDetected:
+    """The client found the book untrustworthy, dropped it and asked for ``resync``.
+
+    ``detail`` names the fields, e.g. ``seq gap instrument=coinbase:BAND-GBP expected=43 got=45``.
+    """
+
+    instrument: str
+    reason: GapReason
+    detail: str
+    error: RemoteError
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncReceived:
+    """The server sent ``resync`` (reason ``slow_consumer``, ``upstream_gap``, ``epoch_change``, or a new
+    one): the book was dropped and a snapshot follows."""
+
+    instrument: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TradeEvent:
+    """A ``trade`` message. ``side`` is the aggressor's; ``e2e_ns`` as in ``BookUpdated``."""
+
+    instrument: str
+    price: Decimal
+    size: Decimal
+    side: AggressorSide
+    trade_id: str | None
+    recv_ns: int
+    e2e_ns: int | None
+    msg: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    id: int | str | None
+    instruments: list[str]
+    recovered: dict[str, bool]  # instrument -> its ``resume`` succeeded (missed deltas follow)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    id: int | str | None
+    instruments: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    id: int | str | None
+    ts_send_ns: int | None
+    recv_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReceived:
+    """An ``error`` reply (PROTOCOL.md section 5). ``id`` echoes the request's, when there was one."""
+
+    id: int | str | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The gateway is draining: reconnect (elsewhere) after ``reconnect_after_ms`` and resume."""
+
+    reconnect_after_ms: int
+
+
+Event = (
+    BookUpdated | BookCrossed | GapDetected | ResyncReceived | TradeEvent | Subscribed | Unsubscribed
+    | Pong | ErrorReceived | Shutdown
+)
+
+
+# -- state -----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters since the client started. ``gaps`` counts every broken history the client detected
+    (``seq_gap`` + ``epoch_change`` + ``stale_heartbeat``); checksum mismatches are counted apart.
+    ``epoch_changes`` counts each time an instrument's epoch differed from the last one seen.
+    ``reconnects``, ``connect_failures`` and ``events_dropped`` are kept by the adapter."""
+
+    messages: int = 0
+    snapshots: int = 0
+    deltas: int = 0
+    deltas_ignored: int = 0  # arrived while awaiting a snapshot
+    trades: int = 0
+    heartbeats_seen: int = 0
+    gaps: int = 0
+    epoch_changes: int = 0
+    stale_heartbeat_gaps: int = 0
+    checksum_mismatches: int = 0
+    bad_messages: int = 0
+    crossed_books: int = 0
+    resyncs_requested: int = 0
+    resyncs_received: Counter[str] = field(default_factory=Counter)  # by server reason
+    reconnects: int = 0
+    connect_failures: int = 0
+    events_dropped: int = 0
+
+
+@dataclass(slots=True)
+class LocalBook:
+    """One instrument's verified book at ``(epoch, seq)`` and the timing of its last update (ns)."""
+
+    instrument: str
+    book: L2Book
+    epoch: str
+    seq: int
+    last_recv_ns: int
+    latency_ns: int | None = None
+    publish_latency_ns: int | None = None
+    e2e_ns: int | None = None
+    updates: int = 0
+    stale_at: tuple[str, int] | None = None  # (epoch, seq) held at a heartbeat that found it behind
+
+
+class _BadMessage(Exception):
+    pass
+
+
+class VerifiedBooks:
+    """Per-instrument verified books; see the module docstring for the rules.
+
+    ``books`` maps instrument -> ``LocalBook`` for every book currently held (dropped books are absent,
+    never stale). ``stats`` holds the counters.
+    """
+
+    def __init__(self) -> None:
+        self.books: dict[str, LocalBook] = {}
+        self.stats = ClientStats()
+        self._last_epoch: dict[str, str] = {}
+        self._handlers = {
+            "snapshot": self._on_snapshot,
+            "delta": self._on_delta,
+            "heartbeat": self._on_heartbeat,
+            "resync": self._on_resync,
+            "trade": self._on_trade,
+            "subscribed": self._on_subscribed,
+            "unsubscribed": self._on_unsubscribed,
+            "pong": self._on_pong,
+            "error": self._on_error,
+            "shutdown": self._on_shutdown,
+        }
+
+    def book(self, instrument: str) -> L2Book | None:
+        local = self.books.get(instrument)
+        return None if local is None else local.book
+
+    def resume_map(self) -> dict[str, dict[str, Any]]:
+        """``{instrument: {"epoch": str, "seq": int}}`` for every held book: the ``resume`` of section 3."""
+        return {i: {"epoch": b.epoch, "seq": b.seq} for i, b in self.books.items()}
+
+    def on_disconnect(self) -> None:
+        """The connection ended: heartbeat suspicions belong to it and are forgotten; books are kept for
+        ``resume``."""
+        for local in self.books.values():
+            local.stale_at = None
+
+    def on_message(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        """Apply one decoded server message received at ``recv_ns`` (ns since the Unix epoch).
+
+        Returns actions (``SendResync``) and events in the order they happened. Never raises on bad
+        input: remote faults become ``GapDetected`` + ``SendResync`` or are counted in ``bad_messages``.
+        """
+        self.stats.messages += 1
+        handler = self._handlers.get(msg.get("type"))  # unknown types: ignored (section 10)
+        if handler is None:
+            return []
+        try:
+            return handler(msg, recv_ns)
+        except _BadMessage as exc:
+            self.stats.bad_messages += 1
+            instrument = msg.get("instrument")
+            if isinstance(instrument, str) and instrument in self.books:
+                return self._fault(instrument, GapReason.BAD_MESSAGE, RemoteError(str(exc)))
+            return []
+
+    # -- data ------------------------------------------------------------------------------------
+    def _on_snapshot(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        instrument = _instrument(msg)
+        epoch, seq, sent = _str(msg, "epoch"), _int(msg, "seq"), _int(msg, "checksum")
+        book = L2Book(instrument)
+        book.apply_snapshot(_levels(msg, "bids"), _levels(msg, "asks"))
+        self.stats.snapshots += 1
+        self._note_epoch(instrument, epoch)
+        computed = book.checksum()
+        if computed != sent:
+            mismatch = ChecksumMismatch(instrument, seq, sent, computed)
+            return self._fault(instrument, GapReason.CHECKSUM_MISMATCH, mismatch)
+        local = self.books[instrument] = LocalBook(instrument, book, epoch, seq, recv_ns)
+        return self._updated(local, UpdateKind.SNAPSHOT, msg, recv_ns)
+
+    def _on_delta(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        instrument = _instrument(msg)
+        self.stats.deltas += 1
+        local = self.books.get(instrument)
+        if local is None:
+            self.stats.deltas_ignored += 1
+            return []
+        epoch, seq, prev_seq = _str(msg, "epoch"), _int(msg, "seq"), _int(msg, "prev_seq")
+        sent, changes = _int(msg, "checksum"), _changes(msg)
+        if seq <= prev_seq:
+            raise _BadMessage(f"delta instrument={instrument}: seq={seq} not after prev_seq={prev_seq}")
+        self._note_epoch(instrument, epoch)
+        if epoch != local.epoch:
+            return self._fault(
+                instrument, GapReason.EPOCH_CHANGE, SeqGap(instrument, local.seq, prev_seq, epoch_changed=True)
+            )
+        if prev_seq != local.seq:
+            return self._fault(instrument, GapReason.SEQ_GAP, SeqGap(instrument, local.seq, prev_seq))
+        local.book.apply_changes(changes)
+        local.seq = seq
+        computed = local.book.checksum()
+        if computed != sent:
+            mismatch = ChecksumMismatch(instrument, seq, sent, computed)
+            return self._fault(instrument, GapReason.CHECKSUM_MISMATCH, mismatch)
+        return self._updated(local, UpdateKind.DELTA, msg, recv_ns)
+
+    def _updated(
+        self, local: LocalBook, kind: UpdateKind, msg: dict[str, Any], recv_ns: int
+    ) -> list[Action | Event]:
+        send, publish, event = (_ts(msg, k) for k in ("ts_send_ns", "ts_publish_ns", "ts_event_ns"))
+        if event is None:
+            event = _ts(msg, "ts_ingest_ns")
+        local.last_recv_ns = recv_ns
+        local.latency_ns = None if send is None else recv_ns - send
+        local.publish_latency_ns = None if publish is None else recv_ns - publish
+        local.e2e_ns = None if event is None else recv_ns - event
+        local.updates += 1
+        out: list[Action | Event] = [
+            BookUpdated(
+                local.instrument, kind, local.book, local.epoch, local.seq, recv_ns,
+                local.latency_ns, local.publish_latency_ns, local.e2e_ns, msg,
+            )
+        ]
+        if local.book.is_crossed():
+            self.stats.crossed_books += 1
+            bid, ask = local.book.best_bid(), local.book.best_ask()
+            assert bid is not None and ask is not None
+            out.append(BookCrossed(local.instrument, local.seq, bid[0], ask[0]))
+        return out
+
+    def _fault(
+        self, instrument: str, reason: GapReason, error: RemoteError, detail: str | None = None
+    ) -> list[Action | Event]:
+        self.books.pop(instrument, None)
+        if reason is GapReason.CHECKSUM_MISMATCH:
+            self.stats.checksum_mismatches += 1
+        elif reason is not GapReason.BAD_MESSAGE:
+            self.stats.gaps += 1
+            if reason is GapReason.STALE_HEARTBEAT:
+                self.stats.stale_heartbeat_gaps += 1
+        self.stats.resyncs_requested += 1
+        return [GapDetected(instrument, reason, detail or str(error), error), SendResync(instrument, reason)]
+
+    def _note_epoch(self, instrument: str, epoch: str) -> None:
+        last = self._last_epoch.get(instrument)
+        if last is not None and last != epoch:
+            self.stats.epoch_changes += 1
+        self._last_epoch[instrument] = epoch
+
+    # -- control ---------------------------------------------------------------------------------
+    def _on_heartbeat(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        self.stats.heartbeats_seen += 1
+        seqs = msg.get("seqs")
+        if not isinstance(seqs, dict):
+            raise _BadMessage(f"heartbeat: field 'seqs' must be an object, got {seqs!r}")
+        out: list[Action | Event] = []
+        for instrument, local in list(self.books.items()):
+            position = seqs.get(instrument)
+            if not (
+                isinstance(position, list) and len(position) == 2
+                and isinstance(position[0], str) and _is_int(position[1])
+            ):
+                continue
+            hb_epoch, hb_seq = position
+            if hb_epoch == local.epoch and hb_seq <= local.seq:
+                local.stale_at = None
+                continue
+            held = (local.epoch, local.seq)
+            if local.stale_at != held:
+                local.stale_at = held  # first heartbeat to find it behind: a delta may be in flight
+                continue
+            error = SeqGap(instrument, local.seq, hb_seq, epoch_changed=hb_epoch != local.epoch)
+            detail = (
+                f"stale book instrument={instrument} held={local.epoch}:{local.seq} "
+                f"heartbeat={hb_epoch}:{hb_seq} at two heartbeats"
+            )
+            out += self._fault(instrument, GapReason.STALE_HEARTBEAT, error, detail)
+        return out
+
+    def _on_resync(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        instrument = _instrument(msg)
+        reason = msg.get("reason")
+        reason = reason if isinstance(reason, str) else "unspecified"
+        self.stats.resyncs_received[reason] += 1
+        self.books.pop(instrument, None)
+        return [ResyncReceived(instrument, reason)]
+
+    def _on_trade(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        instrument = _instrument(msg)
+        price = _decimal(msg.get("price"), "trade field 'price'")
+        size = _decimal(msg.get("size"), "trade field 'size'")
+        try:
+            side = AggressorSide(msg.get("side"))
+        except ValueError:
+            raise _BadMessage(f"trade instrument={instrument}: bad field 'side' {msg.get('side')!r}") from None
+        trade_id = msg.get("trade_id")
+        event_ns = _ts(msg, "ts_event_ns")
+        if event_ns is None:
+            event_ns = _ts(msg, "ts_ingest_ns")
+        self.stats.trades += 1
+        return [
+            TradeEvent(
+                instrument, price, size, side, trade_id if isinstance(trade_id, str) else None, recv_ns,
+                None if event_ns is None else recv_ns - event_ns, msg,
+            )
+        ]
+
+    def _on_subscribed(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        recovered = msg.get("recovered")
+        recovered = dict(recovered) if isinstance(recovered, dict) else {}
+        return [Subscribed(msg.get("id"), _str_list(msg), recovered)]
+
+    def _on_unsubscribed(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        instruments = _str_list(msg)
+        for instrument in instruments:  # no more updates will come: a kept book would silently go stale
+            self.books.pop(instrument, None)
+        return [Unsubscribed(msg.get("id"), instruments)]
+
+    def _on_pong(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        return [Pong(msg.get("id"), _ts(msg, "ts_send_ns"), recv_ns)]
+
+    def _on_error(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        code, message = msg.get("code"), msg.get("message")
+        return [ErrorReceived(msg.get("id"), str(code), message if isinstance(message, str) else "")]
+
+    def _on_shutdown(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+        delay_ms = msg.get("reconnect_after_ms")
+        return [Shutdown(delay_ms if _is_int(delay_ms) and delay_ms > 0 else 0)]
+
+
+# -- field access: raise _BadMessage naming the field ------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ts(msg: dict[str, Any], key: str) -> int | None:
+    value = msg.get(key)
+    return value if _is_int(value) else None
+
+
+def _instrument(msg: dict[str, Any]) -> str:
+    instrument = msg.get("instrument")
+    if not isinstance(instrument, str) or not instrument:
+        raise _BadMessage(f"{msg.get('type')}: field 'instrument' must be a non-empty string, got {instrument!r}")
+    return instrument
+
+
+def _str(msg: dict[str, Any], key: str) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str):
+        where = f"{msg['type']} instrument={msg['instrument']}"
+        raise _BadMessage(f"{where}: field '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _int(msg: dict[str, Any], key: str) -> int:
+    value = msg.get(key)
+    if not _is_int(value) or value < 0:
+        raise _BadMessage(
+            f"{msg['type']} instrument={msg['instrument']}: field '{key}' must be an int >= 0, got {value!r}"
+        )
+    return value
+
+
+def _str_list(msg: dict[str, Any]) -> list[str]:
+    value = msg.get("instruments")
+    return [i for i in value if isinstance(i, str)] if isinstance(value, list) else []
+
+
+def _decimal(value: object, what: str) -> Decimal:
+    try:
+        return parse_decimal(value, what=what)
+    except InvalidDecimal as exc:
+        raise _BadMessage(str(exc)) from None
+
+
+def _levels(msg: dict[str, Any], key: str) -> list[tuple[Decimal, Decimal]]:
+    levels = msg.get(key)
+    where = f"snapshot instrument={msg['instrument']} field '{key}'"
+    if not isinstance(levels, list):
+        raise _BadMessage(f"{where} must be a list, got {levels!r}")
+    out = []
+    for level in levels:
+        if not isinstance(level, list) or len(level) != 2:
+            raise _BadMessage(f"{where}: level must be [price, size], got {level!r}")
+        out.append((_decimal(level[0], f"{where} price"), _decimal(level[1], f"{where} size")))
+    return out
+
+
+def _changes(msg: dict[str, Any]) -> list[LevelChange]:
+    changes = msg.get("changes")
+    where = f"delta instrument={msg['instrument']} field 'changes'"
+    if not isinstance(changes, list):
+        raise _BadMessage(f"{where} must be a list, got {changes!r}")
+    out = []
+    for change in changes:
+        if not isinstance(change, list) or len(change) != 3 or change[0] not in ("bid", "ask"):
+            raise _BadMessage(f"{where}: change must be [side, price, new_size], got {change!r}")
+        price, size = _decimal(change[1], f"{where} price"), _decimal(change[2], f"{where} size")
+        out.append(LevelChange(Side(change[0]), price, size))
+    return out

@@ -1,0 +1,605 @@
+"""The aiohttp gateway: PROTOCOL.md v1 over WebSocket and REST, fed from NATS.
+
+Adapter around the pure pieces (``protocol`` parses requests and builds replies, ``fanout`` is the queue
+and slow-consumer policy, ``ratelimit`` the request limiter). Shape:
+
+* one ``Hub`` per instrument (one NATS subscription, however many clients);
+* one ``Connection`` per client: a reader (this handler) and a writer task draining the connection's own
+  bounded queue. The fan-out loop never awaits a client: it only appends to queues.
+
+Run several worker processes on one port with ``reuse_port`` (see ``feed.gateway.server``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+
+from feed import metrics as prom
+from feed import wire
+from feed.gateway import protocol as proto
+from feed.gateway.fanout import Admit, Conflated, Item, Kind, OutQueue, OverflowPolicy, SentState, admit
+from feed.gateway.hub import Hub
+from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ProtocolError, ResyncReason
+from feed.gateway.ratelimit import RequestLimiter, Verdict
+from feed.model import split_instrument
+from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, snapshot_subject
+
+log = logging.getLogger("bookcast.gateway")
+
+
+class GatewayMetrics:
+    """Label children resolved once; nothing on the hot path looks a label up."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        b = lambda name: prom.build(name, registry)  # noqa: E731
+        self.clients = b("bookcast_gateway_clients")
+        self.instruments = b("bookcast_gateway_instruments")
+        self.queue_bytes = b("bookcast_gateway_queue_bytes")
+        self.nats_in = b("bookcast_gateway_nats_messages_total")
+        sent = b("bookcast_gateway_messages_sent_total")
+        self.sent = {k: sent.labels(k) for k in ("delta", "snapshot", "trade", "control")}
+        self.bytes_sent = b("bookcast_gateway_bytes_sent_total")
+        requests = b("bookcast_gateway_requests_total")
+        self.requests = {op: requests.labels(op) for op in ("subscribe", "unsubscribe", "resync", "ping", "invalid")}
+        errors = b("bookcast_gateway_errors_total")
+        self.errors = {c: errors.labels(c.value) for c in ErrorCode}
+        resyncs = b("bookcast_gateway_resyncs_total")
+        self.resyncs = {r: resyncs.labels(r.value) for r in ResyncReason}
+        self.slow_closes = b("bookcast_gateway_slow_consumer_closes_total")
+        closes = b("bookcast_gateway_closes_total")
+        self.closes = {c: closes.labels(str(int(c))) for c in CloseCode}
+        self.conflated = b("bookcast_gateway_conflated_total")
+        self.gaps = b("bookcast_gateway_gaps_total")
+        self.snapshot_failures = b("bookcast_gateway_snapshot_fetch_failures_total")
+        self.bad_upstream = b("bookcast_gateway_bad_upstream_total")
+        self.hop_nats_gateway = b("bookcast_hop_nats_gateway_seconds")
+
+    def observe_hops(self, delta: dict[str, Any], ts_send_ns: int) -> None:
+        ts_publish_ns = delta.get("ts_publish_ns")
+        if ts_publish_ns:
+            self.hop_nats_gateway.observe(max(ts_send_ns - ts_publish_ns, 0) / 1e9)
+
+
+@dataclass
+class Sub:
+    conflate_ms: int
+    book: bool
+    trades: bool
+
+
+@dataclass
+class GatewayConfig:
+    nats_url: str = "nats://127.0.0.1:4222"
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    ring_size: int = 4096
+    ws_ping_interval_s: float = 10.0
+    snapshot_timeout_s: float = 2.0
+    shutdown_reconnect_after_ms: int = 500
+    drain_timeout_s: float = 2.0
+    name: str = "gateway"
+
+
+class Connection:
+    """One WebSocket client: its subscriptions, its queue, its writer task."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, peer: str) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.peer = peer
+        limits = gw.limits
+        self.queue = OutQueue(limits.max_queue_bytes)
+        self.overflows = OverflowPolicy(limits.max_overflows, limits.overflow_window_s)
+        self.limiter = RequestLimiter(limits)
+        self.subs: dict[str, Sub] = {}
+        self.sent: dict[str, SentState | None] = {}
+        self.conflating: dict[str, Conflated] = {}  # open conflation windows
+        self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
+        self.wakeup = asyncio.Event()
+        self.closing = False
+        self.writer: asyncio.Task | None = None
+
+    # -- producer side (called from the fan-out loop and the reader; never awaits) --------------
+    def push(self, item: Item) -> None:
+        if self.closing:
+            return
+        if not self.queue.push(item):
+            self._overflow(item.instrument)
+            return
+        self.wakeup.set()
+
+    def push_ctrl(self, payload: bytes) -> None:
+        self.push(Item(Kind.CTRL, None, payload))
+
+    def resync(self, instrument: str, reason: ResyncReason) -> None:
+        """Queue ``resync`` then a snapshot marker for one instrument."""
+        self.push(Item(Kind.RESYNC, instrument, proto.resync(instrument, reason)))
+        self.push(Item(Kind.SNAP, instrument))
+        self.gw.metrics.resyncs[reason].inc()
+
+    def conflate(self, instrument: str, delta: dict[str, Any], conflate_ms: int) -> None:
+        pending = self.conflating.get(instrument)
+        if pending is not None and pending.add(delta):
+            self.gw.metrics.conflated.inc()
+            return
+        if pending is not None:  # does not chain on: flush what we have first
+            self._flush(instrument)
+        self.conflating[instrument] = Conflated.start(delta)
+        asyncio.get_running_loop().call_later(conflate_ms / 1000, self._flush, instrument)
+
+    def _flush(self, instrument: str) -> None:
+        pending = self.conflating.pop(instrument, None)
+        if pending is not None and not self.closing:
+            self.push(Item(Kind.FLUSH, instrument, b"", pending.epoch, pending.seq, pending.first_prev_seq))
+            self._flushing[instrument] = pending
+
+    def _overflow(self, instrument: str | None) -> None:
+        lost = self.queue.drop_data()
+        if instrument is not None:
+            lost.add(instrument)
+        if self.overflows.record(time.monotonic()):
+            log.warning("slow consumer closed peer=%s overflows=%d", self.peer, self.overflows.max_overflows)
+            self.gw.metrics.slow_closes.inc()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        log.info("slow consumer overflow peer=%s instruments=%d queued_bytes=%d", self.peer, len(lost), self.queue.queued_bytes)
+        for inst in sorted(lost):
+            if inst in self.subs:
+                self.resync(inst, ResyncReason.SLOW_CONSUMER)
+        self.wakeup.set()
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.gw.metrics.closes[code].inc()
+        self.queue.drop_data()
+        self.queue.items.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
+        self.wakeup.set()
+
+    # -- writer task --------------------------------------------------------------------------
+    async def run_writer(self) -> None:
+        ws, queue, m = self.ws, self.queue, self.gw.metrics
+        heartbeat_s = self.gw.limits.heartbeat_interval_s
+        last_send = time.monotonic()
+        try:
+            while True:
+                if not queue.items:
+                    self.wakeup.clear()
+                    wait_s = heartbeat_s - (time.monotonic() - last_send)
+                    if wait_s > 0:
+                        try:
+                            await asyncio.wait_for(self.wakeup.wait(), wait_s)
+                        except TimeoutError:
+                            pass
+                    if not queue.items:
+                        await self._send(self._heartbeat(), "control")
+                        last_send = time.monotonic()
+                        continue
+                item = queue.pop()
+                kind = item.kind
+                if kind is Kind.DATA:
+                    if item.instrument not in self.sent:
+                        continue
+                    verdict = admit(self.sent.get(item.instrument), item.epoch, item.seq, item.prev_seq)
+                    if verdict is Admit.SEND:
+                        self.sent[item.instrument] = SentState(item.epoch, item.seq)
+                        await self._send(item.payload, "delta")
+                    elif verdict is Admit.GAP:
+                        self._writer_gap(item)
+                        continue
+                    else:
+                        continue
+                elif kind is Kind.CTRL:
+                    await self._send(item.payload, "control")
+                elif kind is Kind.TRADE:
+                    if item.instrument in self.subs:
+                        await self._send(item.payload, "trade")
+                    else:
+                        continue
+                elif kind is Kind.RESYNC:
+                    if item.instrument not in self.subs:
+                        continue
+                    self.sent[item.instrument] = None
+                    self._flushing.pop(item.instrument, None)
+                    await self._send(item.payload, "control")
+                elif kind is Kind.SNAP:
+                    if not await self._send_snapshot(item.instrument):
+                        continue
+                elif kind is Kind.FLUSH:
+                    if not await self._send_conflated(item):
+                        continue
+                elif kind is Kind.CLOSE:
+                    await ws.close(code=item.seq, message=item.payload)
+                    return
+                last_send = time.monotonic()
+        except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
+            return
+        except Exception:  # noqa: BLE001 - a writer must never take the gateway down
+            log.exception("writer failed peer=%s", self.peer)
+            await ws.close(code=1011, message=b"internal error")
+
+    async def _send(self, payload: bytes, kind: str) -> None:
+        await self.ws.send_frame(payload, WSMsgType.TEXT)
+        self.gw.metrics.sent[kind].inc()
+        self.gw.metrics.bytes_sent.inc(len(payload))
+
+    def _heartbeat(self) -> bytes:
+        seqs = {inst: (st.epoch, st.seq) for inst, st in self.sent.items() if st is not None and inst in self.subs}
+        return proto.heartbeat(time.time_ns(), seqs)
+
+    async def _send_snapshot(self, instrument: str | None) -> bool:
+        sub = self.subs.get(instrument)
+        if sub is None or not sub.book:
+            return False
+        hub = self.gw.hubs.get(instrument)
+        if hub is None or not hub.ready.is_set():
+            self.sent[instrument] = None
+            if hub is not None:
+                hub.parked.add(self)
+            return False
+        self.sent[instrument] = SentState(hub.epoch, hub.seq)
+        self._flushing.pop(instrument, None)
+        await self._send(wire.with_send_ts(hub.snapshot_bytes(), time.time_ns()), "snapshot")
+        return True
+
+    async def _send_conflated(self, item: Item) -> bool:
+        pending = self._flushing.pop(item.instrument, None)
+        if pending is None or item.instrument not in self.subs:
+            return False
+        state = self.sent.get(item.instrument)
+        verdict = admit(state, pending.epoch, pending.seq, pending.first_prev_seq)
+        if verdict is Admit.GAP:
+            self._writer_gap(item)
+            return False
+        if verdict is Admit.SKIP:
+            return False
+        msg = pending.message(state.seq)  # type: ignore[union-attr]
+        msg["ts_send_ns"] = time.time_ns()
+        self.sent[item.instrument] = SentState(pending.epoch, pending.seq)
+        await self._send(wire.dumps(msg), "delta")
+        return True
+
+    def _writer_gap(self, item: Item) -> None:
+        # The hub only fans out deltas that chain on; reaching here means a bug. Never send a delta the
+        # client cannot apply: resync it instead.
+        log.error("delta not applicable for client peer=%s instrument=%s held=%s got=%s/%d->%d",
+                  self.peer, item.instrument, self.sent.get(item.instrument), item.epoch, item.prev_seq, item.seq)
+        self.resync(item.instrument, ResyncReason.UPSTREAM_GAP)  # type: ignore[arg-type]
+
+
+class Gateway:
+    """Shared state of one gateway worker: NATS connection, hubs, directory, connections."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.snapshot_timeout_s = config.snapshot_timeout_s
+        self.registry = registry
+        self.metrics = GatewayMetrics(registry)
+        self.nc: nats.NATS | None = None
+        self.hubs: dict[str, Hub] = {}
+        self._hub_lock: dict[str, asyncio.Future] = {}
+        self.directory: dict[str, dict[str, Any]] = {}
+        self.connections: set[Connection] = set()
+        self.draining = False
+
+    # -- NATS ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            self.config.nats_url,
+            name=self.config.name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            allow_reconnect=True,
+            pending_size=256 * 1024 * 1024,
+            error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected,
+        )
+        await self.nc.subscribe(DIRECTORY_WILDCARD, cb=self._on_directory)
+        await self.nc.publish(ANNOUNCE_REQUEST, b"")
+        await self.nc.flush()
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def _nats_disconnected(self) -> None:
+        log.warning("nats disconnected; reconnecting")
+
+    async def _nats_reconnected(self) -> None:
+        log.info("nats reconnected to %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+        await self.nc.publish(ANNOUNCE_REQUEST, b"")
+
+    async def _on_directory(self, msg) -> None:
+        try:
+            announced = wire.loads(msg.data)
+            entries = announced["instruments"]
+        except (ValueError, KeyError, TypeError):
+            self.metrics.bad_upstream.inc()
+            return
+        for entry in entries:
+            inst = entry.get("instrument")
+            if not isinstance(inst, str):
+                continue
+            self.directory[inst] = entry
+            hub = self.hubs.get(inst)
+            if hub is not None:
+                hub.on_directory(entry.get("epoch", ""), int(entry.get("seq", 0)))
+
+    async def hub(self, instrument: str) -> Hub:
+        """The hub of ``instrument``, created (NATS subscription + snapshot fetch) on first use."""
+        hub = self.hubs.get(instrument)
+        if hub is not None:
+            return hub
+        hub = Hub(self, instrument, self.config.ring_size)
+        self.hubs[instrument] = hub
+        await hub.start()
+        self.metrics.instruments.set(len(self.hubs))
+        return hub
+
+    async def stop(self) -> None:
+        for hub in self.hubs.values():
+            await hub.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.nc is not None and self.nc.is_connected and not self.draining
+
+    # -- WebSocket ----------------------------------------------------------------------------
+    async def ws_handler(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            heartbeat=self.config.ws_ping_interval_s,
+            max_msg_size=self.limits.max_frame_bytes,
+            compress=False,
+            decode_text=False,
+        )
+        await ws.prepare(request)
+        conn = Connection(self, ws, request.remote or "?")
+        self.connections.add(conn)
+        self.metrics.clients.inc()
+        conn.writer = asyncio.get_running_loop().create_task(conn.run_writer())
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    await self._on_request(conn, msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self.metrics.closes[CloseCode.POLICY_VIOLATION].inc()
+                    conn.closing = True
+                    await ws.close(code=CloseCode.POLICY_VIOLATION, message=b"binary frames are not accepted")
+                    break
+                if conn.closing and conn.writer.done():
+                    break
+        finally:
+            self._drop(conn)
+            if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
+                self.metrics.closes[CloseCode.MESSAGE_TOO_BIG].inc()
+            if conn.writer is not None and not conn.writer.done():
+                conn.writer.cancel()
+        return ws
+
+    def _drop(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.metrics.clients.dec()
+        conn.closing = True
+        for inst in conn.subs:
+            hub = self.hubs.get(inst)
+            if hub is not None:
+                hub.subscribers.pop(conn, None)
+                hub.trade_subscribers.discard(conn)
+                hub.parked.discard(conn)
+
+    async def _on_request(self, conn: Connection, data: bytes) -> None:
+        verdict = conn.limiter.check(time.monotonic())
+        if verdict is Verdict.CLOSE:
+            self.metrics.errors[ErrorCode.RATE_LIMITED].inc()
+            conn.close(CloseCode.RATE_LIMITED, "too many rate-limited requests")
+            return
+        try:
+            req = proto.parse_request(data, self.limits)
+        except ProtocolError as exc:
+            self.metrics.requests["invalid"].inc()
+            if verdict is Verdict.REJECT:
+                exc = ProtocolError(ErrorCode.RATE_LIMITED, "request rate over limit", exc.request_id)
+            self._error(conn, exc)
+            return
+        if verdict is Verdict.REJECT:
+            self._error(conn, ProtocolError(ErrorCode.RATE_LIMITED, "request rate over limit", req.id))
+            return
+        try:
+            if isinstance(req, proto.Subscribe):
+                self.metrics.requests["subscribe"].inc()
+                await self._subscribe(conn, req)
+            elif isinstance(req, proto.Unsubscribe):
+                self.metrics.requests["unsubscribe"].inc()
+                self._unsubscribe(conn, req)
+            elif isinstance(req, proto.Resync):
+                self.metrics.requests["resync"].inc()
+                self._resync(conn, req)
+            elif isinstance(req, proto.Ping):
+                self.metrics.requests["ping"].inc()
+                conn.push_ctrl(proto.pong(req.id, time.time_ns()))
+        except ProtocolError as exc:
+            self._error(conn, exc)
+        except Exception:  # noqa: BLE001 - never let one request take the connection down
+            log.exception("internal error handling %s from %s", type(req).__name__, conn.peer)
+            self._error(conn, ProtocolError(ErrorCode.INTERNAL, "internal error", req.id))
+
+    def _error(self, conn: Connection, exc: ProtocolError) -> None:
+        self.metrics.errors[exc.code].inc()
+        conn.push_ctrl(proto.error(exc.code, exc.message, exc.request_id))
+
+    def _known(self, instrument: str) -> bool:
+        return instrument in self.directory or instrument in self.hubs
+
+    async def _subscribe(self, conn: Connection, req: proto.Subscribe) -> None:
+        unknown = [i for i in req.instruments if not self._known(i)]
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ProtocolError(ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown}", req.id)
+        new = [i for i in req.instruments if i not in conn.subs]
+        if len(conn.subs) + len(new) > self.limits.max_instruments_per_connection:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_INSTRUMENTS,
+                f"{len(conn.subs) + len(new)} instruments over the limit of "
+                f"{self.limits.max_instruments_per_connection} per connection",
+                req.id,
+            )
+        book = "book" in req.channels
+        trades = "trades" in req.channels
+        hubs = {i: await self.hub(i) for i in req.instruments}
+        recovered: dict[str, bool] = {}
+        plans: list[tuple[str, list | None]] = []
+        for inst in req.instruments:
+            hub = hubs[inst]
+            ring = None
+            if book and inst in req.resume and inst in new and hub.ready.is_set():
+                epoch, seq = req.resume[inst]
+                ring = hub.ring_since(epoch, seq)
+            recovered[inst] = ring is not None
+            plans.append((inst, ring))
+            conn.subs[inst] = Sub(req.conflate_ms, book, trades)
+            if book:
+                hub.subscribers[conn] = req.conflate_ms
+            else:
+                hub.subscribers.pop(conn, None)
+                conn.sent.pop(inst, None)
+            if trades:
+                hub.trade_subscribers.add(conn)
+                await hub.ensure_trades()
+            else:
+                hub.trade_subscribers.discard(conn)
+        conn.push_ctrl(proto.subscribed(req.id, list(req.instruments), recovered))
+        now_ns = time.time_ns()
+        for inst, ring in plans:
+            if not book:
+                continue
+            if ring is None:
+                conn.push(Item(Kind.SNAP, inst))
+                continue
+            epoch, seq = req.resume[inst]
+            conn.sent[inst] = SentState(epoch, seq)
+            for d_epoch, d_seq, d_prev, payload in ring:
+                conn.push(Item(Kind.DATA, inst, wire.with_send_ts(payload, now_ns), d_epoch, d_seq, d_prev))
+
+    def _unsubscribe(self, conn: Connection, req: proto.Unsubscribe) -> None:
+        for inst in req.instruments:
+            if conn.subs.pop(inst, None) is None:
+                continue
+            conn.sent.pop(inst, None)
+            conn.conflating.pop(inst, None)
+            hub = self.hubs.get(inst)
+            if hub is not None:
+                hub.subscribers.pop(conn, None)
+                hub.trade_subscribers.discard(conn)
+                hub.parked.discard(conn)
+        conn.push_ctrl(proto.unsubscribed(req.id, list(req.instruments)))
+
+    def _resync(self, conn: Connection, req: proto.Resync) -> None:
+        sub = conn.subs.get(req.instrument)
+        if sub is None or not sub.book:
+            code = ErrorCode.UNKNOWN_INSTRUMENT if not self._known(req.instrument) else ErrorCode.BAD_REQUEST
+            raise ProtocolError(code, f"not subscribed to the book of {req.instrument!r}", req.id)
+        conn.push(Item(Kind.SNAP, req.instrument))
+
+    # -- REST ---------------------------------------------------------------------------------
+    async def book_handler(self, request: web.Request) -> web.Response:
+        instrument = request.match_info["instrument"]
+        try:
+            split_instrument(instrument)
+        except ValueError:
+            return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {instrument!r}")
+        hub = self.hubs.get(instrument)
+        if hub is not None and hub.ready.is_set():
+            body = hub.snapshot_bytes()
+        elif self._known(instrument):
+            try:
+                reply = await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - upstream unavailable
+                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {instrument!r} unavailable: {type(exc).__name__}")
+            body = reply.data
+        else:
+            return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {instrument!r}")
+        return web.Response(body=wire.with_send_ts(body, time.time_ns()), content_type="application/json")
+
+    async def instruments_handler(self, request: web.Request) -> web.Response:
+        out = []
+        for inst in sorted(self.directory.keys() | self.hubs.keys()):
+            entry = dict(self.directory.get(inst, {}))
+            hub = self.hubs.get(inst)
+            if hub is not None and hub.ready.is_set():
+                entry["epoch"], entry["seq"] = hub.epoch, hub.seq
+            item = {"instrument": inst, "venue": split_instrument(inst)[0], "epoch": entry.get("epoch", ""),
+                    "seq": entry.get("seq", 0)}
+            if entry.get("tick_size") is not None:
+                item["tick_size"] = entry["tick_size"]
+            out.append(item)
+        return web.Response(body=wire.dumps({"instruments": out}), content_type="application/json")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.Response(text="ready\n")
+        why = "draining" if self.draining else "not connected to NATS"
+        return web.Response(status=503, text=f"not ready: {why}\n")
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in self.connections))
+        return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
+
+    # -- shutdown -----------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Send ``shutdown`` to every client, give writers a moment to flush, then close with 1001."""
+        self.draining = True
+        notice = proto.shutdown(self.config.shutdown_reconnect_after_ms)
+        conns = list(self.connections)
+        for conn in conns:
+            conn.push_ctrl(notice)
+            conn.close(CloseCode.GOING_AWAY, "gateway going away")
+        writers = [c.writer for c in conns if c.writer is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=self.config.drain_timeout_s)
+
+
+def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:
+    return web.Response(status=status, body=wire.dumps({"type": "error", "code": code.value, "message": message}),
+                        content_type="application/json")
+
+
+def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    """An aiohttp application serving one gateway worker (NATS connects on startup)."""
+    gw = Gateway(config, registry)
+    app = web.Application()
+    app["gateway"] = gw
+    app.router.add_get("/v1/ws", gw.ws_handler)
+    app.router.add_get("/v1/book/{instrument}", gw.book_handler)
+    app.router.add_get("/v1/instruments", gw.instruments_handler)
+    app.router.add_get("/healthz", gw.healthz)
+    app.router.add_get("/readyz", gw.readyz)
+    app.router.add_get("/metrics", gw.metrics_handler)
+
+    async def on_startup(app: web.Application) -> None:
+        await gw.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await gw.drain()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gw.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

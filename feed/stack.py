@@ -1,0 +1,127 @@
+"""``bookcast up``: the whole stack on embedded defaults, in the foreground.
+
+Starts, in order, an embedded nats-server (config in a temp dir), the ingest replaying a capture (by
+default the bundled Coinbase level2 recording, looping), and the gateway (N workers on one port). Prints
+where to connect. SIGINT/SIGTERM stop everything in reverse order, by PID; children also get SIGTERM if
+this process dies (PR_SET_PDEATHSIG), so nothing is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+from feed.natsserver import NatsServer
+from feed.procs import free_port, stop_process, wait_until
+
+log = logging.getLogger("bookcast.up")
+
+BUNDLED_CAPTURE = "coinbase-level2-20210417.jsonl.gz"
+
+
+def bundled_capture() -> Path:
+    """Path of the bundled Coinbase recording (shipped with its licence in ``feed/data``)."""
+    return Path(str(resources.files("feed") / "data" / BUNDLED_CAPTURE))
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m feed.cli ARGS`` in its own session (Ctrl-C reaches only us; we stop it by PID)."""
+    return subprocess.Popen([sys.executable, "-m", "feed.cli", *args], start_new_session=True,
+                            preexec_fn=_die_with_parent, env=env)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return r.status == 200 and b'"instrument"' in r.read() if url.endswith("/v1/instruments") else r.status == 200
+    except OSError:
+        return False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="gateway listen address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port, 0 = free port (default %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="gateway worker processes (default: one per core, %(default)s)")
+    p.add_argument("--capture", type=Path, action="append",
+                   help="capture file(s) to replay as the upstream (default: the bundled Coinbase recording)")
+    p.add_argument("--speed", type=float, default=1.0, help="replay speed factor (default %(default)s)")
+    p.add_argument("--no-loop", action="store_true", help="replay once instead of looping forever")
+    p.add_argument("--nats-port", type=int, default=0, help="embedded nats-server port (default: a free one)")
+    p.add_argument("--ingest-http-port", type=int, default=0, help="ingest /metrics port (default: a free one)")
+
+
+def up(args: argparse.Namespace) -> int:
+    port = args.port or free_port(args.host)
+    captures = args.capture or [bundled_capture()]
+    for c in captures:
+        if not c.is_file():
+            print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
+            return 2
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    children: list[tuple[str, subprocess.Popen]] = []
+    nats_server = NatsServer(port=args.nats_port, name="bookcast-up")
+    try:
+        nats_server.start()
+        log.info("nats-server pid=%d at %s", nats_server.pid, nats_server.url)
+        ingest_port = args.ingest_http_port or free_port()
+        ingest_args = ["replay", "--nats", nats_server.url, "--speed", str(args.speed), "--http-port", str(ingest_port)]
+        if not args.no_loop:
+            ingest_args.append("--loop")
+        children.append(("ingest", spawn(ingest_args + [str(c) for c in captures])))
+        children.append(("gateway", spawn(["gateway", "--nats", nats_server.url, "--host", args.host,
+                                           "--port", str(port), "--workers", str(args.workers)])))
+        base = f"http://{args.host}:{port}"
+        wait_until(lambda: stopping or _http_ok(base + "/v1/instruments"), 30,
+                   what="gateway listing instruments", proc=children[-1][1])
+        if stopping:
+            return 0
+        print(
+            f"\nbookcast is up (Ctrl-C stops everything)\n"
+            f"  WebSocket  ws://{args.host}:{port}/v1/ws\n"
+            f"  REST       {base}/v1/instruments   {base}/v1/book/coinbase:BTC-USD\n"
+            f"  metrics    {base}/metrics (gateway, {args.workers} workers)   "
+            f"http://127.0.0.1:{ingest_port}/metrics (ingest)\n"
+            f"  NATS       {nats_server.url}\n"
+            f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
+            f"  try        bookcast tail coinbase:SKL-USD --url ws://{args.host}:{port}/v1/ws\n",
+            flush=True,
+        )
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    log.error("%s pid=%d exited with code %s; stopping the stack", name, proc.pid, proc.returncode)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        for name, proc in reversed(children):
+            stop_process(proc, grace_s=10.0)
+            log.info("stopped %s pid=%d (exit %s)", name, proc.pid, proc.returncode)
+        nats_server.cleanup()
+        log.info("stopped nats-server; bye")

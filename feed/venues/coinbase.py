@@ -1,0 +1,211 @@
+"""Coinbase Exchange WebSocket feed parser (``level2`` / ``level2_batch`` and ``matches`` channels).
+
+Follows https://docs.cdp.coinbase.com/exchange/docs/websocket-channels (``wss://ws-feed.exchange.coinbase.com``).
+Instrument ids are ``coinbase:<product_id>``, e.g. ``coinbase:BAND-GBP``.
+
+Pure and stateless: no I/O, no clock. Every price and size is parsed once here into ``Decimal``; the
+RFC 3339 ``time`` field is converted to integer ns exactly, without floats.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from feed.errors import InvalidDecimal, VenueMessageError
+from feed.model import (
+    AggressorSide,
+    BookDelta,
+    BookSnapshot,
+    LevelChange,
+    ParseResult,
+    Side,
+    Trade,
+    VenueEvent,
+    instrument_id,
+    parse_decimal,
+)
+
+VENUE = "coinbase"
+_LEVEL_SIDES = {"buy": Side.BID, "sell": Side.ASK}
+# Coinbase's match ``side`` is the maker's side: the taker (aggressor) is on the other one.
+_AGGRESSOR_OF_MAKER = {"buy": AggressorSide.SELL, "sell": AggressorSide.BUY}
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_SECOND = timedelta(seconds=1)
+
+
+def parse(msg: Any) -> ParseResult:
+    """Parse one raw Coinbase Exchange feed message (already JSON-decoded).
+
+    Wire samples and what they become::
+
+        {"type": "snapshot", "product_id": "BAND-GBP",
+         "bids": [["14.755", "3.1"], ["14.75", "20"]], "asks": [["14.806", "1.2"]]}
+            -> BookSnapshot, ``ts_event_ns`` None (a snapshot carries no event time; an optional
+               ``time`` is used if present)
+        {"type": "l2update", "product_id": "BAND-GBP", "time": "2021-04-17T16:43:37.123456Z",
+         "changes": [["buy", "14.755", "0"], ["sell", "14.801", "7.5"]]}
+            -> BookDelta (buy = bid, sell = ask; the size is the level's new absolute size)
+        {"type": "match", "trade_id": 280232, "maker_order_id": "2a0d...", "taker_order_id": "3c82...",
+         "side": "sell", "size": "985", "price": "0.00001305", "product_id": "SKL-BTC",
+         "sequence": 177100030, "time": "2021-04-17T16:43:37.089723Z"}
+            -> Trade (``last_match`` too). Coinbase's ``side`` is the MAKER's side, so the aggressor is
+               the opposite: the sample above is a taker BUY. ``trade_id`` becomes a string.
+
+    ``subscriptions``, ``ticker``, ``heartbeat``, ``error``, full-channel messages
+    (``received``/``open``/``done``/``change``) and any other ``type`` are ignored:
+    ``ParseResult(events=[], ignored=<reason>)``.
+
+    Raises:
+        VenueMessageError: not an object, or a parsed type with a missing field, a field of the wrong
+            type, a bad, negative or (for prices) zero number, an unknown side or a bad ``time``. The
+            message names the type and field, e.g. ``coinbase l2update: missing field 'time'``.
+    """
+    if not isinstance(msg, dict):
+        raise VenueMessageError(f"{VENUE}: message must be an object, got {type(msg).__name__}")
+    msg_type = _field(msg, "type", VENUE)
+    if not isinstance(msg_type, str):
+        raise VenueMessageError(f"{VENUE}: field 'type' must be a string, got {msg_type!r}")
+    handler = _HANDLERS.get(msg_type)
+    if handler is None:
+        if msg_type == "error":
+            return ParseResult(ignored=f"error {msg.get('message')!r} reason={msg.get('reason')!r}")
+        return ParseResult(ignored=f"type {msg_type!r}")
+    return ParseResult(handler(msg, f"{VENUE} {msg_type}"))
+
+
+def parse_time_ns(text: str) -> int:
+    """RFC 3339 timestamp (``2021-04-17T16:43:37.123456Z``, up to 9 fraction digits, ``Z`` or ``+hh:mm``)
+    -> integer ns since the Unix epoch, exactly.
+
+    Raises:
+        ValueError: not of that form, or not a real date/time.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.group(1, 2, 3, 4, 5, 6))
+    fraction, _, sign, offset_h, offset_m = match.group(7, 8, 9, 10, 11)
+    offset = timedelta(hours=int(offset_h), minutes=int(offset_m)) if sign else timedelta()
+    if sign == "-":
+        offset = -offset
+    moment = datetime(year, month, day, hour, minute, second, tzinfo=timezone(offset))
+    seconds = (moment - _UNIX_EPOCH) // _ONE_SECOND
+    return seconds * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
+
+
+def _snapshot(msg: dict, where: str) -> list[VenueEvent]:
+    return [
+        BookSnapshot(
+            _instrument(msg, where),
+            _levels(msg, "bids", where),
+            _levels(msg, "asks", where),
+            _time_ns(msg, where) if "time" in msg else None,
+        )
+    ]
+
+
+def _l2update(msg: dict, where: str) -> list[VenueEvent]:
+    changes = []
+    for i, change in enumerate(_list(msg, "changes", where)):
+        name = f"changes[{i}]"
+        side, price, size = _tuple(change, 3, name, where)
+        level_side = _LEVEL_SIDES.get(side) if isinstance(side, str) else None
+        if level_side is None:
+            raise VenueMessageError(f"{where}: bad field '{name}[0]': expected buy or sell, got {side!r}")
+        changes.append(LevelChange(level_side, _price(price, f"{name}[1]", where), _size(size, f"{name}[2]", where)))
+    return [BookDelta(_instrument(msg, where), tuple(changes), _time_ns(msg, where))]
+
+
+def _match(msg: dict, where: str) -> list[VenueEvent]:
+    maker_side = _field(msg, "side", where)
+    aggressor = _AGGRESSOR_OF_MAKER.get(maker_side) if isinstance(maker_side, str) else None
+    if aggressor is None:
+        raise VenueMessageError(f"{where}: bad field 'side': expected buy or sell, got {maker_side!r}")
+    trade_id = _field(msg, "trade_id", where)
+    if isinstance(trade_id, bool) or not isinstance(trade_id, (int, str)) or trade_id == "":
+        raise VenueMessageError(f"{where}: bad field 'trade_id': expected an integer or string, got {trade_id!r}")
+    return [
+        Trade(
+            _instrument(msg, where),
+            _price(_field(msg, "price", where), "price", where),
+            _size(_field(msg, "size", where), "size", where),
+            aggressor,
+            _time_ns(msg, where),
+            str(trade_id),
+        )
+    ]
+
+
+_HANDLERS: dict[str, Callable[[dict, str], list[VenueEvent]]] = {
+    "snapshot": _snapshot,
+    "l2update": _l2update,
+    "match": _match,
+    "last_match": _match,
+}
+
+
+# -- field readers: each names the message type and the (possibly nested) field in its error ---------
+def _field(msg: dict, name: str, where: str) -> Any:
+    try:
+        return msg[name]
+    except KeyError:
+        raise VenueMessageError(f"{where}: missing field {name!r}") from None
+
+
+def _instrument(msg: dict, where: str) -> str:
+    product_id = _field(msg, "product_id", where)
+    if not isinstance(product_id, str) or not product_id:
+        raise VenueMessageError(f"{where}: field 'product_id' must be a non-empty string, got {product_id!r}")
+    return instrument_id(VENUE, product_id)
+
+
+def _list(msg: dict, name: str, where: str) -> list:
+    value = _field(msg, name, where)
+    if not isinstance(value, list):
+        raise VenueMessageError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _tuple(value: Any, length: int, name: str, where: str) -> list:
+    if not isinstance(value, list) or len(value) != length:
+        raise VenueMessageError(f"{where}: field {name!r} must be a list of {length}, got {value!r}")
+    return value
+
+
+def _size(value: Any, name: str, where: str) -> Decimal:
+    try:
+        return parse_decimal(value, what=name)
+    except InvalidDecimal as exc:
+        raise VenueMessageError(f"{where}: bad field {name!r}: {exc}") from None
+
+
+def _price(value: Any, name: str, where: str) -> Decimal:
+    price = _size(value, name, where)
+    if not price:
+        raise VenueMessageError(f"{where}: bad field {name!r}: must be positive, got {value!r}")
+    return price
+
+
+def _time_ns(msg: dict, where: str) -> int:
+    value = _field(msg, "time", where)
+    try:
+        if not isinstance(value, str):
+            raise ValueError(f"expected an RFC 3339 string, got {value!r}")
+        return parse_time_ns(value)
+    except ValueError as exc:
+        raise VenueMessageError(f"{where}: bad field 'time': {exc}") from None
+
+
+def _levels(msg: dict, name: str, where: str) -> tuple[tuple[Decimal, Decimal], ...]:
+    levels = []
+    for i, level in enumerate(_list(msg, name, where)):
+        price, size = _tuple(level, 2, f"{name}[{i}]", where)
+        levels.append((_price(price, f"{name}[{i}][0]", where), _size(size, f"{name}[{i}][1]", where)))
+    return tuple(levels)
