@@ -1,10 +1,10 @@
 """bookcast client SDK: verified local order books over WebSocket (see ``feed.client.sdk`` for usage).
 
-``BookClient`` is the async client; ``VerifiedBooks`` is its pure verification core; ``tail`` the
-live top-of-book viewer behind ``bookcast tail``.
+``BookClient`` is the async client; ``VerifiedBooks`` is its pure verification core. The live viewer
+behind ``bookcast tail`` is the submodule ``feed.client.tail`` (not re-exported, so its name stays the
+module's).
 """
 from feed.client.sdk import BookClient, ClientEvent, ConnectFailed, Connected, Disconnected
-from feed.client.tail import render, render_line, tail
 from feed.client.verify import (
     Action,
     BookCrossed,
@@ -50,7 +50,4 @@ __all__ = [
     "Unsubscribed",
     "UpdateKind",
     "VerifiedBooks",
-    "render",
-    "render_line",
-    "tail",
 ]

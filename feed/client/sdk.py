@@ -74,6 +74,7 @@ class ConnectFailed:
 ClientEvent = Event | Connected | Disconnected | ConnectFailed
 
 _CLOSED = object()  # queue sentinel: the client was closed
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)  # a draining gateway may not answer close
 
 
 class BookClient:
@@ -118,7 +119,7 @@ class BookClient:
             raise ValueError(f"need a url and an instrument, got urls={self.urls} instruments={self.instruments}")
         initial_s, max_s = reconnect_backoff_s
         if not 0 < initial_s <= max_s:
-            raise ValueError(f"reconnect_backoff_s must be (initial, max), 0 < initial <= max: {reconnect_backoff_s}")
+            raise ValueError(f"reconnect_backoff_s must be 0 < initial <= max, got {initial_s, max_s}")
         self._backoff_s = (initial_s, max_s)
         self._channels = list(channels)
         self._conflate_ms = conflate_ms
@@ -258,6 +259,7 @@ class BookClient:
                         max_msg_size=self._max_msg_size_bytes,
                         headers=self._headers,
                         decode_text=False,
+                        timeout=_WS_TIMEOUT,
                     )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 failures += 1

@@ -149,7 +149,7 @@ async def tail(
     *,
     depth: int = 5,
     refresh_s: float = 0.25,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     once: bool = False,
     connect_timeout_s: float = 10.0,
     stop: asyncio.Event | None = None,
@@ -157,9 +157,10 @@ async def tail(
 ) -> int:
     """Show a live top of book of ``instrument`` on ``out`` every ``refresh_s`` s until ``stop`` is set.
 
-    ``once``: print one full frame as soon as the first snapshot is held, then return. Returns the exit
-    code of the module docstring; problems are reported on stderr.
+    ``out`` defaults to ``sys.stdout``. ``once``: print one full frame as soon as the first snapshot is
+    held, then return. Returns the exit code of the module docstring; problems are reported on stderr.
     """
+    out = out or sys.stdout
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     tty = getattr(out, "isatty", lambda: False)()

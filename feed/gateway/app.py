@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,11 @@ class GatewayConfig:
     snapshot_timeout_s: float = 2.0
     shutdown_reconnect_after_ms: int = 500
     drain_timeout_s: float = 2.0
+    nats_reconnect_wait_s: float = 0.25
+    # Bytes a connection may hold below its queue: the WebSocket writer's buffer before it waits for the
+    # socket to drain, and the kernel send buffer (None: kernel autotuning, up to net.ipv4.tcp_wmem max).
+    ws_writer_limit_bytes: int = 256 * 1024
+    socket_sndbuf_bytes: int | None = None
     name: str = "gateway"
 
 
@@ -296,7 +302,7 @@ class Gateway:
             self.config.nats_url,
             name=self.config.name,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
+            reconnect_time_wait=self.config.nats_reconnect_wait_s,
             allow_reconnect=True,
             pending_size=256 * 1024 * 1024,
             error_cb=self._nats_error,
@@ -361,7 +367,12 @@ class Gateway:
             max_msg_size=self.limits.max_frame_bytes,
             compress=False,
             decode_text=False,
+            writer_limit=self.config.ws_writer_limit_bytes,
         )
+        if self.config.socket_sndbuf_bytes:
+            sock = request.transport.get_extra_info("socket") if request.transport else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf_bytes)
         await ws.prepare(request)
         conn = Connection(self, ws, request.remote or "?")
         self.connections.add(conn)
@@ -382,9 +393,21 @@ class Gateway:
             self._drop(conn)
             if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
                 self.metrics.closes[CloseCode.MESSAGE_TOO_BIG].inc()
-            if conn.writer is not None and not conn.writer.done():
-                conn.writer.cancel()
+            await self._finish_writer(conn)
         return ws
+
+    async def _finish_writer(self, conn: Connection) -> None:
+        """Let a writer that is closing the connection (4008, 4029, 1001) send its close frame; cancel others."""
+        writer = conn.writer
+        if writer is None or writer.done():
+            return
+        if conn.closing:
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), self.config.drain_timeout_s + 10)
+                return
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+        writer.cancel()
 
     def _drop(self, conn: Connection) -> None:
         if conn not in self.connections:

@@ -53,8 +53,10 @@ class Item:
 class OutQueue:
     """FIFO of items with a bound on the bytes of their payloads.
 
-    ``push`` refuses (returns False) an item that would take ``queued_bytes`` over ``max_bytes``;
-    control items are always accepted so replies and notices are never lost.
+    ``push`` refuses (returns False) a data item that would take ``queued_bytes`` over ``max_bytes``,
+    except into an empty queue: one message larger than the whole bound (a big diff after an upstream
+    re-snapshot) must still be deliverable, or its instrument would resync forever. Control items are
+    always accepted so replies and notices are never lost.
     """
 
     __slots__ = ("max_bytes", "items", "queued_bytes")
@@ -66,7 +68,7 @@ class OutQueue:
 
     def push(self, item: Item) -> bool:
         size = item.size_bytes
-        if item.droppable and self.queued_bytes + size > self.max_bytes:
+        if item.droppable and self.queued_bytes and self.queued_bytes + size > self.max_bytes:
             return False
         self.items.append(item)
         self.queued_bytes += size

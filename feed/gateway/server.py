@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="outbound queue bound per connection (default %(default)s)")
     p.add_argument("--heartbeat-interval-s", type=float, default=GatewayLimits().heartbeat_interval_s,
                    help=argparse.SUPPRESS)
+    p.add_argument("--ws-writer-limit-bytes", type=int, default=256 * 1024,
+                   help="WebSocket writer buffer per connection before waiting for the socket (default %(default)s)")
+    p.add_argument("--socket-sndbuf-bytes", type=int, default=0,
+                   help="kernel send buffer per connection, 0 = kernel autotuning (default %(default)s)")
+    p.add_argument("--ws-ping-interval-s", type=float, default=10.0,
+                   help="WebSocket ping interval; a client not answering within half of it is closed (default %(default)s)")
+    p.add_argument("--nats-reconnect-wait-s", type=float, default=0.25,
+                   help="delay between NATS reconnect attempts (default %(default)s)")
     p.add_argument("--name", default="gateway", help="name shown to NATS and in logs")
 
 
@@ -41,7 +49,10 @@ def config_from_args(args: argparse.Namespace):
     from feed.gateway.app import GatewayConfig
 
     limits = GatewayLimits(max_queue_bytes=args.max_queue_bytes, heartbeat_interval_s=args.heartbeat_interval_s)
-    return GatewayConfig(nats_url=args.nats, limits=limits, name=args.name)
+    return GatewayConfig(nats_url=args.nats, limits=limits, name=args.name,
+                         nats_reconnect_wait_s=args.nats_reconnect_wait_s, ws_ping_interval_s=args.ws_ping_interval_s,
+                         ws_writer_limit_bytes=args.ws_writer_limit_bytes,
+                         socket_sndbuf_bytes=args.socket_sndbuf_bytes or None)
 
 
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
@@ -88,7 +99,11 @@ def _supervise(args: argparse.Namespace) -> int:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=prom_dir)
         cmd = [sys.executable, "-m", "feed.cli", "gateway", "--worker", "--nats", args.nats, "--host", args.host,
                "--port", str(args.port), "--max-queue-bytes", str(args.max_queue_bytes),
-               "--heartbeat-interval-s", str(args.heartbeat_interval_s)]
+               "--heartbeat-interval-s", str(args.heartbeat_interval_s),
+               "--nats-reconnect-wait-s", str(args.nats_reconnect_wait_s),
+               "--ws-ping-interval-s", str(args.ws_ping_interval_s),
+               "--ws-writer-limit-bytes", str(args.ws_writer_limit_bytes),
+               "--socket-sndbuf-bytes", str(args.socket_sndbuf_bytes)]
         procs = [subprocess.Popen(cmd + ["--name", f"{args.name}-{i}"], env=env) for i in range(args.workers)]
         log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), args.workers,
                  args.port, " ".join(str(p.pid) for p in procs))

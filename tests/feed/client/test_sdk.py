@@ -16,8 +16,8 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from feed.book import L2Book
-from feed.client import BookClient, BookUpdated, ConnectFailed, Connected, GapDetected, GapReason, render
-from feed.client.tail import TailState, add_arguments, main_async, render_line, tail
+from feed.client import BookClient, BookUpdated, ConnectFailed, Connected, GapDetected, GapReason
+from feed.client.tail import TailState, add_arguments, main_async, render, render_line, tail
 from feed.model import Side
 
 I = "coinbase:BAND-GBP"
@@ -46,7 +46,8 @@ class Ingest:
 
     async def publish(self, *, lost: bool = False) -> None:
         """One random delta to every gateway; ``lost``: it never reaches any client."""
-        side, price = self.rng.choice([("bid", f"0.{self.rng.randint(40, 50)}"), ("ask", f"0.{self.rng.randint(55, 65)}")])
+        side = self.rng.choice(["bid", "ask"])
+        price = f"0.{self.rng.randint(40, 50) if side == 'bid' else self.rng.randint(55, 65)}"
         changes = [[side, price, self.rng.choice(["0", "1", "2.5", "30"])]]
         self.book.apply_wire_changes(changes)
         self.seq += 1
@@ -61,7 +62,9 @@ class Ingest:
 
 def _stamp(msg: dict[str, Any]) -> dict[str, Any]:
     now_ns = time.time_ns()
-    return msg | {"ts_event_ns": now_ns - 3_000_000, "ts_ingest_ns": now_ns - 2_000_000, "ts_publish_ns": now_ns - 1_000_000}
+    return msg | {
+        "ts_event_ns": now_ns - 3_000_000, "ts_ingest_ns": now_ns - 2_000_000, "ts_publish_ns": now_ns - 1_000_000
+    }
 
 
 class Gateway:
@@ -71,6 +74,7 @@ class Gateway:
         self.ingest, self.resume_ok = ingest, resume_ok
         self.requests: list[dict[str, Any]] = []
         self.clients: set[web.WebSocketResponse] = set()
+        self.transports: list[Any] = []  # of every connection, to crash them
         self.draining = False  # stop forwarding deltas
         self.lock = asyncio.Lock()  # a delta is either in a client's recovery or forwarded to it, never lost
         self.runner: web.AppRunner | None = None
@@ -103,13 +107,20 @@ class Gateway:
 
     async def heartbeat(self) -> None:
         for ws in list(self.clients):
-            await _send(ws, {"type": "heartbeat", "ts_send_ns": time.time_ns(), "seqs": {I: [self.ingest.epoch, self.ingest.seq]}})
+            await _send(ws, {"type": "heartbeat", "seqs": {I: [self.ingest.epoch, self.ingest.seq]}})
 
     async def server_resync(self, reason: str) -> None:
         async with self.lock:
             for ws in list(self.clients):
                 await _send(ws, {"type": "resync", "instrument": I, "reason": reason})
                 await _send(ws, self.ingest.snapshot())
+
+    async def crash(self) -> None:
+        """Reset every connection (no close frame), then stop listening."""
+        for transport in self.transports:
+            if transport is not None:
+                transport.abort()
+        await self.stop()
 
     async def shutdown(self, reconnect_after_ms: int) -> None:
         for ws in list(self.clients):
@@ -119,6 +130,7 @@ class Gateway:
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        self.transports.append(request.transport)
         try:
             async for frame in ws:
                 if frame.type is not WSMsgType.TEXT:
@@ -146,7 +158,8 @@ class Gateway:
                 self.resume_ok and held is not None and held["epoch"] == self.ingest.epoch
                 and held["seq"] <= self.ingest.seq
             )
-            await _send(ws, {"type": "subscribed", "id": req.get("id"), "instruments": [I], "recovered": {I: recovered}})
+            reply = {"type": "subscribed", "id": req.get("id"), "instruments": [I], "recovered": {I: recovered}}
+            await _send(ws, reply)
             if recovered:
                 for msg in self.ingest.history[held["seq"]:]:  # history[k] has seq k + 1
                     await _send(ws, msg)
@@ -211,7 +224,9 @@ async def test_tail_loss_is_found_by_heartbeats(regions: tuple[Ingest, Gateway, 
         await ingest.publish(lost=True)
         await a.heartbeat()
         await a.heartbeat()
-        await client.wait_for(lambda: client.stats.stale_heartbeat_gaps == 1 and in_sync(client, ingest), DEADLINE_S)
+        await client.wait_for(
+            lambda: client.stats.stale_heartbeat_gaps == 1 and in_sync(client, ingest), DEADLINE_S
+        )
         assert len(a.ops("resync")) == 1 and client.stats.heartbeats_seen == 2
 
 
@@ -247,7 +262,7 @@ async def test_failover_to_other_region_resumes(
         if how == "shutdown":
             await a.shutdown(reconnect_after_ms=30)
         else:
-            await a.stop()
+            await a.crash()
         await client.wait_for(lambda: client.connected_url == b.url and in_sync(client, ingest), DEADLINE_S)
 
         [subscribe] = b.ops("subscribe")
@@ -303,9 +318,9 @@ def test_render_shows_top_of_book_and_health() -> None:
     assert lines[0] == f"{I}  epoch e7  seq 43  via ws://x/v1/ws"
     assert lines[1] == "bid 0.52 x 100  ask 0.55 x 120.5  spread 0.03  mid 0.535"
     assert lines[2:5] == [
-        "  size    bid | ask     size",
-        "   100   0.52 | 0.55   120.5",
-        "  7612    0.5 | 0.6       10",
+        " size   bid | ask    size",
+        "  100  0.52 | 0.55  120.5",
+        " 7612   0.5 | 0.6      10",
     ]
     assert lines[5] == (
         "latency ms  send->recv 0.123  publish->recv 2.001  event->recv 41.000  (last update 120.000 ms ago)"
@@ -322,7 +337,9 @@ def test_render_before_snapshot() -> None:
     assert line.startswith(f"{I} - awaiting snapshot lat_ms send -") and "\n" not in line
 
 
-async def test_tail_once_prints_one_frame(regions: tuple[Ingest, Gateway, Gateway], capsys: pytest.CaptureFixture[str]) -> None:
+async def test_tail_once_prints_one_frame(
+    regions: tuple[Ingest, Gateway, Gateway], capsys: pytest.CaptureFixture[str]
+) -> None:
     ingest, a, _ = regions
     await ingest.publish()
     parser = argparse.ArgumentParser()
@@ -337,36 +354,47 @@ async def test_tail_once_prints_one_frame(regions: tuple[Ingest, Gateway, Gatewa
     assert "send->recv -" not in lines[4]
 
 
-async def test_tail_streams_lines_until_stopped(regions: tuple[Ingest, Gateway, Gateway]) -> None:
+@pytest.mark.parametrize("tty", [False, True], ids=["pipe", "terminal"])
+async def test_tail_refreshes_until_stopped(regions: tuple[Ingest, Gateway, Gateway], tty: bool) -> None:
     ingest, a, _ = regions
+    await ingest.publish()
+    frame_mark = f"epoch e1  seq 1  via {a.url}" if tty else f"{I} e1:1 bid "
 
-    class Lines(io.StringIO):
+    class Out(io.StringIO):
         def __init__(self) -> None:
             super().__init__()
-            self.two = asyncio.Event()
+            self.two_frames = asyncio.Event()
+
+        def isatty(self) -> bool:
+            return tty
 
         def write(self, text: str) -> int:
             n = super().write(text)
-            if self.getvalue().count(f"e1:{ingest.seq} ") >= 2:
-                self.two.set()
+            if self.getvalue().count(frame_mark) >= 2:
+                self.two_frames.set()
             return n
 
-    out, stop = Lines(), asyncio.Event()
+    out, stop = Out(), asyncio.Event()
     task = asyncio.create_task(tail([a.url], I, refresh_s=0.02, out=out, stop=stop))
-    await ingest.publish()
-    await asyncio.wait_for(out.two.wait(), DEADLINE_S)
+    await asyncio.wait_for(out.two_frames.wait(), DEADLINE_S)
     stop.set()
     assert await asyncio.wait_for(task, DEADLINE_S) == 0
-    last = out.getvalue().rstrip("\n").split("\n")[-1]
-    assert last.startswith(f"{I} e1:1 bid ") and "\x1b" not in out.getvalue()
+    text = out.getvalue()
+    if tty:
+        assert text.startswith("\x1b[2J\x1b[H") and text.count("\x1b[H") >= 2 and text.endswith("\x1b[K\x1b[J")
+    else:
+        assert "\x1b" not in text and text.endswith("\n")
+        assert text.rstrip("\n").split("\n")[-1].startswith(frame_mark)
 
 
-async def test_tail_unknown_instrument_exits_1(regions: tuple[Ingest, Gateway, Gateway]) -> None:
+async def test_tail_unknown_instrument_exits_1(
+    regions: tuple[Ingest, Gateway, Gateway], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, a, _ = regions
     assert await asyncio.wait_for(tail([a.url], "coinbase:NOPE", out=io.StringIO()), DEADLINE_S) == 1
+    assert "unknown_instrument: no instrument 'coinbase:NOPE'" in capsys.readouterr().err
 
 
-async def test_tail_no_connection_exits_2() -> None:
-    out = io.StringIO()
-    assert await asyncio.wait_for(tail([DEAD_URL], I, out=out, connect_timeout_s=0.3), DEADLINE_S) == 2
-    assert out.getvalue() == "" or "awaiting snapshot" in out.getvalue()
+async def test_tail_no_connection_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert await asyncio.wait_for(tail([DEAD_URL], I, out=io.StringIO(), connect_timeout_s=0.3), DEADLINE_S) == 2
+    assert f"could not connect to {DEAD_URL} within 0.3 s" in capsys.readouterr().err

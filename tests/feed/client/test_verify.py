@@ -84,7 +84,8 @@ class Case:
 
 
 def contiguous(s: Server) -> Case:
-    return Case([s.snapshot(), s.delta(("bid", "0.51", "3")), s.delta(("ask", "0.55", "0"), ("ask", "0.56", "2"))], [], True)
+    msgs = [s.snapshot(), s.delta(("bid", "0.51", "3")), s.delta(("ask", "0.55", "0"), ("ask", "0.56", "2"))]
+    return Case(msgs, [], True)
 
 
 def seq_gap(s: Server) -> Case:
