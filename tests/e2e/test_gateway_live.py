@@ -141,3 +141,75 @@ async def test_bad_input_gets_documented_errors_and_spares_a_healthy_client(live
         st = healthy.stats
         assert st.gaps == 0 and st.checksum_mismatches == 0 and not st.resyncs_received and st.reconnects == 0, st
         assert healthy.connected
+
+
+async def test_resume_after_reconnect_replays_missed_deltas(live_stack):
+    inst = max(live_stack.instruments(), key=lambda i: i["seq"])["instrument"]
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(live_stack.ws_url, max_msg_size=0) as ws:
+            await ws.send_str(json.dumps({"op": "subscribe", "instruments": [inst]}))
+            held = None
+            while held is None:
+                m = await _next_json(ws)
+                if m["type"] == "snapshot":
+                    held = (m["epoch"], m["seq"])
+        # Disconnected while the stream goes on; come back with the seq we hold.
+        while max(i["seq"] for i in live_stack.instruments() if i["instrument"] == inst) < held[1] + 3:
+            await asyncio.sleep(0.05)
+        async with s.ws_connect(live_stack.ws_url, max_msg_size=0) as ws:
+            await ws.send_str(json.dumps({"op": "subscribe", "id": 2, "instruments": [inst],
+                                          "resume": {inst: {"epoch": held[0], "seq": held[1]}}}))
+            ack = await _next_json(ws)
+            assert ack["type"] == "subscribed" and ack["recovered"] == {inst: True}
+            seq = held[1]
+            for _ in range(3):
+                m = await _next_json(ws)
+                while m["type"] == "heartbeat":
+                    m = await _next_json(ws)
+                assert m["type"] == "delta" and (m["epoch"], m["prev_seq"]) == (held[0], seq), m
+                seq = m["seq"]
+            # A resume the ring cannot serve falls back to a snapshot.
+            await ws.send_str(json.dumps({"op": "unsubscribe", "instruments": [inst]}))
+            await ws.send_str(json.dumps({"op": "subscribe", "id": 3, "instruments": [inst],
+                                          "resume": {inst: {"epoch": "no-such-epoch", "seq": 1}}}))
+            ack = await _next_json(ws)
+            while ack["type"] != "subscribed" or ack.get("id") != 3:
+                ack = await _next_json(ws)
+            assert ack["recovered"] == {inst: False}
+            m = await _next_json(ws)
+            while m["type"] not in ("snapshot", "delta"):
+                m = await _next_json(ws)
+            assert m["type"] == "snapshot"
+
+
+def test_bookcast_tail_once_shows_top_of_book(live_stack):
+    inst = max(live_stack.instruments(), key=lambda i: i["seq"])["instrument"]
+    out = subprocess.run([sys.executable, "-m", "feed.cli", "tail", inst, "--url", live_stack.ws_url, "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert inst in out.stdout and "seq" in out.stdout and "spread" in out.stdout
+    unknown = subprocess.run([sys.executable, "-m", "feed.cli", "tail", "coinbase:NOPE", "--url", live_stack.ws_url,
+                              "--once"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1
+
+
+def test_rest_endpoints(live_stack):
+    import urllib.error
+    import urllib.request
+
+    listing = live_stack.instruments()
+    assert {i["venue"] for i in listing} == {"coinbase"} and all(i["epoch"] for i in listing)
+    inst = listing[0]["instrument"]
+    with urllib.request.urlopen(f"{live_stack.base}/v1/book/{inst}") as r:
+        snap = json.loads(r.read())
+    book = L2Book(inst)
+    book.apply_snapshot([(Decimal(p), Decimal(q)) for p, q in snap["bids"]],
+                        [(Decimal(p), Decimal(q)) for p, q in snap["asks"]])
+    assert snap["type"] == "snapshot" and book.checksum() == snap["checksum"] and len(book) > 0
+    for path, status in (("/v1/book/coinbase:NOPE", 404), ("/v1/book/no-colon", 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(live_stack.base + path)
+        assert err.value.code == status
+    with urllib.request.urlopen(live_stack.base + "/metrics") as r:
+        text = r.read().decode()
+    assert "bookcast_gateway_clients" in text and "bookcast_hop_nats_gateway_seconds_bucket" in text

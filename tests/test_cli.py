@@ -1,0 +1,105 @@
+"""The CLI as a newcomer meets it: --help with examples, `bookcast up` starting and stopping cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from feed.procs import stop_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "feed.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, cwd=REPO)
+
+
+@pytest.mark.parametrize("command", ["up", "tail", "replay", "record", "gateway"])
+def test_help_shows_examples(command):
+    out = run_cli(command, "--help")
+    assert out.returncode == 0
+    assert "examples:" in out.stdout and f"bookcast {command}" in out.stdout
+
+
+def test_usage_errors_exit_2():
+    assert run_cli().returncode == 2
+    missing = run_cli("replay", "--check", "/nonexistent.jsonl")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_replay_check_summarises_a_real_capture(shared_data):
+    out = run_cli("replay", "--check", str(shared_data / "polymarket" / "sol-15m-20251211.jsonl"))
+    assert out.returncode == 0, out.stderr
+    summary = dict(kv.split("=") for kv in out.stdout.splitlines()[0].split())
+    assert summary["parse_errors"] == "0" and summary["instruments"] == "2"
+    assert int(summary["deltas"]) > 400 and summary["crossed_books"] == "0"
+
+
+def test_replay_check_reports_malformed_capture(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"recv_ts_ns": 1, "venue": "coinbase", "msg": {"type": "snapshot", "product_id": "A-B",'
+                   ' "bids": [["1", "x"]], "asks": []}}\n')
+    out = run_cli("replay", "--check", str(bad))
+    assert out.returncode == 1 and "bad.jsonl:1" in out.stdout
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out.update(kids)
+                todo.extend(kids)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind():
+    proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, ws_url, deadline = [], None, time.monotonic() + 60
+        while ws_url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"WebSocket\s+(ws://\S+)", line):
+                ws_url = m.group(1)
+        assert ws_url, "".join(lines)
+        base = ws_url.replace("ws://", "http://").removesuffix("/v1/ws")
+        with urllib.request.urlopen(base + "/v1/instruments", timeout=5) as r:
+            listing = json.loads(r.read())["instruments"]
+        assert len(listing) == 10 and all(i["instrument"].startswith("coinbase:") for i in listing)
+        children = _descendants(proc.pid)
+        assert len(children) >= 5  # nats-server, ingest, gateway supervisor and its 2 workers
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+    finally:
+        stop_process(proc)
