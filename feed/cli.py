@@ -34,6 +34,13 @@ EXAMPLES = {
 }
 
 
+# Commands that live in other packages: (name, module, one-line help). Each module provides
+# ``EXAMPLES: str``, ``add_arguments(parser)`` and ``main(args) -> int`` (an exit code). Modules are
+# imported only when the parser is built, so a command's dependencies cost nothing to the others.
+EXTENSIONS: list[tuple[str, str, str]] = [
+]
+
+
 def _tail_module():
     # feed.client re-exports a ``tail`` function that shadows the submodule's name.
     return importlib.import_module("feed.client.tail")
@@ -80,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     g = cmd("gateway", "run a gateway (WebSocket + REST) fed from NATS")
     server.add_arguments(g)
     g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+    for name, module_name, help in EXTENSIONS:
+        module = importlib.import_module(module_name)
+        EXAMPLES[name] = module.EXAMPLES
+        module.add_arguments(cmd(name, help))
     return p
 
 
@@ -102,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         from feed.gateway import server
 
         return server.worker_main(args) if args.worker else server.serve(args)
+    for name, module_name, _ in EXTENSIONS:
+        if args.command == name:
+            return importlib.import_module(module_name).main(args)
     return 2
 
 

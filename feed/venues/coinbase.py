@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from feed.errors import InvalidDecimal, VenueMessageError
+from feed.errors import VenueMessageError
 from feed.model import (
     AggressorSide,
     BookDelta,
@@ -25,8 +25,8 @@ from feed.model import (
     Trade,
     VenueEvent,
     instrument_id,
-    parse_decimal,
 )
+from feed.venues._fields import decimal_value, field, list_field, nonempty_str, price_value
 
 VENUE = "coinbase"
 _LEVEL_SIDES = {"buy": Side.BID, "sell": Side.ASK}
@@ -69,7 +69,7 @@ def parse(msg: Any) -> ParseResult:
     """
     if not isinstance(msg, dict):
         raise VenueMessageError(f"{VENUE}: message must be an object, got {type(msg).__name__}")
-    msg_type = _field(msg, "type", VENUE)
+    msg_type = field(msg, "type", VENUE)
     if not isinstance(msg_type, str):
         raise VenueMessageError(f"{VENUE}: field 'type' must be a string, got {msg_type!r}")
     handler = _HANDLERS.get(msg_type)
@@ -113,29 +113,31 @@ def _snapshot(msg: dict, where: str) -> list[VenueEvent]:
 
 def _l2update(msg: dict, where: str) -> list[VenueEvent]:
     changes = []
-    for i, change in enumerate(_list(msg, "changes", where)):
+    for i, change in enumerate(list_field(msg, "changes", where)):
         name = f"changes[{i}]"
         side, price, size = _tuple(change, 3, name, where)
         level_side = _LEVEL_SIDES.get(side) if isinstance(side, str) else None
         if level_side is None:
             raise VenueMessageError(f"{where}: bad field '{name}[0]': expected buy or sell, got {side!r}")
-        changes.append(LevelChange(level_side, _price(price, f"{name}[1]", where), _size(size, f"{name}[2]", where)))
+        changes.append(
+            LevelChange(level_side, price_value(price, f"{name}[1]", where), decimal_value(size, f"{name}[2]", where))
+        )
     return [BookDelta(_instrument(msg, where), tuple(changes), _time_ns(msg, where))]
 
 
 def _match(msg: dict, where: str) -> list[VenueEvent]:
-    maker_side = _field(msg, "side", where)
+    maker_side = field(msg, "side", where)
     aggressor = _AGGRESSOR_OF_MAKER.get(maker_side) if isinstance(maker_side, str) else None
     if aggressor is None:
         raise VenueMessageError(f"{where}: bad field 'side': expected buy or sell, got {maker_side!r}")
-    trade_id = _field(msg, "trade_id", where)
+    trade_id = field(msg, "trade_id", where)
     if isinstance(trade_id, bool) or not isinstance(trade_id, (int, str)) or trade_id == "":
         raise VenueMessageError(f"{where}: bad field 'trade_id': expected an integer or string, got {trade_id!r}")
     return [
         Trade(
             _instrument(msg, where),
-            _price(_field(msg, "price", where), "price", where),
-            _size(_field(msg, "size", where), "size", where),
+            price_value(field(msg, "price", where), "price", where),
+            decimal_value(field(msg, "size", where), "size", where),
             aggressor,
             _time_ns(msg, where),
             str(trade_id),
@@ -151,26 +153,9 @@ _HANDLERS: dict[str, Callable[[dict, str], list[VenueEvent]]] = {
 }
 
 
-# -- field readers: each names the message type and the (possibly nested) field in its error ---------
-def _field(msg: dict, name: str, where: str) -> Any:
-    try:
-        return msg[name]
-    except KeyError:
-        raise VenueMessageError(f"{where}: missing field {name!r}") from None
-
-
+# -- field readers (the shared ones are in feed.venues._fields) ---------------------------------------
 def _instrument(msg: dict, where: str) -> str:
-    product_id = _field(msg, "product_id", where)
-    if not isinstance(product_id, str) or not product_id:
-        raise VenueMessageError(f"{where}: field 'product_id' must be a non-empty string, got {product_id!r}")
-    return instrument_id(VENUE, product_id)
-
-
-def _list(msg: dict, name: str, where: str) -> list:
-    value = _field(msg, name, where)
-    if not isinstance(value, list):
-        raise VenueMessageError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
-    return value
+    return instrument_id(VENUE, nonempty_str(msg, "product_id", where))
 
 
 def _tuple(value: Any, length: int, name: str, where: str) -> list:
@@ -179,22 +164,8 @@ def _tuple(value: Any, length: int, name: str, where: str) -> list:
     return value
 
 
-def _size(value: Any, name: str, where: str) -> Decimal:
-    try:
-        return parse_decimal(value, what=name)
-    except InvalidDecimal as exc:
-        raise VenueMessageError(f"{where}: bad field {name!r}: {exc}") from None
-
-
-def _price(value: Any, name: str, where: str) -> Decimal:
-    price = _size(value, name, where)
-    if not price:
-        raise VenueMessageError(f"{where}: bad field {name!r}: must be positive, got {value!r}")
-    return price
-
-
 def _time_ns(msg: dict, where: str) -> int:
-    value = _field(msg, "time", where)
+    value = field(msg, "time", where)
     try:
         if not isinstance(value, str):
             raise ValueError(f"expected an RFC 3339 string, got {value!r}")
@@ -205,7 +176,7 @@ def _time_ns(msg: dict, where: str) -> int:
 
 def _levels(msg: dict, name: str, where: str) -> tuple[tuple[Decimal, Decimal], ...]:
     levels = []
-    for i, level in enumerate(_list(msg, name, where)):
+    for i, level in enumerate(list_field(msg, name, where)):
         price, size = _tuple(level, 2, f"{name}[{i}]", where)
-        levels.append((_price(price, f"{name}[{i}][0]", where), _size(size, f"{name}[{i}][1]", where)))
+        levels.append((price_value(price, f"{name}[{i}][0]", where), decimal_value(size, f"{name}[{i}][1]", where)))
     return tuple(levels)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from feed.errors import InvalidDecimal, VenueMessageError
+from feed.errors import VenueMessageError
 from feed.model import (
     AggressorSide,
     BookDelta,
@@ -24,8 +24,8 @@ from feed.model import (
     Trade,
     VenueEvent,
     instrument_id,
-    parse_decimal,
 )
+from feed.venues._fields import decimal_value, field, field_path, list_field, nonempty_str, price_value
 
 VENUE = "polymarket"
 _NS_PER_MS = 1_000_000
@@ -112,10 +112,10 @@ def _price_change(msg: dict, where: str) -> list[VenueEvent]:
     ts_event_ns = _timestamp_ns(msg, where)
     if "price_changes" in msg:
         by_asset: dict[str, list[LevelChange]] = {}
-        for i, entry in enumerate(_list(msg, "price_changes", where)):
+        for i, entry in enumerate(list_field(msg, "price_changes", where)):
             name = f"price_changes[{i}]"
             entry = _object(entry, name, where)
-            asset_id = _str(entry, "asset_id", where, prefix=name)
+            asset_id = nonempty_str(entry, "asset_id", where, prefix=name)
             by_asset.setdefault(asset_id, []).append(_level_change(entry, name, where))
         return [
             BookDelta(instrument_id(VENUE, asset_id), tuple(changes), ts_event_ns)
@@ -123,7 +123,7 @@ def _price_change(msg: dict, where: str) -> list[VenueEvent]:
         ]
     changes = tuple(
         _level_change(_object(entry, f"changes[{i}]", where), f"changes[{i}]", where)
-        for i, entry in enumerate(_list(msg, "changes", where))
+        for i, entry in enumerate(list_field(msg, "changes", where))
     )
     return [BookDelta(_instrument(msg, where), changes, ts_event_ns)]
 
@@ -152,32 +152,7 @@ _HANDLERS: dict[str, Callable[[dict, str], list[VenueEvent]]] = {
 }
 
 
-# -- field readers: each names the message type and the (possibly nested) field in its error ---------
-def _field(obj: dict, name: str, where: str, prefix: str = "") -> Any:
-    try:
-        return obj[name]
-    except KeyError:
-        raise VenueMessageError(f"{where}: missing field {_path(prefix, name)!r}") from None
-
-
-def _path(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _str(obj: dict, name: str, where: str, prefix: str = "") -> str:
-    value = _field(obj, name, where, prefix)
-    if not isinstance(value, str) or not value:
-        raise VenueMessageError(f"{where}: field {_path(prefix, name)!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _list(obj: dict, name: str, where: str) -> list:
-    value = _field(obj, name, where)
-    if not isinstance(value, list):
-        raise VenueMessageError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
-    return value
-
-
+# -- field readers (the shared ones are in feed.venues._fields) ---------------------------------------
 def _object(value: Any, name: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise VenueMessageError(f"{where}: field {name!r} must be an object, got {type(value).__name__}")
@@ -185,35 +160,28 @@ def _object(value: Any, name: str, where: str) -> dict:
 
 
 def _decimal(obj: dict, name: str, where: str, prefix: str = "") -> Decimal:
-    path = _path(prefix, name)
-    try:
-        return parse_decimal(_field(obj, name, where, prefix), what=path)
-    except InvalidDecimal as exc:
-        raise VenueMessageError(f"{where}: bad field {path!r}: {exc}") from None
+    return decimal_value(field(obj, name, where, prefix), field_path(prefix, name), where)
 
 
 def _price(obj: dict, name: str, where: str, prefix: str = "") -> Decimal:
-    value = _decimal(obj, name, where, prefix)
-    if not value:
-        raise VenueMessageError(f"{where}: bad field {_path(prefix, name)!r}: must be positive, got {value}")
-    return value
+    return price_value(field(obj, name, where, prefix), field_path(prefix, name), where, echo_parsed=True)
 
 
 def _choice(obj: dict, name: str, table: dict[str, Any], where: str, prefix: str = "") -> Any:
-    value = _field(obj, name, where, prefix)
+    value = field(obj, name, where, prefix)
     found = table.get(value.lower()) if isinstance(value, str) else None
     if found is None:
-        raise VenueMessageError(f"{where}: bad field {_path(prefix, name)!r}: expected BUY or SELL, got {value!r}")
+        raise VenueMessageError(f"{where}: bad field {field_path(prefix, name)!r}: expected BUY or SELL, got {value!r}")
     return found
 
 
 def _instrument(msg: dict, where: str) -> str:
-    return instrument_id(VENUE, _str(msg, "asset_id", where))
+    return instrument_id(VENUE, nonempty_str(msg, "asset_id", where))
 
 
 def _timestamp_ns(msg: dict, where: str) -> int:
     """``timestamp``: Unix milliseconds as a digit string (or an int) -> ns."""
-    value = _field(msg, "timestamp", where)
+    value = field(msg, "timestamp", where)
     if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value) * _NS_PER_MS
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -223,7 +191,7 @@ def _timestamp_ns(msg: dict, where: str) -> int:
 
 def _levels(msg: dict, name: str, where: str) -> tuple[tuple[Decimal, Decimal], ...]:
     levels = []
-    for i, level in enumerate(_list(msg, name, where)):
+    for i, level in enumerate(list_field(msg, name, where)):
         prefix = f"{name}[{i}]"
         level = _object(level, prefix, where)
         levels.append((_price(level, "price", where, prefix), _decimal(level, "size", where, prefix)))
