@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
+import shutil
 import os
 import signal
 import subprocess
@@ -51,6 +53,26 @@ def _http_ok(url: str) -> bool:
             return r.status == 200 and b'"instrument"' in r.read() if url.endswith("/v1/instruments") else r.status == 200
     except OSError:
         return False
+
+
+def _first_instrument(base: str) -> str | None:
+    try:
+        with urllib.request.urlopen(base + "/v1/instruments", timeout=2) as r:
+            listing = json.loads(r.read())["instruments"]
+        return max(listing, key=lambda i: i["seq"])["instrument"] if listing else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _bookcast_command() -> str:
+    """How to run ``bookcast`` from the current directory (the venv's script is not always on PATH)."""
+    script = Path(sys.executable).parent / "bookcast"
+    if shutil.which("bookcast") == str(script):
+        return "bookcast"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,15 +120,17 @@ def up(args: argparse.Namespace) -> int:
                    what="gateway listing instruments", proc=children[-1][1])
         if stopping:
             return 0
+        example = _first_instrument(base) or "coinbase:SKL-USD"
+        bookcast = _bookcast_command()
         print(
             f"\nbookcast is up (Ctrl-C stops everything)\n"
             f"  WebSocket  ws://{args.host}:{port}/v1/ws\n"
-            f"  REST       {base}/v1/instruments   {base}/v1/book/coinbase:BTC-USD\n"
+            f"  REST       {base}/v1/instruments   {base}/v1/book/{example}\n"
             f"  metrics    {base}/metrics (gateway, {args.workers} workers)   "
             f"http://127.0.0.1:{ingest_port}/metrics (ingest)\n"
             f"  NATS       {nats_server.url}\n"
             f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
-            f"  try        bookcast tail coinbase:SKL-USD --url ws://{args.host}:{port}/v1/ws\n",
+            f"  try        {bookcast} tail {example} --url ws://{args.host}:{port}/v1/ws\n",
             flush=True,
         )
         while not stopping:
