@@ -79,23 +79,23 @@ levels = st.dictionaries(prices, sizes.filter(bool), max_size=25)
 
 @st.composite
 def valid_delta_streams(draw):
-    """Random delta streams that keep a book uncrossed: every bid < every ask after each delta."""
+    """Random delta streams that keep a book uncrossed: every bid < every ask after each delta.
+
+    Each delta picks a mid, first removes the levels on the wrong side of it (as a venue does when the
+    market moves), then sets random bids below it and asks at or above it.
+    """
     mid = draw(st.integers(min_value=20, max_value=180))
     out = []
     for _ in range(draw(st.integers(min_value=1, max_value=40))):
-        changes = []
-        for _ in range(draw(st.integers(min_value=1, max_value=6))):
-            side = draw(st.sampled_from([Side.BID, Side.ASK]))
-            if side is Side.BID:
-                p = D(draw(st.integers(min_value=1, max_value=mid - 1))) / 100
-            else:
-                p = D(draw(st.integers(min_value=mid, max_value=200))) / 100
-            changes.append(LevelChange(side, p, draw(sizes)))
-        out.append(changes)
         mid = draw(st.integers(min_value=max(2, mid - 3), max_value=min(199, mid + 3)))
-        # A moving mid removes levels on the wrong side first, as a venue does.
-        out[-1] = [LevelChange(Side.BID, D(i) / 100, D(0)) for i in range(mid, 201)] + \
-                  [LevelChange(Side.ASK, D(i) / 100, D(0)) for i in range(1, mid)] + out[-1]
+        changes = [LevelChange(Side.BID, D(i) / 100, D(0)) for i in range(mid, 201)]
+        changes += [LevelChange(Side.ASK, D(i) / 100, D(0)) for i in range(1, mid)]
+        for _ in range(draw(st.integers(min_value=1, max_value=6))):
+            if draw(st.booleans()):
+                changes.append(LevelChange(Side.BID, D(draw(st.integers(1, mid - 1))) / 100, draw(sizes)))
+            else:
+                changes.append(LevelChange(Side.ASK, D(draw(st.integers(mid, 200))) / 100, draw(sizes)))
+        out.append(changes)
     return out
 
 
