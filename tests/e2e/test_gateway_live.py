@@ -213,3 +213,27 @@ def test_rest_endpoints(live_stack):
     with urllib.request.urlopen(live_stack.base + "/metrics") as r:
         text = r.read().decode()
     assert "bookcast_gateway_clients" in text and "bookcast_hop_nats_gateway_seconds_bucket" in text
+
+
+async def test_one_nats_subscription_per_instrument_however_many_clients(live_stack):
+    """nats-server's own monitoring view: the gateway holds one subscription per instrument it serves."""
+    import urllib.request
+
+    instruments = [i["instrument"] for i in live_stack.instruments()]
+    clients = [BookClient(live_stack.ws_url, instruments) for _ in range(5)]
+    for c in clients:
+        await c.__aenter__()
+    try:
+        for c in clients:
+            await c.wait_for(lambda c=c: all(c.book(i) is not None for i in instruments), 20)
+        url = f"http://127.0.0.1:{live_stack.nats.monitor_port}/connz?subs=1"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            conns = json.loads(r.read())["connections"]
+        gateway = [c for c in conns if c.get("name", "").startswith("gateway")]
+        assert len(gateway) == 1  # one worker, one NATS connection
+        subs = gateway[0]["subscriptions_list"]
+        delta_subs = [s for s in subs if s.count(".") == 3 and s.startswith("md.v1.") and "*" not in s]
+        assert sorted(delta_subs) == sorted(f"md.v1.coinbase.{i.split(':', 1)[1]}" for i in instruments)
+    finally:
+        for c in clients:
+            await c.close()
