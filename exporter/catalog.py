@@ -14,6 +14,7 @@ class MetricType(enum.StrEnum):
     COUNTER = "counter"
     GAUGE = "gauge"
     HISTOGRAM = "histogram"
+    SUMMARY = "summary"  # quantiles (label ``quantile``) with _count and _sum, exposed by a custom collector
 
 
 # 10 µs to 10 s, roughly 1-2.5-5 per decade: resolves the microsecond tail of a loopback hop and the
@@ -58,13 +59,19 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_ingest_crossed_books_total", "Books left crossed by venue input (remote fault of the venue).", ("venue",)),
     _c("bookcast_ingest_snapshot_requests_total", "Snapshot requests answered over NATS request/reply."),
     _g("bookcast_ingest_instruments", "Instruments whose book the ingest holds."),
-    _h("bookcast_hop_upstream_seconds", "Venue event time to ingest receive (ts_ingest_ns - ts_event_ns).", ("venue",)),
+    _g("bookcast_ingest_provider_up", "1 while an upstream source (provider) delivers, 0 once it ended or failed; "
+       "provider is 'replay:<capture file>' for replays.", labels=("provider",)),
+    _c("bookcast_ingest_upstream_clock_skew_total", "Deltas whose ts_event_ns is later than ts_ingest_ns (the upstream's "
+       "clock ahead of ours); bookcast_hop_upstream_seconds observes them as 0.", ("venue",)),
+    _h("bookcast_hop_upstream_seconds", "Venue event time to ingest receive (ts_ingest_ns - ts_event_ns, "
+       "negative clamped to 0).", ("venue",)),
     _h("bookcast_hop_ingest_seconds", "Ingest receive to NATS publish (ts_publish_ns - ts_ingest_ns).", ("venue",)),
     # gateway
     _g("bookcast_gateway_clients", "Open WebSocket connections."),
     _g("bookcast_gateway_instruments", "Instruments with a NATS subscription on this gateway."),
-    _g("bookcast_gateway_queue_bytes", "Bytes queued for clients, summed over connections.", "bytes"),
-    _c("bookcast_gateway_nats_messages_total", "Deltas received from NATS."),
+    _g("bookcast_gateway_queue_bytes", "Bytes queued for clients, summed over connections (sampled every second).", "bytes"),
+    _g("bookcast_gateway_queue_items", "Items queued for clients, summed over connections (sampled every second)."),
+    _c("bookcast_gateway_nats_messages_total", "Messages received from NATS, by type (delta, trade).", ("type",)),
     _c("bookcast_gateway_messages_sent_total", "Frames written to clients.", ("type",)),
     _c("bookcast_gateway_bytes_sent_total", "Bytes of frames written to clients."),
     _c("bookcast_gateway_requests_total", "Client requests received.", ("op",)),
@@ -76,7 +83,52 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_gateway_gaps_total", "Upstream gaps and epoch changes detected on NATS deltas."),
     _c("bookcast_gateway_snapshot_fetch_failures_total", "Failed snapshot requests to the ingest (retried)."),
     _c("bookcast_gateway_bad_upstream_total", "Malformed messages received from NATS (dropped, logged)."),
-    _h("bookcast_hop_nats_gateway_seconds", "NATS publish to gateway queueing (ts_send_ns - ts_publish_ns)."),
+    _h("bookcast_hop_nats_gateway_seconds", "NATS publish to gateway queueing (ts_send_ns - ts_publish_ns).", ("venue",)),
+    # latency probe (exporter.probe): hop is upstream, ingest, nats_gateway, client or e2e
+    _h("bookcast_probe_latency_seconds", "Per-hop latency of every delta the probe received, from the message's "
+       "own stamps.", ("region", "hop")),
+    MetricSpec("bookcast_probe_latency_window_seconds", MetricType.SUMMARY, "Exact (HDR, 3 significant digits) "
+               "latency quantiles p50, p90, p99, p99.9, p99.99 over a sliding window (1m, 10m).", "seconds",
+               ("region", "hop", "window")),
+    _g("bookcast_probe_latency_max_seconds", "Largest latency over a sliding window (1m, 10m).", "seconds",
+       ("region", "hop", "window")),
+    _c("bookcast_probe_messages_total", "Deltas measured by the probe.", ("region",)),
+    _c("bookcast_probe_clock_skew_total", "Samples whose hop came out negative (clocks disagree); recorded as 0.",
+       ("region", "hop")),
+    _c("bookcast_probe_gaps_total", "Broken histories the probe's SDK detected (seq gap, epoch change, stale "
+       "heartbeat, checksum mismatch).", ("region",)),
+    _c("bookcast_probe_resyncs_total", "resync notices received from the gateway, by reason.", ("region", "reason")),
+    _c("bookcast_probe_reconnects_total", "Reconnections of the probe's client.", ("region",)),
+    _g("bookcast_probe_stale_instruments", "Subscribed instruments with no message and no heartbeat for the stale "
+       "threshold.", labels=("region",)),
+    _g("bookcast_probe_connected", "1 while the probe holds a connection to the region's gateway.", labels=("region",)),
+    # ClickHouse sink (exporter.clickhouse): table is latency_samples or book_events
+    _c("bookcast_clickhouse_rows_written_total", "Rows inserted into ClickHouse.", ("table",)),
+    _c("bookcast_clickhouse_rows_dropped_total", "Rows dropped because the write buffer was full.", ("table",)),
+    _c("bookcast_clickhouse_write_errors_total", "Failed batch inserts (the batch is dropped and counted).", ("table",)),
+    _g("bookcast_clickhouse_buffer_rows", "Rows waiting in the write buffer.", labels=("table",)),
+    # --- ebpf (ebpf/programs/*.json): kernel log2 histograms, slot k = [2^(k-1), 2^k) µs or bytes -> le 2^k
+    *(MetricSpec(name, MetricType.HISTOGRAM, help, unit, labels, tuple(2.0 ** k * scale for k in range(27)))
+      for name, unit, scale, labels, help in (
+        ("bookcast_ebpf_syscall_latency_seconds", "seconds", 1e-6, ("role", "syscall"),
+         "Syscall duration (enter to exit) of bookcast's processes, by process role and syscall."),
+        ("bookcast_ebpf_runqueue_latency_seconds", "seconds", 1e-6, ("role",),
+         "Time a bookcast thread waited for a CPU: wakeup (or preemption) to running."),
+        ("bookcast_ebpf_offcpu_seconds", "seconds", 1e-6, ("role", "state"),
+         "Time a bookcast thread spent off CPU, by the state it left in (runnable, interruptible, "
+         "uninterruptible, other)."),
+        ("bookcast_ebpf_tcp_srtt_seconds", "seconds", 1e-6, ("role",),
+         "Smoothed RTT of TCP sockets on the listening ports of bookcast's processes, per received segment."),
+        ("bookcast_ebpf_socket_queue_seconds", "seconds", 1e-6, ("role",),
+         "Time data waited in a socket (sk_data_ready) until the bookcast process read it."),
+        ("bookcast_ebpf_socket_send_size_bytes", "bytes", 1.0, ("role",),
+         "Bytes per successful socket send of bookcast's processes."),
+    )),
+    _c("bookcast_ebpf_tcp_retransmits_total", "TCP segments retransmitted on the listening ports of bookcast's "
+       "processes.", ("role",)),
+    _g("bookcast_ebpf_traced_processes", "Processes the eBPF probes trace, by role.", labels=("role",)),
+    _g("bookcast_ebpf_up", "1 when the eBPF probes are loaded and attached; 0 with the reason (no_bcc, no_privilege, "
+       "no_kernel_headers, no_tracefs, load_failed) when not.", labels=("reason",)),
 )
 
 CATALOG: dict[str, MetricSpec] = {s.name: s for s in SPECS}

@@ -38,6 +38,10 @@ EXAMPLES = {
 # ``EXAMPLES: str``, ``add_arguments(parser)`` and ``main(args) -> int`` (an exit code). Modules are
 # imported only when the parser is built, so a command's dependencies cost nothing to the others.
 EXTENSIONS: list[tuple[str, str, str]] = [
+    ("ebpf", "ebpf.cli", "eBPF probes: syscall, run-queue, TCP and socket-queue latency of bookcast's processes"),
+    ("probe", "exporter.probe", "latency probe: per-hop latency of every message, per region, into Prometheus, ClickHouse, OTLP"),
+    ("latency", "exporter.report", "latency tools: 'report' prints per-hop tail latency and who owns it"),
+    ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
 ]
 
 
@@ -75,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--http-port", type=int, default=0, help="serve /metrics, /healthz, /v1/status on this port")
     r.add_argument("--check", action="store_true", help="no NATS: parse and build books, print a summary, exit")
     r.add_argument("--name", default="ingest", help="name shown to NATS and in logs")
+    importlib.import_module("feed.ingest").add_arguments(r)
 
     rec = cmd("record", "record a live venue WebSocket into a capture file")
     rec.add_argument("--venue", required=True, choices=["coinbase", "polymarket"])
@@ -142,11 +147,9 @@ def _replay(args: argparse.Namespace) -> int:
 async def _run_ingest(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from feed.ingest import Ingest, IngestConfig
+    from feed.ingest import Ingest, config_from_args
 
-    config = IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None,
-                          loop=args.loop, name=args.name)
-    ingest = Ingest(config)
+    ingest = Ingest(config_from_args(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,9 +10,22 @@ instrument appears, and when asked on ``md.v1.ctl.announce``.
 
 Bad input never stops the ingest: an unparseable message is logged and counted, a delta for a book with
 no snapshot yet is dropped and counted.
+
+Latency instrumentation (names in ``exporter.catalog``): ``bookcast_hop_upstream_seconds`` observes
+``ts_ingest_ns - ts_event_ns`` and ``bookcast_hop_ingest_seconds`` ``ts_publish_ns - ts_ingest_ns`` for every
+delta. On replay ``ts_event_ns`` is the venue's time rebased by the capture's shift, so the upstream hop is
+the *recorded* one (the recorder's receive minus the venue's stamp). A negative upstream hop (the venue's
+clock ahead of the receiver's; the bundled Coinbase capture is about -13 ms at the median) is observed as
+0 and counted in ``bookcast_ingest_upstream_clock_skew_total``, so a skewed clock is visible rather than
+hidden or mistaken for speed. With OTLP on (``otlp_endpoint``), one delta in ``trace_sample_every`` gets a
+trace (``exporter.otlp``): its ``traceparent`` travels in the NATS headers and in the delta.
+
+Test hook, off by default: ``upstream_lag_ns`` moves every rebased event time back by a fixed amount, so the
+upstream looks that much slower ("a lagging upstream").
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import secrets
@@ -26,6 +39,7 @@ import nats
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from exporter.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
 from feed import wire
 from feed.capture import CaptureRecord, replay
@@ -47,6 +61,28 @@ class IngestConfig:
     name: str = "ingest"
     announce_interval_s: float = 1.0
     epoch_base: str | None = None  # default: random per process, so a restart is a new epoch
+    otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
+    trace_sample_every: int = 1000  # with OTLP on: trace one delta in this many
+    upstream_lag_ns: int = 0  # test hook: event times moved back by this much (a lagging upstream)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ingest's observability options and test hooks, for ``bookcast replay``."""
+    p.add_argument("--otlp-endpoint", default=endpoint_from(None),
+                   help="OTLP/gRPC endpoint for sampled traces, e.g. http://127.0.0.1:4317 "
+                        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
+    p.add_argument("--trace-sample-every", type=int, default=IngestConfig.trace_sample_every,
+                   help="with OTLP on, trace one delta in this many (default %(default)s)")
+    p.add_argument("--test-upstream-lag-ms", type=float, default=0.0,
+                   help="test hook: move venue event times back by this much, a lagging upstream (default off)")
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    """``IngestConfig`` from ``bookcast replay``'s arguments."""
+    return IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None, loop=args.loop,
+                        name=args.name, otlp_endpoint=args.otlp_endpoint,
+                        trace_sample_every=max(1, args.trace_sample_every),
+                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
 
 
 class VenueMetrics:
@@ -63,6 +99,7 @@ class VenueMetrics:
         self.trades = child("bookcast_ingest_trades_published_total")
         self.dropped = child("bookcast_ingest_dropped_deltas_total")
         self.crossed = child("bookcast_ingest_crossed_books_total")
+        self.clock_skew = child("bookcast_ingest_upstream_clock_skew_total")
         self.hop_upstream = child("bookcast_hop_upstream_seconds")
         self.hop_ingest = child("bookcast_hop_ingest_seconds")
 
@@ -83,6 +120,9 @@ class Ingest:
         self._built: dict[str, Any] = {}
         self._instruments_gauge = prom.build("bookcast_ingest_instruments", registry)
         self._snap_requests = prom.build("bookcast_ingest_snapshot_requests_total", registry)
+        self._provider_up = prom.build("bookcast_ingest_provider_up", registry)
+        self.otlp: Otlp | None = None
+        self._until_trace = 1  # deltas left until the next sampled one
         self._dirty_venues: set[str] = set()
         self._announce_now = asyncio.Event()
         self.sources_done = False
@@ -105,6 +145,9 @@ class Ingest:
         await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)
         await self.nc.subscribe(ANNOUNCE_REQUEST, cb=self._on_announce_request)
         self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
+        if self.config.otlp_endpoint:
+            self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
+            log.info("OTLP traces to %s, one delta in %d", self.config.otlp_endpoint, self.config.trace_sample_every)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -125,9 +168,15 @@ class Ingest:
         log.info("captures done: %d deltas published; still serving snapshots", self.published)
 
     async def replay_capture(self, path: Path) -> None:
+        """Replay one capture; its provider gauge (``replay:<file name>``) is 1 while it runs."""
         log.info("replaying %s speed=%s loop=%s", path, self.config.speed or "max", self.config.loop)
-        async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
-            await self.on_record(item.record, item.shift_ns)
+        up = self._provider_up.labels(f"replay:{path.name}")
+        up.set(1)
+        try:
+            async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
+                await self.on_record(item.record, item.shift_ns)
+        finally:
+            up.set(0)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -138,10 +187,13 @@ class Ingest:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
             await self.nc.close()
+        if self.otlp is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.otlp.shutdown)
 
     # -- data path ------------------------------------------------------------------------------
     async def on_record(self, record: CaptureRecord, shift_ns: int = 0) -> None:
-        """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times."""
+        """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times (and
+        the ``upstream_lag_ns`` test hook moves them back)."""
         ts_ingest_ns = self.clock_ns()
         vm = self._venue(record.venue)
         vm.messages.inc()
@@ -169,20 +221,37 @@ class Ingest:
             if self.engine.crossed != crossed_before:
                 vm.crossed.inc()
             for out in outputs:
-                await self._publish(out, vm, ts_ingest_ns, shift_ns)
+                await self._publish(out, vm, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns)
 
     async def _publish(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
         if isinstance(out, SequencedDelta):
             ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
             out.ts_event_ns = ts_event_ns
+            span = headers = None
+            if self.otlp is not None:
+                self._until_trace -= 1
+                if not self._until_trace:
+                    self._until_trace = self.config.trace_sample_every
+                    span, traceparent = self.otlp.start_ingest_trace(
+                        ts_event_ns=ts_event_ns, ts_ingest_ns=ts_ingest_ns,
+                        attributes={"instrument": out.instrument, "epoch": out.epoch, "seq": out.seq})
+                    headers = {TRACEPARENT: traceparent}
             ts_publish_ns = self.clock_ns()
-            payload = wire.dumps(wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns))
-            await self.nc.publish(delta_subject(out.instrument), payload)
+            msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
+            if headers is not None:
+                msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
+            await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
+            if span is not None:
+                span.end(end_time=ts_publish_ns)
             self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
             self.published += 1
             vm.deltas.inc()
             if ts_event_ns is not None:
-                vm.hop_upstream.observe(max(ts_ingest_ns - ts_event_ns, 0) / 1e9)
+                upstream_ns = ts_ingest_ns - ts_event_ns
+                if upstream_ns < 0:
+                    vm.clock_skew.inc()
+                    upstream_ns = 0
+                vm.hop_upstream.observe(upstream_ns / 1e9)
             vm.hop_ingest.observe((ts_publish_ns - ts_ingest_ns) / 1e9)
         elif isinstance(out, Trade):
             ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None

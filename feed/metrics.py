@@ -15,8 +15,15 @@ from exporter.catalog import CATALOG, MetricType
 
 
 def build(name: str, registry: CollectorRegistry | None) -> Any:
-    """The prometheus-client metric for catalog entry ``name`` (KeyError if it is not declared)."""
+    """The prometheus-client metric for catalog entry ``name``.
+
+    Raises:
+        KeyError: ``name`` is not declared.
+        ValueError: a summary (its quantiles come from a custom collector, e.g. ``exporter.probe``).
+    """
     spec = CATALOG[name]
+    if spec.type is MetricType.SUMMARY:
+        raise ValueError(f"{name} is a summary: expose it with a custom collector")
     kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {}
     if spec.type is MetricType.COUNTER:
         return Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, **kwargs)
@@ -25,6 +32,22 @@ def build(name: str, registry: CollectorRegistry | None) -> Any:
             kwargs["multiprocess_mode"] = "livesum"
         return Gauge(spec.name, spec.help, spec.labels, **kwargs)
     return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, **kwargs)
+
+
+class _Null:
+    """Stands in for a metric (or a label child) when per-message instrumentation is off: does nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def labels(self, *values: str) -> _Null:
+        return self
+
+
+NULL = _Null()
 
 
 def multiprocess_dir() -> str | None:

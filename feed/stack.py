@@ -1,8 +1,10 @@
 """``bookcast up``: the whole stack on embedded defaults, in the foreground.
 
 Starts, in order, an embedded nats-server (config in a temp dir), the ingest replaying a capture (by
-default the bundled Coinbase level2 recording, looping), and the gateway (N workers on one port). Prints
-where to connect. SIGINT/SIGTERM stop everything in reverse order, by PID; children also get SIGTERM if
+default the bundled Coinbase level2 recording, looping), the gateway (N workers on one port) and, with
+``--ebpf``, the eBPF exporter (``bookcast ebpf`` tracing this stack's processes; optional: when it cannot
+load it serves ``bookcast_ebpf_up 0``, and if it exits the feed keeps running). Prints where to connect.
+SIGINT/SIGTERM stop everything in reverse order, by PID; children also get SIGTERM if
 this process dies (PR_SET_PDEATHSIG), so nothing is left behind.
 """
 from __future__ import annotations
@@ -86,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-loop", action="store_true", help="replay once instead of looping forever")
     p.add_argument("--nats-port", type=int, default=0, help="embedded nats-server port (default: a free one)")
     p.add_argument("--ingest-http-port", type=int, default=0, help="ingest /metrics port (default: a free one)")
+    p.add_argument("--ebpf", action="store_true",
+                   help="also start the eBPF exporter on this stack's processes (needs root and bcc for data)")
+    p.add_argument("--ebpf-port", type=int, default=0, help="eBPF exporter /metrics port (default: a free one)")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -104,6 +109,7 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     children: list[tuple[str, subprocess.Popen]] = []
+    optional: list[tuple[str, subprocess.Popen]] = []   # stopped with the stack; their exit does not stop it
     nats_server = NatsServer(port=args.nats_port, name="bookcast-up")
     try:
         nats_server.start()
@@ -118,6 +124,18 @@ def up(args: argparse.Namespace) -> int:
         base = f"http://{args.host}:{port}"
         wait_until(lambda: stopping or _http_ok(base + "/v1/instruments"), 30,
                    what="gateway listing instruments", proc=children[-1][1])
+        ebpf_line = ""
+        if args.ebpf:
+            ebpf_port = args.ebpf_port or free_port()
+            ebpf_url = f"http://127.0.0.1:{ebpf_port}/metrics"
+            ebpf = spawn(["ebpf", "--role-scan", "--under", str(os.getpid()), "--port", str(ebpf_port)])
+            optional.append(("ebpf", ebpf))
+            try:
+                wait_until(lambda: stopping or ebpf.poll() is not None or _http_ok(ebpf_url), 60,
+                           what="eBPF exporter /metrics")
+            except TimeoutError as exc:
+                log.warning("%s; the feed runs without it", exc)
+            ebpf_line = f"  ebpf       {ebpf_url} (bookcast_ebpf_up says whether the probes run)\n"
         if stopping:
             return 0
         example = _first_instrument(base) or "coinbase:SKL-USD"
@@ -128,6 +146,7 @@ def up(args: argparse.Namespace) -> int:
             f"  REST       {base}/v1/instruments   {base}/v1/book/{example}\n"
             f"  metrics    {base}/metrics (gateway, {args.workers} workers)   "
             f"http://127.0.0.1:{ingest_port}/metrics (ingest)\n"
+            f"{ebpf_line}"
             f"  NATS       {nats_server.url}\n"
             f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
             f"  try        {bookcast} tail {example} --url ws://{args.host}:{port}/v1/ws\n",
@@ -138,13 +157,17 @@ def up(args: argparse.Namespace) -> int:
                 if proc.poll() is not None:
                     log.error("%s pid=%d exited with code %s; stopping the stack", name, proc.pid, proc.returncode)
                     return 1
+            for name, proc in list(optional):
+                if proc.poll() is not None:
+                    log.warning("%s pid=%d exited with code %s; the feed keeps running", name, proc.pid, proc.returncode)
+                    optional.remove((name, proc))
             time.sleep(0.2)
         return 0
     except (TimeoutError, RuntimeError) as exc:
         log.error("%s", exc)
         return 1
     finally:
-        for name, proc in reversed(children):
+        for name, proc in reversed(children + optional):
             stop_process(proc, grace_s=10.0)
             log.info("stopped %s pid=%d (exit %s)", name, proc.pid, proc.returncode)
         nats_server.cleanup()

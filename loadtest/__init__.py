@@ -1,0 +1,1 @@
+"""Load tests and the fan-out benchmark: see loadtest/README.md."""

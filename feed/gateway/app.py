@@ -8,6 +8,15 @@ and slow-consumer policy, ``ratelimit`` the request limiter). Shape:
   bounded queue. The fan-out loop never awaits a client: it only appends to queues.
 
 Run several worker processes on one port with ``reuse_port`` (see ``feed.gateway.server``).
+
+Instrumentation (names in ``exporter.catalog``): per delta, ``bookcast_hop_nats_gateway_seconds`` observes
+``ts_send_ns - ts_publish_ns`` (the fan-out stamp minus the ingest's publish stamp: NATS transit plus the
+gateway's own work); per frame, messages and bytes sent; queue depth and bytes are sampled every second.
+``instrumented=False`` turns the per-message part off, only to measure its cost (``exporter.bench``).
+With OTLP on, a delta whose NATS headers carry a ``traceparent`` gets a ``nats_gateway`` span.
+
+Test hook, off by default: ``fanout_delay_s`` holds every delta from NATS for a fixed time before the hub
+handles it, in arrival order ("a slow gateway").
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import nats
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
+from exporter.otlp import Otlp
 from feed import metrics as prom
 from feed import wire
 from feed.gateway import protocol as proto
@@ -36,17 +46,21 @@ log = logging.getLogger("bookcast.gateway")
 
 
 class GatewayMetrics:
-    """Label children resolved once; nothing on the hot path looks a label up."""
+    """Label children resolved once; nothing on the hot path looks a label up. With ``instrumented=False``
+    the per-message metrics (hop histogram, frames and bytes sent, NATS messages in) do nothing."""
 
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True) -> None:
         b = lambda name: prom.build(name, registry)  # noqa: E731
+        per_msg = b if instrumented else (lambda name: prom.NULL)  # noqa: E731
         self.clients = b("bookcast_gateway_clients")
         self.instruments = b("bookcast_gateway_instruments")
         self.queue_bytes = b("bookcast_gateway_queue_bytes")
-        self.nats_in = b("bookcast_gateway_nats_messages_total")
-        sent = b("bookcast_gateway_messages_sent_total")
+        self.queue_items = b("bookcast_gateway_queue_items")
+        nats_in = per_msg("bookcast_gateway_nats_messages_total")
+        self.nats_deltas, self.nats_trades = nats_in.labels("delta"), nats_in.labels("trade")
+        sent = per_msg("bookcast_gateway_messages_sent_total")
         self.sent = {k: sent.labels(k) for k in ("delta", "snapshot", "trade", "control")}
-        self.bytes_sent = b("bookcast_gateway_bytes_sent_total")
+        self.bytes_sent = per_msg("bookcast_gateway_bytes_sent_total")
         requests = b("bookcast_gateway_requests_total")
         self.requests = {op: requests.labels(op) for op in ("subscribe", "unsubscribe", "resync", "ping", "invalid")}
         errors = b("bookcast_gateway_errors_total")
@@ -60,12 +74,11 @@ class GatewayMetrics:
         self.gaps = b("bookcast_gateway_gaps_total")
         self.snapshot_failures = b("bookcast_gateway_snapshot_fetch_failures_total")
         self.bad_upstream = b("bookcast_gateway_bad_upstream_total")
-        self.hop_nats_gateway = b("bookcast_hop_nats_gateway_seconds")
+        self._hop_nats_gateway = per_msg("bookcast_hop_nats_gateway_seconds")
 
-    def observe_hops(self, delta: dict[str, Any], ts_send_ns: int) -> None:
-        ts_publish_ns = delta.get("ts_publish_ns")
-        if ts_publish_ns:
-            self.hop_nats_gateway.observe(max(ts_send_ns - ts_publish_ns, 0) / 1e9)
+    def hop_nats_gateway(self, venue: str) -> Any:
+        """The venue's child of the NATS + gateway hop histogram (a hub resolves it once)."""
+        return self._hop_nats_gateway.labels(venue)
 
 
 @dataclass
@@ -90,6 +103,10 @@ class GatewayConfig:
     ws_writer_limit_bytes: int = 256 * 1024
     socket_sndbuf_bytes: int | None = None
     name: str = "gateway"
+    instrumented: bool = True  # per-message metrics and traces; off only to measure their cost
+    otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
+    queue_sample_interval_s: float = 1.0
+    fanout_delay_s: float = 0.0  # test hook: hold each delta this long before handling it (a slow gateway)
 
 
 class Connection:
@@ -110,6 +127,8 @@ class Connection:
         self.wakeup = asyncio.Event()
         self.closing = False
         self.writer: asyncio.Task | None = None
+        self.close_request: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self.dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # handler finished
 
     # -- producer side (called from the fan-out loop and the reader; never awaits) --------------
     def push(self, item: Item) -> None:
@@ -171,7 +190,7 @@ class Connection:
 
     # -- writer task --------------------------------------------------------------------------
     async def run_writer(self) -> None:
-        ws, queue, m = self.ws, self.queue, self.gw.metrics
+        queue = self.queue
         heartbeat_s = self.gw.limits.heartbeat_interval_s
         last_send = time.monotonic()
         try:
@@ -222,14 +241,19 @@ class Connection:
                     if not await self._send_conflated(item):
                         continue
                 elif kind is Kind.CLOSE:
-                    await ws.close(code=item.seq, message=item.payload)
+                    self._request_close(item.seq, item.payload)
                     return
                 last_send = time.monotonic()
         except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
             return
         except Exception:  # noqa: BLE001 - a writer must never take the gateway down
             log.exception("writer failed peer=%s", self.peer)
-            await ws.close(code=1011, message=b"internal error")
+            self._request_close(1011, b"internal error")
+
+    def _request_close(self, code: int, reason: bytes) -> None:
+        """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
+        if not self.close_request.done():
+            self.close_request.set_result((code, reason))
 
     async def _send(self, payload: bytes, kind: str) -> None:
         await self.ws.send_frame(payload, WSMsgType.TEXT)
@@ -288,7 +312,9 @@ class Gateway:
         self.limits = config.limits
         self.snapshot_timeout_s = config.snapshot_timeout_s
         self.registry = registry
-        self.metrics = GatewayMetrics(registry)
+        self.metrics = GatewayMetrics(registry, config.instrumented)
+        self.otlp: Otlp | None = None
+        self._sampler: asyncio.Task | None = None
         self.nc: nats.NATS | None = None
         self.hubs: dict[str, Hub] = {}
         self._hub_lock: dict[str, asyncio.Future] = {}
@@ -312,6 +338,18 @@ class Gateway:
         await self.nc.subscribe(DIRECTORY_WILDCARD, cb=self._on_directory)
         await self.nc.publish(ANNOUNCE_REQUEST, b"")
         await self.nc.flush()
+        if self.config.otlp_endpoint and self.config.instrumented:
+            self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
+
+    async def _sample_queues(self) -> None:
+        """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's connections.
+        (Sampled, not set at scrape, so every worker's value is current whichever worker is scraped.)"""
+        while True:
+            conns = list(self.connections)
+            self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in conns))
+            self.metrics.queue_items.set(sum(len(c.queue) for c in conns))
+            await asyncio.sleep(self.config.queue_sample_interval_s)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -351,10 +389,14 @@ class Gateway:
         return hub
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         for hub in self.hubs.values():
             await hub.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
+        if self.otlp is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.otlp.shutdown)
 
     @property
     def ready(self) -> bool:
@@ -377,37 +419,38 @@ class Gateway:
         conn = Connection(self, ws, request.remote or "?")
         self.connections.add(conn)
         self.metrics.clients.inc()
-        conn.writer = asyncio.get_running_loop().create_task(conn.run_writer())
+        loop = asyncio.get_running_loop()
+        conn.writer = loop.create_task(conn.run_writer())
+        reader = loop.create_task(self._read_requests(conn, ws))
         try:
-            async for msg in ws:
-                if msg.type is WSMsgType.TEXT:
-                    await self._on_request(conn, msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    self.metrics.closes[CloseCode.POLICY_VIOLATION].inc()
-                    conn.closing = True
-                    await ws.close(code=CloseCode.POLICY_VIOLATION, message=b"binary frames are not accepted")
-                    break
-                if conn.closing and conn.writer.done():
-                    break
+            await asyncio.wait({reader, conn.close_request}, return_when=asyncio.FIRST_COMPLETED)
+            if conn.close_request.done():
+                # The writer has sent everything queued before the close. Close from this task, with no
+                # receive() pending: aiohttp then waits for the client's close frame (reading what the
+                # client still sends) before closing the socket. Closing while a receive() is pending
+                # drops the socket at once, and unread input makes the kernel reset the connection,
+                # discarding our close frame on the way.
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                code, reason = conn.close_request.result()
+                await ws.close(code=code, message=reason)
         finally:
+            reader.cancel()
+            conn.writer.cancel()
             self._drop(conn)
             if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
                 self.metrics.closes[CloseCode.MESSAGE_TOO_BIG].inc()
-            await self._finish_writer(conn)
         return ws
 
-    async def _finish_writer(self, conn: Connection) -> None:
-        """Let a writer that is closing the connection (4008, 4029, 1001) send its close frame; cancel others."""
-        writer = conn.writer
-        if writer is None or writer.done():
-            return
-        if conn.closing:
-            try:
-                await asyncio.wait_for(asyncio.shield(writer), self.config.drain_timeout_s + 10)
+    async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await self._on_request(conn, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                self.metrics.closes[CloseCode.POLICY_VIOLATION].inc()
+                conn.closing = True
+                await ws.close(code=CloseCode.POLICY_VIOLATION, message=b"binary frames are not accepted")
                 return
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-        writer.cancel()
 
     def _drop(self, conn: Connection) -> None:
         if conn not in self.connections:
@@ -415,6 +458,7 @@ class Gateway:
         self.connections.discard(conn)
         self.metrics.clients.dec()
         conn.closing = True
+        conn.dropped.set_result(None)
         for inst in conn.subs:
             hub = self.hubs.get(inst)
             if hub is not None:
@@ -579,7 +623,6 @@ class Gateway:
         return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in self.connections))
         return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -591,9 +634,8 @@ class Gateway:
         for conn in conns:
             conn.push_ctrl(notice)
             conn.close(CloseCode.GOING_AWAY, "gateway going away")
-        writers = [c.writer for c in conns if c.writer is not None]
-        if writers:
-            await asyncio.wait(writers, timeout=self.config.drain_timeout_s)
+        if conns:
+            await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
 
 
 def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:

@@ -9,6 +9,8 @@ Adapter-side state machine (no sockets of its own; it uses the gateway's NATS co
   On a gap (or an epoch change, or a tail loss revealed by the ingest's directory announcements) it
   tells its subscribers ``resync`` and fetches a snapshot from the ingest (NATS request/reply),
   buffering deltas meanwhile; subscribers get the snapshot once the hub is consistent again.
+* Each fan-out observes the NATS + gateway hop (``ts_send_ns - ts_publish_ns``) in the hub's venue child
+  of ``bookcast_hop_nats_gateway_seconds``, and ends a ``nats_gateway`` span for a traced delta.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from collections import deque
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from exporter.otlp import TRACEPARENT
 from feed import wire
 from feed.book import L2Book
-from feed.gateway.fanout import Conflated, Item, Kind
+from feed.gateway.fanout import Item, Kind
 from feed.gateway.protocol import ResyncReason
+from feed.model import split_instrument
 from feed.subjects import delta_subject, snapshot_subject, trade_subject
 
 if TYPE_CHECKING:
@@ -41,7 +45,7 @@ class Hub:
         self.ts: dict[str, int] = {}  # ts_event_ns / ts_ingest_ns / ts_publish_ns of the book's last update
         self.ready = asyncio.Event()
         self.recovering = False
-        self.buffer: list[tuple[dict[str, Any], bytes]] = []
+        self.buffer: list[tuple[dict[str, Any], bytes, str | None]] = []  # delta, payload, traceparent
         self.ring: deque[tuple[str, int, int, bytes]] = deque(maxlen=ring_size)  # epoch, seq, prev_seq, payload
         self.subscribers: dict[Connection, int] = {}  # connection -> conflate_ms
         self.trade_subscribers: set[Connection] = set()
@@ -52,6 +56,9 @@ class Hub:
         self._snapshot_cache: tuple[str, int, bytes] | None = None
         self._recovery: asyncio.Task | None = None
         self.gaps = 0
+        self.venue = split_instrument(instrument)[0]
+        self._hop = gw.metrics.hop_nats_gateway(self.venue)
+        self._held: deque[tuple[float, bytes, str | None]] = deque()  # the slow-gateway hook's deltas
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,23 +81,45 @@ class Hub:
 
     # -- data path ------------------------------------------------------------------------------
     async def _on_delta_msg(self, msg) -> None:
-        self.on_delta(msg.data)
+        traceparent = msg.headers.get(TRACEPARENT) if msg.headers else None
+        if self.gw.config.fanout_delay_s:
+            self._hold(msg.data, traceparent)
+        else:
+            self.on_delta(msg.data, traceparent)
 
-    def on_delta(self, payload: bytes) -> None:
+    def _hold(self, payload: bytes, traceparent: str | None) -> None:
+        """Test hook (a slow gateway): handle the delta ``fanout_delay_s`` later, keeping arrival order."""
+        loop = asyncio.get_running_loop()
+        self._held.append((loop.time() + self.gw.config.fanout_delay_s, payload, traceparent))
+        if len(self._held) == 1:
+            loop.call_at(self._held[0][0], self._release)
+
+    def _release(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._held and self._held[0][0] <= loop.time():
+            _, payload, traceparent = self._held.popleft()
+            self.on_delta(payload, traceparent)
+        if self._held:
+            loop.call_at(self._held[0][0], self._release)
+
+    def on_delta(self, payload: bytes, traceparent: str | None = None) -> None:
         try:
             delta = wire.loads(payload)
-            epoch, seq, prev_seq = delta["epoch"], delta["seq"], delta["prev_seq"]
-        except (ValueError, KeyError, TypeError):
+            if not (isinstance(delta, dict) and isinstance(delta.get("epoch"), str)
+                    and isinstance(delta.get("seq"), int) and isinstance(delta.get("prev_seq"), int)
+                    and isinstance(delta.get("changes"), list)):
+                raise ValueError("not a delta")
+        except ValueError:
             self.gw.metrics.bad_upstream.inc()
             log.warning("malformed delta from NATS instrument=%s bytes=%d", self.instrument, len(payload))
             return
-        self.gw.metrics.nats_in.inc()
-        self._handle(delta, payload)
+        self.gw.metrics.nats_deltas.inc()
+        self._handle(delta, payload, traceparent)
 
-    def _handle(self, delta: dict[str, Any], payload: bytes) -> None:
+    def _handle(self, delta: dict[str, Any], payload: bytes, traceparent: str | None) -> None:
         epoch, seq, prev_seq = delta["epoch"], delta["seq"], delta["prev_seq"]
         if self.recovering:
-            self.buffer.append((delta, payload))
+            self.buffer.append((delta, payload, traceparent))
             return
         if epoch == self.epoch and seq <= self.seq:
             return  # duplicate (e.g. redelivered after a reconnect)
@@ -103,26 +132,31 @@ class Hub:
             )
             self.gw.metrics.gaps.inc()
             self.gaps += 1
-            self.buffer.append((delta, payload))
+            self.buffer.append((delta, payload, traceparent))
             self.recover(reason)
             return
-        self._apply(delta, payload)
+        self._apply(delta, payload, traceparent)
 
-    def _apply(self, delta: dict[str, Any], payload: bytes) -> None:
+    def _apply(self, delta: dict[str, Any], payload: bytes, traceparent: str | None) -> None:
         self.book.apply_wire_changes(delta["changes"])
         self.epoch, self.seq = delta["epoch"], delta["seq"]
         self.ts = {k: delta[k] for k in ("ts_event_ns", "ts_ingest_ns", "ts_publish_ns") if k in delta}
         self.ring.append((self.epoch, self.seq, delta["prev_seq"], payload))
-        self.fan_out(delta, payload)
+        self.fan_out(delta, payload, traceparent)
 
-    def fan_out(self, delta: dict[str, Any], payload: bytes) -> None:
+    def fan_out(self, delta: dict[str, Any], payload: bytes, traceparent: str | None = None) -> None:
         """Queue one delta for every subscriber: one splice of ts_send_ns, shared bytes, no awaits."""
         if not self.subscribers:
             return
         now_ns = time.time_ns()
         stamped = wire.with_send_ts(payload, now_ns)
         item = Item(Kind.DATA, self.instrument, stamped, delta["epoch"], delta["seq"], delta["prev_seq"])
-        self.gw.metrics.observe_hops(delta, now_ns)
+        ts_publish_ns = delta.get("ts_publish_ns")
+        if ts_publish_ns:
+            self._hop.observe(max(now_ns - ts_publish_ns, 0) / 1e9)
+            if traceparent is not None and self.gw.otlp is not None:
+                self.gw.otlp.hop_span("nats_gateway", traceparent, ts_publish_ns, now_ns,
+                                      {"instrument": self.instrument, "seq": delta["seq"], "gateway": self.gw.config.name})
         for conn, conflate_ms in self.subscribers.items():
             if conflate_ms:
                 conn.conflate(self.instrument, delta, conflate_ms)
@@ -130,6 +164,7 @@ class Hub:
                 conn.push(item)
 
     async def _on_trade_msg(self, msg) -> None:
+        self.gw.metrics.nats_trades.inc()
         if not self.trade_subscribers:
             return
         item = Item(Kind.TRADE, self.instrument, wire.with_send_ts(msg.data, time.time_ns()))
@@ -208,10 +243,10 @@ class Hub:
         self.suspect = None
         buffered, self.buffer = self.buffer, []
         self.recovering = False
-        for delta, payload in buffered:
+        for delta, payload, traceparent in buffered:
             if delta["epoch"] == self.epoch and delta["seq"] <= self.seq:
                 continue
-            self._handle(delta, payload)  # may start another recovery on a new gap; it re-buffers
+            self._handle(delta, payload, traceparent)  # may start another recovery on a new gap; it re-buffers
         if self.recovering:
             return
         self.ready.set()
@@ -224,12 +259,17 @@ class Hub:
         """The ingest says the instrument is at ``(epoch, seq)``: detect a lost tail of deltas.
 
         A loss is declared when two consecutive announcements are ahead of the hub, the second by a seq
-        the first already announced (so a delta still in flight is not mistaken for a loss).
+        the first already announced (so a delta still in flight is not mistaken for a loss), and no
+        delta is waiting to be handled here (nats-py queues each subscription's messages apart from the
+        directory's: an overloaded gateway lagging behind its own queue has lost nothing).
         """
         if self.recovering or not self.ready.is_set():
             return
         if epoch == self.epoch and seq <= self.seq:
             self.suspect = None
+            return
+        backlog = len(self._held) + (self._delta_sub.pending_msgs if self._delta_sub is not None else 0)
+        if backlog:
             return
         if self.suspect is not None and (self.suspect[0] != self.epoch or self.suspect[1] > self.seq):
             log.warning("tail loss instrument=%s held=%s/%d directory=%s/%d: fetching snapshot",

@@ -19,6 +19,7 @@ import time
 
 from aiohttp import web
 
+from exporter.otlp import endpoint_from
 from feed.gateway.protocol import GatewayLimits
 from feed.procs import free_port, stop_process
 
@@ -43,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-reconnect-wait-s", type=float, default=0.25,
                    help="delay between NATS reconnect attempts (default %(default)s)")
     p.add_argument("--name", default="gateway", help="name shown to NATS and in logs")
+    p.add_argument("--otlp-endpoint", default=endpoint_from(None),
+                   help="OTLP/gRPC endpoint for spans of traced deltas, e.g. http://127.0.0.1:4317 "
+                        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
+    p.add_argument("--instrumentation", choices=["on", "off"], default="on",
+                   help="per-message metrics and traces; 'off' only to measure their cost (default %(default)s)")
+    p.add_argument("--test-fanout-delay-ms", type=float, default=0.0,
+                   help="test hook: hold every delta this long before fan-out, a slow gateway (default off)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -52,7 +60,9 @@ def config_from_args(args: argparse.Namespace):
     return GatewayConfig(nats_url=args.nats, limits=limits, name=args.name,
                          nats_reconnect_wait_s=args.nats_reconnect_wait_s, ws_ping_interval_s=args.ws_ping_interval_s,
                          ws_writer_limit_bytes=args.ws_writer_limit_bytes,
-                         socket_sndbuf_bytes=args.socket_sndbuf_bytes or None)
+                         socket_sndbuf_bytes=args.socket_sndbuf_bytes or None,
+                         otlp_endpoint=args.otlp_endpoint, instrumented=args.instrumentation == "on",
+                         fanout_delay_s=args.test_fanout_delay_ms / 1000)
 
 
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
@@ -103,7 +113,10 @@ def _supervise(args: argparse.Namespace) -> int:
                "--nats-reconnect-wait-s", str(args.nats_reconnect_wait_s),
                "--ws-ping-interval-s", str(args.ws_ping_interval_s),
                "--ws-writer-limit-bytes", str(args.ws_writer_limit_bytes),
-               "--socket-sndbuf-bytes", str(args.socket_sndbuf_bytes)]
+               "--socket-sndbuf-bytes", str(args.socket_sndbuf_bytes),
+               "--instrumentation", args.instrumentation, "--test-fanout-delay-ms", str(args.test_fanout_delay_ms)]
+        if args.otlp_endpoint:
+            cmd += ["--otlp-endpoint", args.otlp_endpoint]
         procs = [subprocess.Popen(cmd + ["--name", f"{args.name}-{i}"], env=env) for i in range(args.workers)]
         log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), args.workers,
                  args.port, " ".join(str(p.pid) for p in procs))

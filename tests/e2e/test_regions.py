@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
-from feed.client import BookClient, Shutdown
+from feed.client import BookClient
 from feed.procs import stop_process
 from feed.stack import bundled_capture
 from tests.e2e.harness import Stack, ingest_snapshot

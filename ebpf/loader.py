@@ -1,0 +1,271 @@
+"""Load the bookcast eBPF programs with bcc, keep their target maps current, read their histograms.
+
+Adapter module. ``missing_prerequisites()`` says what stops loading (bcc, privilege, kernel headers,
+tracefs) before anything is compiled; ``Probes`` compiles each ``ebpf/programs/<name>.bpf.c`` with the
+``-D`` flags its spec plans, attaches its tracepoints (bcc's TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE
+autoload), fills the tgid -> role, port -> role and traced-syscall maps, and reads the in-kernel log2
+histograms as ``Series`` (raw kernel units: µs slots and ns sums, or bytes; converted at export).
+
+Sources: kernel tracepoint formats under /sys/kernel/tracing/events/<group>/<name>/format;
+Documentation/trace/events.rst; bcc's reference_guide.md (maps, TRACEPOINT_PROBE, RAW_TRACEPOINT_PROBE).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebpf import EbpfError
+from ebpf.spec import Plan, Program, load_programs, plan
+from ebpf.targets import RoleIds, TargetSpec, listening_ports
+
+log = logging.getLogger("bookcast.ebpf")
+
+# the issue's list plus epoll_pwait, which Go (nats-server) and libuv (the gateway's uvloop) call instead
+DEFAULT_SYSCALLS: tuple[str, ...] = ("sendto", "sendmsg", "write", "writev", "recvfrom", "recvmsg", "read",
+                                     "epoll_wait", "epoll_pwait")
+TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+SETUP_HINT = "install with: sudo ./dev setup"
+
+
+class Unavailable(EbpfError):
+    """The probes cannot run here. ``reason`` is a bounded label value (the ``bookcast_ebpf_up`` reason)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UsageError(EbpfError):
+    """A bad option value (an unknown syscall name, a syscall number beyond the map)."""
+
+
+def tracefs() -> Path | None:
+    return next((d for d in TRACEFS_DIRS if (d / "events").is_dir()), None)
+
+
+def _capable() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    cap_sys_admin, cap_perfmon, cap_bpf = 21, 38, 39
+    return bool(eff >> cap_sys_admin & 1) or bool(eff >> cap_perfmon & 1 and eff >> cap_bpf & 1)
+
+
+def missing_prerequisites() -> list[Unavailable]:
+    """Everything that stops the probes from loading, most fundamental first (empty: ready to load)."""
+    missing = []
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        missing.append(Unavailable("no_bcc", f"bcc's Python module is missing ({exc}): the Debian packages "
+                                             f"python3-bpfcc and libbpfcc, linked into .venv; {SETUP_HINT}"))
+    if not _capable():
+        missing.append(Unavailable("no_privilege", f"loading eBPF needs root (or CAP_BPF + CAP_PERFMON); running "
+                                                   f"as uid {os.geteuid()}: run it with sudo"))
+        return missing   # tracefs and headers may only be readable by root: nothing more to learn
+    release = os.uname().release
+    if not (Path(f"/lib/modules/{release}/build/include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists()):
+        missing.append(Unavailable("no_kernel_headers", f"kernel headers for {release} are missing "
+                                                        f"(/lib/modules/{release}/build); {SETUP_HINT}"))
+    if tracefs() is None:
+        missing.append(Unavailable("no_tracefs", "tracefs is not mounted (mount -t tracefs nodev "
+                                                 f"/sys/kernel/tracing); {SETUP_HINT}"))
+    return missing
+
+
+def available_events(programs: list[Program], root: Path | None) -> set[str]:
+    """The tracepoint events among those the programs declare that exist under tracefs ``root``.
+
+    With ``root`` None (tracefs unreadable, e.g. without root) every declared event is assumed present.
+    """
+    declared = {tp.event for p in programs for tp in p.tracepoints}
+    if root is None:
+        return declared
+    return {e for e in declared if (root / "events" / e.replace(":", "/")).is_dir()}
+
+
+def plans(names: list[str] | None = None, *, events_root: Path | None = None) -> tuple[dict[str, int], list[Plan]]:
+    """(shared header parameters, the plan of each program (all, or those in ``names``) on this kernel)."""
+    header, programs = load_programs()
+    if names is not None:
+        unknown = set(names) - {p.name for p in programs}
+        if unknown:
+            raise UsageError(f"unknown program(s) {sorted(unknown)}; known: {[p.name for p in programs]}")
+        programs = [p for p in programs if p.name in names]
+    events = available_events(programs, events_root)
+    return header, [plan(p, header, events) for p in programs]
+
+
+def syscall_numbers(names: list[str], limit: int) -> dict[int, str]:
+    """{number: name} for this machine's syscall table (bcc.syscall). Raises UsageError on an unknown name."""
+    from bcc.syscall import syscalls
+
+    by_name = {v.decode(): k for k, v in syscalls.items()}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise UsageError(f"unknown syscall(s): {', '.join(unknown)}")
+    numbers = {by_name[n]: n for n in names}
+    too_big = [f"{n}={nr}" for nr, n in numbers.items() if nr >= limit]
+    if too_big:
+        raise UsageError(f"syscall number(s) beyond NR_SYSCALLS={limit}: {', '.join(too_big)}")
+    return numbers
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One labelled series read from a map. Histograms: ``slots`` is the kernel's log2 slot counts
+    (HIST_SLOTS finite slots then the overflow) and ``total`` its sum in kernel units (ns or bytes);
+    counters: ``slots`` is empty and ``total`` the count."""
+
+    metric: str
+    kernel_unit: str
+    labels: tuple[tuple[str, str], ...]
+    slots: tuple[int, ...]
+    total: int
+
+    @property
+    def count(self) -> int:
+        return sum(self.slots) if self.slots else self.total
+
+
+class Probes:
+    """The loaded programs. ``open()`` compiles and attaches; ``close()`` detaches everything.
+
+    Raises (from ``open``):
+        Unavailable: a prerequisite is missing, or no program could be loaded (reason ``load_failed``).
+        UsageError: an unknown syscall in ``syscalls``.
+    """
+
+    def __init__(self, targets: TargetSpec, *, syscalls: tuple[str, ...] = DEFAULT_SYSCALLS,
+                 tcp_ports: tuple[int, ...] = (), programs: list[str] | None = None) -> None:
+        self.targets = targets
+        self.roles = RoleIds(role for _, role in targets.pids if role)
+        self.syscall_names = list(syscalls)
+        self.tcp_ports = tcp_ports
+        self.program_names = programs
+        self.loaded: list[tuple[Plan, object]] = []
+        self.failed: dict[str, str] = {}     # program -> why it is not loaded
+        self.skipped: dict[str, str] = {}    # metric -> why it is not exported
+        self.pids: dict[int, str] = {}
+        self.ports: dict[int, str] = {}
+        self._syscalls: dict[int, str] = {}
+        self.max_processes = 0
+
+    def open(self) -> Probes:
+        missing = missing_prerequisites()
+        if missing:
+            raise missing[0]
+        header, all_plans = plans(self.program_names, events_root=tracefs())
+        self.max_processes = header["MAX_PROCESSES"]
+        for p in all_plans:
+            if p.program.name == "syscalls":
+                self._syscalls = syscall_numbers(self.syscall_names, p.program.parameters["NR_SYSCALLS"])
+        try:
+            self._load(all_plans)
+            self.refresh()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _load(self, all_plans: list[Plan]) -> None:
+        from bcc import BPF
+
+        for p in all_plans:
+            self.skipped.update(p.skipped)
+            for metric, why in p.skipped.items():
+                log.warning("not exporting %s: %s", metric, why)
+            if not p.loadable:
+                self.failed[p.program.name] = "; ".join(sorted(set(p.skipped.values())))
+                continue
+            try:
+                bpf = BPF(src_file=str(p.program.source).encode(), cflags=list(p.cflags))
+            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception on compile/attach errors
+                self.failed[p.program.name] = str(exc)
+                log.error("program %s not loaded: %s", p.program.name, exc)
+                continue
+            self.loaded.append((p, bpf))
+            log.info("program %s loaded: %s", p.program.name, ", ".join(m.metric for m in p.metrics))
+        if not self.loaded:
+            raise Unavailable("load_failed", "no eBPF program could be loaded: " +
+                              "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
+        for p, bpf in self.loaded:
+            if p.program.name == "syscalls":
+                table = bpf[b"traced_syscalls"]
+                for nr in self._syscalls:
+                    table[table.Key(nr)] = table.Leaf(1)
+
+    def close(self) -> None:
+        for _, bpf in self.loaded:
+            bpf.cleanup()
+        self.loaded.clear()
+
+    def __enter__(self) -> Probes:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def refresh(self) -> dict[int, str]:
+        """Re-resolve the targets and bring every program's role and port maps up to date; returns {pid: role}."""
+        pids = self.targets.resolve()
+        limit = self.max_processes
+        if len(pids) > limit:
+            log.warning("%d target processes, map holds %d: tracing the first %d", len(pids), limit, limit)
+            pids = dict(sorted(pids.items())[:limit])
+        ports: dict[int, str] = {}
+        for pid, role in pids.items():
+            ports.update({port: role for port in listening_ports(pid)})
+        ports.update({port: ports.get(port, "other") for port in self.tcp_ports})
+        for p, bpf in self.loaded:
+            _sync(bpf[b"roles"], {pid: self.roles.id(role) for pid, role in pids.items()},
+                  {pid: self.roles.id(role) for pid, role in self.pids.items()})
+            if p.program.name == "tcp":
+                _sync(bpf[b"ports"], {port: self.roles.id(role) for port, role in ports.items()},
+                      {port: self.roles.id(role) for port, role in self.ports.items()})
+        if pids != self.pids:
+            log.info("tracing %d processes: %s", len(pids), " ".join(f"{pid}={role}" for pid, role in sorted(pids.items())))
+        self.pids, self.ports = pids, ports
+        return pids
+
+    def series(self) -> list[Series]:
+        """Every non-empty series of every exported metric, read from the maps now."""
+        out = []
+        for p, bpf in self.loaded:
+            values = p.program.label_values
+            for m in p.metrics:
+                for key, leaf in bpf[m.map.encode()].items():
+                    labels = tuple((name, self._label(name, getattr(key, name), values)) for name in m.labels)
+                    if m.kernel_unit == "count":
+                        out.append(Series(m.metric, m.kernel_unit, labels, (), leaf.value))
+                    else:
+                        out.append(Series(m.metric, m.kernel_unit, labels, tuple(leaf.slot), leaf.sum))
+        return out
+
+    def _label(self, name: str, raw: int, values: dict[str, tuple[str, ...]]) -> str:
+        if name == "role":
+            return self.roles.name(raw)
+        if name == "syscall":
+            return self._syscalls.get(raw, str(raw))
+        if name in values and raw < len(values[name]):
+            return values[name][raw]
+        return str(raw)
+
+
+def _sync(table, want: dict[int, int], have: dict[int, int]) -> None:
+    """Make ``table`` hold ``want``, knowing it held ``have`` (writes only the difference)."""
+    for k, v in want.items():
+        if have.get(k) != v:
+            table[table.Key(k)] = table.Leaf(v)
+    for k in have.keys() - want.keys():
+        try:
+            del table[table.Key(k)]
+        except KeyError:
+            pass
+

@@ -1,0 +1,87 @@
+/* Socket queueing and send sizes of bookcast's processes (spec: sockq.json).
+ *
+ * Queueing: from sock:sk_data_ready (data became readable; softirq, or the sender's context on
+ * loopback) to the owner's next successful read (sock:sock_recv_length, run in the reader's context by
+ * sock_recvmsg for recv*, read and readv alike). The oldest unread arrival is kept, so the figure is how
+ * long the first waiting byte waited. sk_data_ready cannot tell the owner, so a socket is learnt as ours
+ * at its first read by a traced process and measured from then on (that first read is not counted).
+ * Send sizes: sock:sock_send_length's return value in the sender's context (MSG_PEEK reads skipped).
+ * Either pair is compiled only when the tracepoints exist (HAVE_* from the spec).
+ */
+#include <linux/socket.h>  /* MSG_PEEK */
+#include "bookcast.h"
+
+struct role_key {
+    u32 role;
+};
+
+#if HAVE_SK_DATA_READY && HAVE_SOCK_RECV_LENGTH
+/* socket address -> role of the process reading it */
+BPF_TABLE("lru_hash", u64, u32, our_sockets, MAX_SOCKETS);
+/* socket address -> ns its oldest unread data became readable */
+BPF_TABLE("lru_hash", u64, u64, readable_since, MAX_SOCKETS);
+BPF_HASH(socket_queue_latency, struct role_key, struct hist, MAX_SERIES);
+
+TRACEPOINT_PROBE(sock, sk_data_ready)
+{
+    u64 sk = (u64)args->skaddr;
+    if (!our_sockets.lookup(&sk))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    readable_since.insert(&sk, &now);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->ret <= 0 || (args->flags & MSG_PEEK))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 *role = roles.lookup(&tgid);
+    if (!role)
+        return 0;
+    u64 sk = (u64)args->sk;
+    u64 *since = readable_since.lookup(&sk);
+    if (!since) {
+        if (!our_sockets.lookup(&sk))
+            our_sockets.update(&sk, role);
+        return 0;
+    }
+    u64 ns = bpf_ktime_get_ns() - *since;
+    readable_since.delete(&sk);
+    struct role_key key = {.role = *role};
+    struct hist *h = socket_queue_latency.lookup(&key);
+    if (!h) {
+        struct hist zero = {};
+        socket_queue_latency.insert(&key, &zero);
+        h = socket_queue_latency.lookup(&key);
+    }
+    if (h)
+        hist_add(h, ns / 1000, ns);
+    return 0;
+}
+#endif
+
+#if HAVE_SOCK_SEND_LENGTH
+BPF_HASH(socket_send_size, struct role_key, struct hist, MAX_SERIES);
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    if (args->ret <= 0)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 *role = roles.lookup(&tgid);
+    if (!role)
+        return 0;
+    struct role_key key = {.role = *role};
+    struct hist *h = socket_send_size.lookup(&key);
+    if (!h) {
+        struct hist zero = {};
+        socket_send_size.insert(&key, &zero);
+        h = socket_send_size.lookup(&key);
+    }
+    if (h)
+        hist_add(h, args->ret, args->ret);
+    return 0;
+}
+#endif

@@ -1,0 +1,259 @@
+"""Raw latency samples and book events (tick history) in ClickHouse (adapter).
+
+Two backends, one schema: chDB, ClickHouse embedded in this process, storing under a local path (the
+default, ``DEFAULT_CHDB_PATH``); or a ClickHouse server through clickhouse-driver's native protocol
+(``clickhouse://host:9000[/database]``). The schema keeps to types and engine clauses that ClickHouse
+18.16 (Debian's server) and today's chDB both accept: no DateTime64, LowCardinality or TTL; every time is a
+UInt64 of ns since the Unix epoch; absent times are 0.
+
+Inserts never block the caller: ``ClickHouseWriter.add`` appends to a bounded per-table buffer that a
+writer thread drains in batches. When a buffer is full the row is dropped and counted
+(``bookcast_clickhouse_rows_dropped_total``), never silently; ``stop()`` writes everything still buffered.
+
+chDB holds its path exclusively: while a probe writes to a path, no other process can open it (the error
+says so). Use a ClickHouse server to query while writing.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from feed import metrics as prom
+
+log = logging.getLogger("bookcast.clickhouse")
+
+DEFAULT_CHDB_PATH = Path(".bookcast") / "chdb"
+DATABASE = "bookcast"
+_DAY_NS = 86_400 * 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    columns: tuple[tuple[str, str], ...]  # (name, ClickHouse type)
+    order_by: str
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.columns)
+
+    def create_sql(self) -> str:
+        cols = ", ".join(f"{c} {t}" for c, t in self.columns)
+        return (f"CREATE TABLE IF NOT EXISTS {DATABASE}.{self.name} ({cols}) ENGINE = MergeTree() "
+                f"PARTITION BY intDiv(ts_recv_ns, {_DAY_NS}) ORDER BY ({self.order_by})")
+
+
+# One row per delta the probe measured: its stamps as received (hops are differences, see exporter.latency).
+LATENCY_SAMPLES = Table("latency_samples", (
+    ("ts_recv_ns", "UInt64"), ("region", "String"), ("instrument", "String"), ("epoch", "String"),
+    ("seq", "UInt64"), ("ts_event_ns", "UInt64"), ("ts_ingest_ns", "UInt64"), ("ts_publish_ns", "UInt64"),
+    ("ts_send_ns", "UInt64"),
+), "ts_recv_ns, instrument")
+
+# One row per book update received (snapshot or delta): the changes as parallel arrays of side, price, size
+# (a snapshot lists every level; size "0" removes a level), decimals as canonical strings.
+BOOK_EVENTS = Table("book_events", (
+    ("ts_recv_ns", "UInt64"), ("region", "String"), ("instrument", "String"), ("epoch", "String"),
+    ("seq", "UInt64"), ("prev_seq", "UInt64"), ("kind", "String"), ("checksum", "UInt32"),
+    ("ts_event_ns", "UInt64"), ("ts_ingest_ns", "UInt64"), ("side", "Array(String)"), ("price", "Array(String)"),
+    ("size", "Array(String)"),
+), "instrument, ts_recv_ns")
+
+TABLES: dict[str, Table] = {t.name: t for t in (LATENCY_SAMPLES, BOOK_EVENTS)}
+
+
+class ClickHouseError(Exception):
+    """A backend could not be opened or a statement failed; the message names the target."""
+
+
+class Backend(Protocol):
+    target: str
+
+    def execute(self, sql: str) -> None: ...
+
+    def insert(self, table: Table, rows: Sequence[tuple]) -> None: ...
+
+    def query(self, sql: str) -> list[tuple]: ...
+
+    def close(self) -> None: ...
+
+
+class ChdbBackend:
+    """chDB session on ``path`` (created if missing). Thread-safe (one statement at a time)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from chdb.session import Session
+
+        self.target = f"chdb:{path}"
+        Path(path).mkdir(parents=True, exist_ok=True)
+        try:
+            self._session = Session(str(path))
+        except RuntimeError as exc:
+            raise ClickHouseError(f"cannot open chDB at {path} (is a probe or another process using it?): "
+                                  f"{exc}") from None
+        self._lock = threading.Lock()
+
+    def execute(self, sql: str) -> None:
+        with self._lock:
+            self._session.query(sql)
+
+    def insert(self, table: Table, rows: Sequence[tuple]) -> None:
+        names = table.column_names
+        body = b"\n".join(orjson.dumps(dict(zip(names, row))) for row in rows)
+        sql = f"INSERT INTO {DATABASE}.{table.name} ({', '.join(names)}) FORMAT JSONEachRow\n{body.decode()}"
+        with self._lock:
+            self._session.query(sql)
+
+    def query(self, sql: str) -> list[tuple]:
+        with self._lock:
+            result = self._session.query(sql, "JSONCompactEachRow")
+        text = result.bytes() if hasattr(result, "bytes") else bytes(result)
+        return [tuple(orjson.loads(line)) for line in text.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+
+class ServerBackend:
+    """A ClickHouse server at ``url`` (``clickhouse://[user[:password]@]host[:port][/database]``)."""
+
+    def __init__(self, url: str) -> None:
+        from clickhouse_driver import Client
+
+        self.target = url
+        self._client = Client.from_url(url)
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, rows: Sequence[tuple] | None = None) -> Any:
+        from clickhouse_driver.errors import Error
+
+        try:
+            with self._lock:
+                return self._client.execute(sql, rows) if rows is not None else self._client.execute(sql)
+        except (Error, OSError, EOFError) as exc:
+            raise ClickHouseError(f"ClickHouse at {self.target}: {exc}") from None
+
+    def execute(self, sql: str) -> None:
+        self._run(sql)
+
+    def insert(self, table: Table, rows: Sequence[tuple]) -> None:
+        self._run(f"INSERT INTO {DATABASE}.{table.name} ({', '.join(table.column_names)}) VALUES", list(rows))
+
+    def query(self, sql: str) -> list[tuple]:
+        return [tuple(r) for r in self._run(sql)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.disconnect()
+
+
+def open_backend(target: str | Path | None) -> Backend:
+    """``clickhouse://...`` opens a server, anything else a chDB path (None: ``DEFAULT_CHDB_PATH``); the
+    database and tables are created if missing.
+
+    Raises:
+        ClickHouseError: the path is held by another process, or the server cannot be reached.
+    """
+    text = str(target) if target is not None else str(DEFAULT_CHDB_PATH)
+    backend: Backend = ServerBackend(text) if text.startswith("clickhouse://") else ChdbBackend(text)
+    try:
+        backend.execute(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+        for table in TABLES.values():
+            backend.execute(table.create_sql())
+    except Exception:
+        backend.close()
+        raise
+    return backend
+
+
+def sql_string(text: str) -> str:
+    """``text`` as a ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class ClickHouseWriter:
+    """Buffers rows per table and inserts them in batches from a writer thread.
+
+    ``add`` never blocks: a full buffer (``max_buffer_rows`` per table) drops the row and counts it.
+    The thread inserts up to ``batch_rows`` at a time, at least every ``flush_interval_s``. A failed insert
+    is logged, counted in ``bookcast_clickhouse_write_errors_total`` (per batch), and its rows dropped and counted.
+    ``stop()`` drains every buffer before returning (no data lost on a clean shutdown).
+    """
+
+    def __init__(self, backend: Backend, *, registry: CollectorRegistry | None = None,
+                 max_buffer_rows: int = 200_000, batch_rows: int = 20_000, flush_interval_s: float = 1.0) -> None:
+        self.backend = backend
+        self.max_buffer_rows = max_buffer_rows
+        self.batch_rows = batch_rows
+        self.flush_interval_s = flush_interval_s
+        self._buffers: dict[str, deque[tuple]] = {name: deque() for name in TABLES}
+        built = {n: prom.build(n, registry) for n in ("bookcast_clickhouse_rows_written_total",
+                                                       "bookcast_clickhouse_rows_dropped_total",
+                                                       "bookcast_clickhouse_write_errors_total",
+                                                       "bookcast_clickhouse_buffer_rows")}
+        self._written = {t: built["bookcast_clickhouse_rows_written_total"].labels(t) for t in TABLES}
+        self._dropped = {t: built["bookcast_clickhouse_rows_dropped_total"].labels(t) for t in TABLES}
+        self._errors = {t: built["bookcast_clickhouse_write_errors_total"].labels(t) for t in TABLES}
+        self._buffered = {t: built["bookcast_clickhouse_buffer_rows"].labels(t) for t in TABLES}
+        self.dropped_rows = dict.fromkeys(TABLES, 0)
+        self.written_rows = dict.fromkeys(TABLES, 0)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="clickhouse-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, table: str, row: tuple) -> bool:
+        """Queue one row (values in the table's column order). False if the buffer was full (dropped)."""
+        buf = self._buffers[table]
+        if len(buf) >= self.max_buffer_rows:
+            self._dropped[table].inc()
+            self.dropped_rows[table] += 1
+            return False
+        buf.append(row)
+        if len(buf) >= self.batch_rows:
+            self._wake.set()
+        return True
+
+    def stop(self) -> None:
+        """Write everything buffered, then stop the thread (blocks until done)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            stopping = self._stopping
+            self._drain()
+            if stopping:
+                return
+
+    def _drain(self) -> None:
+        for name, buf in self._buffers.items():
+            table = TABLES[name]
+            while buf:
+                batch = [buf.popleft() for _ in range(min(len(buf), self.batch_rows))]
+                try:
+                    self.backend.insert(table, batch)
+                except Exception as exc:  # noqa: BLE001 - keep writing later batches; the loss is counted
+                    self._errors[name].inc()
+                    self._dropped[name].inc(len(batch))
+                    self.dropped_rows[name] += len(batch)
+                    log.error("insert of %d rows into %s failed on %s: %s", len(batch), name, self.backend.target, exc)
+                    continue
+                self._written[name].inc(len(batch))
+                self.written_rows[name] += len(batch)
+            self._buffered[name].set(len(buf))

@@ -1,0 +1,76 @@
+"""CPU time and resident memory of processes, and the machine's busy time, read from Linux ``/proc``.
+
+Sources: proc(5): ``/proc/<pid>/stat`` fields 14-15 (``utime``, ``stime``, clock ticks), ``/proc/<pid>/status``
+``VmRSS`` (kB), ``/proc/stat`` first line (ticks per state, all CPUs). A process that has exited reads as
+zero, so a caller summing several processes still gets the living ones.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterable
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is index 0
+
+
+def cpu_s(pids: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (threads included, children not)."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS_PER_S
+
+
+def rss_bytes(pids: Iterable[int]) -> int:
+    """Sum of ``VmRSS`` of ``pids`` in bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (scans ``/proc/*/stat`` for the parent pid)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot; busy excludes idle and iowait."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - values[3] - values[4], total
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it); return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # the kernel's nr_open default
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft

@@ -1,0 +1,56 @@
+"""``bookcast up --ebpf``: the exporter starts after the feed, traces this stack's processes, stops with it."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from ebpf.loader import missing_prerequisites
+from feed.procs import stop_process, wait_until
+from tests.test_cli import REPO, _alive, _descendants
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def test_up_with_ebpf_serves_probe_metrics_and_ctrl_c_leaves_nothing_behind():
+    proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "2", "--ebpf"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, url, deadline = [], None, time.monotonic() + 90
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"ebpf\s+(http://\S+/metrics)", line):
+                url = m.group(1)
+        assert url, "".join(lines)
+        missing = missing_prerequisites()
+        if missing:   # the feed still runs; the exporter says why it has no data
+            assert f'bookcast_ebpf_up{{reason="{missing[0].reason}"}} 0.0' in _metrics(url)
+        else:
+            roles = {"gateway": 3, "ingest": 1, "nats": 1}   # supervisor + 2 workers
+            counted = re.compile(r'bookcast_ebpf_syscall_latency_seconds_count\{role="ingest",syscall="\w+"\} [1-9]')
+
+            def traced() -> bool:
+                body = _metrics(url)
+                return all(f'bookcast_ebpf_traced_processes{{role="{r}"}} {n}.0' in body for r, n in roles.items()) \
+                    and counted.search(body) is not None
+            wait_until(traced, 30, what="stack processes traced, ingest syscalls counted", interval_s=0.5)
+            assert 'bookcast_ebpf_up{reason="ok"} 1.0' in _metrics(url)
+        children = _descendants(proc.pid)
+        assert len(children) >= 6       # nats-server, ingest, gateway supervisor + 2 workers, ebpf
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+    finally:
+        stop_process(proc)

@@ -1,0 +1,88 @@
+"""A known workload for the eBPF tests, in its own process so it can be traced (or not) by PID.
+
+    python tests/ebpf/workload.py MODE ARGS...
+
+Prints ``ready`` (plus a port for ``tcp``), waits for a line on stdin, runs MODE, prints ``done`` and
+exits. So a test can register the PID with the probes between ``ready`` and the go line, and the counts
+hold only the workload's own calls. Modes:
+
+    sendto N            N sendto() of 64 bytes on a UDP socket
+    recv N MS           N recvfrom() that block MS ms each (SO_RCVTIMEO; they end with EAGAIN)
+    sleep MS            a second thread sleeps MS ms (off CPU, interruptible)
+    contend MS          this process and a forked child both spin MS ms pinned to one CPU
+    queue N MS          socketpair: N times send 1 byte, leave it MS ms, then read it
+    tcp S MS            listen on TCP; after go, send 100 bytes every MS ms for S seconds to the one client
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+
+def spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def main(mode: str, *args: str) -> None:
+    listener = None
+    if mode == "tcp":
+        listener = socket.create_server(("127.0.0.1", 0))
+        print("ready", listener.getsockname()[1], flush=True)
+        conn, _ = listener.accept()
+    else:
+        print("ready", flush=True)
+    sys.stdin.readline()
+    if mode == "sendto":
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(int(args[0])):
+            tx.sendto(b"x" * 64, rx.getsockname())
+    elif mode == "recv":
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        ms = int(args[1])
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", ms // 1000, ms % 1000 * 1000))
+        for _ in range(int(args[0])):
+            try:
+                rx.recv(100)
+            except BlockingIOError:
+                pass
+    elif mode == "sleep":
+        t = threading.Thread(target=time.sleep, args=(int(args[0]) / 1000,))
+        t.start()
+        t.join()
+    elif mode == "contend":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        child = os.fork()
+        spin(int(args[0]) / 1000)
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+    elif mode == "queue":
+        a, b = socket.socketpair()
+        a.send(b"w")
+        b.recv(1)               # the socket's first read: it is learnt as ours, not measured
+        for _ in range(int(args[0])):
+            a.send(b"x")
+            time.sleep(int(args[1]) / 1000)
+            b.recv(1)
+    elif mode == "tcp":
+        end = time.monotonic() + float(args[0])
+        while time.monotonic() < end:
+            conn.sendall(b"y" * 100)
+            time.sleep(int(args[1]) / 1000)
+        conn.close()
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,122 @@
+"""The probe's pure core: hops from stamps, sliding HDR windows, stale instruments, the tail verdict."""
+from __future__ import annotations
+
+import pytest
+
+from exporter.latency import HDR_HIGHEST_NS, Hop, SlidingWindow, StaleTracker, hops_ns, summarize
+from exporter.report import parse_duration_s
+from exporter.verdict import DOMINANT_SHARE, attribute_tail
+
+MS = 1_000_000
+BASE = 1_700_000_000 * 10**9
+
+
+def stamped(event=0, ingest=10, publish=11, send=15) -> dict:
+    msg = {"type": "delta", "ts_ingest_ns": BASE + ingest * MS, "ts_publish_ns": BASE + publish * MS,
+           "ts_send_ns": BASE + send * MS}
+    if event is not None:
+        msg["ts_event_ns"] = BASE + event * MS
+    return msg
+
+
+def test_hops_are_differences_of_the_stamps():
+    hops = hops_ns(stamped(), BASE + 17 * MS)
+    assert hops == {Hop.UPSTREAM: 10 * MS, Hop.INGEST: 1 * MS, Hop.NATS_GATEWAY: 4 * MS, Hop.CLIENT: 2 * MS,
+                    Hop.E2E: 17 * MS}
+    assert sum(hops[h] for h in (Hop.UPSTREAM, Hop.INGEST, Hop.NATS_GATEWAY, Hop.CLIENT)) == hops[Hop.E2E]
+
+
+def test_hops_keep_their_sign_and_start_e2e_at_ingest_without_a_venue_time():
+    skewed = hops_ns(stamped(event=12), BASE + 16 * MS)
+    assert skewed[Hop.UPSTREAM] == -2 * MS  # the venue's clock ahead of ours: the caller counts it
+    no_event = hops_ns(stamped(event=None), BASE + 16 * MS)
+    assert Hop.UPSTREAM not in no_event and no_event[Hop.E2E] == 6 * MS
+
+
+@pytest.mark.parametrize("missing", ["ts_ingest_ns", "ts_publish_ns", "ts_send_ns"])
+def test_a_message_without_our_stamps_has_no_hops(missing):
+    msg = stamped()
+    del msg[missing]
+    assert hops_ns(msg, BASE + 20 * MS) is None
+    msg[missing] = True  # a bool is not a stamp
+    assert hops_ns(msg, BASE + 20 * MS) is None
+
+
+def test_window_quantiles_are_exact_to_three_digits():
+    w = SlidingWindow(60.0, slices=6)
+    for i in range(1, 10_001):  # 1 .. 10,000 µs
+        w.record(i * 1000, now_s=100.0)
+    count, q, max_ns = summarize(w.merged(100.0))
+    assert count == 10_000
+    for quantile, expected_us in ((0.5, 5000), (0.99, 9900), (0.999, 9990), (0.9999, 9999)):
+        assert q[quantile] == pytest.approx(expected_us * 1000, rel=1e-3)
+    assert max_ns == pytest.approx(10_000_000, rel=1e-3)
+
+
+def test_window_forgets_slices_older_than_its_length():
+    w = SlidingWindow(60.0, slices=6)  # 10 s slices
+    w.record(500 * MS, now_s=5.0)  # a stall, early
+    for t in range(10, 60):
+        w.record(1 * MS, now_s=float(t))
+    assert summarize(w.merged(59.0))[2] == pytest.approx(500 * MS, rel=1e-3)  # still in the last 60 s
+    assert w.sum_ns(59.0) == 500 * MS + 50 * MS
+    for t in range(60, 70):
+        w.record(1 * MS, now_s=float(t))
+    count, _, max_ns = summarize(w.merged(69.0))  # slice [0, 10) has left the window
+    assert max_ns == pytest.approx(1 * MS, rel=1e-3) and count == 60 and w.sum_ns(69.0) == 60 * MS
+    assert summarize(w.merged(1000.0))[0] == 0  # everything has aged out
+
+
+def test_window_clamps_negative_and_huge_values():
+    w = SlidingWindow(10.0, slices=1)
+    w.record(-5, now_s=0.0)
+    w.record(HDR_HIGHEST_NS * 10, now_s=0.0)
+    count, q, max_ns = summarize(w.merged(0.0))
+    assert count == 2 and q[0.5] < 1_000 and max_ns == pytest.approx(HDR_HIGHEST_NS, rel=1e-3)
+
+
+def test_stale_needs_neither_message_nor_heartbeat_for_the_threshold():
+    st = StaleTracker(["a", "b"], stale_after_s=10.0, now_s=0.0)
+    st.message("a", 8.0)
+    assert st.stale(9.0) == []
+    assert st.stale(11.0) == ["b"]
+    st.heartbeat(12.0)  # the connection is alive and the SDK found every book current
+    assert st.stale(21.0) == []
+    assert st.stale(23.0) == ["a", "b"]
+    st.message("unknown", 23.0)  # not subscribed: ignored
+    assert st.stale(23.0) == ["a", "b"]
+
+
+def test_verdict_names_the_hop_holding_the_tail():
+    v = attribute_tail({Hop.UPSTREAM: 300 * MS, Hop.INGEST: 0.2 * MS, Hop.NATS_GATEWAY: 1 * MS, Hop.CLIENT: 2 * MS},
+                       e2e_p99_ns=310 * MS, tail_count=40)
+    assert v.culprit is Hop.UPSTREAM and v.ours is False
+    assert v.shares[Hop.UPSTREAM] == pytest.approx(300 / 303.2)
+    assert "upstream" in v.text and "not ours" in v.text and "310 ms" in v.text
+    v = attribute_tail({Hop.UPSTREAM: -13 * MS, Hop.NATS_GATEWAY: 150 * MS, Hop.CLIENT: 3 * MS}, 160 * MS, 5)
+    assert v.culprit is Hop.NATS_GATEWAY and v.ours is True
+    assert v.shares[Hop.UPSTREAM] == 0.0  # a skewed (negative) upstream takes no share
+
+
+def test_verdict_says_mixed_when_no_hop_dominates():
+    v = attribute_tail({Hop.UPSTREAM: 40 * MS, Hop.NATS_GATEWAY: 35 * MS, Hop.CLIENT: 25 * MS}, 100 * MS, 10)
+    assert max(v.shares.values()) < DOMINANT_SHARE
+    assert v.culprit is None and v.ours is None
+    assert "mixed" in v.text and "upstream (venue to ingest) 40%" in v.text and "NATS/gateway 35%" in v.text
+
+
+def test_verdict_without_data_says_so():
+    v = attribute_tail({}, 0, 0)
+    assert v.culprit is None and "no data" in v.text
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("30s", 30), ("2h", 7200), ("1d", 86400), ("45", 45),
+                                           ("1.5m", 90)])
+def test_durations(text, seconds):
+    assert parse_duration_s(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10x", "-1m", "0s", "m"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration_s(text)

@@ -1,0 +1,76 @@
+"""The fan-out benchmark checks itself: a CI-sized run on real processes, every message accounted for."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, env: dict[str, str] | None = None, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "feed.cli", "bench", "fanout", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    proc = bench("--quick", "--clients", "24", "--workers", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+@pytest.mark.e2e
+def test_every_published_message_is_delivered_or_counted_lost(quick_run):
+    out, _ = quick_run
+    run = json.loads((out / "results.json").read_text())
+    assert run["failed_cells"] == []
+    cells = {c["target"]: c for c in run["cells"]}
+    assert set(cells) == {"bookcast", "nats"}
+    for target, c in cells.items():
+        assert c["subscribers"] == 24 and c["connect_failures"] == 0, target
+        assert c["published"] == round(50 * 3)
+        owed = c["published"] * c["subscribers"]
+        assert c["owed"] == owed and c["delivered"] + sum(c["losses"].values()) == owed, target
+        assert c["gaps"] == 0 and c["dups"] == 0 and c["harness_failures"] == [] and c["errors"] == {}, target
+        lat = c["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"], target
+        assert c["delivered_per_s"] > 0 and c["server_cpu_s"] >= 0 and c["rss_idle_bytes"] > 0
+    bookcast = cells["bookcast"]
+    assert bookcast["losses"] == {"gap_lost": 0, "resync_skipped": 0, "tail_lost": 0}
+    assert bookcast["delivered"] == bookcast["owed"]
+    assert bookcast["spread_ms"]["messages"] == bookcast["published"]  # each message reached several clients
+    assert bookcast["upstream_nats_cpu_s"] is not None and bookcast["workers"] == 2
+
+
+@pytest.mark.e2e
+def test_the_peer_comparison_and_report_files_are_written(quick_run):
+    out, proc = quick_run
+    assert [Path(line) for line in proc.stdout.split()] == [out / "results.json", out / "report.md", out / "fanout.png"]
+    run = json.loads((out / "results.json").read_text())
+    [row] = run["comparisons"]
+    assert row["clients"] == 24 and row["rate_per_s"] == 50
+    for figure in ("delivered_per_s", "p99_ms", "rss_per_idle_connection_bytes"):
+        assert row[figure]["ratio"] == pytest.approx(row[figure]["bookcast"] / row[figure]["nats"]), figure
+    assert {t["status"] for t in run["targets"]} <= {"met", "missed", "not measured"} and len(run["targets"]) == 4
+    md = (out / "report.md").read_text()
+    assert "| bookcast | 24 | 50 |" in md and "| nats | 24 | 50 |" in md and "## Targets" in md
+    assert "| 24 | 50 |" in md.split("same run")[1]
+    with Image.open(out / "fanout.png") as png:
+        assert png.format == "PNG" and png.width > 800 and png.height > 300
+    assert "[1/2] bookcast clients=24" in proc.stderr and "[2/2] nats clients=24" in proc.stderr
+
+
+def test_an_overhead_toggle_that_cannot_run_fails_clearly(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    proc = bench("--quick", "--otlp", "on", "--out", str(tmp_path / "out"), env=env, timeout_s=120)
+    assert proc.returncode == 2
+    assert "--otlp on:" in proc.stderr
+    assert "not available yet" in proc.stderr or "OTEL_EXPORTER_OTLP_ENDPOINT" in proc.stderr
+    assert not (tmp_path / "out").exists()
