@@ -360,21 +360,31 @@ class Probe:
                                                                 "dropped": self.writer.dropped_rows}}
 
     def http_app(self) -> web.Application:
-        app = web.Application()
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def status(_: web.Request) -> web.Response:
-            return web.json_response(self.status())
-
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/v1/status", status)
+        """``/metrics``, ``/healthz``, ``/v1/status`` (regions, connections, ClickHouse writer) and
+        ``/v1/latency/report?since=10m&instrument=&region=&top=10&format=text|json``: the latency report
+        from this probe's own store (an embedded chDB store can only be read by the process holding it)."""
+        app = prom.ops_app(self.registry, self.status)
+        app.router.add_get("/v1/latency/report", self._report)
         return app
+
+    async def _report(self, request: web.Request) -> web.Response:
+        from exporter.report import build_report, format_text, parse_duration_s
+
+        if self.writer is None:
+            return web.json_response({"error": "this probe writes no ClickHouse store (--no-clickhouse)"}, status=404)
+        q = request.query
+        try:
+            since_s = parse_duration_s(q.get("since", "10m"))
+            top = int(q.get("top", "10"))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        report = await asyncio.to_thread(build_report, self.writer.backend, since_s=since_s, now_ns=time.time_ns(),
+                                         instrument=q.get("instrument") or None, region=q.get("region") or None,
+                                         top=top)
+        headers = {"X-Bookcast-Samples": str(report.samples)}
+        if q.get("format") == "json":
+            return web.json_response(report.to_json(), headers=headers)
+        return web.Response(text=format_text(report) + "\n", headers=headers)
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ EXAMPLES = """examples:
   bookcast latency report --since 1h --instrument coinbase:BTC-USD
   bookcast latency report --since 30m --format json --clickhouse clickhouse://127.0.0.1:9000
   bookcast latency report --region eu --top 20
+  bookcast latency report --probe http://127.0.0.1:9475        # ask the running probe (it holds the chDB store)
 
-The chDB store is held by a running probe: stop the probe first, or point both at a ClickHouse server."""
+An embedded chDB store is held by the probe writing it: while it runs, use --probe, or point both at a
+ClickHouse server."""
 
 REPORT_QUANTILES: tuple[float, ...] = (0.5, 0.99, 0.999, 0.9999)
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -174,6 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--format", choices=["text", "json"], default="text", help="output format (default %(default)s)")
     r.add_argument("--clickhouse", "--clickhouse-url", dest="clickhouse", default=str(DEFAULT_CHDB_PATH),
                    help="chDB path, or clickhouse://host:9000 for a server (default %(default)s)")
+    r.add_argument("--probe", metavar="URL",
+                   help="ask a running probe (http://host:port) for the report from the store it holds")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -182,6 +186,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bookcast latency report: {exc}", file=sys.stderr)
         return 2
+    if args.probe:
+        return _from_probe(args, since_s)
     try:
         backend = open_backend(args.clickhouse)
         try:
@@ -190,10 +196,33 @@ def main(args: argparse.Namespace) -> int:
         finally:
             backend.close()
     except ClickHouseError as exc:
-        print(f"bookcast latency report: {exc}", file=sys.stderr)
+        hint = " (while a probe holds it, use --probe http://HOST:PORT)" if "chdb" in str(exc).lower() else ""
+        print(f"bookcast latency report: {exc}{hint}", file=sys.stderr)
         return 1
     if args.format == "json":
         sys.stdout.buffer.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print(format_text(report))
     return 0 if report.samples else 1
+
+
+def _from_probe(args: argparse.Namespace, since_s: float) -> int:
+    """The report as computed by a running probe over its own store (``GET /v1/latency/report``)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    params = {"since": f"{since_s:g}s", "top": str(args.top), "format": args.format}
+    params.update({k: v for k, v in (("instrument", args.instrument), ("region", args.region)) if v})
+    url = f"{args.probe.rstrip('/')}/v1/latency/report?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            body, samples = r.read(), int(r.headers.get("X-Bookcast-Samples", "0"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"bookcast latency report: cannot get the report from {args.probe}: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        sys.stdout.buffer.write(orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(body.decode())
+    return 0 if samples else 1

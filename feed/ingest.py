@@ -323,21 +323,10 @@ class Ingest:
                     log.debug("announce failed: %s", exc)
 
     # -- HTTP -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"name": self.config.name, "done": self.sources_done, "published": self.published,
+                "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
+
     def http_app(self) -> web.Application:
-        app = web.Application()
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def status(_: web.Request) -> web.Response:
-            body = {"name": self.config.name, "done": self.sources_done, "published": self.published,
-                    "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
-            return web.Response(body=wire.dumps(body), content_type="application/json")
-
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/v1/status", status)
-        return app
+        """``/metrics``, ``/healthz`` and ``/v1/status`` (directory and replay progress)."""
+        return prom.ops_app(self.registry, self.status)

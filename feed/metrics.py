@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from collections.abc import Callable
+
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
@@ -61,3 +64,23 @@ def exposition(registry: CollectorRegistry | None) -> bytes:
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
     return generate_latest(registry) if registry is not None else generate_latest()
+
+
+def ops_app(registry: CollectorRegistry | None, status: Callable[[], dict[str, Any]]) -> web.Application:
+    """The operations endpoints of a bookcast process: ``/metrics`` (Prometheus text), ``/healthz``
+    (200 while the process runs) and ``/v1/status`` (``status()`` as JSON)."""
+    app = web.Application()
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=exposition(registry), content_type="text/plain", charset="utf-8")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(status())
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", status_json)
+    return app

@@ -71,3 +71,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(pgid, signal.SIGKILL)
     else:
         proc.kill()
+
+
+class StopSignal:
+    """Becomes true on SIGINT or SIGTERM: the stop condition of a synchronous supervisor loop.
+
+    Installs the handlers on creation (main thread only). ``bool(stop)`` tells whether a signal came.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def __bool__(self) -> bool:
+        return self.received is not None

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from feed.natsserver import NatsServer
-from feed.procs import free_port, stop_process, wait_until
+from feed.procs import StopSignal, free_port, stop_process, wait_until
 
 log = logging.getLogger("bookcast.up")
 
@@ -88,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-loop", action="store_true", help="replay once instead of looping forever")
     p.add_argument("--nats-port", type=int, default=0, help="embedded nats-server port (default: a free one)")
     p.add_argument("--ingest-http-port", type=int, default=0, help="ingest /metrics port (default: a free one)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="do not start the latency probe (per-hop latency into /metrics and the chDB store)")
     p.add_argument("--ebpf", action="store_true",
                    help="also start the eBPF exporter on this stack's processes (needs root and bcc for data)")
     p.add_argument("--ebpf-port", type=int, default=0, help="eBPF exporter /metrics port (default: a free one)")
@@ -100,14 +102,7 @@ def up(args: argparse.Namespace) -> int:
         if not c.is_file():
             print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
             return 2
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = StopSignal()
     children: list[tuple[str, subprocess.Popen]] = []
     optional: list[tuple[str, subprocess.Popen]] = []   # stopped with the stack; their exit does not stop it
     nats_server = NatsServer(port=args.nats_port, name="bookcast-up")
@@ -124,6 +119,19 @@ def up(args: argparse.Namespace) -> int:
         base = f"http://{args.host}:{port}"
         wait_until(lambda: stopping or _http_ok(base + "/v1/instruments"), 30,
                    what="gateway listing instruments", proc=children[-1][1])
+        probe_line = ""
+        if not args.no_probe:
+            probe_port = free_port()
+            probe_url = f"http://127.0.0.1:{probe_port}"
+            probe = spawn(["probe", "--region", f"local=ws://{args.host}:{port}/v1/ws", "--http-port", str(probe_port)])
+            optional.append(("probe", probe))
+            try:
+                wait_until(lambda: stopping or probe.poll() is not None or _http_ok(probe_url + "/healthz"), 30,
+                           what="latency probe /healthz")
+            except TimeoutError as exc:
+                log.warning("%s; the feed runs without it", exc)
+            probe_line = (f"  latency    {probe_url}/metrics (probe)   "
+                          f"{_bookcast_command()} latency report --probe {probe_url}\n")
         ebpf_line = ""
         if args.ebpf:
             ebpf_port = args.ebpf_port or free_port()
@@ -146,6 +154,7 @@ def up(args: argparse.Namespace) -> int:
             f"  REST       {base}/v1/instruments   {base}/v1/book/{example}\n"
             f"  metrics    {base}/metrics (gateway, {args.workers} workers)   "
             f"http://127.0.0.1:{ingest_port}/metrics (ingest)\n"
+            f"{probe_line}"
             f"{ebpf_line}"
             f"  NATS       {nats_server.url}\n"
             f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"

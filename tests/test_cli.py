@@ -76,30 +76,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind():
+def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_path):
+    # Run from a scratch directory, as a newcomer's checkout would: the probe's chDB store lands there.
     proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "2"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines, ws_url, deadline = [], None, time.monotonic() + 60
-        while ws_url is None and time.monotonic() < deadline:
+        lines, deadline = [], time.monotonic() + 90
+        while not any("try " in ln for ln in lines) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             lines.append(line)
-            if m := re.search(r"WebSocket\s+(ws://\S+)", line):
-                ws_url = m.group(1)
-        assert ws_url, "".join(lines)
-        base = ws_url.replace("ws://", "http://").removesuffix("/v1/ws")
+        text = "".join(lines)
+        ws_url = re.search(r"WebSocket\s+(ws://\S+)", text)
+        report_cmd = re.search(r"latency report --probe (http://\S+)", text)
+        assert ws_url and report_cmd, text
+        base = ws_url.group(1).replace("ws://", "http://").removesuffix("/v1/ws")
         with urllib.request.urlopen(base + "/v1/instruments", timeout=5) as r:
             listing = json.loads(r.read())["instruments"]
         assert len(listing) == 10 and all(i["instrument"].startswith("coinbase:") for i in listing)
+        # The latency report, asked of the running probe that holds the store, once samples are in.
+        deadline = time.monotonic() + 60
+        while True:
+            report = run_cli("latency", "report", "--probe", report_cmd.group(1), "--since", "5m", "--format", "json")
+            if report.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert report.returncode == 0, report.stdout + report.stderr
+        body = json.loads(report.stdout)
+        assert body["samples"] > 0 and body["verdict"]["text"]
+        assert {"upstream", "ingest", "nats_gateway", "client", "e2e"} <= set(body["hops"])
         children = _descendants(proc.pid)
-        assert len(children) >= 5  # nats-server, ingest, gateway supervisor and its 2 workers
+        assert len(children) >= 6  # nats-server, ingest, gateway supervisor and its 2 workers, probe
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in children) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+        assert (tmp_path / ".bookcast" / "chdb").is_dir()
     finally:
         stop_process(proc)

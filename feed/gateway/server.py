@@ -21,7 +21,7 @@ from aiohttp import web
 
 from exporter.otlp import endpoint_from
 from feed.gateway.protocol import GatewayLimits
-from feed.procs import free_port, stop_process
+from feed.procs import StopSignal, free_port, stop_process
 
 log = logging.getLogger("bookcast.gateway")
 
@@ -120,21 +120,14 @@ def _supervise(args: argparse.Namespace) -> int:
         procs = [subprocess.Popen(cmd + ["--name", f"{args.name}-{i}"], env=env) for i in range(args.workers)]
         log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), args.workers,
                  args.port, " ".join(str(p.pid) for p in procs))
-        stopping = False
-
-        def on_signal(signum, frame):
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stopping = StopSignal()
         code = 0
         try:
-            while not stopping:
+            while not stopping and not code:
                 for p in procs:
                     if p.poll() is not None:
                         log.error("gateway worker pid=%d exited with %s; stopping", p.pid, p.returncode)
-                        stopping, code = True, 1
+                        code = 1
                 time.sleep(0.2)
         finally:
             for p in procs:
