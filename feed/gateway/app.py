@@ -11,7 +11,8 @@ Run several worker processes on one port with ``reuse_port`` (see ``feed.gateway
 
 Instrumentation (names in ``exporter.catalog``): per delta, ``bookcast_hop_nats_gateway_seconds`` observes
 ``ts_send_ns - ts_publish_ns`` (the fan-out stamp minus the ingest's publish stamp: NATS transit plus the
-gateway's own work); per frame, messages and bytes sent; queue depth and bytes are sampled every second.
+gateway's own work); frames and bytes sent are tallied per connection and folded into their counters
+every second, when queue depth and bytes are sampled.
 ``instrumented=False`` turns the per-message part off, only to measure its cost (``exporter.bench``).
 With OTLP on, a delta whose NATS headers carry a ``traceparent`` gets a ``nats_gateway`` span.
 
@@ -61,6 +62,7 @@ class GatewayMetrics:
         sent = per_msg("bookcast_gateway_messages_sent_total")
         self.sent = {k: sent.labels(k) for k in ("delta", "snapshot", "trade", "control")}
         self.bytes_sent = per_msg("bookcast_gateway_bytes_sent_total")
+        self.instrumented = instrumented
         requests = b("bookcast_gateway_requests_total")
         self.requests = {op: requests.labels(op) for op in ("subscribe", "unsubscribe", "resync", "ping", "invalid")}
         errors = b("bookcast_gateway_errors_total")
@@ -124,6 +126,8 @@ class Connection:
         self.sent: dict[str, SentState | None] = {}
         self.conflating: dict[str, Conflated] = {}  # open conflation windows
         self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
+        self.frames_sent = dict.fromkeys(("delta", "snapshot", "trade", "control"), 0)
+        self.bytes_sent = 0
         self.wakeup = asyncio.Event()
         self.closing = False
         self.writer: asyncio.Task | None = None
@@ -212,9 +216,10 @@ class Connection:
                 if kind is Kind.DATA:
                     if item.instrument not in self.sent:
                         continue
-                    verdict = admit(self.sent.get(item.instrument), item.epoch, item.seq, item.prev_seq)
+                    state = self.sent[item.instrument]
+                    verdict = admit(state, item.epoch, item.seq, item.prev_seq)
                     if verdict is Admit.SEND:
-                        self.sent[item.instrument] = SentState(item.epoch, item.seq)
+                        state.seq = item.seq  # SEND: the client holds this epoch
                         await self._send(item.payload, "delta")
                     elif verdict is Admit.GAP:
                         self._writer_gap(item)
@@ -257,8 +262,23 @@ class Connection:
 
     async def _send(self, payload: bytes, kind: str) -> None:
         await self.ws.send_frame(payload, WSMsgType.TEXT)
-        self.gw.metrics.sent[kind].inc()
-        self.gw.metrics.bytes_sent.inc(len(payload))
+        # Plain-int tallies, folded into the Prometheus counters every second (``fold_metrics``): a
+        # counter's lock per frame per client cost about 1 µs per delivery, 12% of the gateway's CPU.
+        self.frames_sent[kind] += 1
+        self.bytes_sent += len(payload)
+
+    def fold_metrics(self) -> None:
+        """Add the frames and bytes sent since the last call to the worker's counters."""
+        m = self.gw.metrics
+        if not m.instrumented:
+            return
+        for kind, n in self.frames_sent.items():
+            if n:
+                m.sent[kind].inc(n)
+                self.frames_sent[kind] = 0
+        if self.bytes_sent:
+            m.bytes_sent.inc(self.bytes_sent)
+            self.bytes_sent = 0
 
     def _heartbeat(self) -> bytes:
         seqs = {inst: (st.epoch, st.seq) for inst, st in self.sent.items() if st is not None and inst in self.subs}
@@ -343,10 +363,13 @@ class Gateway:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
 
     async def _sample_queues(self) -> None:
-        """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's connections.
-        (Sampled, not set at scrape, so every worker's value is current whichever worker is scraped.)"""
+        """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's connections,
+        and the frames and bytes each connection sent folded into the counters. (Sampled, not set at
+        scrape, so every worker's value is current whichever worker is scraped.)"""
         while True:
             conns = list(self.connections)
+            for c in conns:
+                c.fold_metrics()
             self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in conns))
             self.metrics.queue_items.set(sum(len(c.queue) for c in conns))
             await asyncio.sleep(self.config.queue_sample_interval_s)
@@ -458,6 +481,7 @@ class Gateway:
         self.connections.discard(conn)
         self.metrics.clients.dec()
         conn.closing = True
+        conn.fold_metrics()
         conn.dropped.set_result(None)
         for inst in conn.subs:
             hub = self.hubs.get(inst)
