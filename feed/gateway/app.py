@@ -128,7 +128,8 @@ class Connection:
         self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
         self.frames_sent = dict.fromkeys(("delta", "snapshot", "trade", "control"), 0)
         self.bytes_sent = 0
-        self.wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the idle writer waits on it
+        self.last_send_s = time.monotonic()
         self.closing = False
         self.writer: asyncio.Task | None = None
         self.close_request: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
@@ -141,7 +142,7 @@ class Connection:
         if not self.queue.push(item):
             self._overflow(item.instrument)
             return
-        self.wakeup.set()
+        self._wake()
 
     def push_ctrl(self, payload: bytes) -> None:
         self.push(Item(Kind.CTRL, None, payload))
@@ -181,7 +182,7 @@ class Connection:
         for inst in sorted(lost):
             if inst in self.subs:
                 self.resync(inst, ResyncReason.SLOW_CONSUMER)
-        self.wakeup.set()
+        self._wake()
 
     def close(self, code: CloseCode, reason: str) -> None:
         if self.closing:
@@ -190,27 +191,27 @@ class Connection:
         self.gw.metrics.closes[code].inc()
         self.queue.drop_data()
         self.queue.items.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
-        self.wakeup.set()
+        self._wake()
 
     # -- writer task --------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def run_writer(self) -> None:
+        """Drain the queue into the socket. An idle writer waits on a bare future that ``push`` resolves
+        (no task or timer per wait: with ``asyncio.wait_for`` that cost dominated delivery at low
+        rates); heartbeats are queued by the gateway's ticker (``Gateway._heartbeats``)."""
         queue = self.queue
-        heartbeat_s = self.gw.limits.heartbeat_interval_s
-        last_send = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not queue.items:
-                    self.wakeup.clear()
-                    wait_s = heartbeat_s - (time.monotonic() - last_send)
-                    if wait_s > 0:
-                        try:
-                            await asyncio.wait_for(self.wakeup.wait(), wait_s)
-                        except TimeoutError:
-                            pass
-                    if not queue.items:
-                        await self._send(self._heartbeat(), "control")
-                        last_send = time.monotonic()
-                        continue
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                    continue
                 item = queue.pop()
                 kind = item.kind
                 if kind is Kind.DATA:
@@ -245,10 +246,12 @@ class Connection:
                 elif kind is Kind.FLUSH:
                     if not await self._send_conflated(item):
                         continue
+                elif kind is Kind.HEARTBEAT:
+                    await self._send(self._heartbeat(), "control")
                 elif kind is Kind.CLOSE:
                     self._request_close(item.seq, item.payload)
                     return
-                last_send = time.monotonic()
+                self.last_send_s = time.monotonic()
         except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
             return
         except Exception:  # noqa: BLE001 - a writer must never take the gateway down
@@ -335,6 +338,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry, config.instrumented)
         self.otlp: Otlp | None = None
         self._sampler: asyncio.Task | None = None
+        self._heartbeater: asyncio.Task | None = None
         self.nc: nats.NATS | None = None
         self.hubs: dict[str, Hub] = {}
         self._hub_lock: dict[str, asyncio.Future] = {}
@@ -361,6 +365,7 @@ class Gateway:
         if self.config.otlp_endpoint and self.config.instrumented:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
+        self._heartbeater = asyncio.get_running_loop().create_task(self._heartbeats())
 
     async def _sample_queues(self) -> None:
         """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's connections,
@@ -373,6 +378,19 @@ class Gateway:
             self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in conns))
             self.metrics.queue_items.set(sum(len(c.queue) for c in conns))
             await asyncio.sleep(self.config.queue_sample_interval_s)
+
+    async def _heartbeats(self) -> None:
+        """PROTOCOL.md section 4: a connection that has sent nothing for ``heartbeat_interval_s`` gets a
+        heartbeat. One ticker for the worker, at a quarter of the interval, so a heartbeat goes out
+        1 to 1.25 intervals after the last frame."""
+        interval_s = self.limits.heartbeat_interval_s
+        beat = Item(Kind.HEARTBEAT)
+        while True:
+            await asyncio.sleep(interval_s / 4)
+            now_s = time.monotonic()
+            for conn in self.connections:
+                if not conn.queue.items and not conn.closing and now_s - conn.last_send_s >= interval_s:
+                    conn.push(beat)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -412,8 +430,9 @@ class Gateway:
         return hub
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._heartbeater):
+            if task is not None:
+                task.cancel()
         for hub in self.hubs.values():
             await hub.stop()
         if self.nc is not None and not self.nc.is_closed:

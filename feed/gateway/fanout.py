@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     FLUSH = 5  # conflation window of instrument is over: send the merged delta
     RESYNC = 6  # a resync notice for instrument: payload; the client drops its book on receipt
     CLOSE = 7  # close the connection with code (in seq) and reason (in payload)
+    HEARTBEAT = 8  # the connection has been quiet: send a heartbeat built when the writer reaches it
 
 
 @dataclass(slots=True)
