@@ -113,3 +113,13 @@ def test_conflated_delta_applied_inside_its_span_gives_the_final_book(stream, he
         else:
             book[(side, price)] = size
     assert book == books[-1]
+
+
+@pytest.mark.parametrize("length, header", [
+    (0, b"\x81\x00"), (125, b"\x81\x7d"), (126, b"\x81\x7e\x00\x7e"), (65535, b"\x81\x7e\xff\xff"),
+    (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+])
+def test_text_frame_header_follows_rfc6455(length, header):
+    from feed.gateway.app import _text_frame_header
+
+    assert _text_frame_header(length) == header
