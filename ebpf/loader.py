@@ -46,8 +46,9 @@ def tracefs() -> Path | None:
 
 
 def _capable() -> bool:
-    if os.geteuid() == 0:
-        return True
+    """Whether this process may load BPF programs: CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON, in its
+    effective set. Read from /proc rather than assumed from uid 0: root with capabilities dropped (a
+    restricted container, ``setpriv --bounding-set=-all``) cannot load them either."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
@@ -67,7 +68,7 @@ def missing_prerequisites() -> list[Unavailable]:
                                              f"python3-bpfcc and libbpfcc, linked into .venv; {SETUP_HINT}"))
     if not _capable():
         missing.append(Unavailable("no_privilege", f"loading eBPF needs root (or CAP_BPF + CAP_PERFMON); running "
-                                                   f"as uid {os.geteuid()}: run it with sudo"))
+                                                   f"as uid {os.geteuid()} without them: run it with sudo"))
         return missing   # tracefs and headers may only be readable by root: nothing more to learn
     release = os.uname().release
     if not (Path(f"/lib/modules/{release}/build/include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists()):

@@ -73,6 +73,8 @@ SPECS: tuple[MetricSpec, ...] = (
     _g("bookcast_gateway_queue_items", "Items queued for clients, summed over connections (sampled every second)."),
     _c("bookcast_gateway_nats_messages_total", "Messages received from NATS, by type (delta, trade).", ("type",)),
     _c("bookcast_gateway_messages_sent_total", "Frames written to clients.", ("type",)),
+    _c("bookcast_gateway_socket_writes_total", "Socket writes of frames to clients: one per frame, or one for a "
+       "client's whole backlog when it has fallen behind (frames sent / socket writes = batching)."),
     _c("bookcast_gateway_bytes_sent_total", "Bytes of frames written to clients."),
     _c("bookcast_gateway_requests_total", "Client requests received.", ("op",)),
     _c("bookcast_gateway_errors_total", "Error replies sent, by error code.", ("code",)),

@@ -63,6 +63,7 @@ class GatewayMetrics:
         sent = per_msg("bookcast_gateway_messages_sent_total")
         self.sent = {k: sent.labels(k) for k in ("delta", "snapshot", "trade", "control")}
         self.bytes_sent = per_msg("bookcast_gateway_bytes_sent_total")
+        self.socket_writes = per_msg("bookcast_gateway_socket_writes_total")
         self.instrumented = instrumented
         requests = b("bookcast_gateway_requests_total")
         self.requests = {op: requests.labels(op) for op in ("subscribe", "unsubscribe", "resync", "ping", "invalid")}
@@ -140,6 +141,7 @@ class Connection:
         self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
         self.frames_sent = dict.fromkeys(("delta", "snapshot", "trade", "control"), 0)
         self.bytes_sent = 0
+        self.socket_writes = 0
         self._waiter: asyncio.Future[None] | None = None  # the idle writer waits on it
         self.last_send_s = time.monotonic()
         self.closing = False
@@ -299,6 +301,7 @@ class Connection:
         the transport to drain while it holds more than the writer limit."""
         if not frames:
             return
+        self.socket_writes += 1
         if len(frames) == 1:
             await self.ws.send_frame(frames[0], WSMsgType.TEXT)
             return
@@ -328,6 +331,9 @@ class Connection:
         if self.bytes_sent:
             m.bytes_sent.inc(self.bytes_sent)
             self.bytes_sent = 0
+        if self.socket_writes:
+            m.socket_writes.inc(self.socket_writes)
+            self.socket_writes = 0
 
     def _heartbeat(self) -> bytes:
         seqs = {inst: (st.epoch, st.seq) for inst, st in self.sent.items() if st is not None and inst in self.subs}

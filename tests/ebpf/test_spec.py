@@ -131,15 +131,15 @@ def test_ebpf_help_shows_examples():
     assert out.returncode == 0 and "examples:" in out.stdout and "bookcast ebpf --print-c" in out.stdout
 
 
-def _as_nobody(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+def _without_capabilities(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
                            sys.executable, "-m", "feed.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), **kw)
 
 
 def test_print_c_works_without_root():
     if os.geteuid() == 0:
-        out = _as_nobody(["ebpf", "--print-c"], timeout=60)
+        out = _without_capabilities(["ebpf", "--print-c"], timeout=60)
     else:
         out = subprocess.run([sys.executable, "-m", "feed.cli", "ebpf", "--print-c"], capture_output=True,
                              text=True, cwd=REPO, timeout=60)

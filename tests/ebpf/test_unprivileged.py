@@ -11,7 +11,9 @@ from pathlib import Path
 from feed.procs import free_port, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+# As root, drop every capability (uid 0 stays, so the checkout stays readable wherever it lives);
+# otherwise we are unprivileged already.
+NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"] if os.geteuid() == 0 else []
 HIDE_BCC = "import sys; sys.modules['bcc'] = None; from feed.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -44,7 +46,7 @@ def _serves_up_zero(prefix: list[str], reason: str) -> str:
 
 
 def test_unprivileged_exits_2_saying_what_is_missing():
-    out = subprocess.run([*NOBODY, sys.executable, "-m", "feed.cli", "ebpf", "--interval", "1", "--count", "1"],
+    out = subprocess.run([*NO_CAPS, sys.executable, "-m", "feed.cli", "ebpf", "--interval", "1", "--count", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert out.returncode == 2
@@ -52,7 +54,7 @@ def test_unprivileged_exits_2_saying_what_is_missing():
 
 
 def test_unprivileged_with_port_serves_up_zero_with_the_reason():
-    stderr = _serves_up_zero([*NOBODY, sys.executable, "-m", "feed.cli"], "no_privilege")
+    stderr = _serves_up_zero([*NO_CAPS, sys.executable, "-m", "feed.cli"], "no_privilege")
     assert "needs root" in stderr
 
 
