@@ -76,6 +76,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def interrupt_and_check_nothing_left(proc: subprocess.Popen, *, expect_children: int) -> None:
+    """Ctrl-C ``bookcast up``: it exits 0 and none of its descendants (at least ``expect_children``) is left."""
+    children = _descendants(proc.pid)
+    assert len(children) >= expect_children, children
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+
+
 def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_path):
     # Run from a scratch directory, as a newcomer's checkout would: the probe's chDB store lands there.
     proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "2"],
@@ -106,14 +118,7 @@ def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_pa
         body = json.loads(report.stdout)
         assert body["samples"] > 0 and body["verdict"]["text"]
         assert {"upstream", "ingest", "nats_gateway", "client", "e2e"} <= set(body["hops"])
-        children = _descendants(proc.pid)
-        assert len(children) >= 6  # nats-server, ingest, gateway supervisor and its 2 workers, probe
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+        interrupt_and_check_nothing_left(proc, expect_children=6)  # nats, ingest, gateway + 2 workers, probe
         assert (tmp_path / ".bookcast" / "chdb").is_dir()
     finally:
         stop_process(proc)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 
-from feed.stack import bundled_capture
 from tests.e2e.harness import Stack
 
 
@@ -11,11 +10,7 @@ def live_stack(tmp_path_factory):
     """One gateway worker fed by the bundled Coinbase recording, looping at real speed."""
     stack = Stack(tmp_path_factory.mktemp("live"), workers=1)
     try:
-        stack.start_nats()
-        stack.start_gateway()
-        stack.start_ingest([bundled_capture()], speed=1.0, loop=True)
-        stack.wait_instruments(10)
-        yield stack
+        yield stack.start_looping_replay()
     finally:
         stack.stop()
 

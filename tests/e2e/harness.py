@@ -66,9 +66,22 @@ class Stack:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.gateway_port}/v1/ws"
 
-    def start_nats(self, port: int = 0) -> None:
-        self.nats = NatsServer(port=port, name="e2e-nats", workdir=str(self.tmp))
+    def start_nats(self, port: int = 0, *, websocket: bool = False) -> None:
+        """nats-server on ``port`` (0: a free one); ``websocket`` also opens its own WebSocket listener."""
+        self.nats = NatsServer(port=port, name="e2e-nats", workdir=str(self.tmp),
+                               websocket_port=0 if websocket else None)
         self.nats.start()
+
+    def start_looping_replay(self, *, websocket: bool = False) -> Stack:
+        """nats-server, the gateway and an ingest looping the bundled Coinbase recording at real speed,
+        ready when the gateway lists its 10 instruments."""
+        from feed.stack import bundled_capture
+
+        self.start_nats(websocket=websocket)
+        self.start_gateway()
+        self.start_ingest([bundled_capture()], speed=1.0, loop=True)
+        self.wait_instruments(10)
+        return self
 
     def start_gateway(self) -> None:
         self.gateway_port = free_port()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import urllib.request
 
 from ebpf.loader import missing_prerequisites
 from feed.procs import stop_process, wait_until
-from tests.test_cli import REPO, _alive, _descendants
+from tests.test_cli import REPO, interrupt_and_check_nothing_left
 
 
 def _metrics(url: str) -> str:
@@ -44,13 +43,6 @@ def test_up_with_ebpf_serves_probe_metrics_and_ctrl_c_leaves_nothing_behind():
                     and counted.search(body) is not None
             wait_until(traced, 30, what="stack processes traced, ingest syscalls counted", interval_s=0.5)
             assert 'bookcast_ebpf_up{reason="ok"} 1.0' in _metrics(url)
-        children = _descendants(proc.pid)
-        assert len(children) >= 6       # nats-server, ingest, gateway supervisor + 2 workers, ebpf
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in children if _alive(p)], "processes left behind after Ctrl-C"
+        interrupt_and_check_nothing_left(proc, expect_children=6)  # nats, ingest, gateway + 2 workers, ebpf
     finally:
         stop_process(proc)

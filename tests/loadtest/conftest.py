@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import pytest
 
-from feed.natsserver import NatsServer
-from feed.stack import bundled_capture
 from tests.e2e.harness import Stack
 
 
@@ -13,11 +11,6 @@ def ws_stack(tmp_path_factory):
     Coinbase recording at real speed: both locust users' targets on one feed."""
     stack = Stack(tmp_path_factory.mktemp("loadtest"), workers=1)
     try:
-        stack.nats = NatsServer(name="loadtest-nats", websocket_port=0, workdir=str(stack.tmp))
-        stack.nats.start()
-        stack.start_gateway()
-        stack.start_ingest([bundled_capture()], speed=1.0, loop=True)
-        stack.wait_instruments(10)
-        yield stack
+        yield stack.start_looping_replay(websocket=True)
     finally:
         stack.stop()
