@@ -153,6 +153,8 @@ class Ingest:
         log.warning("nats error: %s", exc)
 
     async def _nats_disconnected(self) -> None:
+        if self.nc is not None and self.nc.is_closed:
+            return  # our own stop() closed it
         log.warning("nats disconnected; publishing is buffered until reconnect")
 
     async def _nats_reconnected(self) -> None:

@@ -445,6 +445,8 @@ class Gateway:
         log.warning("nats error: %s", exc)
 
     async def _nats_disconnected(self) -> None:
+        if self.nc is not None and self.nc.is_closed:
+            return  # our own stop() closed it
         log.warning("nats disconnected; reconnecting")
 
     async def _nats_reconnected(self) -> None:
