@@ -85,24 +85,16 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (t->off_ns) {
         struct offcpu_key key = {.role = t->role, .state = t->state};
         u64 ns = now - t->off_ns;
-        struct hist *h = offcpu_time.lookup(&key);
-        if (!h) {
-            struct hist zero = {};
-            offcpu_time.insert(&key, &zero);
-            h = offcpu_time.lookup(&key);
-        }
+        struct hist zero = {};
+        struct hist *h = offcpu_time.lookup_or_try_init(&key, &zero);
         if (h)
             hist_add(h, ns / 1000, ns);
     }
     if (t->queued_ns) {
         struct role_key key = {.role = t->role};
         u64 ns = now - t->queued_ns;
-        struct hist *h = runqueue_latency.lookup(&key);
-        if (!h) {
-            struct hist zero = {};
-            runqueue_latency.insert(&key, &zero);
-            h = runqueue_latency.lookup(&key);
-        }
+        struct hist zero = {};
+        struct hist *h = runqueue_latency.lookup_or_try_init(&key, &zero);
         if (h)
             hist_add(h, ns / 1000, ns);
     }

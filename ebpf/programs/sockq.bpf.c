@@ -50,12 +50,8 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     u64 ns = bpf_ktime_get_ns() - *since;
     readable_since.delete(&sk);
     struct role_key key = {.role = *role};
-    struct hist *h = socket_queue_latency.lookup(&key);
-    if (!h) {
-        struct hist zero = {};
-        socket_queue_latency.insert(&key, &zero);
-        h = socket_queue_latency.lookup(&key);
-    }
+    struct hist zero = {};
+    struct hist *h = socket_queue_latency.lookup_or_try_init(&key, &zero);
     if (h)
         hist_add(h, ns / 1000, ns);
     return 0;
@@ -74,12 +70,8 @@ TRACEPOINT_PROBE(sock, sock_send_length)
     if (!role)
         return 0;
     struct role_key key = {.role = *role};
-    struct hist *h = socket_send_size.lookup(&key);
-    if (!h) {
-        struct hist zero = {};
-        socket_send_size.insert(&key, &zero);
-        h = socket_send_size.lookup(&key);
-    }
+    struct hist zero = {};
+    struct hist *h = socket_send_size.lookup_or_try_init(&key, &zero);
     if (h)
         hist_add(h, args->ret, args->ret);
     return 0;

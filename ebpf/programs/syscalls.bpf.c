@@ -55,12 +55,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     u64 ns = bpf_ktime_get_ns() - f->start_ns;
     struct syscall_key key = {.role = f->role, .syscall = f->syscall};
     f->start_ns = 0;
-    struct hist *h = syscall_latency.lookup(&key);
-    if (!h) {
-        struct hist zero = {};
-        syscall_latency.insert(&key, &zero);
-        h = syscall_latency.lookup(&key);
-    }
+    struct hist zero = {};
+    struct hist *h = syscall_latency.lookup_or_try_init(&key, &zero);
     if (h)
         hist_add(h, ns / 1000, ns);
     return 0;

@@ -46,12 +46,8 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
         return 0;
     struct role_key key = {.role = *role};
     u64 us = args->srtt;
-    struct hist *h = tcp_srtt.lookup(&key);
-    if (!h) {
-        struct hist zero = {};
-        tcp_srtt.insert(&key, &zero);
-        h = tcp_srtt.lookup(&key);
-    }
+    struct hist zero = {};
+    struct hist *h = tcp_srtt.lookup_or_try_init(&key, &zero);
     if (h)
         hist_add(h, us, us * 1000);
     return 0;
