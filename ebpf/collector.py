@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from exporter.catalog import CATALOG, MetricType
+from feed.catalog import CATALOG, MetricType
 from ebpf.loader import Probes, Series
 from ebpf.spec import SUM_SCALE
 

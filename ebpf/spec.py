@@ -2,7 +2,7 @@
 
 Each ``ebpf/programs/<name>.bpf.c`` has a ``<name>.json`` beside it (the cloudflare/ebpf_exporter
 pairing); ``bookcast.json`` holds the parameters of the shared header ``bookcast.h``. A spec names metrics
-only by their ``exporter/catalog.py`` name, and every limit is written once: map sizes in the spec,
+only by their ``feed/catalog.py`` name, and every limit is written once: map sizes in the spec,
 histogram slots from the catalog's buckets (``HIST_SLOTS``). The C gets them as ``-D`` flags.
 
 Spec shape (JSON)::
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebpf import EbpfError
-from exporter.catalog import CATALOG, MetricSpec, MetricType
+from feed.catalog import CATALOG, MetricSpec, MetricType
 
 PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
 HEADER_SPEC = "bookcast.json"
@@ -121,7 +121,7 @@ def catalog_problems(program: Program, catalog: dict[str, MetricSpec] = CATALOG)
     for m in program.metrics:
         spec = catalog.get(m.metric)
         if spec is None:
-            problems.append(f"{program.name}: metric={m.metric} is not in exporter/catalog.py")
+            problems.append(f"{program.name}: metric={m.metric} is not in feed/catalog.py")
             continue
         mtype, unit, _ = KERNEL_UNITS[m.kernel_unit]
         if (spec.type, spec.unit) != (mtype, unit):

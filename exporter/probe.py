@@ -15,7 +15,7 @@ omission is explained there) and records them into:
 * ClickHouse (``exporter.clickhouse``, chDB by default): one ``latency_samples`` row per delta, and one
   ``book_events`` row per snapshot and delta of the ticks region (the first region unless told);
 * OTLP, when an endpoint is set: the same histograms as exponential histograms, and a ``client`` span for
-  every traced delta (``exporter.otlp``).
+  every traced delta (``feed.otlp``).
 
 Negative hops (clocks that disagree) are recorded as 0 and counted in ``bookcast_probe_clock_skew_total``.
 """
@@ -36,10 +36,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from exporter.catalog import CATALOG
+from feed.catalog import CATALOG
 from exporter.clickhouse import BOOK_EVENTS, DEFAULT_CHDB_PATH, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
 from exporter.latency import QUANTILES, Hop, SlidingWindow, StaleTracker, hops_ns, summarize
-from exporter.otlp import TRACEPARENT, Otlp, endpoint_from
+from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
 from feed.client import BookClient, BookUpdated, UpdateKind
 

@@ -11,14 +11,14 @@ instrument appears, and when asked on ``md.v1.ctl.announce``.
 Bad input never stops the ingest: an unparseable message is logged and counted, a delta for a book with
 no snapshot yet is dropped and counted.
 
-Latency instrumentation (names in ``exporter.catalog``): ``bookcast_hop_upstream_seconds`` observes
+Latency instrumentation (names in ``feed.catalog``): ``bookcast_hop_upstream_seconds`` observes
 ``ts_ingest_ns - ts_event_ns`` and ``bookcast_hop_ingest_seconds`` ``ts_publish_ns - ts_ingest_ns`` for every
 delta. On replay ``ts_event_ns`` is the venue's time rebased by the capture's shift, so the upstream hop is
 the *recorded* one (the recorder's receive minus the venue's stamp). A negative upstream hop (the venue's
 clock ahead of the receiver's; the bundled Coinbase capture is about -13 ms at the median) is observed as
 0 and counted in ``bookcast_ingest_upstream_clock_skew_total``, so a skewed clock is visible rather than
 hidden or mistaken for speed. With OTLP on (``otlp_endpoint``), one delta in ``trace_sample_every`` gets a
-trace (``exporter.otlp``): its ``traceparent`` travels in the NATS headers and in the delta.
+trace (``feed.otlp``): its ``traceparent`` travels in the NATS headers and in the delta.
 
 Test hook, off by default: ``upstream_lag_ns`` moves every rebased event time back by a fixed amount, so the
 upstream looks that much slower ("a lagging upstream").
@@ -39,7 +39,7 @@ import nats
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from exporter.otlp import TRACEPARENT, Otlp, endpoint_from
+from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
 from feed import wire
 from feed.capture import CaptureRecord, replay

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
-from exporter.catalog import CATALOG, MetricType
+from feed.catalog import CATALOG, MetricType
 
 
 def build(name: str, registry: CollectorRegistry | None) -> Any:

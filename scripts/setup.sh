@@ -18,9 +18,11 @@ APT_PACKAGES=(
     prometheus                           # promtool (rule/config checks) + prometheus server
     nftables iproute2                    # chaos: network fault injection (nft, tc, ip netns)
     clickhouse-server clickhouse-client  # clickhouse (client is only a Recommends of the server)
+    prometheus-alertmanager              # alert routing, for the alert end-to-end tests (dashboards/)
+    chromium chromium-driver             # headless browser tests of the book viewer (feed/gateway/static)
 )
 # services whose postinst may try to start them; never left running by us
-APT_SERVICES=(prometheus prometheus-node-exporter clickhouse-server)
+APT_SERVICES=(prometheus prometheus-node-exporter prometheus-alertmanager clickhouse-server)
 DEBIAN_BCC_DIR=/usr/lib/python3/dist-packages/bcc
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -9,7 +9,7 @@ and slow-consumer policy, ``ratelimit`` the request limiter). Shape:
 
 Run several worker processes on one port with ``reuse_port`` (see ``feed.gateway.server``).
 
-Instrumentation (names in ``exporter.catalog``): per delta, ``bookcast_hop_nats_gateway_seconds`` observes
+Instrumentation (names in ``feed.catalog``): per delta, ``bookcast_hop_nats_gateway_seconds`` observes
 ``ts_send_ns - ts_publish_ns`` (the fan-out stamp minus the ingest's publish stamp: NATS transit plus the
 gateway's own work); frames and bytes sent are tallied per connection and folded into their counters
 every second, when queue depth and bytes are sampled.
@@ -33,7 +33,7 @@ import nats
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from exporter.otlp import Otlp
+from feed.otlp import Otlp
 from feed import metrics as prom
 from feed import wire
 from feed.gateway import protocol as proto

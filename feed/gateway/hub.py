@@ -21,7 +21,7 @@ from collections import deque
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from exporter.otlp import TRACEPARENT
+from feed.otlp import TRACEPARENT
 from feed import wire
 from feed.book import L2Book
 from feed.gateway.fanout import Item, Kind

@@ -19,7 +19,7 @@ import time
 
 from aiohttp import web
 
-from exporter.otlp import endpoint_from
+from feed.otlp import endpoint_from
 from feed.gateway.protocol import GatewayLimits
 from feed.procs import StopSignal, free_port, stop_process
 

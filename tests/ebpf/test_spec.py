@@ -12,7 +12,7 @@ import pytest
 from ebpf.collector import prometheus_buckets
 from ebpf.spec import PROGRAMS_DIR, SpecError, catalog_problems, load_programs, plan
 from ebpf.targets import TargetSpec, role_of
-from exporter.catalog import CATALOG, naming_problems
+from feed.catalog import CATALOG, naming_problems
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_a_metric_naming_something_outside_the_catalog_is_refused():
     header, programs = load_programs()
     prog = programs[0]
     bad = dataclasses.replace(prog, metrics=(dataclasses.replace(prog.metrics[0], metric="bookcast_ebpf_nope_seconds"),))
-    assert "not in exporter/catalog.py" in catalog_problems(bad)[0]
+    assert "not in feed/catalog.py" in catalog_problems(bad)[0]
     with pytest.raises(SpecError):
         plan(bad, header, {tp.event for tp in prog.tracepoints})
 

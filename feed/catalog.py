@@ -129,6 +129,48 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_ebpf_tcp_retransmits_total", "TCP segments retransmitted on the listening ports of bookcast's "
        "processes.", ("role",)),
     _g("bookcast_ebpf_traced_processes", "Processes the eBPF probes trace, by role.", labels=("role",)),
+    # --- contracts for work in flight: names agreed before the code that emits them lands ---------------
+    # providers (issue 16): provider is the configured provider name, venue the venue
+    _g("bookcast_ingest_provider_selected", "1 for the provider the ingest reads a venue from, 0 for hot standbys.",
+       labels=("venue", "provider")),
+    _g("bookcast_ingest_provider_score", "Provider health score from 0 (excluded) to 1 (best), per the scoring "
+       "rules in feed.providers.", labels=("venue", "provider")),
+    _g("bookcast_ingest_provider_lag_seconds", "How far a provider is behind the best provider of its venue (venue "
+       "seq or event time).", "seconds", ("venue", "provider")),
+    _c("bookcast_ingest_provider_messages_total", "Raw venue messages received from a provider (read or standby).",
+       ("venue", "provider")),
+    _c("bookcast_ingest_provider_errors_total", "Provider faults by kind (disconnect, error_reply, malformed, "
+       "throttled, stale, lag).", ("venue", "provider", "kind")),
+    _c("bookcast_ingest_provider_switches_total", "Switches of the provider a venue is read from, by reason.",
+       ("venue", "reason")),
+    _c("bookcast_ingest_integrity_faults_total", "Upstream integrity faults by kind (crossed, seq_gap, duplicate, "
+       "reset, stale).", ("venue", "kind")),
+    _g("bookcast_ingest_instruments_by_status", "Instruments by PROTOCOL section 11 status (ok, stale, crossed, "
+       "resyncing, halted, resolved).", labels=("venue", "status")),
+    # regions (issue 9)
+    _g("bookcast_ingest_leader", "1 while this ingest holds the publishing lease, 0 while it is a standby.",
+       labels=("region",)),
+    _g("bookcast_ingest_lease_age_seconds", "Time since the lease this ingest last saw was written.", "seconds",
+       ("region",)),
+    _c("bookcast_ingest_takeovers_total", "Lease takeovers by this ingest, by kind (lossless: same epoch; lossy: "
+       "new epoch).", ("region", "kind")),
+    _c("bookcast_probe_failovers_total", "Region moves of the probe's SDK client, by reason.", ("region", "reason")),
+    # security and integrity on the gateway (issue 10)
+    _c("bookcast_gateway_auth_failures_total", "Rejected tokens and upgrades, by reason (never the token).",
+       ("reason",)),
+    _c("bookcast_gateway_connections_rejected_total", "Connections refused before or at the upgrade, by reason "
+       "(per_source_cap, total_cap, handshake_timeout, idle_timeout, bad_version, bad_origin).", ("reason",)),
+    _c("bookcast_gateway_checksum_mismatches_total", "Deltas from NATS whose checksum does not match the gateway's "
+       "own book after applying them (the instrument is resynced)."),
+    # chaos drills (issue 14): exported by `bookcast drill run` while it runs
+    _g("bookcast_drill_running", "1 while a drill's fault is injected.", labels=("drill",)),
+    _g("bookcast_drill_detect_seconds", "Fault onset to first detection in the last run of a drill.", "seconds",
+       ("drill",)),
+    _g("bookcast_drill_failover_seconds", "Fault onset to service from the healthy path in the last run.", "seconds",
+       ("drill",)),
+    _g("bookcast_drill_recover_seconds", "Fault onset to every book correct again in the last run.", "seconds",
+       ("drill",)),
+    _c("bookcast_drill_gaps_total", "Gaps seen by drill clients, by kind (detected, undetected).", ("drill", "kind")),
     _g("bookcast_ebpf_up", "1 when the eBPF probes are loaded and attached; 0 with the reason (no_bcc, no_privilege, "
        "no_kernel_headers, no_tracefs, load_failed) when not.", labels=("reason",)),
 )

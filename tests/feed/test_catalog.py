@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.catalog import CATALOG, LATENCY_BUCKETS_S, SPECS, MetricSpec, MetricType, naming_problems
+from feed.catalog import CATALOG, LATENCY_BUCKETS_S, SPECS, MetricSpec, MetricType, naming_problems
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("feed", "exporter", "ebpf", "dashboards", "chaos", "loadtest")
@@ -44,7 +44,7 @@ def test_every_metric_name_used_is_in_the_catalog():
             used.setdefault(name, set()).add(str(path.relative_to(REPO)))
     assert len(used) >= 20, f"the scan found only {sorted(used)}: is it looking in the right places?"
     unknown = {n: sorted(files) for n, files in used.items() if not _declared(n)}
-    assert not unknown, f"metric names used but not declared in exporter/catalog.py: {unknown}"
+    assert not unknown, f"metric names used but not declared in feed/catalog.py: {unknown}"
 
 
 def test_every_catalog_entry_follows_prometheus_naming():
