@@ -39,11 +39,11 @@ class Needs(enum.StrEnum):
 
 REASONS: dict[Needs, str] = {
     Needs.PROVIDERS: "provider pool metrics (issue 16, names in the catalog's contracts block) are not emitted "
-                     "yet; the replay ingest exports only bookcast_ingest_provider_up",
+                     "yet; the replay ingest exports only the provider-up gauge",
     Needs.REGIONS: "lease and failover metrics (issue 9) are not emitted yet",
     Needs.SECURITY: "gateway auth and integrity counters (issue 10) are not emitted yet",
-    Needs.DRILLS: "bookcast_drill_* series exist only while `bookcast drill run` runs (issue 14)",
-    Needs.EBPF: "bookcast_ebpf_* histograms need `bookcast up --ebpf` as root with bcc; covered by "
+    Needs.DRILLS: "drill series exist only while `bookcast drill run` runs (issue 14, not landed yet)",
+    Needs.EBPF: "eBPF series need `bookcast up --ebpf` as root with bcc; covered by "
                 "tests/dashboards/test_up_prometheus.py when root",
     Needs.ALERTS: "ALERTS series exist only while an alert is pending or firing; covered by "
                   "tests/dashboards/test_stack_prometheus.py (the fault test)",

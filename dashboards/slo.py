@@ -173,8 +173,8 @@ def _burn_alerts(sli: str, config: RuleConfig) -> list[dict[str, Any]]:
             name, expr, config, severity,
             f"{SLI_TITLES[sli]} SLO of region {{{{ $labels.region }}}} burns its error budget at over "
             f"{factor:g}x ({long_w} and {short_w})",
-            f"Error ratio over {long_w} is {{{{ $value | humanizePercentage }}}} (threshold {threshold}, "
-            f"target {config.target(sli):g}).",
+            f"Error ratio above {threshold} over both {long_w} and {short_w} (target {config.target(sli):g}, "
+            f"budget {budget:.6g}).",
             {"sli": sli, "long_window": long_w, "short_window": short_w}))
     return out
 
@@ -199,7 +199,7 @@ def build_rules(config: RuleConfig | None = None) -> dict[str, Any]:
         alerts += _burn_alerts(sli, config)
     alerts += [
         _alert("BookcastInstrumentStale", "max by (region) (bookcast_probe_stale_instruments) > 0", config, "page",
-               "{{ $value }} instrument(s) stale in region {{ $labels.region }}",
+               "Instruments stale in region {{ $labels.region }}",
                "The probe saw no message and no heartbeat for the stale threshold on some instruments."),
         _alert("BookcastUpstreamIntegrityFaults",
                "sum by (region, venue, kind) (increase(bookcast_ingest_integrity_faults_total[5m])) > 0\n"
@@ -207,7 +207,7 @@ def build_rules(config: RuleConfig | None = None) -> dict[str, Any]:
                ' "kind", "crossed", "", "")',
                config, "ticket",
                "Upstream integrity faults ({{ $labels.kind }}) on {{ $labels.venue }} in region {{ $labels.region }}",
-               "The ingest saw {{ $value }} integrity faults in 5 m (crossed books, seq gaps, duplicates, resets)."),
+               "The ingest saw integrity faults in the last 5 m (crossed books, seq gaps, duplicates, resets)."),
         _alert("BookcastAllProvidersUnhealthy",
                "max by (region, venue) (bookcast_ingest_provider_score) <= 0\n"
                "or max by (region) (bookcast_ingest_provider_up) == 0",
