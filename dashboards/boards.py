@@ -43,8 +43,8 @@ REASONS: dict[Needs, str] = {
     Needs.REGIONS: "lease and failover metrics (issue 9) are not emitted yet",
     Needs.SECURITY: "gateway auth and integrity counters (issue 10) are not emitted yet",
     Needs.DRILLS: "drill series exist only while `bookcast drill run` runs (issue 14, not landed yet)",
-    Needs.EBPF: "eBPF series need `bookcast up --ebpf` as root with bcc; covered by "
-                "tests/dashboards/test_up_prometheus.py when root",
+    Needs.EBPF: "eBPF series need `bookcast up --ebpf` as root with bcc; tests/dashboards/"
+                "test_stack_prometheus.py runs the exporter and requires them when root",
     Needs.ALERTS: "ALERTS series exist only while an alert is pending or firing; covered by "
                   "tests/dashboards/test_stack_prometheus.py (the fault test)",
 }

@@ -137,6 +137,7 @@ class CheckResult:
     query: PanelQuery
     series: int  # series returned with a finite value (and the label, for variables)
     exception: str | None  # the reason it may be empty, or None
+    needs: boards.Needs | None = None  # what the exception waits for
 
     @property
     def ok(self) -> bool:
@@ -155,7 +156,8 @@ def check(prometheus_url: str, dashboard_files: list[Path], *, rate_interval: st
             n = sum(1 for row in rows
                     if math.isfinite(float(row["value"][1])) and (label is None or row["metric"].get(label)))
             needs = allowed.get(pq.expr)
-            results.append(CheckResult(pq, n, None if needs is None else boards.REASONS[needs[0]]))
+            results.append(CheckResult(pq, n, None if needs is None else boards.REASONS[needs[0]],
+                                       None if needs is None else needs[0]))
     return results
 
 
