@@ -11,6 +11,7 @@ nats-server is not scraped: its monitoring endpoint serves JSON, not the Prometh
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -207,7 +208,8 @@ class LocalMonitoring:
 
 
 def which_promtool() -> str | None:
-    return shutil.which("promtool") or (str(Path("/usr/bin/promtool")) if Path("/usr/bin/promtool").is_file() else None)
+    """promtool on PATH, else Debian's /usr/bin/promtool, else None."""
+    return shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").is_file() else None)
 
 
 def wait_targets_up(prometheus_url: str, jobs: set[str], timeout_s: float) -> dict[str, str]:
@@ -216,8 +218,6 @@ def wait_targets_up(prometheus_url: str, jobs: set[str], timeout_s: float) -> di
     Raises:
         TimeoutError: some target not up in time (the message lists them with their last error).
     """
-    import json
-
     deadline = time.monotonic() + timeout_s
     last: dict[str, str] = {}
     while True:
