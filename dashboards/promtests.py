@@ -5,6 +5,9 @@ and the alerts expected firing at given times. For every alert there is a burn (
 30m that must not fire before the alert's windows and ``for:`` allow and must fire after, and the healthy
 scenario (errors at half the budget, one provider of two excluded) in which nothing fires at all.
 
+Check times stay at least a minute away from when an alert starts or stops firing: promtool may evaluate
+the alert group before the recording group at a step, so an alert on a recorded series can lag one step.
+
 Expected annotations are the rule's own templates with the expected labels filled in (they only use
 ``$labels``), so a changed summary does not need the test edited; times and label sets are written here
 by hand. ``bookcast dashboards build`` does not write this file; ``python -m dashboards.promtests``
@@ -57,6 +60,9 @@ HEALTHY = {
     _sel("bookcast_ingest_provider_score", venue="coinbase", provider="a"): "0x120",  # excluded, b still fine
     _sel("bookcast_ingest_provider_score", venue="coinbase", provider="b"): "0.8x120",
     _sel("bookcast_ingest_provider_up", provider="replay:x.jsonl"): "1x120",
+    _sel("bookcast_ingest_instruments_by_status", venue="coinbase", status="ok"): "10x120",
+    _sel("bookcast_ingest_instruments_by_status", venue="coinbase", status="stale"): "0x120",
+    _sel("up", job="bookcast-ingest", instance="i:1"): "1x120",
     _sel("up", job="bookcast-gateway", instance="g:1"): "1x120",
     _sel("up", job="bookcast-probe", instance="p:1"): "1x120",
     _sel("up", job="bookcast-ebpf", instance="e:1"): "1x120",
@@ -72,7 +78,7 @@ SCENARIOS: list[Scenario] = [
              latency("0+10000x30 300000+9000x90", "0+10000x120"), [
                  ("30m", "BookcastLatencyBudgetBurn", []),
                  ("32m", "BookcastLatencyBudgetBurn", []),           # burning, still pending (for: 2m)
-                 ("33m", "BookcastLatencyBudgetBurn", [FAST, SLOW]),  # both windows pairs burn far above
+                 ("35m", "BookcastLatencyBudgetBurn", [FAST, SLOW]),  # both window pairs burn far above
                  ("40m", "BookcastLatencyBudgetBurn", [FAST, SLOW]),
                  ("40m", "BookcastLatencyBudgetBurnTicket", []),      # for: 15m
                  ("50m", "BookcastLatencyBudgetBurnTicket", [TICKET]),
@@ -80,7 +86,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("latency: a steady 0.8 % over the objective (8x budget): the 6h/30m page, not the 1h/5m one",
              latency("0+9920x120", "0+10000x120"), [
                  ("1m", "BookcastLatencyBudgetBurn", []),
-                 ("5m", "BookcastLatencyBudgetBurn", [SLOW]),
+                 ("8m", "BookcastLatencyBudgetBurn", [SLOW]),
                  ("2h", "BookcastLatencyBudgetBurn", [SLOW]),
              ]),
     Scenario("latency: a steady 0.2 % over the objective (2x budget): a ticket, never a page",
@@ -96,6 +102,13 @@ SCENARIOS: list[Scenario] = [
         ("40m", "BookcastFreshnessBudgetBurn", [FAST, SLOW]),
         ("40m", "BookcastFreshnessBudgetBurnTicket", []),
         ("60m", "BookcastFreshnessBudgetBurnTicket", [TICKET]),
+    ]),
+    Scenario("freshness: the ingest marks 2 books stale from 30m (upstream silent, gateway heartbeats on)", {
+        _sel("bookcast_probe_stale_instruments"): "0x120",
+        _sel("bookcast_ingest_instruments_by_status", venue="coinbase", status="stale"): "0x30 2x90",
+        _sel("bookcast_ingest_instruments_by_status", venue="coinbase", status="ok"): "10x30 8x90"}, [
+        ("30m", "BookcastInstrumentStale", []),
+        ("32m", "BookcastInstrumentStale", [{}]),
     ]),
     Scenario("gaps: 1 % of deltas with an undetected gap from 30m", {
         _sel("bookcast_probe_messages_total"): "0+10000x120",
@@ -121,6 +134,12 @@ SCENARIOS: list[Scenario] = [
     ]),
     Scenario("providers: the replay source ended at 30m", {
         _sel("bookcast_ingest_provider_up", provider="replay:x.jsonl"): "1x30 0x90"}, [
+        ("30m", "BookcastAllProvidersUnhealthy", []),
+        ("32m", "BookcastAllProvidersUnhealthy", [{}]),
+    ]),
+    Scenario("providers: the ingest stops answering scrapes at 30m (down or stalled)", {
+        _sel("up", job="bookcast-ingest", instance="i:1"): "1x30 0x90",
+        _sel("bookcast_ingest_provider_up", provider="replay:x.jsonl"): "1x30"}, [
         ("30m", "BookcastAllProvidersUnhealthy", []),
         ("32m", "BookcastAllProvidersUnhealthy", [{}]),
     ]),

@@ -198,9 +198,13 @@ def build_rules(config: RuleConfig | None = None) -> dict[str, Any]:
     for sli in SLIS:
         alerts += _burn_alerts(sli, config)
     alerts += [
-        _alert("BookcastInstrumentStale", "max by (region) (bookcast_probe_stale_instruments) > 0", config, "page",
+        _alert("BookcastInstrumentStale",
+               "max by (region) (bookcast_probe_stale_instruments) > 0\n"
+               'or sum by (region) (bookcast_ingest_instruments_by_status{status="stale"}) > 0',
+               config, "page",
                "Instruments stale in region {{ $labels.region }}",
-               "The probe saw no message and no heartbeat for the stale threshold on some instruments."),
+               "The probe saw no message and no heartbeat for the stale threshold on some instruments, or the "
+               "ingest marks books stale (PROTOCOL section 11: upstream silent)."),
         _alert("BookcastUpstreamIntegrityFaults",
                "sum by (region, venue, kind) (increase(bookcast_ingest_integrity_faults_total[5m])) > 0\n"
                "or label_replace(sum by (region, venue) (increase(bookcast_ingest_crossed_books_total[5m])) > 0,"
@@ -210,10 +214,12 @@ def build_rules(config: RuleConfig | None = None) -> dict[str, Any]:
                "The ingest saw integrity faults in the last 5 m (crossed books, seq gaps, duplicates, resets)."),
         _alert("BookcastAllProvidersUnhealthy",
                "max by (region, venue) (bookcast_ingest_provider_score) <= 0\n"
-               "or max by (region) (bookcast_ingest_provider_up) == 0",
+               "or max by (region) (bookcast_ingest_provider_up) == 0\n"
+               'or max by (region) (up{job="bookcast-ingest"}) == 0',
                config, "page",
-               "No healthy upstream provider in region {{ $labels.region }} {{ $labels.venue }}",
-               "Every provider is scored 0 (excluded) or no upstream source delivers: books go stale."),
+               "No healthy upstream in region {{ $labels.region }} {{ $labels.venue }}",
+               "Every provider is scored 0 (excluded), no upstream source delivers, or no ingest of the region "
+               "answers (down or stalled): books stop moving."),
         _alert("BookcastRegionDown",
                'max by (region) (up{job="bookcast-gateway"}) == 0\nor max by (region) (bookcast_probe_connected) == 0',
                config, "page",

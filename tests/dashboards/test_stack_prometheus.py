@@ -12,13 +12,17 @@ the data path). One probe measures both regions. Then:
   with a value through Prometheus's HTTP API, except the listed exceptions (``dashboards.boards``);
 * the latency burn-rate page goes pending, then firing after its ``for:``, in Prometheus, and reaches a
   real Alertmanager's webhook receiver, for region ``slow`` only;
-* region ``local`` fires nothing over the same time, and ``slow`` nothing but the latency alerts.
+* region ``local`` fires nothing over the same time, and ``slow`` nothing but the latency alerts;
+* last, a stalled upstream: the ingest is frozen (SIGSTOP); ``BookcastAllProvidersUnhealthy`` fires for
+  region ``local`` and reaches the webhook, and once it is thawed (SIGCONT) the alert resolves and the
+  webhook gets the resolution.
 
 Intervals are short (1 s scrape and evaluation, ``for: 5s``) so this takes well under a minute.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -170,3 +174,23 @@ def test_slow_gateway_pages_through_alertmanager_and_healthy_region_stays_quiet(
     ratio = {r["metric"]["region"]: float(r["value"][1])
              for r in query(url, slo.ratio_record("e2e_latency", "5m"))}
     assert ratio["slow"] > 0.5 and ratio["local"] < 14.4 * (1 - CONFIG.e2e_latency_target), ratio
+
+
+def test_stalled_ingest_pages_then_resolves(world):
+    """Runs after the quiet check above: it faults region local on purpose."""
+    mon, sink, stack = world["mon"], world["sink"], world["stack"]
+    url, alert = mon.prometheus_url, "BookcastAllProvidersUnhealthy"
+    assert not query(url, f'ALERTS{{alertname="{alert}"}}')
+    os.kill(stack.ingest.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: query(url, f'ALERTS{{alertname="{alert}", region="local", alertstate="firing"}}'), 60,
+                 f"{alert} firing while the ingest is stalled")
+        got = wait_for(lambda: [a for a in sink.alerts() if a["labels"].get("alertname") == alert
+                                and a["status"] == "firing"], 60, "the page at the webhook")
+        assert got[0]["labels"]["region"] == "local" and got[0]["labels"]["severity"] == "page"
+        assert got[0]["annotations"]["runbook_url"].endswith("#bookcastallprovidersunhealthy")
+    finally:
+        os.kill(stack.ingest.pid, signal.SIGCONT)
+    wait_for(lambda: [a for a in sink.alerts() if a["labels"].get("alertname") == alert and a["status"] == "resolved"],
+             60, "the resolution at the webhook after the ingest thawed")
+    assert not query(url, f'ALERTS{{alertname="{alert}"}}')
