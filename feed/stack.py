@@ -3,7 +3,9 @@
 Starts, in order, an embedded nats-server (config in a temp dir), the ingest replaying a capture (by
 default the bundled Coinbase level2 recording, looping), the gateway (N workers on one port) and, with
 ``--ebpf``, the eBPF exporter (``bookcast ebpf`` tracing this stack's processes; optional: when it cannot
-load it serves ``bookcast_ebpf_up 0``, and if it exits the feed keeps running). Prints where to connect.
+load it serves ``bookcast_ebpf_up 0``, and if it exits the feed keeps running) and, with ``--prometheus``,
+Debian's Prometheus and Alertmanager scraping all of them with bookcast's SLO rules (``dashboards.local``;
+skipped with a warning when not installed). Prints where to connect.
 SIGINT/SIGTERM stop everything in reverse order, by PID; children also get SIGTERM if
 this process dies (PR_SET_PDEATHSIG), so nothing is left behind.
 """
@@ -93,6 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ebpf", action="store_true",
                    help="also start the eBPF exporter on this stack's processes (needs root and bcc for data)")
     p.add_argument("--ebpf-port", type=int, default=0, help="eBPF exporter /metrics port (default: a free one)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="also start Debian's Prometheus and Alertmanager (when installed) on generated configs, "
+                        "scraping every process of the stack, with bookcast's SLO rules (dashboards/)")
+    p.add_argument("--alert-webhook", metavar="URL",
+                   help="with --prometheus: Alertmanager sends every alert to this webhook (default: none)")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -106,6 +113,7 @@ def up(args: argparse.Namespace) -> int:
     children: list[tuple[str, subprocess.Popen]] = []
     optional: list[tuple[str, subprocess.Popen]] = []   # stopped with the stack; their exit does not stop it
     nats_server = NatsServer(port=args.nats_port, name="bookcast-up")
+    monitoring = None  # --prometheus: dashboards.local.LocalMonitoring
     try:
         nats_server.start()
         log.info("nats-server pid=%d at %s", nats_server.pid, nats_server.url)
@@ -144,6 +152,10 @@ def up(args: argparse.Namespace) -> int:
             except TimeoutError as exc:
                 log.warning("%s; the feed runs without it", exc)
             ebpf_line = f"  ebpf       {ebpf_url} (bookcast_ebpf_up says whether the probes run)\n"
+        prometheus_line = ""
+        if args.prometheus:
+            monitoring, prometheus_line = _start_prometheus(args, port, ingest_port, probe_url if not args.no_probe
+                                                            else None, ebpf_url if args.ebpf else None)
         if stopping:
             return 0
         example = _first_instrument(base) or "coinbase:SKL-USD"
@@ -156,6 +168,7 @@ def up(args: argparse.Namespace) -> int:
             f"http://127.0.0.1:{ingest_port}/metrics (ingest)\n"
             f"{probe_line}"
             f"{ebpf_line}"
+            f"{prometheus_line}"
             f"  NATS       {nats_server.url}\n"
             f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
             f"  try        {bookcast} tail {example} --url ws://{args.host}:{port}/v1/ws\n",
@@ -176,8 +189,46 @@ def up(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     finally:
+        if monitoring is not None:
+            monitoring.stop()
+            log.info("stopped prometheus and alertmanager")
         for name, proc in reversed(children + optional):
             stop_process(proc, grace_s=10.0)
             log.info("stopped %s pid=%d (exit %s)", name, proc.pid, proc.returncode)
         nats_server.cleanup()
         log.info("stopped nats-server; bye")
+
+
+def _start_prometheus(args: argparse.Namespace, gateway_port: int, ingest_port: int, probe_url: str | None,
+                      ebpf_metrics_url: str | None):
+    """``--prometheus``: Prometheus + Alertmanager on this stack's processes (``dashboards.local``), in a temp
+    dir removed at exit. Returns (monitoring or None, lines to print); a missing or failing Prometheus is
+    logged and the feed runs without it."""
+    import tempfile
+    import weakref
+
+    from dashboards.local import LocalMonitoring, ScrapeTarget, installed
+
+    why = installed()
+    if why:
+        log.warning("--prometheus: %s; the feed runs without it", why)
+        return None, f"  prometheus {why}\n"
+    targets = [ScrapeTarget("bookcast-ingest", f"127.0.0.1:{ingest_port}"),
+               ScrapeTarget("bookcast-gateway", f"{args.host}:{gateway_port}")]
+    if probe_url:
+        targets.append(ScrapeTarget("bookcast-probe", probe_url.removeprefix("http://")))
+    if ebpf_metrics_url:
+        targets.append(ScrapeTarget("bookcast-ebpf", ebpf_metrics_url.removeprefix("http://").removesuffix("/metrics")))
+    workdir = Path(tempfile.mkdtemp(prefix="bookcast-prometheus-"))
+    monitoring = LocalMonitoring(workdir, targets, webhook_url=args.alert_webhook)
+    weakref.finalize(monitoring, shutil.rmtree, workdir, True)
+    try:
+        monitoring.start()
+    except (RuntimeError, TimeoutError) as exc:
+        log.warning("--prometheus: %s; the feed runs without it (logs in %s)", exc, workdir)
+        monitoring.stop()
+        return None, f"  prometheus failed to start: {exc}\n"
+    return monitoring, (f"  prometheus {monitoring.prometheus_url}   (alerts {monitoring.prometheus_url}/alerts, "
+                        f"rules and configs in {workdir})\n"
+                        f"  alerts     {monitoring.alertmanager_url} (Alertmanager"
+                        f"{', to ' + args.alert_webhook if args.alert_webhook else ', no receiver: --alert-webhook URL'})\n")
