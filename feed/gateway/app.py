@@ -748,6 +748,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None)
     app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_handler)
+    from feed.gateway.viewer import add_routes as add_viewer_routes; add_viewer_routes(app)  # noqa: E702 - book viewer at / (issue 12)
 
     async def on_startup(app: web.Application) -> None:
         await gw.start()
