@@ -14,6 +14,7 @@ const LADDER_DEPTH = 15;
 const CHART_DEPTH = 100;
 const INSTRUMENTS_REFRESH_MS = 5000;
 const LIST_SHOWN = 300;
+const TRADES_SHOWN = 12;
 const HOP_LABELS = {
   upstream: "venue → ingest",
   ingest: "ingest → publish",
@@ -144,6 +145,7 @@ class Viewer {
       const button = document.createElement("button");
       button.type = "button";
       button.dataset.instrument = i.instrument;
+      button.title = i.instrument;
       button.className = i.instrument === this.instrument ? "picked" : "";
       const name = document.createElement("span");
       name.className = "name";
@@ -283,7 +285,7 @@ class Viewer {
     setText("conn-state", `${this.connState}${this.connDetail ? ` (${this.connDetail})` : ""}`, `badge ${this.connState === "open" ? "good" : "bad"}`);
     setText("title", this.instrument || "pick an instrument");
     const status = inst && inst.status;
-    setText("status", status ? `${status}${inst.statusReason ? ` · ${inst.statusReason}` : ""}` : "status –", `badge ${!status ? "" : status === "ok" ? "good" : "warn"}`);
+    setText("status", status ? `${status}${inst.statusReason ? ` · ${inst.statusReason}` : ""}` : "status not reported", `badge ${!status ? "" : status === "ok" ? "good" : "warn"}`);
     setText("book-state", !inst ? "–" : inst.state === State.LIVE ? "live, verified" : "awaiting snapshot", `badge ${inst && inst.state === State.LIVE ? "good" : "warn"}`);
 
     const bid = book ? book.bestBid() : null, ask = book ? book.bestAsk() : null;
@@ -304,14 +306,14 @@ class Viewer {
     setText("h-prev-seq", inst && inst.lastPrevSeq !== null ? inst.lastPrevSeq : "–");
     setText("h-checksum", inst && inst.checksumSent !== null ? inst.checksumSent : "–");
     setText("h-checksum-computed", inst && inst.checksumComputed !== null ? `${inst.checksumComputed} ${ok ? "✓" : "✗"}` : "–", ok ? "good" : inst && inst.checksumComputed !== null ? "bad" : "");
-    setText("h-verified", s.verified);
+    setText("h-verified", inst && inst.snapshotSeq !== null ? `${s.verified} (${inst.verifiedSinceSnapshot} since the snapshot at seq ${inst.snapshotSeq})` : s.verified);
     setText("h-checksum-failures", s.checksumFailures, s.checksumFailures ? "bad" : "good");
     setText("h-gaps", `${s.gaps} (seq ${s.seqGaps}, epoch ${s.epochChanges}, heartbeat ${s.staleHeartbeats})`, s.gaps ? "warn" : "");
     const received = Object.entries(s.resyncsReceived).map(([r, n]) => `${r} ${n}`).join(", ");
     const receivedTotal = Object.values(s.resyncsReceived).reduce((a, b) => a + b, 0);
     setText("h-resyncs", `${receivedTotal} from gateway${received ? ` (${received})` : ""}, ${s.resyncsRequested} requested`, receivedTotal ? "warn" : "");
     setText("h-status-since", inst && inst.statusSinceNs ? clockOf(inst.statusSinceNs) : "–");
-    setText("h-heartbeat-age", this.stream.lastHeartbeatRecvNs ? formatNs(now - this.stream.lastHeartbeatRecvNs) : "none yet");
+    setText("h-heartbeat-age", this.stream.lastHeartbeatRecvNs ? formatNs(now - this.stream.lastHeartbeatRecvNs) : "none yet (sent after 1 s without data)");
     setText("h-frame-age", this.stream.lastFrameRecvNs ? formatNs(now - this.stream.lastFrameRecvNs) : "–");
     setText("h-messages", `${this.framesReceived} (${s.snapshots} snapshots, ${s.deltas} deltas, ${s.trades} trades, ${s.heartbeats} heartbeats)`);
     setText("h-bad", `${this.badFrames + s.badMessages}${s.deltasIgnored ? `, ${s.deltasIgnored} deltas ignored awaiting a snapshot` : ""}`, this.badFrames + s.badMessages ? "bad" : "");
@@ -404,11 +406,13 @@ class Viewer {
     const bids = side(book.bids.top(CHART_DEPTH)), asks = side(book.asks.top(CHART_DEPTH));
     const prices = [...bids, ...asks].map((l) => l[0]);
     const lo = Math.min(...prices), hi = Math.max(...prices);
+    const margin = hi > lo ? (hi - lo) * 0.04 : Math.abs(hi) * 0.01 || 1;
+    const x0 = lo - margin, x1 = hi + margin; // each side's last step runs on to the edge
     const top = Math.max(...[...bids, ...asks].map((l) => l[1]));
     const pad = { l: 8, r: 8, t: 16, b: 22 };
-    const x = (p) => pad.l + (hi === lo ? 0.5 : (p - lo) / (hi - lo)) * (w - pad.l - pad.r);
+    const x = (p) => pad.l + ((p - x0) / (x1 - x0)) * (w - pad.l - pad.r);
     const y = (c) => h - pad.b - (c / top) * (h - pad.t - pad.b);
-    const draw = (levels, stroke, fill) => {
+    const draw = (levels, edge, stroke, fill) => {
       if (!levels.length) return;
       ctx.beginPath();
       ctx.moveTo(x(levels[0][0]), y(0));
@@ -418,7 +422,8 @@ class Viewer {
         ctx.lineTo(x(p), y(c));
         prev = c;
       }
-      ctx.lineTo(x(levels[levels.length - 1][0]), y(0));
+      ctx.lineTo(x(edge), y(prev));
+      ctx.lineTo(x(edge), y(0));
       ctx.closePath();
       ctx.fillStyle = fill;
       ctx.fill();
@@ -426,8 +431,8 @@ class Viewer {
       ctx.lineWidth = 1.5;
       ctx.stroke();
     };
-    draw(bids, "#1f9d55", "rgba(31,157,85,0.18)");
-    draw(asks, "#d64545", "rgba(214,69,69,0.18)");
+    draw(bids, x0, "#1f9d55", "rgba(31,157,85,0.18)");
+    draw(asks, x1, "#d64545", "rgba(214,69,69,0.18)");
     ctx.fillStyle = "#667";
     ctx.font = "11px system-ui, sans-serif";
     ctx.textBaseline = "alphabetic";
@@ -452,7 +457,7 @@ class Viewer {
   }
 
   renderTrades(inst) {
-    const trades = inst ? inst.trades.slice(-20).reverse() : [];
+    const trades = inst ? inst.trades.slice(-TRADES_SHOWN).reverse() : [];
     const body = $("trades-body");
     if (!trades.length) {
       const tr = document.createElement("tr");

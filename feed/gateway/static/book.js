@@ -7,7 +7,9 @@
 import { canonical, compare } from "./decimal.js";
 import { CHECKSUM_DEPTH, checksum } from "./checksum.js";
 
-export class BookError extends Error {}
+export class BookError extends Error {
+  name = "BookError";
+}
 
 class BookSide {
   constructor(bestIsHighest) {

@@ -7,7 +7,9 @@
 
 const DECIMAL = /^\+?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$/;
 
-export class DecimalError extends Error {}
+export class DecimalError extends Error {
+  name = "DecimalError";
+}
 
 /** Canonical decimal string of a non-negative decimal `text` (string or integer).
  * @throws {DecimalError} not a finite non-negative decimal. */

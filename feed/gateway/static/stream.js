@@ -82,6 +82,8 @@ export class Instrument {
     this.trades = [];
     this.staleAt = null;
     this.updates = 0;
+    this.snapshotSeq = null; // seq of the snapshot the book was last loaded from
+    this.verifiedSinceSnapshot = 0; // that snapshot and the deltas verified on it
   }
 }
 
@@ -170,6 +172,11 @@ export class Stream {
     inst.state = State.LIVE;
     inst.updates += 1;
     inst.lastVerifiedKind = kind;
+    if (kind === "snapshot") {
+      inst.snapshotSeq = inst.seq;
+      inst.verifiedSinceSnapshot = 0;
+    }
+    inst.verifiedSinceSnapshot += 1;
     this.stats.verified += 1;
     const hops = {};
     for (const [name, from, to] of HOPS) {
@@ -303,10 +310,13 @@ export class Stream {
     if (inst.status !== status || (reason !== null && inst.statusReason !== reason)) {
       this.log(recvNs, "status", `${source} instrument=${inst.id} status=${status}${reason ? ` reason=${reason}` : ""}`);
     }
-    if (inst.status !== status) inst.statusSinceNs = sinceNs;
-    else if (sinceNs !== null) inst.statusSinceNs = sinceNs;
+    const changed = inst.status !== status;
+    // A snapshot's status carries no reason or since: a new status from one clears them, the same keeps them.
+    if (changed || source === "instrument_status") {
+      inst.statusReason = reason;
+      inst.statusSinceNs = sinceNs;
+    }
     inst.status = status;
-    if (reason !== null || source === "instrument_status") inst.statusReason = reason;
   }
 
   onSubscribed(msg, recvNs) {
