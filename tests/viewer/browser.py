@@ -100,7 +100,8 @@ class Browser:
                     checksumSent: i ? i.checksumSent : null, checksumComputed: i ? i.checksumComputed : null,
                     bestBid: b ? b.bestBid() : null, bestAsk: b ? b.bestAsk() : null,
                     snapshotSeq: i ? i.snapshotSeq : null, verifiedSinceSnapshot: i ? i.verifiedSinceSnapshot : null,
-                    recorded: v.recorder.count, badFrames: v.badFrames};
+                    recorded: v.recorder.count, badFrames: v.badFrames, frames: v.framesReceived,
+                    workMs: v.workMs, workMaxMs: v.workMaxMs};
         """)
 
     def screenshot(self, name: str) -> Path:

@@ -1,17 +1,16 @@
 """``bookcast replay --check`` on bookcast-protocol captures (venue "bookcast", the viewer's download):
-``feed.streamcheck`` fed with streams built by the real wire builders, then the CLI on files."""
+``feed.streamcheck`` fed with streams built by the real wire builders, then ``check_captures`` on files."""
 from __future__ import annotations
 
+import io
 import json
-import subprocess
-import sys
 from decimal import Decimal
 
 from feed import wire
 from feed.book import L2Book
 from feed.model import LevelChange, Side
+from feed.replaycheck import check_captures
 from feed.streamcheck import StreamCheck
-from tests.e2e.harness import REPO
 
 INST = "coinbase:BAND-GBP"
 
@@ -83,18 +82,19 @@ def capture(tmp_path, msgs, name="seen.jsonl"):
     return path
 
 
-def cli_check(*paths):
-    return subprocess.run([sys.executable, "-m", "feed.cli", "replay", "--check", *map(str, paths)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+def check(*paths) -> tuple[int, str]:
+    """``check_captures`` in process (the CLI's own exit codes are checked by the browser tests)."""
+    out = io.StringIO()
+    return check_captures(list(paths), out=out), out.getvalue()
 
 
-def test_replay_check_cli_exit_codes(tmp_path, shared_data):
-    ok = cli_check(capture(tmp_path, stream()))
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "bookcast stream: messages=15" in ok.stdout and "faults=0" in ok.stdout
-    bad = cli_check(capture(tmp_path, stream(corrupt_seq=42), "bad.jsonl"))
-    assert bad.returncode == 1 and "bad.jsonl:4: checksum_mismatch" in bad.stdout, bad.stdout
+def test_replay_check_exit_codes(tmp_path, shared_data):
+    code, out = check(capture(tmp_path, stream()))
+    assert code == 0, out
+    assert "bookcast stream: messages=15" in out and "faults=0" in out
+    code, out = check(capture(tmp_path, stream(corrupt_seq=42), "bad.jsonl"))
+    assert code == 1 and "bad.jsonl:4: checksum_mismatch" in out, out
     # venue captures and a bookcast capture in one run: each checked its own way
-    both = cli_check(shared_data / "polymarket" / "sol-15m-20251211.jsonl", capture(tmp_path, stream(), "b.jsonl"))
-    assert both.returncode == 0, both.stdout
-    assert "messages=758 parse_errors=0" in both.stdout and "bookcast stream: messages=15" in both.stdout
+    code, out = check(shared_data / "polymarket" / "sol-15m-20251211.jsonl", capture(tmp_path, stream(), "b.jsonl"))
+    assert code == 0, out
+    assert "messages=758 parse_errors=0" in out and "bookcast stream: messages=15" in out

@@ -67,6 +67,8 @@ class Viewer {
     this.reconnectTimer = null;
     this.framesReceived = 0;
     this.badFrames = 0;
+    this.workMs = 0; // time spent parsing, verifying and recording frames (not drawing)
+    this.workMaxMs = 0;
     this.prevLadder = new Map();
     this.token = sessionStorage.getItem("bookcast.token") || "";
     this.bind();
@@ -242,6 +244,17 @@ class Viewer {
   }
 
   onFrame(text) {
+    const started = performance.now();
+    try {
+      this.handleFrame(text);
+    } finally {
+      const ms = performance.now() - started;
+      this.workMs += ms;
+      this.workMaxMs = Math.max(this.workMaxMs, ms);
+    }
+  }
+
+  handleFrame(text) {
     const [bigNs, recvNs] = nowNs();
     this.framesReceived += 1;
     let msg, isJson = true;
@@ -318,6 +331,7 @@ class Viewer {
     setText("h-messages", `${this.framesReceived} (${s.snapshots} snapshots, ${s.deltas} deltas, ${s.trades} trades, ${s.heartbeats} heartbeats)`);
     setText("h-bad", `${this.badFrames + s.badMessages}${s.deltasIgnored ? `, ${s.deltasIgnored} deltas ignored awaiting a snapshot` : ""}`, this.badFrames + s.badMessages ? "bad" : "");
     setText("h-levels", book ? `${book.bids.length} bids, ${book.asks.length} asks` : "–");
+    setText("h-work", this.framesReceived ? `${formatNs((this.workMs * 1e6) / this.framesReceived)} mean, ${formatNs(this.workMaxMs * 1e6)} max` : "–");
     setText("h-error", this.stream.lastError || "none");
     setText("recorded", `${this.recorder.count} frames${this.recorder.dropped ? `, ${this.recorder.dropped} oldest dropped` : ""}`);
 
