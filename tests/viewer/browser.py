@@ -101,7 +101,8 @@ class Browser:
                     bestBid: b ? b.bestBid() : null, bestAsk: b ? b.bestAsk() : null,
                     snapshotSeq: i ? i.snapshotSeq : null, verifiedSinceSnapshot: i ? i.verifiedSinceSnapshot : null,
                     recorded: v.recorder.count, badFrames: v.badFrames, frames: v.framesReceived,
-                    workMs: v.workMs, workMaxMs: v.workMaxMs};
+                    workMs: v.workMs, workMaxMs: v.workMaxMs, renders: v.renders, renderMs: v.renderMs,
+                    renderMaxMs: v.renderMaxMs};
         """)
 
     def screenshot(self, name: str) -> Path:

@@ -25,7 +25,7 @@ from tests.e2e.harness import REPO, Stack, http_json
 pytestmark = pytest.mark.e2e
 
 INSTRUMENT = "coinbase:SKL-USD"  # the busiest book of the bundled recording (~2,600 deltas in 31 s)
-SPEED = 4.0
+SPEED = 8.0  # the second, complete replay
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,9 @@ class Viewer {
     this.badFrames = 0;
     this.workMs = 0; // time spent parsing, verifying and recording frames (not drawing)
     this.workMaxMs = 0;
+    this.renders = 0; // draws and the time they took (the layout the browser does after is not included)
+    this.renderMs = 0;
+    this.renderMaxMs = 0;
     this.prevLadder = new Map();
     this.token = sessionStorage.getItem("bookcast.token") || "";
     this.bind();
@@ -78,7 +81,14 @@ class Viewer {
       if (wanted) this.select(wanted);
     });
     this.connect();
-    setInterval(() => this.render(), RENDER_INTERVAL_MS);
+    setInterval(() => {
+      const started = performance.now();
+      this.render();
+      const ms = performance.now() - started;
+      this.renders += 1;
+      this.renderMs += ms;
+      this.renderMaxMs = Math.max(this.renderMaxMs, ms);
+    }, RENDER_INTERVAL_MS);
     setInterval(() => this.loadInstruments(), INSTRUMENTS_REFRESH_MS);
   }
 
@@ -309,8 +319,8 @@ class Viewer {
     setText("spread", bid && ask ? sub(ask[0], bid[0]) : "–", bid && ask && compare(bid[0], ask[0]) >= 0 ? "crossed" : "");
     setText("mid", bid && ask ? mid(bid[0], ask[0]) : "–");
 
-    this.renderLadder(book);
     this.renderChart(book);
+    this.renderLadder(book);
     this.renderTrades(inst);
 
     const ok = inst && inst.checksumSent !== null && inst.checksumSent === inst.checksumComputed;
@@ -346,65 +356,78 @@ class Viewer {
     this.renderEvents();
   }
 
-  renderLadder(book) {
+  /** The ladder: a fixed set of rows made once (asks, the spread row, bids), updated in place. */
+  ladderRows() {
+    if (this.ladder) return this.ladder;
     const body = $("ladder-body");
-    const rows = [];
-    const seen = new Map();
-    const row = (side, price, size, cum, maxCum) => {
+    const make = (side) => {
       const tr = document.createElement("tr");
       tr.className = side;
-      const key = `${side}:${price}`;
-      seen.set(key, size);
-      if (this.prevLadder.size && this.prevLadder.get(key) !== size) tr.classList.add("changed");
-      for (const [text, cls] of [[price, "price"], [size, "size"], [cum, "cum"]]) {
+      const cells = ["price", "size", "cum"].map((cls) => {
         const td = document.createElement("td");
         td.className = cls;
-        td.textContent = text;
         tr.append(td);
-      }
+        return td;
+      });
       const bar = document.createElement("td");
       bar.className = "bar";
       const fill = document.createElement("div");
-      fill.style.width = `${Math.min(100, (100 * toNumber(cum)) / maxCum).toFixed(1)}%`;
       bar.append(fill);
       tr.append(bar);
-      return tr;
+      return { tr, cells, fill, side };
     };
-    if (!book) {
-      const tr = document.createElement("tr");
-      const td = document.createElement("td");
-      td.colSpan = 4;
-      td.className = "empty";
-      td.textContent = this.instrument ? "awaiting snapshot…" : "pick an instrument on the left";
-      tr.append(td);
-      body.replaceChildren(tr);
-      return;
-    }
+    const asks = Array.from({ length: LADDER_DEPTH }, () => make("ask"));
+    const bids = Array.from({ length: LADDER_DEPTH }, () => make("bid"));
+    const note = document.createElement("tr");
+    note.className = "spread-row";
+    const noteCell = document.createElement("td");
+    noteCell.colSpan = 4;
+    note.append(noteCell);
+    body.replaceChildren(...[...asks].reverse().map((r) => r.tr), note, ...bids.map((r) => r.tr));
+    this.ladder = { asks, bids, note, noteCell };
+    return this.ladder;
+  }
+
+  renderLadder(book) {
+    const { asks, bids, note, noteCell } = this.ladderRows();
+    const seen = new Map();
     const cumulative = (levels) => {
       let total = "0";
       return levels.map(([p, s]) => [p, s, (total = add(total, s))]);
     };
-    const asks = cumulative(book.asks.top(LADDER_DEPTH));
-    const bids = cumulative(book.bids.top(LADDER_DEPTH));
-    const maxCum = Math.max(1e-12, ...[...asks, ...bids].map((l) => toNumber(l[2])));
-    for (const [p, s, c] of [...asks].reverse()) rows.push(row("ask", p, s, c, maxCum));
-    const spreadRow = document.createElement("tr");
-    spreadRow.className = "spread-row";
-    const td = document.createElement("td");
-    td.colSpan = 4;
-    const b = book.bestBid(), a = book.bestAsk();
-    td.textContent = b && a ? `spread ${sub(a[0], b[0])} · mid ${mid(a[0], b[0])}` : "one side empty";
-    spreadRow.append(td);
-    rows.push(spreadRow);
-    for (const [p, s, c] of bids) rows.push(row("bid", p, s, c, maxCum));
-    body.replaceChildren(...rows);
+    const askLevels = book ? cumulative(book.asks.top(LADDER_DEPTH)) : [];
+    const bidLevels = book ? cumulative(book.bids.top(LADDER_DEPTH)) : [];
+    const maxCum = Math.max(1e-12, ...[...askLevels, ...bidLevels].map((l) => toNumber(l[2])));
+    const fill = (rows, levels) => rows.forEach((row, i) => {
+      const level = levels[i];
+      row.tr.hidden = !level;
+      if (!level) return;
+      const [p, s, c] = level;
+      const key = `${row.side}:${p}`;
+      seen.set(key, s);
+      row.tr.classList.toggle("changed", this.prevLadder.size > 0 && this.prevLadder.get(key) !== s);
+      [p, s, c].forEach((text, j) => {
+        if (row.cells[j].textContent !== text) row.cells[j].textContent = text;
+      });
+      row.fill.style.width = `${Math.min(100, (100 * toNumber(c)) / maxCum).toFixed(1)}%`;
+    });
+    fill(asks, askLevels);
+    fill(bids, bidLevels);
+    const b = book && book.bestBid(), a = book && book.bestAsk();
+    noteCell.className = book ? "" : "empty";
+    noteCell.textContent = !book ? (this.instrument ? "awaiting snapshot…" : "pick an instrument on the left")
+      : b && a ? `spread ${sub(a[0], b[0])} · mid ${mid(a[0], b[0])}` : "one side empty";
     this.prevLadder = seen;
   }
 
   renderChart(book) {
     const canvas = $("depth");
     const ratio = window.devicePixelRatio || 1;
-    const w = canvas.clientWidth, h = canvas.clientHeight;
+    if (!this.chartSize) {
+      this.chartSize = [canvas.clientWidth, canvas.clientHeight]; // read once, not after each DOM update
+      window.addEventListener("resize", () => (this.chartSize = null), { once: true });
+    }
+    const [w, h] = this.chartSize;
     if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
       canvas.width = Math.round(w * ratio);
       canvas.height = Math.round(h * ratio);
@@ -473,6 +496,9 @@ class Viewer {
   renderTrades(inst) {
     const trades = inst ? inst.trades.slice(-TRADES_SHOWN).reverse() : [];
     const body = $("trades-body");
+    const key = `${inst ? inst.id : ""}:${trades.length}:${trades.length ? trades[0].recvNs : ""}`;
+    if (body.dataset.key === key) return;
+    body.dataset.key = key;
     if (!trades.length) {
       const tr = document.createElement("tr");
       const td = document.createElement("td");

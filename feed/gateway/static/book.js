@@ -5,7 +5,7 @@
 // Prices and sizes stay strings (decimal.js compares them by value): a float is never a key.
 
 import { canonical, compare } from "./decimal.js";
-import { CHECKSUM_DEPTH, checksum } from "./checksum.js";
+import { CHECKSUM_DEPTH, checksumCanonical } from "./checksum.js";
 
 export class BookError extends Error {
   name = "BookError";
@@ -21,6 +21,17 @@ class BookSide {
   clear() {
     this.prices = [];
     this.sizes = new Map();
+  }
+
+  /** Replace the side with canonical [price, size] levels (size "0" skipped; a repeated price keeps the
+   * last size): one sort instead of an insertion per level. */
+  load(levels) {
+    this.sizes = new Map();
+    for (const [p, s] of levels) {
+      if (s === "0") this.sizes.delete(p);
+      else this.sizes.set(p, s);
+    }
+    this.prices = [...this.sizes.keys()].sort(compare);
   }
 
   /** Set a level's new absolute size; "0" removes it. */
@@ -82,13 +93,13 @@ export class Book {
   loadSnapshot(bids, asks) {
     this.bids.clear();
     this.asks.clear();
-    for (const [levels, side, name] of [[bids, this.bids, "bids"], [asks, this.asks, "asks"]]) {
+    const parsed = [bids, asks].map((levels, i) => {
+      const name = i ? "asks" : "bids";
       if (!Array.isArray(levels)) throw new BookError(`snapshot field '${name}' must be a list`);
-      for (const raw of levels) {
-        const [p, s] = level(raw, `snapshot ${name}`);
-        side.set(p, s);
-      }
-    }
+      return levels.map((raw) => level(raw, `snapshot ${name}`));
+    });
+    this.bids.load(parsed[0]);
+    this.asks.load(parsed[1]);
   }
 
   /** Validate every change of a delta (`[side, price, new_size]`), then apply them in order.
@@ -119,6 +130,6 @@ export class Book {
   }
 
   checksum() {
-    return checksum(this.bids.top(CHECKSUM_DEPTH), this.asks.top(CHECKSUM_DEPTH));
+    return checksumCanonical(this.bids.top(CHECKSUM_DEPTH), this.asks.top(CHECKSUM_DEPTH));
   }
 }

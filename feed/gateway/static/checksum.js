@@ -23,7 +23,17 @@ const UTF8 = new TextEncoder();
 /** CRC-32 (zlib's `crc32`) of a string's UTF-8 bytes, as an unsigned 32-bit integer. */
 export function crc32(text) {
   let crc = 0xffffffff;
-  for (const byte of UTF8.encode(text)) crc = TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  for (let i = 0; i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    if (code > 0x7f) return crc32Bytes(UTF8.encode(text)); // not ASCII: encode (decimals never are)
+    crc = TABLE[(crc ^ code) & 0xff] ^ (crc >>> 8);
+  }
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+function crc32Bytes(bytes) {
+  let crc = 0xffffffff;
+  for (const byte of bytes) crc = TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
   return (crc ^ 0xffffffff) >>> 0;
 }
 
@@ -37,4 +47,10 @@ export function checksumString(bids, asks) {
 /** The section 6 checksum of a book given as best-first [price, size] arrays. */
 export function checksum(bids, asks) {
   return crc32(checksumString(bids, asks));
+}
+
+/** `checksum` for levels already in canonical form (a Book's own), without re-writing them. */
+export function checksumCanonical(bids, asks) {
+  const side = (levels) => levels.slice(0, CHECKSUM_DEPTH).map(([p, s]) => `${p}:${s}`).join(",");
+  return crc32(`${side(asks)}|${side(bids)}`);
 }

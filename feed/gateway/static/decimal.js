@@ -6,6 +6,7 @@
 // Numbers (floats) are used only to place things on screen (`toNumber`).
 
 const DECIMAL = /^\+?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$/;
+const CANONICAL = /^(?:0|[1-9]\d*)(?:\.\d*[1-9])?$/; // already canonical: what bookcast sends
 
 export class DecimalError extends Error {
   name = "DecimalError";
@@ -16,6 +17,7 @@ export class DecimalError extends Error {
 export function canonical(text) {
   if (typeof text === "number" && Number.isInteger(text) && text >= 0) text = String(text);
   if (typeof text !== "string") throw new DecimalError(`not a decimal string: ${JSON.stringify(text)}`);
+  if (CANONICAL.test(text)) return text;
   const m = DECIMAL.exec(text);
   if (!m || (m[1] === "" && (m[2] === undefined || m[2] === ""))) {
     throw new DecimalError(`not a decimal number: ${JSON.stringify(text)}`);
@@ -36,13 +38,13 @@ export function canonical(text) {
 /** -1, 0 or 1 as canonical non-negative decimal strings `a` < = > `b` (by value). */
 export function compare(a, b) {
   if (a === b) return 0;
-  const ia = a.indexOf("."), ib = b.indexOf(".");
-  const ai = ia < 0 ? a : a.slice(0, ia), bi = ib < 0 ? b : b.slice(0, ib);
-  if (ai.length !== bi.length) return ai.length < bi.length ? -1 : 1;
-  if (ai !== bi) return ai < bi ? -1 : 1;
-  const af = ia < 0 ? "" : a.slice(ia + 1), bf = ib < 0 ? "" : b.slice(ib + 1);
-  if (af === bf) return 0;
-  return af < bf ? -1 : 1; // canonical fractions have no trailing zeros: string order is value order
+  let ia = a.indexOf("."), ib = b.indexOf(".");
+  if (ia < 0) ia = a.length;
+  if (ib < 0) ib = b.length;
+  if (ia !== ib) return ia < ib ? -1 : 1; // integer parts have no leading zeros: longer is larger
+  // same integer length: character order is value order, and canonical fractions have no trailing zeros,
+  // so a strict prefix is the smaller value ("0.5" < "0.55")
+  return a < b ? -1 : 1;
 }
 
 function scaled(text) {
