@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.viewer.bench                       # 20 s at 4x on coinbase:SKL-USD
     .venv/bin/python -m tests.viewer.bench --speed 8 --duration-s 30 --out run/bench/viewer
+    .venv/bin/python -m tests.viewer.bench --micro               # the page's book code alone, per operation
 
 Starts nats-server, one gateway worker and an ingest looping the bundled Coinbase recording at
 ``--speed``; opens the viewer in headless Chromium on ``--instrument`` and, in the same run, a plain
@@ -12,6 +13,10 @@ the browser's main thread) as p50/p99/max and the page/peer ratios, plus the pag
 (parse, verify the CRC-32, record) and its checksum failures. Writes ``OUT.json`` and prints Markdown.
 Every process it starts it stops, by PID. Exit 0 ok, 1 a failure (the page failed a checksum or fell
 behind), 2 usage.
+
+``--micro``: no stack; in the same browser, the page's own modules on a 1,000-level-per-side book: one
+snapshot load, then 20,000 single-level deltas applied, 20,000 checksums, 20,000 JSON.parse of a delta
+frame, in µs per operation (``OUT-micro.json``).
 """
 from __future__ import annotations
 
@@ -70,6 +75,99 @@ class Peer(threading.Thread):
                     self.last_recv_ns = recv_ns
 
 
+MICRO_JS = """
+const done = arguments[0];
+Promise.all([import('/static/book.js'), import('/static/decimal.js')]).then(([bk, dc]) => {
+  const bids = [], asks = [];
+  for (let i = 0; i < 1000; i++) {
+    bids.push([dc.canonical((0.5 - i * 0.0001).toFixed(4)), String(10 + i)]);
+    asks.push([dc.canonical((0.51 + i * 0.0001).toFixed(4)), String(10 + i)]);
+  }
+  const book = new bk.Book();
+  let t = performance.now(); book.loadSnapshot(bids, asks); const snapshot = performance.now() - t;
+  const N = 20000, changes = [];
+  for (let i = 0; i < N; i++) {
+    const side = i % 2 ? 'bid' : 'ask', k = (i * 7919) % 1000;
+    changes.push([[side, (side === 'bid' ? bids : asks)[k][0], String(i % 5 === 0 ? 0 : i)]]);
+  }
+  t = performance.now(); for (const c of changes) book.applyChanges(c); const apply = performance.now() - t;
+  t = performance.now(); for (let i = 0; i < N; i++) book.checksum(); const sum = performance.now() - t;
+  const text = JSON.stringify({type: 'delta', instrument: 'coinbase:SKL-USD', epoch: '9cc20320', seq: 1234,
+    prev_seq: 1233, changes: [['bid', '0.7902', '468']], checksum: 296230226, ts_event_ns: 1618677817118782976,
+    ts_ingest_ns: 1618677817118782976, ts_publish_ns: 1618677817118782976, ts_send_ns: 1618677817118782976});
+  t = performance.now(); for (let i = 0; i < N; i++) JSON.parse(text); const parse = performance.now() - t;
+  done({snapshot_load_2000_levels_ms: snapshot, delta_apply_us: apply * 1000 / N,
+        checksum_us: sum * 1000 / N, json_parse_delta_us: parse * 1000 / N});
+}).catch((e) => done({error: String(e)}));
+"""
+
+
+def micro(out: Path) -> int:
+    from tests.viewer.scripted import ScriptedGateway
+
+    with tempfile.TemporaryDirectory(prefix="bookcast-viewer-micro-") as tmp:
+        gateway = ScriptedGateway(["coinbase:SKL-USD"]).start()
+        browser = None
+        try:
+            browser = Browser(Path(tmp))
+            browser.driver.get(gateway.base + "/")
+            figures = browser.driver.execute_async_script(MICRO_JS)
+        finally:
+            if browser is not None:
+                browser.quit()
+            gateway.stop()
+    if "error" in figures:
+        print(f"viewer bench: {figures['error']}", file=sys.stderr)
+        return 1
+    peer = python_peer()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}-micro.json").write_text(json.dumps({"page": figures, "python_l2book": peer}, indent=2) + "\n")
+    print("| operation | page (JS, Chromium) | Python L2Book (feed.book) | page / Python |\n|---|---|---|---|")
+    for k, v in figures.items():
+        print(f"| {k} | {v:.2f} | {peer[k]:.2f} | {v / peer[k]:.2f}x |")
+    return 0
+
+
+def python_peer() -> dict[str, float]:
+    """The same operations on the SDK's book (``feed.book.L2Book``, Decimal keys), same sizes."""
+    import orjson
+    from decimal import Decimal
+
+    from feed.book import L2Book
+    from feed.model import LevelChange, Side
+
+    bids = [(Decimal(f"{0.5 - i * 0.0001:.4f}"), Decimal(10 + i)) for i in range(1000)]
+    asks = [(Decimal(f"{0.51 + i * 0.0001:.4f}"), Decimal(10 + i)) for i in range(1000)]
+    book = L2Book("coinbase:SKL-USD")
+    t = time.perf_counter()
+    book.apply_snapshot(bids, asks)
+    snapshot_ms = (time.perf_counter() - t) * 1e3
+    n = 20000
+    changes = []
+    for i in range(n):
+        side = Side.BID if i % 2 else Side.ASK
+        price = (bids if side is Side.BID else asks)[(i * 7919) % 1000][0]
+        changes.append([LevelChange(side, price, Decimal(0 if i % 5 == 0 else i))])
+    t = time.perf_counter()
+    for c in changes:
+        book.apply_changes(c)
+    apply_us = (time.perf_counter() - t) * 1e6 / n
+    t = time.perf_counter()
+    for _ in range(n):
+        book.checksum()
+    checksum_us = (time.perf_counter() - t) * 1e6 / n
+    text = orjson.dumps({"type": "delta", "instrument": "coinbase:SKL-USD", "epoch": "9cc20320", "seq": 1234,
+                         "prev_seq": 1233, "changes": [["bid", "0.7902", "468"]], "checksum": 296230226,
+                         "ts_event_ns": 1618677817118782976, "ts_ingest_ns": 1618677817118782976,
+                         "ts_publish_ns": 1618677817118782976, "ts_send_ns": 1618677817118782976})
+    t = time.perf_counter()
+    for _ in range(n):
+        orjson.loads(text)
+    parse_us = (time.perf_counter() - t) * 1e6 / n
+    return {"snapshot_load_2000_levels_ms": snapshot_ms, "delta_apply_us": apply_us, "checksum_us": checksum_us,
+            "json_parse_delta_us": parse_us}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.viewer.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=float, default=4.0, help="replay speed factor (default %(default)s)")
     p.add_argument("--duration-s", type=float, default=20.0, help="seconds measured (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("run/bench/viewer"), help="writes OUT.json (default %(default)s)")
+    p.add_argument("--micro", action="store_true", help="only the page's book code, per operation (no stack)")
     args = p.parse_args(argv)
     if args.speed <= 0 or args.duration_s <= 0:
         p.error("--speed and --duration-s must be positive")
@@ -84,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"viewer bench: {why}", file=sys.stderr)
         return 2
+    if args.micro:
+        return micro(args.out)
     with tempfile.TemporaryDirectory(prefix="bookcast-viewer-bench-") as tmp:
         stack = Stack(Path(tmp), workers=1)
         browser = peer = None
