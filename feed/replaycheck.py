@@ -2,6 +2,10 @@
 
 Prints per venue the messages read, parse errors, ignored messages, instruments, deltas, trades, crossed
 books, and per instrument the final seq, level counts and checksum. Exit 1 if any parse error occurred.
+
+Records of venue ``bookcast`` (bookcast v1 messages a client received, e.g. the book viewer's download)
+are verified as a stream instead (``feed.streamcheck``: seq chain, epoch, checksums); any fault there
+is printed with its line and also exits 1.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from feed.capture import read_capture
 from feed.errors import RemoteError
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, SequencedDelta
+from feed.streamcheck import StreamCheck
 from feed.model import Side, Trade
 from feed.venues import parser_for
 
@@ -21,9 +26,14 @@ def check_captures(paths: list[Path], out=None) -> int:
     out = out or sys.stdout
     engine = BookEngine("check")
     counts: Counter[str] = Counter()
+    stream: StreamCheck | None = None
     for path in paths:
         for n, record in enumerate(read_capture(path), 1):
             counts["messages"] += 1
+            if record.venue == "bookcast":
+                stream = stream or StreamCheck()
+                stream.add(record.msg, record.recv_ts_ns, f"{path}:{n}")
+                continue
             try:
                 result = parser_for(record.venue)(record.msg)
             except RemoteError as exc:
@@ -51,4 +61,9 @@ def check_captures(paths: list[Path], out=None) -> int:
         epoch, seq = engine.seq_of(inst)
         print(f"  {inst:<48} seq={seq:<6} bids={st.book.level_count(Side.BID):<5} "
               f"asks={st.book.level_count(Side.ASK):<5} checksum={st.book.checksum()}", file=out)
-    return 1 if counts["parse_errors"] else 0
+    if stream is not None:
+        for fault in stream.faults:
+            print(fault, file=out)
+        for line in stream.summary():
+            print(line, file=out)
+    return 1 if counts["parse_errors"] or (stream is not None and stream.faults) else 0

@@ -162,6 +162,7 @@ def up(args: argparse.Namespace) -> int:
         bookcast = _bookcast_command()
         print(
             f"\nbookcast is up (Ctrl-C stops everything)\n"
+            f"  viewer     {base}/?instrument={example}   (the book viewer in a browser)\n"
             f"  WebSocket  ws://{args.host}:{port}/v1/ws\n"
             f"  REST       {base}/v1/instruments   {base}/v1/book/{example}\n"
             f"  metrics    {base}/metrics (gateway, {args.workers} workers)   "

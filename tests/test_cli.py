@@ -107,6 +107,9 @@ def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_pa
         with urllib.request.urlopen(base + "/v1/instruments", timeout=5) as r:
             listing = json.loads(r.read())["instruments"]
         assert len(listing) == 10 and all(i["instrument"].startswith("coinbase:") for i in listing)
+        viewer = re.search(r"viewer\s+(http://\S+/\?instrument=coinbase:\S+)", text)  # the book viewer (issue 12)
+        with urllib.request.urlopen(viewer.group(1), timeout=5) as r:
+            assert r.status == 200 and b"bookcast viewer" in r.read()
         # The latency report, asked of the running probe that holds the store, once samples are in.
         deadline = time.monotonic() + 60
         while True:

@@ -767,6 +767,7 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
     app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_handler)
+    from feed.gateway.viewer import add_routes as add_viewer_routes; add_viewer_routes(app)  # noqa: E702 - book viewer at / (issue 12)
 
 
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None, *,
