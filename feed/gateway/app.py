@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry
 from feed import metrics as prom
 from feed import wire
 from feed.gateway import instrument as im
+from feed.gateway import viewer
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
@@ -767,7 +768,7 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
     app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_handler)
-    from feed.gateway.viewer import add_routes as add_viewer_routes; add_viewer_routes(app)  # noqa: E702 - book viewer at / (issue 12)
+    viewer.add_routes(app)  # the book viewer at / and /static/
 
 
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None, *,
