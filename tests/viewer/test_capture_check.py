@@ -58,7 +58,7 @@ def test_a_clean_stream_has_no_faults_and_ends_at_its_seq():
 def test_checksum_mismatch_and_gap_are_faults_naming_the_line():
     check = run(stream(corrupt_seq=44))
     assert len(check.faults) == 1, check.faults
-    assert check.faults[0].startswith(f"f:6: checksum_mismatch: checksum mismatch instrument={INST} seq=44 computed=")
+    assert check.faults[0].startswith(f"f:6: checksum_mismatch: checksum mismatch instrument={INST} seq=44 expected=")
     assert "checksum_mismatches=1" in check.summary()[0]
     gap = run(stream(skip_at=47))
     assert len(gap.faults) == 1 and gap.faults[0].startswith("f:9: seq_gap: seq gap") and "expected=46 got=45" in gap.faults[0]
