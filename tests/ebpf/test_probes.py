@@ -87,8 +87,10 @@ def test_socket_queueing_measures_unread_data(probes):
     finally:
         w.kill()
     q = one(probes, "bookcast_ebpf_socket_queue_seconds", role="w-queue")
-    assert q.count == 10                                         # the first read only learns the socket
-    assert sum(q.slots[:slot_of(20_000)]) == 0 and q.total >= 10 * 20e6
+    # each of the 10 messages waited >= 20 ms unread (the first read only learns the socket); the peer's FIN
+    # may add one short sample (data_ready on close, read at once), never more
+    assert sum(q.slots[slot_of(20_000):]) == 10, q.slots
+    assert q.count - 10 <= 1 and q.total >= 10 * 20e6, q.slots
 
 
 def test_tcp_retransmits_and_srtt_on_the_listening_port(probes):
