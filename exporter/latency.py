@@ -1,16 +1,7 @@
 """Per-hop latency of one message, and HDR histograms over sliding windows (the probe's pure core).
 
-Hops, from the stamps every data message carries (PROTOCOL.md section 4; all ns since the Unix epoch):
-
-============  ==================================  =============================================
-hop           value                               who is slow when it grows
-============  ==================================  =============================================
-upstream      ts_ingest_ns - ts_event_ns          the venue or the provider link (or its clock)
-ingest        ts_publish_ns - ts_ingest_ns        the ingest (parse, book, encode)
-nats_gateway  ts_send_ns - ts_publish_ns          NATS transit and the gateway's fan-out
-client        recv - ts_send_ns                   gateway queue, socket, network, the reader
-e2e           recv - ts_event_ns                  everything (from ts_ingest_ns without a venue time)
-============  ==================================  =============================================
+Hops and the stamps they are computed from are defined once, in ``feed.hops`` (the ``Hop`` enum and its
+``HOPS`` rule table), and re-exported here.
 
 Coordinated omission: every value is a difference of stamps taken by the producers as the message moved
 (the producer's schedule), plus the client's receive time. Nothing is measured from when the probe asked
