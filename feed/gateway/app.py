@@ -39,7 +39,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -49,6 +48,7 @@ from prometheus_client import CollectorRegistry
 from feed import metrics as prom
 from feed import wire
 from feed.gateway import instrument as im
+from feed.gateway.config import GatewayConfig  # noqa: F401 - re-exported: declared once, in feed.gateway.config
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
@@ -137,28 +137,6 @@ class GatewayMetrics:
             elif key == "writer_gaps":
                 log.error("deltas not applicable for a client were replaced by a resync: %d", n)
         tally.clear()
-
-
-@dataclass
-class GatewayConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
-    limits: GatewayLimits = field(default_factory=GatewayLimits)
-    ring_size: int = 4096
-    ws_ping_interval_s: float = 10.0
-    snapshot_timeout_s: float = 2.0
-    shutdown_reconnect_after_ms: int = 500
-    drain_timeout_s: float = 2.0
-    nats_reconnect_wait_s: float = 0.25
-    # Bytes a connection may hold below its queue: the socket's user-space write buffer before the writer
-    # waits for it to drain, and the kernel send buffer (None: kernel autotuning, up to tcp_wmem max).
-    ws_writer_limit_bytes: int = 256 * 1024
-    socket_sndbuf_bytes: int | None = None
-    name: str = "gateway"
-    instrumented: bool = True  # per-message metrics and traces; off only to measure their cost
-    otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
-    queue_sample_interval_s: float = 1.0
-    instrument_linger_s: float = 30.0  # an instrument without subscribers is released after this long
-    fanout_delay_s: float = 0.0  # test hook: hold each delta this long before handling it (a slow gateway)
 
 
 _DRAIN_POLL_S = (0.001, 0.05)  # writer waiting for the socket to drain: first and longest poll interval

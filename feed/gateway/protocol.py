@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -64,10 +64,12 @@ class GatewayLimits:
     requests_per_s: float = 20.0  # sustained request rate
     request_burst: int = 50  # requests allowed at once from a full bucket
     max_rate_limited_in_a_row: int = 100  # then close 4029
-    max_queue_bytes: int = 4 * 1024 * 1024  # outbound queue bound (section 7)
+    max_queue_bytes: int = field(default=4 * 1024 * 1024, metadata={"cli": {  # outbound queue bound (section 7)
+        "flag": "--max-queue-bytes", "help": "outbound queue bound per connection"}})
     max_overflows: int = 3  # queue overflows within overflow_window_s before close 4008
     overflow_window_s: float = 60.0
-    heartbeat_interval_s: float = 1.0  # idle time before a ``heartbeat``
+    heartbeat_interval_s: float = field(default=1.0, metadata={"cli": {  # idle time before a ``heartbeat``
+        "flag": "--heartbeat-interval-s", "help": "idle time before a heartbeat", "hidden": True}})
     conflate_ms_max: int = 5000  # ``conflate_ms`` is 0..conflate_ms_max
 
     def __post_init__(self) -> None:
