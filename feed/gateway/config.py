@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +38,11 @@ def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], A
                     "choices": choices, "default_factory": default_factory}}
 
 
-def _otlp_default() -> str | None:
-    from feed.otlp import endpoint_from
+OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the standard variable (feed.otlp.ENDPOINT_ENV)
 
-    return endpoint_from(None)
+
+def _otlp_default() -> str | None:
+    return os.environ.get(OTLP_ENDPOINT_ENV) or None
 
 
 _on_off = {"to_cli": lambda v: "on" if v else "off", "from_cli": lambda v: v == "on", "choices": ["on", "off"]}
