@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from feed.errors import InvalidInstrument, RemoteError
+from feed import wire
 from feed.model import split_instrument
 from feed.wire import (  # noqa: F401 - re-exported: the gateway's protocol vocabulary
     DEFAULT_CHANNELS,
@@ -278,15 +279,8 @@ def _describe(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Replies (PROTOCOL.md section 4). Keys are in the order of the section's examples; ``id`` is omitted
-# when the request had none.
-
-
-def _with_id(msg_type: str, id: RequestId | None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": msg_type}
-    if id is not None:
-        msg["id"] = id
-    return msg
+# Replies (PROTOCOL.md section 4), encoded by the wire model (``feed.wire.encode``): keys in the order of
+# the section's examples; ``id`` omitted when the request had none.
 
 
 def subscribed(id: RequestId | None, instruments: Iterable[str], recovered: Mapping[str, bool]) -> bytes:
@@ -295,24 +289,17 @@ def subscribed(id: RequestId | None, instruments: Iterable[str], recovered: Mapp
     ``recovered`` should have one entry per instrument: ``true`` when its ``resume`` succeeded (missed
     deltas follow), ``false`` when a snapshot follows.
     """
-    msg = _with_id("subscribed", id)
-    msg["instruments"] = list(instruments)
-    msg["recovered"] = dict(recovered)
-    return orjson.dumps(msg)
+    return wire.encode(wire.Subscribed(id, list(instruments), dict(recovered)))
 
 
 def unsubscribed(id: RequestId | None, instruments: Iterable[str]) -> bytes:
     """``{"type":"unsubscribed","id":2,"instruments":[...]}``."""
-    msg = _with_id("unsubscribed", id)
-    msg["instruments"] = list(instruments)
-    return orjson.dumps(msg)
+    return wire.encode(wire.Unsubscribed(id, list(instruments)))
 
 
 def pong(id: RequestId | None, ts_send_ns: int) -> bytes:
     """``{"type":"pong","id":4,"ts_send_ns":N}``; ``ts_send_ns`` in ns since the Unix epoch."""
-    msg = _with_id("pong", id)
-    msg["ts_send_ns"] = ts_send_ns
-    return orjson.dumps(msg)
+    return wire.encode(wire.Pong(id, ts_send_ns))
 
 
 def error(code: ErrorCode, message: str, id: RequestId | None = None) -> bytes:
@@ -321,10 +308,7 @@ def error(code: ErrorCode, message: str, id: RequestId | None = None) -> bytes:
     Raises:
         ValueError: ``code`` is not an ``ErrorCode`` value.
     """
-    msg = _with_id("error", id)
-    msg["code"] = ErrorCode(code).value
-    msg["message"] = message
-    return orjson.dumps(msg)
+    return wire.encode(wire.ErrorMsg(id, ErrorCode(code).value, message))
 
 
 def resync(instrument: str, reason: ResyncReason) -> bytes:
@@ -333,7 +317,7 @@ def resync(instrument: str, reason: ResyncReason) -> bytes:
     Raises:
         ValueError: ``reason`` is not a ``ResyncReason`` value.
     """
-    return orjson.dumps({"type": "resync", "instrument": instrument, "reason": ResyncReason(reason).value})
+    return wire.encode(wire.ResyncMsg(instrument, ResyncReason(reason).value))
 
 
 def heartbeat(ts_send_ns: int, seqs: Mapping[str, tuple[str, int]]) -> bytes:
@@ -341,10 +325,9 @@ def heartbeat(ts_send_ns: int, seqs: Mapping[str, tuple[str, int]]) -> bytes:
 
     ``seqs`` covers every instrument the connection subscribes to; ``ts_send_ns`` in ns since the Unix epoch.
     """
-    wire_seqs = {instrument: [epoch, seq] for instrument, (epoch, seq) in seqs.items()}
-    return orjson.dumps({"type": "heartbeat", "ts_send_ns": ts_send_ns, "seqs": wire_seqs})
+    return wire.encode(wire.Heartbeat(ts_send_ns, dict(seqs)))
 
 
 def shutdown(reconnect_after_ms: int) -> bytes:
     """``{"type":"shutdown","reconnect_after_ms":500}``: sent before draining, then close 1001."""
-    return orjson.dumps({"type": "shutdown", "reconnect_after_ms": reconnect_after_ms})
+    return wire.encode(wire.ShutdownMsg(reconnect_after_ms))
