@@ -41,6 +41,7 @@ import websocket
 from locust import User, constant, events, task
 from locust.exception import StopUser
 
+from feed import wire
 from feed.client.verify import GapDetected, ResyncReceived, SendResync, VerifiedBooks
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
 from loadtest import natsproto
@@ -137,11 +138,12 @@ class BookcastUser(_Receiver):
     def on_start(self) -> None:
         super().on_start()
         self.ws = websocket.create_connection(self.opts.bc_url, timeout=self.opts.bc_recv_timeout_s)
-        self.ws.send(orjson.dumps({"op": "subscribe", "id": 1, "instruments": self.instruments,
-                                   "channels": self.channels, "conflate_ms": self.opts.bc_conflate_ms}).decode())
+        subscribe = wire.Subscribe(1, tuple(self.instruments), frozenset(wire.Channel(c) for c in self.channels),
+                                   self.opts.bc_conflate_ms)
+        self.ws.send(wire.encode_request(subscribe).decode())
 
     def resync(self, instrument: str) -> None:
-        self.ws.send(orjson.dumps({"op": "resync", "instrument": instrument}).decode())
+        self.ws.send(wire.encode_request(wire.ResyncRequest(None, instrument)).decode())
 
     @task
     def receive(self) -> None:

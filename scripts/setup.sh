@@ -128,9 +128,10 @@ sync_venv() {
         py_args=()
     fi
     local out rc=0
-    out="$("$UV" sync --frozen "${py_args[@]}" 2>&1)" || rc=$?
+    # every extra: `pip install bookcast` is only the SDK; the stack, probe, benchmarks and drills need the rest
+    out="$("$UV" sync --frozen --all-extras "${py_args[@]}" 2>&1)" || rc=$?
     printf '%s\n' "$out" | sed 's/^/[setup]   uv: /'
-    [ "$rc" -eq 0 ] || die "'uv sync --frozen' failed (exit $rc); see the uv output above"
+    [ "$rc" -eq 0 ] || die "'uv sync --frozen --all-extras' failed (exit $rc); see the uv output above"
     if grep -Eq '^(Creating virtual environment|Installed|Uninstalled|Built) ' <<<"$out"; then
         log "python env: .venv synced from uv.lock"
     else

@@ -11,7 +11,7 @@ so neither machine knows the other and nothing imports in a circle. Each client 
 WebSocket handler) and a writer task draining its session's bounded queue; the fan-out never awaits a
 client, it only appends to queues. Frames are made once per delta (``feed.gateway.framing``, wsproto) and
 whatever a writer finds queued goes out as one ``transport.write``; flow control waits, through the
-transport's public ``get_write_buffer_size``, while the socket holds more than ``ws_writer_limit_bytes``.
+request's public stream writer ``drain()``, while the transport holds more than ``ws_writer_limit_bytes``.
 
 An instrument nobody subscribes to any more keeps its machine for ``instrument_linger_s`` (a client that
 reconnects finds it warm), then its NATS subscriptions are dropped and it is released.
@@ -39,7 +39,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -50,6 +49,7 @@ from feed import metrics as prom
 from feed import wire
 from feed.gateway import instrument as im
 from feed.gateway import viewer
+from feed.gateway.config import GatewayConfig  # noqa: F401 - re-exported: declared once, in feed.gateway.config
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
@@ -140,39 +140,15 @@ class GatewayMetrics:
         tally.clear()
 
 
-@dataclass
-class GatewayConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
-    limits: GatewayLimits = field(default_factory=GatewayLimits)
-    ring_size: int = 4096
-    ws_ping_interval_s: float = 10.0
-    snapshot_timeout_s: float = 2.0
-    shutdown_reconnect_after_ms: int = 500
-    drain_timeout_s: float = 2.0
-    nats_reconnect_wait_s: float = 0.25
-    # Bytes a connection may hold below its queue: the socket's user-space write buffer before the writer
-    # waits for it to drain, and the kernel send buffer (None: kernel autotuning, up to tcp_wmem max).
-    ws_writer_limit_bytes: int = 256 * 1024
-    socket_sndbuf_bytes: int | None = None
-    name: str = "gateway"
-    instrumented: bool = True  # per-message metrics and traces; off only to measure their cost
-    otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
-    queue_sample_interval_s: float = 1.0
-    instrument_linger_s: float = 30.0  # an instrument without subscribers is released after this long
-    fanout_delay_s: float = 0.0  # test hook: hold each delta this long before handling it (a slow gateway)
-
-
-_DRAIN_POLL_S = (0.001, 0.05)  # writer waiting for the socket to drain: first and longest poll interval
-
-
 class Connection:
     """The socket side of one client: its ``Session``, the WebSocket, the writer task."""
 
     def __init__(self, gw: Gateway, ws: web.WebSocketResponse, session: Session,
-                 transport: asyncio.Transport | None) -> None:
+                 transport: asyncio.Transport | None, http_writer: Any) -> None:
         loop = asyncio.get_running_loop()
         self.gw = gw
         self.ws = ws
+        self.http_writer = http_writer  # aiohttp's AbstractStreamWriter of the request: its public drain()
         self.session = session
         self.transport = transport
         self._waiter: asyncio.Future[None] | None = None
@@ -215,18 +191,16 @@ class Connection:
 
     async def _write(self, frames: list[bytes], limit_bytes: int) -> None:
         """One socket write of whole frames (aiohttp writes its own control frames to the same transport,
-        always whole, so nothing interleaves); then wait while the transport holds over the limit."""
+        always whole, so nothing interleaves). Then, like aiohttp's own WebSocket writer, while the
+        transport holds more than the limit wait for it to drain, through the request's public stream
+        writer (``drain`` returns once the transport resumes writing, below its low-water mark: so pings,
+        written behind our data, stay timely)."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.ws.closed:
             raise ConnectionResetError("connection closing")
         transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if transport.get_write_buffer_size() > limit_bytes:
-            poll_s, max_s = _DRAIN_POLL_S
-            while transport.get_write_buffer_size() > limit_bytes:
-                if transport.is_closing():
-                    raise ConnectionResetError("connection closing")
-                await asyncio.sleep(poll_s)
-                poll_s = min(poll_s * 2, max_s)
+            await self.http_writer.drain()
 
     def _request_close(self, close: Close) -> None:
         """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
@@ -628,7 +602,7 @@ class Gateway:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf_bytes)
         await ws.prepare(request)
         session = Session(self, self.limits, time.time_ns(), authorization=authorization, peer=request.remote or "?")
-        conn = Connection(self, ws, session, request.transport)
+        conn = Connection(self, ws, session, request.transport, request.writer)
         self.connections.add(conn)
         self.metrics.clients.inc()
         loop = asyncio.get_running_loop()

@@ -188,17 +188,21 @@ class InstrumentMachine:
         instrument: the instrument id.
         ring_size: recent deltas kept to serve ``resume`` (PROTOCOL notes: 4,096).
         verify_checksum: check each delta's ``checksum`` on the machine's own book (a mismatch resyncs).
+        max_buffered: deltas kept while awaiting a snapshot (oldest dropped first).
 
     Attributes a reader may use: ``state``, ``book`` (a ``SequencedBook``), ``status``, ``status_reason``,
     ``status_since_ns``, ``gaps`` (breaks detected).
     """
 
-    def __init__(self, instrument: str, ring_size: int = 4096, *, verify_checksum: bool = True) -> None:
+    def __init__(self, instrument: str, ring_size: int = 4096, *, verify_checksum: bool = True,
+                 max_buffered: int = 65536) -> None:
         self.instrument = instrument
         self.state = State.AWAITING_SNAPSHOT
         self.book = SequencedBook(instrument)
         self.ring: deque[tuple[str, int, int, bytes]] = deque(maxlen=ring_size)  # epoch, seq, prev_seq, payload
-        self.buffer: list[tuple[wire.Delta, bytes, str | None]] = []
+        # deltas waiting for a snapshot; the oldest go first past the bound (a replay then finds the gap
+        # and asks again, never applies across it)
+        self.buffer: deque[tuple[wire.Delta, bytes, str | None]] = deque(maxlen=max_buffered)
         self.status = Status.OK
         self.status_reason = ""
         self.status_since_ns: int | None = None
@@ -318,7 +322,8 @@ class InstrumentMachine:
         out: list[Action] = []
         if snap.status is not None:
             out += self.on_status(snap.status, self.status_reason if snap.status is self.status else "", None, now_ns)
-        buffered, self.buffer = self.buffer, []
+        buffered = list(self.buffer)
+        self.buffer.clear()
         for i, (delta, payload, traceparent) in enumerate(buffered):
             if delta.epoch != self.book.epoch or delta.seq <= self.book.seq:
                 continue  # published before the snapshot was taken: already in it, or of an older history

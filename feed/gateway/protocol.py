@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from feed.errors import InvalidInstrument, RemoteError
+from feed import wire
 from feed.model import split_instrument
 from feed.wire import (  # noqa: F401 - re-exported: the gateway's protocol vocabulary
     DEFAULT_CHANNELS,
@@ -64,10 +65,12 @@ class GatewayLimits:
     requests_per_s: float = 20.0  # sustained request rate
     request_burst: int = 50  # requests allowed at once from a full bucket
     max_rate_limited_in_a_row: int = 100  # then close 4029
-    max_queue_bytes: int = 4 * 1024 * 1024  # outbound queue bound (section 7)
+    max_queue_bytes: int = field(default=4 * 1024 * 1024, metadata={"cli": {  # outbound queue bound (section 7)
+        "flag": "--max-queue-bytes", "help": "outbound queue bound per connection"}})
     max_overflows: int = 3  # queue overflows within overflow_window_s before close 4008
     overflow_window_s: float = 60.0
-    heartbeat_interval_s: float = 1.0  # idle time before a ``heartbeat``
+    heartbeat_interval_s: float = field(default=1.0, metadata={"cli": {  # idle time before a ``heartbeat``
+        "flag": "--heartbeat-interval-s", "help": "idle time before a heartbeat", "hidden": True}})
     conflate_ms_max: int = 5000  # ``conflate_ms`` is 0..conflate_ms_max
 
     def __post_init__(self) -> None:
@@ -276,15 +279,8 @@ def _describe(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Replies (PROTOCOL.md section 4). Keys are in the order of the section's examples; ``id`` is omitted
-# when the request had none.
-
-
-def _with_id(msg_type: str, id: RequestId | None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": msg_type}
-    if id is not None:
-        msg["id"] = id
-    return msg
+# Replies (PROTOCOL.md section 4), encoded by the wire model (``feed.wire.encode``): keys in the order of
+# the section's examples; ``id`` omitted when the request had none.
 
 
 def subscribed(id: RequestId | None, instruments: Iterable[str], recovered: Mapping[str, bool]) -> bytes:
@@ -293,24 +289,17 @@ def subscribed(id: RequestId | None, instruments: Iterable[str], recovered: Mapp
     ``recovered`` should have one entry per instrument: ``true`` when its ``resume`` succeeded (missed
     deltas follow), ``false`` when a snapshot follows.
     """
-    msg = _with_id("subscribed", id)
-    msg["instruments"] = list(instruments)
-    msg["recovered"] = dict(recovered)
-    return orjson.dumps(msg)
+    return wire.encode(wire.Subscribed(id, list(instruments), dict(recovered)))
 
 
 def unsubscribed(id: RequestId | None, instruments: Iterable[str]) -> bytes:
     """``{"type":"unsubscribed","id":2,"instruments":[...]}``."""
-    msg = _with_id("unsubscribed", id)
-    msg["instruments"] = list(instruments)
-    return orjson.dumps(msg)
+    return wire.encode(wire.Unsubscribed(id, list(instruments)))
 
 
 def pong(id: RequestId | None, ts_send_ns: int) -> bytes:
     """``{"type":"pong","id":4,"ts_send_ns":N}``; ``ts_send_ns`` in ns since the Unix epoch."""
-    msg = _with_id("pong", id)
-    msg["ts_send_ns"] = ts_send_ns
-    return orjson.dumps(msg)
+    return wire.encode(wire.Pong(id, ts_send_ns))
 
 
 def error(code: ErrorCode, message: str, id: RequestId | None = None) -> bytes:
@@ -319,10 +308,7 @@ def error(code: ErrorCode, message: str, id: RequestId | None = None) -> bytes:
     Raises:
         ValueError: ``code`` is not an ``ErrorCode`` value.
     """
-    msg = _with_id("error", id)
-    msg["code"] = ErrorCode(code).value
-    msg["message"] = message
-    return orjson.dumps(msg)
+    return wire.encode(wire.ErrorMsg(id, ErrorCode(code).value, message))
 
 
 def resync(instrument: str, reason: ResyncReason) -> bytes:
@@ -331,7 +317,7 @@ def resync(instrument: str, reason: ResyncReason) -> bytes:
     Raises:
         ValueError: ``reason`` is not a ``ResyncReason`` value.
     """
-    return orjson.dumps({"type": "resync", "instrument": instrument, "reason": ResyncReason(reason).value})
+    return wire.encode(wire.ResyncMsg(instrument, ResyncReason(reason).value))
 
 
 def heartbeat(ts_send_ns: int, seqs: Mapping[str, tuple[str, int]]) -> bytes:
@@ -339,10 +325,9 @@ def heartbeat(ts_send_ns: int, seqs: Mapping[str, tuple[str, int]]) -> bytes:
 
     ``seqs`` covers every instrument the connection subscribes to; ``ts_send_ns`` in ns since the Unix epoch.
     """
-    wire_seqs = {instrument: [epoch, seq] for instrument, (epoch, seq) in seqs.items()}
-    return orjson.dumps({"type": "heartbeat", "ts_send_ns": ts_send_ns, "seqs": wire_seqs})
+    return wire.encode(wire.Heartbeat(ts_send_ns, dict(seqs)))
 
 
 def shutdown(reconnect_after_ms: int) -> bytes:
     """``{"type":"shutdown","reconnect_after_ms":500}``: sent before draining, then close 1001."""
-    return orjson.dumps({"type": "shutdown", "reconnect_after_ms": reconnect_after_ms})
+    return wire.encode(wire.ShutdownMsg(reconnect_after_ms))

@@ -1,9 +1,11 @@
 """Run the gateway: one or several worker processes sharing one port (SO_REUSEPORT).
 
-With ``workers > 1`` this process is a supervisor: it points prometheus-client's multiprocess mode at a
-temp dir (so ``/metrics`` on any worker shows the sum of all), starts the workers as child processes,
-forwards SIGTERM/SIGINT to them and stops them by PID. Each worker is an independent aiohttp server with
-its own NATS connection and hubs; the kernel spreads connections across them.
+Options come from ``feed.gateway.config`` (declared once, as dataclass fields). With ``workers > 1`` this
+process is a supervisor: it points prometheus-client's multiprocess mode at a temp dir (so ``/metrics``
+on any worker shows the sum of all), starts the workers as child processes with ``worker_argv`` of its
+own config, forwards SIGTERM/SIGINT to them and stops them by PID. A worker that dies is restarted after
+a backoff (``RestartBackoff``: doubling from 0.5 s to 30 s while workers keep dying young), and the other
+workers keep serving meanwhile; the kernel only spreads new connections over the live ones.
 """
 from __future__ import annotations
 
@@ -16,66 +18,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from feed.otlp import endpoint_from
-from feed.gateway.protocol import GatewayLimits
+from feed.gateway import config as cfg
+from feed.gateway.config import GatewayConfig, ServerConfig
 from feed.procs import StopSignal, free_port, stop_process
 
 log = logging.getLogger("bookcast.gateway")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="listen port, 0 = pick a free one (default %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default %(default)s)")
-    p.add_argument("--max-queue-bytes", type=int, default=GatewayLimits().max_queue_bytes,
-                   help="outbound queue bound per connection (default %(default)s)")
-    p.add_argument("--heartbeat-interval-s", type=float, default=GatewayLimits().heartbeat_interval_s,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--ws-writer-limit-bytes", type=int, default=256 * 1024,
-                   help="WebSocket writer buffer per connection before waiting for the socket (default %(default)s)")
-    p.add_argument("--socket-sndbuf-bytes", type=int, default=0,
-                   help="kernel send buffer per connection, 0 = kernel autotuning (default %(default)s)")
-    p.add_argument("--ws-ping-interval-s", type=float, default=10.0,
-                   help="WebSocket ping interval; a client not answering within half of it is closed (default %(default)s)")
-    p.add_argument("--nats-reconnect-wait-s", type=float, default=0.25,
-                   help="delay between NATS reconnect attempts (default %(default)s)")
-    p.add_argument("--name", default="gateway", help="name shown to NATS and in logs")
-    p.add_argument("--otlp-endpoint", default=endpoint_from(None),
-                   help="OTLP/gRPC endpoint for spans of traced deltas, e.g. http://127.0.0.1:4317 "
-                        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
-    p.add_argument("--instrumentation", choices=["on", "off"], default="on",
-                   help="per-message metrics and traces; 'off' only to measure their cost (default %(default)s)")
-    p.add_argument("--test-fanout-delay-ms", type=float, default=0.0,
-                   help="test hook: hold every delta this long before fan-out, a slow gateway (default off)")
+    """The ``bookcast gateway`` options: one per ``cli`` field of ``feed.gateway.config``."""
+    cfg.add_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace):
-    from feed.gateway.app import GatewayConfig
-
-    limits = GatewayLimits(max_queue_bytes=args.max_queue_bytes, heartbeat_interval_s=args.heartbeat_interval_s)
-    return GatewayConfig(nats_url=args.nats, limits=limits, name=args.name,
-                         nats_reconnect_wait_s=args.nats_reconnect_wait_s, ws_ping_interval_s=args.ws_ping_interval_s,
-                         ws_writer_limit_bytes=args.ws_writer_limit_bytes,
-                         socket_sndbuf_bytes=args.socket_sndbuf_bytes or None,
-                         otlp_endpoint=args.otlp_endpoint, instrumented=args.instrumentation == "on",
-                         fanout_delay_s=args.test_fanout_delay_ms / 1000)
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """One worker's ``GatewayConfig`` from the parsed options."""
+    return cfg.config_from_args(args)
 
 
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
     """Serve until SIGTERM/SIGINT, then drain (``shutdown`` to clients, close 1001) and exit 0."""
     from feed.gateway.app import create_app
 
-    app = create_app(config_from_args(args))
+    server = cfg.server_config_from_args(args)
+    app = create_app(server.gateway)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_port=reuse_port, backlog=4096)
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port, backlog=4096)
     await site.start()
     if ready_line:
-        log.info("gateway worker pid=%d serving http://%s:%d (WebSocket /v1/ws)", os.getpid(), args.host, args.port)
+        log.info("gateway worker pid=%d serving http://%s:%d (WebSocket /v1/ws)", os.getpid(), server.host, server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,7 +67,7 @@ def serve(args: argparse.Namespace) -> int:
         args.port = free_port(args.host)
     if args.workers <= 1:
         return _run(run_worker(args, reuse_port=False))
-    return _supervise(args)
+    return _supervise(cfg.server_config_from_args(args))
 
 
 def _run(coro) -> int:
@@ -104,37 +79,84 @@ def _run(coro) -> int:
         return asyncio.run(coro)
 
 
-def _supervise(args: argparse.Namespace) -> int:
+@dataclass
+class RestartBackoff:
+    """Delay before restarting a dead worker (pure: times passed in).
+
+    The first restart waits ``initial_s``; each further one doubles, up to ``max_s``, while workers keep
+    dying within ``healthy_after_s`` of their start; a worker that lived longer resets the delay.
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    healthy_after_s: float = 10.0
+    _delay_s: float = 0.0
+
+    def next_delay_s(self, uptime_s: float) -> float:
+        """The delay before restarting a worker that ran for ``uptime_s``."""
+        if uptime_s >= self.healthy_after_s or not self._delay_s:
+            self._delay_s = self.initial_s
+        else:
+            self._delay_s = min(self._delay_s * 2, self.max_s)
+        return self._delay_s
+
+
+@dataclass
+class _Slot:
+    name: str
+    proc: subprocess.Popen | None = None
+    started_s: float = 0.0
+    restart_at_s: float | None = None
+
+
+def _supervise(server: ServerConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="bookcast-prom-") as prom_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=prom_dir)
-        cmd = [sys.executable, "-m", "feed.cli", "gateway", "--worker", "--nats", args.nats, "--host", args.host,
-               "--port", str(args.port), "--max-queue-bytes", str(args.max_queue_bytes),
-               "--heartbeat-interval-s", str(args.heartbeat_interval_s),
-               "--nats-reconnect-wait-s", str(args.nats_reconnect_wait_s),
-               "--ws-ping-interval-s", str(args.ws_ping_interval_s),
-               "--ws-writer-limit-bytes", str(args.ws_writer_limit_bytes),
-               "--socket-sndbuf-bytes", str(args.socket_sndbuf_bytes),
-               "--instrumentation", args.instrumentation, "--test-fanout-delay-ms", str(args.test_fanout_delay_ms)]
-        if args.otlp_endpoint:
-            cmd += ["--otlp-endpoint", args.otlp_endpoint]
-        procs = [subprocess.Popen(cmd + ["--name", f"{args.name}-{i}"], env=env) for i in range(args.workers)]
-        log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), args.workers,
-                 args.port, " ".join(str(p.pid) for p in procs))
+        base = [sys.executable, "-m", "feed.cli", "gateway", "--worker"]
+        slots = [_Slot(f"{server.gateway.name}-{i}") for i in range(server.workers)]
+        backoff = RestartBackoff(*server.restart_backoff_s)
+
+        def start(slot: _Slot) -> None:
+            argv = base + cfg.worker_argv(server, name=slot.name)
+            slot.proc = subprocess.Popen(argv, env=env)
+            slot.started_s, slot.restart_at_s = time.monotonic(), None
+
+        for slot in slots:
+            start(slot)
+        log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), server.workers,
+                 server.port, " ".join(str(s.proc.pid) for s in slots if s.proc))
         stopping = StopSignal()
-        code = 0
         try:
-            while not stopping and not code:
-                for p in procs:
-                    if p.poll() is not None:
-                        log.error("gateway worker pid=%d exited with %s; stopping", p.pid, p.returncode)
-                        code = 1
-                time.sleep(0.2)
+            while not stopping:
+                now_s = time.monotonic()
+                for slot in slots:
+                    proc = slot.proc
+                    if proc is not None and proc.poll() is not None:
+                        delay_s = backoff.next_delay_s(now_s - slot.started_s)
+                        log.error("gateway worker %s pid=%d exited with %s; restarting in %.1f s (the other "
+                                  "workers keep serving)", slot.name, proc.pid, proc.returncode, delay_s)
+                        _mark_dead(proc.pid, prom_dir)
+                        slot.proc, slot.restart_at_s = None, now_s + delay_s
+                    elif proc is None and slot.restart_at_s is not None and now_s >= slot.restart_at_s and not stopping:
+                        start(slot)
+                        log.info("gateway worker %s restarted pid=%d", slot.name, slot.proc.pid)
+                time.sleep(0.1)
         finally:
-            for p in procs:
-                stop_process(p, grace_s=8.0)
-        return code
+            for slot in slots:
+                if slot.proc is not None:
+                    stop_process(slot.proc, grace_s=8.0)
+        return 0
+
+
+def _mark_dead(pid: int, prom_dir: str) -> None:
+    """Drop a dead worker's live gauges from the multiprocess metrics (its counters stay counted)."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, prom_dir)
+    except Exception:  # noqa: BLE001 - metrics housekeeping never stops the supervisor
+        log.debug("could not mark worker pid=%d dead in %s", pid, prom_dir, exc_info=True)
 
 
 def worker_main(args: argparse.Namespace) -> int:
     return _run(run_worker(args, reuse_port=True))
-

@@ -408,24 +408,34 @@ class Session:
         queue = self.queue
         frames: list[bytes] = []
         size = 0
+        deltas = 0
         tally = self.tally
+        held = self.held
+        data = Kind.DATA
         while queue.items and size < max_bytes:
             item = queue.pop()
             kind = item.kind
             inst = item.instrument
-            if kind is Kind.DATA:
-                state = self.held.get(inst)
-                verdict = admit(state, item.epoch, item.seq, item.prev_seq) if type(state) is SentState else Admit.SKIP
+            if kind is data:
+                state = held.get(inst)
+                if type(state) is SentState:
+                    if item.prev_seq == state.seq and item.epoch == state.epoch:  # the common case, inline
+                        verdict = Admit.SEND
+                    else:
+                        verdict = admit(state, item.epoch, item.seq, item.prev_seq)
+                else:
+                    verdict = Admit.SKIP
                 if verdict is Admit.SEND:
                     state.seq = item.seq  # type: ignore[union-attr]
                     frames.append(item.payload)
                     size += len(item.payload)
-                    tally[("sent", "delta")] += 1
+                    deltas += 1
                 elif verdict is Admit.GAP:
                     self._writer_gap(inst, now_ns)
                 continue
             if kind is Kind.CLOSE:
                 self._go(SessionInput.CLOSE_SENT)
+                tally[("sent", "delta")] += deltas
                 self._count(frames, size)
                 return frames, Close(item.seq, item.payload)
             frame, label = self._frame_for(item, now_ns)
@@ -440,6 +450,8 @@ class Session:
                         frames.append(status)
                         size += len(status)
                         tally[("sent", "control")] += 1
+        if deltas:
+            tally[("sent", "delta")] += deltas
         self._count(frames, size)
         return frames, None
 

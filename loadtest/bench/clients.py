@@ -36,6 +36,7 @@ import orjson
 import uvloop
 from hdrh.histogram import HdrHistogram
 
+from feed import wire
 from feed.subjects import delta_subject
 from loadtest import natsproto
 from loadtest.bench.ipc import commands, emit
@@ -195,7 +196,7 @@ class Client:
 
     async def _subscribe(self, ws: aiohttp.ClientWebSocketResponse, instruments: list[str]) -> None:
         if self.parser is None:
-            await ws.send_str(orjson.dumps({"op": "subscribe", "id": 1, "instruments": instruments}).decode())
+            await ws.send_str(wire.encode_request(wire.Subscribe(1, tuple(instruments))).decode())
             return
         commands = [natsproto.connect_command("bench-client")]
         commands += [natsproto.sub_command(delta_subject(name), sid) for sid, name in enumerate(instruments, 1)]

@@ -239,3 +239,17 @@ def test_unknown_message_types_are_ignored() -> None:
 def test_directory_with_a_backlog_concludes_nothing() -> None:
     m, ing = suspect()
     assert m.on_directory(ing.epoch, ing.seq + 5, T0, backlog=3) == [] and m.state is State.SUSPECT
+
+
+def test_buffer_is_bounded_and_a_replay_across_a_dropped_delta_recovers_again() -> None:
+    ing = Ingest()
+    m = InstrumentMachine(INST, max_buffered=2)
+    m.start()
+    snap = ing.snapshot()
+    for i in range(4):  # the first two fall out of the buffer
+        m.on_message(ing.delta(("bid", f"0.3{i}", "1")), T0)
+    assert len(m.buffer) == 2
+    out = m.on_snapshot_reply(snap, T0)  # at seq 0: deltas 1-2 are gone, so 3 does not chain on
+    assert kinds(out) == [im.Resync, im.RequestSnapshot] and m.state is State.RECOVERING
+    out = m.on_snapshot_reply(ing.snapshot(), T0)
+    assert m.state is State.LIVE and (m.seq, m.book.checksum()) == (4, ing.book.checksum())
