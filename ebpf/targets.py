@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # role ids are positions here; roles given with --role are appended (bounded by the command line)
-KNOWN_ROLES: tuple[str, ...] = ("other", "ingest", "gateway", "nats", "probe")
+KNOWN_ROLES: tuple[str, ...] = ("other", "ingest", "gateway", "nats", "probe", "host")   # host: not ours
 SUBCOMMAND_ROLES = {"replay": "ingest", "gateway": "gateway", "probe": "probe"}
 _GLOBAL_OPTIONS_WITH_VALUE = {"--log-level"}
 _TCP_LISTEN = "0A"
@@ -89,9 +89,20 @@ def cgroup_pids(path: Path) -> set[int]:
     return pids
 
 
-def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
-    """TCP ports ``pid`` listens on: its socket inodes matched against its netns's tcp/tcp6 tables."""
-    inodes = set()
+@dataclass(frozen=True, slots=True)
+class ListenSocket:
+    """One listening TCP socket of a process (from /proc/<pid>/fd and /proc/<pid>/net/tcp{,6})."""
+
+    fd: int
+    port: int
+    queued: int      # rx_queue of a LISTEN socket: connections in its accept queue now (sk_ack_backlog)
+    backlog: int     # tx_queue of a LISTEN socket: its listen() backlog (full at backlog + 1)
+    inode: int       # the same socket shared across fork() shows in each process: count it once
+
+
+def listening_sockets(pid: int, proc: Path = Path("/proc")) -> list[ListenSocket]:
+    """TCP sockets ``pid`` listens on: its socket inodes matched against its netns's tcp/tcp6 tables."""
+    inodes: dict[str, int] = {}
     try:
         for fd in (proc / str(pid) / "fd").iterdir():
             try:
@@ -99,10 +110,10 @@ def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
             except OSError:
                 continue
             if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+                inodes[link[8:-1]] = int(fd.name)
     except OSError:
-        return set()
-    ports = set()
+        return []
+    found = []
     for table in ("tcp", "tcp6"):
         try:
             lines = (proc / str(pid) / "net" / table).read_text().splitlines()[1:]
@@ -111,8 +122,14 @@ def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
         for line in lines:
             cols = line.split()
             if len(cols) > 9 and cols[3] == _TCP_LISTEN and cols[9] in inodes:
-                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
+                tx, rx = (int(v, 16) for v in cols[4].split(":"))
+                found.append(ListenSocket(inodes[cols[9]], int(cols[1].rsplit(":", 1)[1], 16), rx, tx, int(cols[9])))
+    return found
+
+
+def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """TCP ports ``pid`` listens on."""
+    return {s.port for s in listening_sockets(pid, proc)}
 
 
 @dataclass
