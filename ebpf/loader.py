@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ebpf import EbpfError
 from ebpf.spec import Plan, Program, load_programs, plan, print_symbols
-from ebpf.targets import KNOWN_ROLES, ListenSocket, RoleIds, TargetSpec, listening_sockets
+from ebpf.targets import (KNOWN_ROLES, ListenSocket, RoleIds, TargetSpec, listen_backlogs, listening_ports,
+                          listening_sockets)
 
 log = logging.getLogger("bookcast.ebpf")
 
@@ -287,8 +288,12 @@ class Probes:
         ports: dict[int, str] = {}
         sockets: dict[int, tuple[int, ListenSocket]] = {}     # inode -> (pid, socket): each socket once
         listen_fds: dict[tuple[int, int], int] = {}
+        wants_backlogs = any(p.program.name == "listenq" for p, _ in self.loaded)
+        backlogs: dict[int, int] = {}
         for pid, role in pids.items():
-            for sock in listening_sockets(pid):
+            if wants_backlogs and not backlogs and listening_ports(pid):
+                backlogs = listen_backlogs(pid)     # one ss per refresh (the stack shares one netns)
+            for sock in listening_sockets(pid, backlogs=backlogs):
                 ports[sock.port] = role
                 sockets.setdefault(sock.inode, (pid, sock))
                 listen_fds[(pid, sock.fd)] = sock.port

@@ -3,7 +3,8 @@
  * Like ebpf_exporter's netstacklat, but from tracepoint arguments only (no skb fields, so no kernel
  * struct layout): net:netif_receive_skb records when each skb (by address) entered the stack, on every
  * CPU, for every packet (loopback ones too, through the backlog queue); skb:skb_copy_datagram_iovec,
- * run in the reader's context by tcp_recvmsg and the UDP/raw receive paths, takes the arrival time of
+ * run in the reader's context by tcp_recvmsg (TCP: the gateway, NATS and the ingest's venue links; UDP
+ * copies a linear skb with copy_linear_skb, which has no tracepoint), takes the arrival time of
  * the skb being copied when the reader is ours; sock:sock_recv_length, at the end of that same recvmsg,
  * observes read time - the oldest arrival copied, for AF_INET and AF_INET6 sockets only (a unix socket's
  * skb never passed netif_receive_skb; an address reused by one is discarded there). An skb TCP coalesced
