@@ -187,7 +187,6 @@ class Probes:
         self.pids: dict[int, str] = {}
         self.ports: dict[int, str] = {}
         self.listen: dict[int, tuple[str, int, int]] = {}    # port -> (role, queued now, capacity) from /proc
-        self._listen_fds: dict[tuple[int, int], int] = {}
         self._syscalls: dict[int, str] = {}
         self.max_processes = 0
 
@@ -278,8 +277,8 @@ class Probes:
         self.close()
 
     def refresh(self) -> dict[int, str]:
-        """Re-resolve the targets and bring every program's role, port and listening-fd maps up to date;
-        re-anchor the accept-queue lengths on the exact ones in /proc. Returns {pid: role}."""
+        """Re-resolve the targets and bring every program's role and port maps up to date; re-anchor the
+        accept-queue lengths on the exact ones in /proc. Returns {pid: role}."""
         pids = self.targets.resolve()
         limit = self.max_processes
         if len(pids) > limit:
@@ -287,7 +286,6 @@ class Probes:
             pids = dict(sorted(pids.items())[:limit])
         ports: dict[int, str] = {}
         sockets: dict[int, tuple[int, ListenSocket]] = {}     # inode -> (pid, socket): each socket once
-        listen_fds: dict[tuple[int, int], int] = {}
         wants_backlogs = any(p.program.name == "listenq" for p, _ in self.loaded)
         backlogs: dict[int, int] = {}
         for pid, role in pids.items():
@@ -296,7 +294,6 @@ class Probes:
             for sock in listening_sockets(pid, backlogs=backlogs):
                 ports[sock.port] = role
                 sockets.setdefault(sock.inode, (pid, sock))
-                listen_fds[(pid, sock.fd)] = sock.port
         ports.update({port: ports.get(port, "other") for port in self.tcp_ports})
         listen: dict[int, tuple[str, int, int]] = {}
         for _, sock in sockets.values():
@@ -309,13 +306,11 @@ class Probes:
             if b"ports" in tables:
                 _sync(bpf[b"ports"], {port: self.roles.id(role) for port, role in ports.items()},
                       {port: self.roles.id(role) for port, role in self.ports.items()})
-            if b"listen_fds" in tables:
-                _sync_fds(bpf[b"listen_fds"], listen_fds, self._listen_fds)
             if b"accept_queue" in tables:
                 self._anchor(bpf[b"accept_queue"], listen)
         if pids != self.pids:
             log.info("tracing %d processes: %s", len(pids), " ".join(f"{pid}={role}" for pid, role in sorted(pids.items())))
-        self.pids, self.ports, self.listen, self._listen_fds = pids, ports, listen, listen_fds
+        self.pids, self.ports, self.listen = pids, ports, listen
         return pids
 
     def _anchor(self, table, listen: dict[int, tuple[str, int, int]]) -> None:
@@ -374,23 +369,8 @@ def _tables(bpf) -> set[bytes]:
     some out)."""
     from bcc import lib
 
-    return {n for n in (b"traced_syscalls", b"ports", b"listen_fds", b"accept_queue")
+    return {n for n in (b"traced_syscalls", b"ports", b"accept_queue")
             if lib.bpf_table_fd(bpf.module, n) >= 0}
-
-
-def _sync_fds(table, want: dict[tuple[int, int], int], have: dict[tuple[int, int], int]) -> None:
-    for (tgid, fd), port in want.items():
-        if have.get((tgid, fd)) != port:
-            key = table.Key()
-            key.tgid, key.fd = tgid, fd
-            table[key] = table.Leaf(port)
-    for tgid, fd in have.keys() - want.keys():
-        key = table.Key()
-        key.tgid, key.fd = tgid, fd
-        try:
-            del table[key]
-        except KeyError:
-            pass
 
 
 def _sync(table, want: dict[int, int], have: dict[int, int]) -> None:

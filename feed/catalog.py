@@ -134,7 +134,8 @@ SPECS: tuple[MetricSpec, ...] = (
       for name, labels, help in (
         ("bookcast_ebpf_netstack_latency_seconds", ("role",),
          "Time from a packet's arrival in the network stack (net:netif_receive_skb) to the bookcast process "
-         "copying its data out of the socket (skb:skb_copy_datagram_iovec), TCP and UDP, by reader role."),
+         "copying its data out of the socket (skb:skb_copy_datagram_iovec), TCP (UDP copies a linear skb without a "
+         "tracepoint), by reader role."),
         ("bookcast_ebpf_softirq_latency_seconds", ("role", "vec"),
          "Network softirq latency: raised (irq:softirq_raise) to running (softirq_entry), by vec (net_rx, net_tx) "
          "and the role of the task it ran on top of (host: not a bookcast process)."),

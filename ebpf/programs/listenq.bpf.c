@@ -1,12 +1,17 @@
 /* Accept-queue (listen backlog) length and overflows on bookcast's listening ports (spec: listenq.json).
  *
  * Tracepoint arguments only. A connection joins a listener's accept queue when its child socket goes
- * TCP_SYN_RECV -> TCP_ESTABLISHED (sock:inet_sock_set_state, softirq; sport is the listening port), and
- * leaves it when a process of ours returns from accept()/accept4() on a listening fd of that port
- * (syscalls:sys_enter/exit_accept*; user space maps (tgid, fd) -> port from /proc). Per port:
- * length = offset + enqueued - dequeued, where user space re-anchors `offset` from the exact queue
- * length in /proc/net/tcp (rx_queue of the LISTEN sockets) at every refresh, so a missed accept (a worker
- * whose fd was not mapped yet) cannot drift it. Each arrival observes the length it found, itself included.
+ * TCP_SYN_RECV -> TCP_ESTABLISHED (sock:inet_sock_set_state, softirq; sport is the listening port); the
+ * child's address is remembered. It has left the queue (been accepted) by the first time its owner reads
+ * or sends on it (sock:sock_recv_length / sock_send_length, any result) or closes it (ESTABLISHED ->
+ * FIN_WAIT1, CLOSE_WAIT -> LAST_ACK): no socket is read, written or closed by a process before accept()
+ * returned it. The accept syscalls themselves are not traced, on purpose: a syscall tracepoint sends every
+ * syscall of every process on the host through the kernel's slow path (see syscalls.bpf.c), where these
+ * socket tracepoints cost only socket operations one hash lookup. A server that accepts and then waits
+ * before its first read shows that wait as queue length (for the gateway, which reads the HTTP upgrade
+ * at once, the two agree). Per port: length = offset + enqueued - dequeued, where user space re-anchors
+ * `offset` from the exact queue length in /proc/net/tcp (rx_queue of the LISTEN sockets) at every
+ * refresh, so nothing drifts. Each arrival observes the length it found, itself included.
  * Overflows: skb:kfree_skb with reason TCP_LISTEN_OVERFLOW (the final ACK found the queue full; its value
  * from the tracepoint's print format, -DREASON_TCP_LISTEN_OVERFLOW) whose rx_sk is one of our listeners;
  * a listener's address is learnt at its sk_data_ready right after an enqueue on the same CPU (the kernel
@@ -19,6 +24,9 @@
 #define BOOKCAST_IPPROTO_TCP 6
 #define BOOKCAST_TCP_ESTABLISHED 1
 #define BOOKCAST_TCP_SYN_RECV 3
+#define BOOKCAST_TCP_FIN_WAIT1 4
+#define BOOKCAST_TCP_CLOSE_WAIT 8
+#define BOOKCAST_TCP_LAST_ACK 9
 
 /* headers older than the kernel may not define it; the tracepoint record only needs its size (int) */
 enum skb_drop_reason { BOOKCAST_SKB_DROP_REASON_UNKNOWN = 0 };
@@ -26,11 +34,6 @@ enum skb_drop_reason { BOOKCAST_SKB_DROP_REASON_UNKNOWN = 0 };
 struct port_key {
     u32 role;
     u32 port;
-};
-
-struct fd_key {
-    u32 tgid;
-    u32 fd;
 };
 
 struct accept_queue {
@@ -43,8 +46,6 @@ struct accept_queue {
 
 /* listening port -> role of the process listening on it (user space) */
 BPF_HASH(ports, u16, u32, MAX_PORTS);
-/* (tgid, fd) of each listening socket of ours -> its port (user space) */
-BPF_HASH(listen_fds, struct fd_key, u16, MAX_LISTEN_FDS);
 /* port -> counters; created by user space with role and offset */
 BPF_HASH(accept_queue, u16, struct accept_queue, MAX_PORTS);
 BPF_HASH(accept_queue_length, struct port_key, struct hist, MAX_SERIES);
@@ -53,18 +54,38 @@ BPF_HASH(accept_queue_overflows, struct port_key, u64, MAX_SERIES);
 BPF_TABLE("lru_hash", u64, u16, listeners, MAX_LISTENERS);
 /* port whose child this CPU just queued, until the listener's sk_data_ready in the same softirq */
 BPF_PERCPU_ARRAY(just_queued, u16, 1);
-/* thread of ours inside accept() on a listening fd -> its port */
-BPF_HASH(accepting, u32, u16, MAX_THREADS);
+/* child socket address -> port, from its enqueue until its owner first uses it */
+BPF_TABLE("lru_hash", u64, u16, queued_children, MAX_QUEUED);
+
+static __always_inline void accepted(u64 sk)
+{
+    u16 *port = queued_children.lookup(&sk);
+    if (!port)
+        return;
+    u16 p = *port;
+    queued_children.delete(&sk);
+    struct accept_queue *q = accept_queue.lookup(&p);
+    if (q)
+        __sync_fetch_and_add(&q->dequeued, 1);
+}
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-    if (args->protocol != BOOKCAST_IPPROTO_TCP || args->oldstate != BOOKCAST_TCP_SYN_RECV ||
-        args->newstate != BOOKCAST_TCP_ESTABLISHED)
+    if (args->protocol != BOOKCAST_IPPROTO_TCP)
+        return 0;
+    if ((args->oldstate == BOOKCAST_TCP_ESTABLISHED && args->newstate == BOOKCAST_TCP_FIN_WAIT1) ||
+        (args->oldstate == BOOKCAST_TCP_CLOSE_WAIT && args->newstate == BOOKCAST_TCP_LAST_ACK)) {
+        accepted((u64)args->skaddr);    /* closed by its owner */
+        return 0;
+    }
+    if (args->oldstate != BOOKCAST_TCP_SYN_RECV || args->newstate != BOOKCAST_TCP_ESTABLISHED)
         return 0;
     u16 port = args->sport;
     struct accept_queue *q = accept_queue.lookup(&port);
     if (!q)
         return 0;
+    u64 child = (u64)args->skaddr;
+    queued_children.update(&child, &port);
     __sync_fetch_and_add(&q->enqueued, 1);
     s64 length = q->offset + (s64)(q->enqueued - q->dequeued);
     if (length < 1)
@@ -126,35 +147,14 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     return 0;
 }
 
-static __always_inline int accept_enter(u64 fd)
+TRACEPOINT_PROBE(sock, sock_recv_length)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    struct fd_key key = {.tgid = id >> 32, .fd = fd};
-    u16 *port = listen_fds.lookup(&key);
-    if (!port)
-        return 0;
-    u32 pid = id;
-    accepting.update(&pid, port);
+    accepted((u64)args->sk);
     return 0;
 }
 
-static __always_inline int accept_exit(long ret)
+TRACEPOINT_PROBE(sock, sock_send_length)
 {
-    u32 pid = bpf_get_current_pid_tgid();
-    u16 *port = accepting.lookup(&pid);
-    if (!port)
-        return 0;
-    u16 p = *port;
-    accepting.delete(&pid);
-    if (ret < 0)
-        return 0;
-    struct accept_queue *q = accept_queue.lookup(&p);
-    if (q)
-        __sync_fetch_and_add(&q->dequeued, 1);
+    accepted((u64)args->sk);
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }

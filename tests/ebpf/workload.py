@@ -15,7 +15,7 @@ hold only the workload's own calls. Modes:
     netrecv N MS        TCP over loopback: N times send 64 bytes to itself, leave them MS ms, then read them
     unixrecv N MS       the same over an AF_UNIX stream socketpair (never enters the network stack)
     backlog B N MS      listen on TCP with backlog B (prints its port); after go, accept N connections (made
-                        by the test meanwhile) MS ms apart, then print done
+                        by the test meanwhile) MS ms apart, greeting each with one byte, then print done
     udpflood N          N sendto() of 64 bytes over loopback UDP (the receive side runs in NET_RX softirq)
     devnull N           N write() of 64 bytes to /dev/null (no network at all)
 """
@@ -105,6 +105,7 @@ def main(mode: str, *args: str) -> None:
         for _ in range(int(args[1])):
             time.sleep(int(args[2]) / 1000)
             accepted.append(listener.accept()[0])
+            accepted[-1].send(b"a")
     elif mode == "udpflood":
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("127.0.0.1", 0))
