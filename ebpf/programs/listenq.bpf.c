@@ -102,13 +102,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sk_data_ready)
+RAW_TRACEPOINT_PROBE(sk_data_ready)     /* raw: (sk) */
 {
     u32 zero_idx = 0;
     u16 *queued = just_queued.lookup(&zero_idx);
     if (!queued || !*queued)
         return 0;
-    u64 sk = (u64)args->skaddr;
+    u64 sk = ctx->args[0];
     u16 port = *queued;
     *queued = 0;
     listeners.update(&sk, &port);
@@ -147,14 +147,14 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)  /* raw: (sk, ret, flags) */
 {
-    accepted((u64)args->sk);
+    accepted(ctx->args[0]);
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_send_length)  /* raw: (sk, ret, flags) */
 {
-    accepted((u64)args->sk);
+    accepted(ctx->args[0]);
     return 0;
 }

@@ -10,7 +10,9 @@
  * skb never passed netif_receive_skb; an address reused by one is discarded there). An skb TCP coalesced
  * into an earlier one reports the earlier arrival: the figure is how long the oldest byte read waited.
  * Cost on other processes: one LRU hash update per received packet (netif_receive_skb); the copy and
- * read probes return after one hash lookup for readers that are not ours.
+ * read probes return after one hash lookup for readers that are not ours. The two per-packet probes are
+ * raw tracepoints (no perf record per hit); the read probe stays a classic one because it needs the
+ * socket's family, which only the trace record carries without reading struct sock.
  */
 #include "bookcast.h"
 
@@ -27,21 +29,21 @@ BPF_TABLE("lru_hash", u64, u64, arrived_ns, MAX_PACKETS);
 BPF_HASH(reading_since, u32, u64, MAX_THREADS);
 BPF_HASH(netstack_latency, struct role_key, struct hist, MAX_SERIES);
 
-TRACEPOINT_PROBE(net, netif_receive_skb)
+RAW_TRACEPOINT_PROBE(netif_receive_skb)         /* raw: (skb) */
 {
-    u64 skb = (u64)args->skbaddr;
+    u64 skb = ctx->args[0];
     u64 now = bpf_ktime_get_ns();
     arrived_ns.update(&skb, &now);
     return 0;
 }
 
-TRACEPOINT_PROBE(skb, skb_copy_datagram_iovec)
+RAW_TRACEPOINT_PROBE(skb_copy_datagram_iovec)   /* raw: (skb, len) */
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, pid = id;
     if (!roles.lookup(&tgid))
         return 0;
-    u64 skb = (u64)args->skbaddr;
+    u64 skb = ctx->args[0];
     u64 *at = arrived_ns.lookup(&skb);
     if (!at)
         return 0;

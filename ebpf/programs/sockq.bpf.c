@@ -7,6 +7,9 @@
  * at its first read by a traced process and measured from then on (that first read is not counted).
  * Send sizes: sock:sock_send_length's return value in the sender's context (MSG_PEEK reads skipped).
  * Either pair is compiled only when the tracepoints exist (HAVE_* from the spec).
+ * Raw tracepoints (args are the TP_PROTO: sk_data_ready(sk), sock_{send,recv}_length(sk, ret, flags)):
+ * they fire on every socket operation of every process, and a raw probe skips building the perf trace
+ * record a classic tracepoint probe pays for on each hit (python -m ebpf.bench: the TCP round trip).
  */
 #include <linux/socket.h>  /* MSG_PEEK */
 #include "bookcast.h"
@@ -22,9 +25,9 @@ BPF_TABLE("lru_hash", u64, u32, our_sockets, MAX_SOCKETS);
 BPF_TABLE("lru_hash", u64, u64, readable_since, MAX_SOCKETS);
 BPF_HASH(socket_queue_latency, struct role_key, struct hist, MAX_SERIES);
 
-TRACEPOINT_PROBE(sock, sk_data_ready)
+RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
-    u64 sk = (u64)args->skaddr;
+    u64 sk = ctx->args[0];
     if (!our_sockets.lookup(&sk))
         return 0;
     u64 now = bpf_ktime_get_ns();
@@ -32,15 +35,16 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)
 {
-    if (args->ret <= 0 || (args->flags & MSG_PEEK))
+    int ret = ctx->args[1], flags = ctx->args[2];
+    if (ret <= 0 || (flags & MSG_PEEK))
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 *role = roles.lookup(&tgid);
     if (!role)
         return 0;
-    u64 sk = (u64)args->sk;
+    u64 sk = ctx->args[0];
     u64 *since = readable_since.lookup(&sk);
     if (!since) {
         if (!our_sockets.lookup(&sk))
@@ -61,9 +65,10 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 #if HAVE_SOCK_SEND_LENGTH
 BPF_HASH(socket_send_size, struct role_key, struct hist, MAX_SERIES);
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_send_length)
 {
-    if (args->ret <= 0)
+    int ret = ctx->args[1];
+    if (ret <= 0)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 *role = roles.lookup(&tgid);
@@ -73,7 +78,7 @@ TRACEPOINT_PROBE(sock, sock_send_length)
     struct hist zero = {};
     struct hist *h = socket_send_size.lookup_or_try_init(&key, &zero);
     if (h)
-        hist_add(h, args->ret, args->ret);
+        hist_add(h, ret, ret);
     return 0;
 }
 #endif

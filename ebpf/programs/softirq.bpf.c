@@ -7,6 +7,8 @@
  * tracepoint's print format: -DSOFTIRQ_NET_RX, -DSOFTIRQ_NET_TX); every other vector returns after one
  * compare. role: the bookcast role of the task the softirq ran on top of (a loopback sender runs the
  * receive side itself), else ROLE_HOST: the host-wide figure an SRE compares against.
+ * Raw tracepoints (args: (vec_nr)): softirq_raise fires for every vector on every CPU, timers included,
+ * and a raw probe returns after one compare without the perf record a classic probe builds per hit.
  */
 #include "bookcast.h"
 
@@ -37,9 +39,9 @@ static __always_inline u32 role_now(void)
     return role ? *role : ROLE_HOST;
 }
 
-TRACEPOINT_PROBE(irq, softirq_raise)
+RAW_TRACEPOINT_PROBE(softirq_raise)     /* raw: (vec_nr) */
 {
-    int i = kept(args->vec);
+    int i = kept(ctx->args[0]);
     if (i < 0)
         return 0;
     u32 idx = i;
@@ -49,9 +51,9 @@ TRACEPOINT_PROBE(irq, softirq_raise)
     return 0;
 }
 
-TRACEPOINT_PROBE(irq, softirq_entry)
+RAW_TRACEPOINT_PROBE(softirq_entry)
 {
-    int i = kept(args->vec);
+    int i = kept(ctx->args[0]);
     if (i < 0)
         return 0;
     u32 idx = i;
@@ -72,9 +74,9 @@ TRACEPOINT_PROBE(irq, softirq_entry)
     return 0;
 }
 
-TRACEPOINT_PROBE(irq, softirq_exit)
+RAW_TRACEPOINT_PROBE(softirq_exit)
 {
-    int i = kept(args->vec);
+    int i = kept(ctx->args[0]);
     if (i < 0)
         return 0;
     u32 idx = i;

@@ -58,11 +58,11 @@ def test_netstack_ignores_unix_sockets(probes):
     assert not series(probes, "bookcast_ebpf_netstack_latency_seconds", role="w-unix")
 
 
-def _backlog(probes, role: str, accept_ms: int, clients: int = 5) -> tuple[object, list[socket.socket], int]:
-    w = Workload("backlog", "16", str(clients), str(accept_ms))
+def _backlog(probes, role: str, accept_ms: int, clients: int = 5, backlog: int = 16):
+    w = Workload("backlog", str(backlog), str(clients), str(accept_ms))
     conns: list[socket.socket] = []
     w.trace(probes, role)
-    assert probes.listen[w.port][0] == role and probes.listen[w.port][2] == 17    # backlog 16 -> 17 fit
+    assert probes.listen[w.port][0] == role and probes.listen[w.port][2] == backlog + 1   # backlog B -> B + 1 fit
     return w, conns, w.port
 
 
@@ -122,3 +122,4 @@ def test_net_rx_softirq_runs_on_a_loopback_sender_and_not_on_a_quiet_process(pro
     quiet_runs = sum(s.count for s in series(probes, "bookcast_ebpf_softirq_run_seconds", role="w-quiet"))
     assert quiet_runs <= 50                                        # only what other traffic's interrupts brought
     assert series(probes, "bookcast_ebpf_softirq_run_seconds", role="host", vec="net_rx") or True
+
