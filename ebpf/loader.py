@@ -303,6 +303,7 @@ class Probes:
             tables = _tables(bpf)
             _sync(bpf[b"roles"], {pid: self.roles.id(role) for pid, role in pids.items()},
                   {pid: self.roles.id(role) for pid, role in self.pids.items()})
+            _sync(bpf[b"our_tgids"], pid_words(pids), pid_words(self.pids), absent=0)
             if b"ports" in tables:
                 _sync(bpf[b"ports"], {port: self.roles.id(role) for port, role in ports.items()},
                       {port: self.roles.id(role) for port, role in self.ports.items()})
@@ -373,12 +374,28 @@ def _tables(bpf) -> set[bytes]:
             if lib.bpf_table_fd(bpf.module, n) >= 0}
 
 
-def _sync(table, want: dict[int, int], have: dict[int, int]) -> None:
-    """Make ``table`` hold ``want``, knowing it held ``have`` (writes only the difference)."""
+def pid_words(pids) -> dict[int, int]:
+    """{word: bits} of the kernel's one-bit-per-tgid array for ``pids`` (bit pid % 64 of word pid // 64).
+
+    >>> pid_words([1, 3, 64])
+    {0: 10, 1: 1}
+    """
+    words: dict[int, int] = {}
+    for pid in pids:
+        words[pid // 64] = words.get(pid // 64, 0) | 1 << (pid % 64)
+    return words
+
+
+def _sync(table, want: dict[int, int], have: dict[int, int], absent: int | None = None) -> None:
+    """Make ``table`` hold ``want``, knowing it held ``have`` (writes only the difference). Keys that
+    go away are deleted (a hash), or set to ``absent`` (an array, whose elements always exist)."""
     for k, v in want.items():
         if have.get(k) != v:
             table[table.Key(k)] = table.Leaf(v)
     for k in have.keys() - want.keys():
+        if absent is not None:
+            table[table.Key(k)] = table.Leaf(absent)
+            continue
         try:
             del table[table.Key(k)]
         except KeyError:

@@ -16,6 +16,21 @@
  */
 #include "bookcast.h"
 
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
+
 #define BOOKCAST_AF_INET 2
 #define BOOKCAST_AF_INET6 10
 
@@ -41,7 +56,7 @@ RAW_TRACEPOINT_PROBE(skb_copy_datagram_iovec)   /* raw: (skb, len) */
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, pid = id;
-    if (!roles.lookup(&tgid))
+    if (!role_of(tgid))
         return 0;
     u64 skb = ctx->args[0];
     u64 *at = arrived_ns.lookup(&skb);
@@ -59,7 +74,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, pid = id;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
     u64 *since = reading_since.lookup(&pid);

@@ -14,6 +14,21 @@
 #include <linux/socket.h>  /* MSG_PEEK */
 #include "bookcast.h"
 
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
+
 struct role_key {
     u32 role;
 };
@@ -41,7 +56,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     if (ret <= 0 || (flags & MSG_PEEK))
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
     u64 sk = ctx->args[0];
@@ -71,7 +86,7 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
     if (ret <= 0)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
     struct role_key key = {.role = *role};

@@ -12,6 +12,21 @@
  */
 #include "bookcast.h"
 
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
+
 struct vec_key {
     u32 role;
     u32 vec;
@@ -35,7 +50,7 @@ static __always_inline int kept(u32 vec)
 static __always_inline u32 role_now(void)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     return role ? *role : ROLE_HOST;
 }
 

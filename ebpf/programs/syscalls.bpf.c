@@ -24,6 +24,21 @@
  */
 #include "bookcast.h"
 
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
+
 struct syscall_key {
     u32 role;
     u32 syscall;
@@ -47,7 +62,7 @@ static __always_inline int enter(u32 nr)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
 #if SYSCALL_EXIT_FILTER
