@@ -26,6 +26,13 @@ log = logging.getLogger("bookcast.ebpf")
 # the issue's list plus epoll_pwait, which Go (nats-server) and libuv (the gateway's uvloop) call instead
 DEFAULT_SYSCALLS: tuple[str, ...] = ("sendto", "sendmsg", "write", "writev", "recvfrom", "recvmsg", "read",
                                      "epoll_wait", "epoll_pwait")
+# Up to this many syscalls are traced with their own syscalls:sys_enter_<name>/sys_exit_<name> pairs instead
+# of the raw pair: unlisted syscalls then run no program (python -m ebpf.bench, variants, untraced process:
+# +135 ns per syscall for sendto,recvfrom against +248 ns for the raw pair), but each listed one pays a perf
+# record (+478 ns for a listed write), so a long list that names read/write/epoll_wait stays raw.
+PER_SYSCALL_MAX = 2
+# the syscalls syscalls.bpf.c can attach one by one (it has a TRACE_<NAME> block for each)
+PER_SYSCALL_NAMES = frozenset(DEFAULT_SYSCALLS)
 TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 SETUP_HINT = "install with: sudo ./dev setup"
 
@@ -130,6 +137,19 @@ def override(cflags: tuple[str, ...], defines: dict[str, int]) -> tuple[str, ...
     return (*kept, *(f"-D{k}={v}" for k, v in defines.items()))
 
 
+def syscall_attach_defines(names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """-D flags that pick how syscalls.bpf.c attaches for this syscall list (see PER_SYSCALL_MAX).
+
+    >>> syscall_attach_defines(["sendto"])
+    {'SYSCALL_ATTACH_PER_SYSCALL': 1, 'TRACE_SENDTO': 1}
+    >>> syscall_attach_defines(list(DEFAULT_SYSCALLS))
+    {}
+    """
+    if 0 < len(names) <= PER_SYSCALL_MAX and set(names) <= PER_SYSCALL_NAMES:
+        return {"SYSCALL_ATTACH_PER_SYSCALL": 1, **{f"TRACE_{n.upper()}": 1 for n in names}}
+    return {}
+
+
 def syscall_numbers(names: list[str], limit: int) -> dict[int, str]:
     """{number: name} for this machine's syscall table (bcc.syscall). Raises UsageError on an unknown name."""
     from bcc.syscall import syscalls
@@ -199,6 +219,8 @@ class Probes:
         for p in all_plans:
             if p.program.name == "syscalls":
                 self._syscalls = syscall_numbers(self.syscall_names, p.program.parameters["NR_SYSCALLS"])
+                if "syscalls" not in self.defines:
+                    self.defines["syscalls"] = syscall_attach_defines(self.syscall_names)
         try:
             self._load(all_plans)
             self.refresh()

@@ -172,3 +172,12 @@ def test_count_histograms_and_gauges_map_to_the_catalog():
         "bookcast_ebpf_accept_queue_length": "queue_length",
         "bookcast_ebpf_accept_queue_overflows_total": "count"}
     assert catalog_problems(listenq) == []
+
+
+def test_a_short_syscall_list_attaches_per_syscall_tracepoints():
+    from ebpf.loader import DEFAULT_SYSCALLS, syscall_attach_defines
+
+    assert syscall_attach_defines(["sendto", "recvfrom"]) == {"SYSCALL_ATTACH_PER_SYSCALL": 1, "TRACE_SENDTO": 1,
+                                                              "TRACE_RECVFROM": 1}
+    assert syscall_attach_defines(list(DEFAULT_SYSCALLS)) == {}                 # long list: the raw pair
+    assert syscall_attach_defines(["sendto", "write", "read"]) == {}
