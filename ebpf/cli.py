@@ -160,14 +160,16 @@ def format_interval(current: dict, previous: dict, width: int = 40) -> str:
         total = s.total - (p.total if p else 0)
         labels = " ".join(f"{k}={v}" for k, v in s.labels)
         if not s.slots:
-            if total:
+            if s.kernel_unit in ("queue_length", "gauge"):     # a level, not a count: print it as it is
+                lines.append(f"{s.metric} {labels}  {s.total}")
+            elif total:
                 lines.append(f"{s.metric} {labels}  +{total}")
             continue
         count = sum(slots)
         if not count:
             continue
-        unit = "usecs" if s.kernel_unit == "log2_us" else "bytes"
-        mean = f"{total / count / 1000:.1f}us" if unit == "usecs" else f"{total / count:.0f}B"
+        unit = {"log2_us": "usecs", "log2_bytes": "bytes"}.get(s.kernel_unit, "value")
+        mean = {"usecs": f"{total / count / 1000:.1f}us", "bytes": f"{total / count:.0f}B"}.get(unit, f"{total / count:.1f}")
         lines.append(f"{s.metric} {labels}  count={count} mean={mean}")
         used = [k for k, n in enumerate(slots) if n]
         top = max(slots)
