@@ -15,7 +15,9 @@
  * Overflows: skb:kfree_skb with reason TCP_LISTEN_OVERFLOW (the final ACK found the queue full; its value
  * from the tracepoint's print format, -DREASON_TCP_LISTEN_OVERFLOW) whose rx_sk is one of our listeners;
  * a listener's address is learnt at its sk_data_ready right after an enqueue on the same CPU (the kernel
- * wakes the listener in the softirq that queued the child) or from tcp:tcp_retransmit_synack. A SYN that
+ * wakes the listener in the softirq that queued the child) or from tcp:tcp_retransmit_synack. The final
+ * ACK finds the queue full when the handshake completed while the queue filled up (several CPUs, or
+ * TCP_DEFER_ACCEPT, whose child is created only when the first data arrives: the test's case). A SYN that
  * finds the queue full is consumed without a drop reason (consume_skb): no tracepoint tells it apart, so
  * those refusals show only as the length sitting at bookcast_ebpf_accept_queue_limit.
  */
@@ -44,16 +46,20 @@ struct accept_queue {
     u32 port;
 };
 
-/* listening port -> role of the process listening on it (user space) */
-BPF_HASH(ports, u16, u32, MAX_PORTS);
 /* port -> counters; created by user space with role and offset */
 BPF_HASH(accept_queue, u16, struct accept_queue, MAX_PORTS);
 BPF_HASH(accept_queue_length, struct port_key, struct hist, MAX_SERIES);
 BPF_HASH(accept_queue_overflows, struct port_key, u64, MAX_SERIES);
 /* listener socket address -> port, learnt in the kernel */
 BPF_TABLE("lru_hash", u64, u16, listeners, MAX_LISTENERS);
-/* port whose child this CPU just queued, until the listener's sk_data_ready in the same softirq */
-BPF_PERCPU_ARRAY(just_queued, u16, 1);
+/* port whose child this CPU just queued, and how many sk_data_ready calls of that softirq may still be
+ * the listener's: the child's own comes first when the final ACK carried data (TCP_DEFER_ACCEPT, fast
+ * open), then the listener's; learning the child too is harmless (a child is never a drop's rx_sk) */
+struct queued_on_cpu {
+    u16 port;
+    u16 left;
+};
+BPF_PERCPU_ARRAY(just_queued, struct queued_on_cpu, 1);
 /* child socket address -> port, from its enqueue until its owner first uses it */
 BPF_TABLE("lru_hash", u64, u16, queued_children, MAX_QUEUED);
 
@@ -96,21 +102,23 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (h)
         hist_add(h, length, length);
     u32 zero_idx = 0;
-    u16 *queued = just_queued.lookup(&zero_idx);
-    if (queued)
-        *queued = port;
+    struct queued_on_cpu *queued = just_queued.lookup(&zero_idx);
+    if (queued) {
+        queued->port = port;
+        queued->left = 2;
+    }
     return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sk_data_ready)     /* raw: (sk) */
 {
     u32 zero_idx = 0;
-    u16 *queued = just_queued.lookup(&zero_idx);
-    if (!queued || !*queued)
+    struct queued_on_cpu *queued = just_queued.lookup(&zero_idx);
+    if (!queued || !queued->left)
         return 0;
     u64 sk = ctx->args[0];
-    u16 port = *queued;
-    *queued = 0;
+    u16 port = queued->port;
+    queued->left -= 1;
     listeners.update(&sk, &port);
     return 0;
 }

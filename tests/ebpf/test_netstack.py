@@ -58,8 +58,8 @@ def test_netstack_ignores_unix_sockets(probes):
     assert not series(probes, "bookcast_ebpf_netstack_latency_seconds", role="w-unix")
 
 
-def _backlog(probes, role: str, accept_ms: int, clients: int = 5, backlog: int = 16):
-    w = Workload("backlog", str(backlog), str(clients), str(accept_ms))
+def _backlog(probes, role: str, accept_ms: int, clients: int = 5, backlog: int = 16, *extra: str):
+    w = Workload("backlog", str(backlog), str(clients), str(accept_ms), *extra)
     conns: list[socket.socket] = []
     w.trace(probes, role)
     assert probes.listen[w.port][0] == role and probes.listen[w.port][2] == backlog + 1   # backlog B -> B + 1 fit
@@ -123,3 +123,26 @@ def test_net_rx_softirq_runs_on_a_loopback_sender_and_not_on_a_quiet_process(pro
     assert quiet_runs <= 50                                        # only what other traffic's interrupts brought
     assert series(probes, "bookcast_ebpf_softirq_run_seconds", role="host", vec="net_rx") or True
 
+
+
+def test_a_final_ack_that_finds_the_accept_queue_full_counts_an_overflow(probes):
+    """Backlog 1 (2 fit) with TCP_DEFER_ACCEPT: the 4 handshakes wait as requests until their first data,
+    so all 4 SYNs saw an empty queue; then each client sends a byte: 2 children join the queue and the
+    others' segments are dropped with TCP_LISTEN_OVERFLOW (their clients retransmit; nothing is accepted)."""
+    w, conns, port = _backlog(probes, "w-overflow", 0, 0, 1, "defer")
+    try:
+        for _ in range(4):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for c in conns:
+            c.send(b"x")
+        wait_until(lambda: sum(s.total for s in series(probes, "bookcast_ebpf_accept_queue_overflows_total",
+                                                        port=str(port))) >= 2, 15,
+                   what="two accept-queue overflows on the port", interval_s=0.1)
+        assert _proc_queued(port) == 2
+        assert one(probes, "bookcast_ebpf_accept_queue_length", role="w-overflow", port=str(port)).total == 2
+    finally:
+        for c in conns:
+            c.close()
+        w.kill()
+    overflows = one(probes, "bookcast_ebpf_accept_queue_overflows_total", role="w-overflow", port=str(port))
+    assert overflows.total >= 2                                    # the 3rd and 4th, at least once each

@@ -14,8 +14,9 @@ hold only the workload's own calls. Modes:
     tcp S MS            listen on TCP; after go, send 100 bytes every MS ms for S seconds to the one client
     netrecv N MS        TCP over loopback: N times send 64 bytes to itself, leave them MS ms, then read them
     unixrecv N MS       the same over an AF_UNIX stream socketpair (never enters the network stack)
-    backlog B N MS      listen on TCP with backlog B (prints its port); after go, accept N connections (made
-                        by the test meanwhile) MS ms apart, greeting each with one byte, then print done
+    backlog B N MS [defer]  listen on TCP with backlog B (prints its port; defer: TCP_DEFER_ACCEPT, a
+                        connection joins the accept queue only with its first data); after go, accept N
+                        connections (made by the test meanwhile) MS ms apart, greeting each with one byte
     udpflood N          N sendto() of 64 bytes over loopback UDP (the receive side runs in NET_RX softirq)
     devnull N           N write() of 64 bytes to /dev/null (no network at all)
 """
@@ -42,7 +43,11 @@ def main(mode: str, *args: str) -> None:
         print("ready", listener.getsockname()[1], flush=True)
         conn, _ = listener.accept()
     elif mode == "backlog":
-        listener = socket.create_server(("127.0.0.1", 0), backlog=int(args[0]))
+        listener = socket.socket()
+        if args[3:] == ("defer",):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(int(args[0]))
         print("ready", listener.getsockname()[1], flush=True)
     else:
         print("ready", flush=True)
