@@ -1,10 +1,12 @@
-"""``bookcast ebpf``: syscall, scheduler, TCP and socket-queue probes on bookcast's own processes.
+"""``bookcast ebpf``: syscall, scheduler, TCP, socket-queue and network-stack probes on bookcast's processes.
 
 Attaches the programs in ``ebpf/programs`` (tracepoints and raw tracepoints only) to the processes found
 by role (a /proc scan for ``feed.cli replay|gateway|probe`` and ``nats-server``), by ``--pid``/``--role``
 pairs or by ``--cgroup``; re-resolves them every ``--refresh-s`` so new gateway workers are picked up.
 Serves ``/metrics`` (``--port``) and/or prints per-interval log2 histograms (``--interval``/``--count``),
-like bcc's tools. ``--print-c`` shows each program's C and its -D flags without loading anything.
+like bcc's tools. ``--print-c`` shows each program's C and its -D flags without loading anything;
+``--explain`` says per program what it measures, its tracepoints, what it cost in the last benchmark
+(``python -m ebpf.bench`` writes run/bench/ebpf-costs.json) and the series it exports (no root needed).
 
 Exit codes: 0 ok; 1 a runtime failure (no program would load); 2 bad usage, or the probes cannot run here (no bcc, no root, no
 kernel headers, no tracefs) -- with ``--port`` it then still serves ``bookcast_ebpf_up{reason=...} 0``
@@ -31,6 +33,8 @@ EXAMPLES = """examples:
   sudo bookcast ebpf --pid 4242 --role gateway --syscalls sendto,write,epoll_wait --interval 2
   sudo bookcast ebpf --cgroup /sys/fs/cgroup/unified/bookcast --port 9435
   bookcast ebpf --print-c                               # the C and its -D flags; no root needed
+  bookcast ebpf --explain                               # what each program measures and costs; no root needed
+  sudo bookcast ebpf --programs netstack,listenq,softirq --port 9435    # only the network-stack probes
 
 output of --interval (a gateway worker under `bookcast up --speed 5` with one client; counts per interval):
   bookcast_ebpf_syscall_latency_seconds role=gateway syscall=write  count=3763 mean=8.0us
@@ -64,12 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, help="print histograms every INTERVAL seconds")
     p.add_argument("--count", type=int, help="with --interval: stop after COUNT prints")
     p.add_argument("--print-c", action="store_true", help="print each program's C with its -D flags and exit")
+    p.add_argument("--explain", action="store_true",
+                   help="per program: what it measures, tracepoints, last benchmark's per-event cost, series; exit")
+    p.add_argument("--costs", type=Path, help="with --explain: the benchmark's cost file (default run/bench/ebpf-costs.json)")
 
 
 def main(args: argparse.Namespace) -> int:
     programs = args.programs.split(",") if args.programs else None
     if args.print_c:
         return _print_c(programs)
+    if args.explain:
+        return _explain(programs, args.costs)
     if len(args.role) > len(args.pid):
         print("bookcast ebpf: more --role than --pid options", file=sys.stderr)
         return 2
@@ -151,14 +160,16 @@ def format_interval(current: dict, previous: dict, width: int = 40) -> str:
         total = s.total - (p.total if p else 0)
         labels = " ".join(f"{k}={v}" for k, v in s.labels)
         if not s.slots:
-            if total:
+            if s.kernel_unit in ("queue_length", "gauge"):     # a level, not a count: print it as it is
+                lines.append(f"{s.metric} {labels}  {s.total}")
+            elif total:
                 lines.append(f"{s.metric} {labels}  +{total}")
             continue
         count = sum(slots)
         if not count:
             continue
-        unit = "usecs" if s.kernel_unit == "log2_us" else "bytes"
-        mean = f"{total / count / 1000:.1f}us" if unit == "usecs" else f"{total / count:.0f}B"
+        unit = {"log2_us": "usecs", "log2_bytes": "bytes"}.get(s.kernel_unit, "value")
+        mean = {"usecs": f"{total / count / 1000:.1f}us", "bytes": f"{total / count:.0f}B"}.get(unit, f"{total / count:.1f}")
         lines.append(f"{s.metric} {labels}  count={count} mean={mean}")
         used = [k for k, n in enumerate(slots) if n]
         top = max(slots)
@@ -169,6 +180,22 @@ def format_interval(current: dict, previous: dict, width: int = 40) -> str:
             bar = "*" * round(slots[k] * width / top)
             lines.append(f"{span} : {slots[k]:<8} |{bar:<{width}}|")
     return "\n".join(lines) if lines else "(nothing counted)"
+
+
+def _explain(programs: list[str] | None, costs_path: Path | None) -> int:
+    from ebpf import explain
+
+    try:
+        _, plans = loader.plans(programs)
+    except loader.UsageError as exc:
+        print(f"bookcast ebpf: {exc}", file=sys.stderr)
+        return 2
+    path = costs_path or explain.COSTS_FILE
+    if costs_path is not None and not costs_path.is_file():
+        print(f"bookcast ebpf: --costs {costs_path}: no such file", file=sys.stderr)
+        return 2
+    print(explain.render([p.program for p in plans], explain.read_costs(path), path), end="")
+    return 0
 
 
 def _print_c(programs: list[str] | None) -> int:

@@ -42,7 +42,8 @@ def families(series: Iterable[Series]) -> list[Metric]:
         spec = CATALOG[s.metric]
         fam = by_metric.get(s.metric)
         if fam is None:
-            cls = HistogramMetricFamily if spec.type is MetricType.HISTOGRAM else CounterMetricFamily
+            cls = {MetricType.HISTOGRAM: HistogramMetricFamily, MetricType.GAUGE: GaugeMetricFamily}.get(
+                spec.type, CounterMetricFamily)
             fam = by_metric[s.metric] = cls(spec.name, spec.help, labels=list(spec.labels))
         values = [v for _, v in s.labels]
         if spec.type is MetricType.HISTOGRAM:

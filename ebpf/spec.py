@@ -11,11 +11,16 @@ Spec shape (JSON)::
      "tracepoints": [{"kind": "tracepoint", "event": "tcp:tcp_probe", "optional": true}],
      "parameters": {"MAX_PORTS": 256},
      "label_values": {"state": ["runnable", ...]},        # -DSTATE_RUNNABLE=0 ...
+     "symbols": {"SOFTIRQ_NET_RX": {"event": "irq:softirq_entry", "field": "vec", "symbol": "NET_RX"}},
+     "explain": "what an SRE learns from it (bookcast ebpf --explain)",
      "metrics": [{"metric": "bookcast_ebpf_tcp_srtt_seconds", "map": "tcp_srtt", "kernel_unit": "log2_us",
                   "labels": ["role"], "tracepoints": ["tcp:tcp_probe"]}]}
 
-``kernel_unit``: ``log2_us`` (slots in µs, sum in ns; exported in seconds), ``log2_bytes`` (bytes), or
-``count`` (a u64 counter). An optional tracepoint that is missing compiles its probe out
+``kernel_unit``: ``log2_us`` (slots in µs, sum in ns; exported in seconds), ``log2_bytes`` (bytes),
+``log2_count`` (a plain number, e.g. a queue length), ``count`` (a u64 counter) or ``queue_length`` (a
+gauge computed from a per-port counter struct, see listenq.bpf.c). ``symbols`` are enum values the C
+compares with (a drop reason, a softirq vector), read from the tracepoint's print format on this kernel
+(``__print_symbolic``) rather than from headers that may be older than it; unknown ones become -1. An optional tracepoint that is missing compiles its probe out
 (``-DHAVE_<NAME>=0``) and skips the metrics that need it; a missing required one skips the program.
 
 Pure apart from ``load_programs`` (reads the spec files).
@@ -23,7 +28,8 @@ Pure apart from ``load_programs`` (reads the spec files).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpf import EbpfError
@@ -36,10 +42,12 @@ HEADER_SPEC = "bookcast.json"
 KERNEL_UNITS: dict[str, tuple[MetricType, str, float]] = {
     "log2_us": (MetricType.HISTOGRAM, "seconds", 1e-6),
     "log2_bytes": (MetricType.HISTOGRAM, "bytes", 1.0),
+    "log2_count": (MetricType.HISTOGRAM, "", 1.0),
     "count": (MetricType.COUNTER, "", 0.0),
+    "queue_length": (MetricType.GAUGE, "", 0.0),
 }
 # kernel sum unit -> exported unit: durations are summed in ns, sizes in bytes
-SUM_SCALE: dict[str, float] = {"log2_us": 1e-9, "log2_bytes": 1.0}
+SUM_SCALE: dict[str, float] = {"log2_us": 1e-9, "log2_bytes": 1.0, "log2_count": 1.0}
 
 
 class SpecError(EbpfError, ValueError):
@@ -75,6 +83,8 @@ class Program:
     parameters: dict[str, int]
     label_values: dict[str, tuple[str, ...]]
     metrics: tuple[MetricBinding, ...]
+    explain: str = ""
+    symbols: dict[str, tuple[str, str, str]] = field(default_factory=dict)   # flag -> (event, field, symbol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +109,9 @@ def parse_program(data: dict, source_dir: Path, where: str) -> Program:
                                       tuple(m["tracepoints"])) for m in data["metrics"])
         program = Program(data["program"], source_dir / data["source"], data["summary"], tps,
                           {k: int(v) for k, v in data.get("parameters", {}).items()},
-                          {k: tuple(v) for k, v in data.get("label_values", {}).items()}, metrics)
+                          {k: tuple(v) for k, v in data.get("label_values", {}).items()}, metrics,
+                          str(data.get("explain", "")),
+                          {k: (v["event"], v["field"], v["symbol"]) for k, v in data.get("symbols", {}).items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"{where}: missing or malformed field {exc}") from exc
     for tp in tps:
@@ -151,9 +163,23 @@ def log2_slots(spec: MetricSpec, kernel_unit: str) -> int:
     return len(buckets)
 
 
+def print_symbols(format_text: str, field_name: str) -> dict[str, int]:
+    """{symbol: value} of ``__print_symbolic(REC->field, { 3, "NET_RX" }, ...)`` in a tracepoint format file.
+
+    >>> print_symbols('print fmt: "vec=%u", __print_symbolic(REC->vec, { 0, "HI" }, { 3, "NET_RX" })', "vec")
+    {'HI': 0, 'NET_RX': 3}
+    """
+    m = re.search(r"__print_symbolic\(REC->" + re.escape(field_name) + r",(.*?)\)(?:,|$)", format_text, re.S)
+    if not m:
+        return {}
+    return {name: int(value, 0) for value, name in re.findall(r'\{\s*(-?\w+)\s*,\s*"([^"]*)"\s*\}', m.group(1))}
+
+
 def plan(program: Program, header_parameters: dict[str, int], available: set[str],
-         catalog: dict[str, MetricSpec] = CATALOG) -> Plan:
+         catalog: dict[str, MetricSpec] = CATALOG, symbols: dict[str, int] | None = None) -> Plan:
     """cflags and exported metrics of ``program`` given the tracepoint events that exist (``available``).
+
+    ``symbols``: the values of the program's ``symbols`` on this kernel (missing ones become -1).
 
     Raises:
         SpecError: the spec disagrees with the catalog (see ``catalog_problems``).
@@ -181,6 +207,7 @@ def plan(program: Program, header_parameters: dict[str, int], available: set[str
     for label, values in program.label_values.items():
         params.update({f"{label}_{v}".upper(): i for i, v in enumerate(values)})
     params.update({tp.have_flag: int(tp.event not in missing) for tp in program.tracepoints if tp.optional})
+    params.update({flag: (symbols or {}).get(flag, -1) for flag in program.symbols})
     cflags = (f"-I{program.source.parent}", *(f"-D{k}={v}" for k, v in params.items()))
     return Plan(program, cflags, tuple(metrics), skipped)
 

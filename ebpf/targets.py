@@ -8,12 +8,13 @@ A target is a process (tgid) with a role: ``--pid``/``--role`` pairs, every proc
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # role ids are positions here; roles given with --role are appended (bounded by the command line)
-KNOWN_ROLES: tuple[str, ...] = ("other", "ingest", "gateway", "nats", "probe")
+KNOWN_ROLES: tuple[str, ...] = ("other", "ingest", "gateway", "nats", "probe", "host")   # host: not ours
 SUBCOMMAND_ROLES = {"replay": "ingest", "gateway": "gateway", "probe": "probe"}
 _GLOBAL_OPTIONS_WITH_VALUE = {"--log-level"}
 _TCP_LISTEN = "0A"
@@ -89,9 +90,21 @@ def cgroup_pids(path: Path) -> set[int]:
     return pids
 
 
-def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
-    """TCP ports ``pid`` listens on: its socket inodes matched against its netns's tcp/tcp6 tables."""
-    inodes = set()
+@dataclass(frozen=True, slots=True)
+class ListenSocket:
+    """One listening TCP socket of a process (from /proc/<pid>/fd and /proc/<pid>/net/tcp{,6})."""
+
+    fd: int
+    port: int
+    queued: int      # rx_queue of a LISTEN socket: connections in its accept queue now (sk_ack_backlog)
+    backlog: int     # its listen() backlog (full at backlog + 1), from ``ss``; 0 when ss is unavailable
+    inode: int       # the same socket shared across fork() shows in each process: count it once
+
+
+def listening_sockets(pid: int, proc: Path = Path("/proc"), backlogs: dict[int, int] | None = None) -> list[ListenSocket]:
+    """TCP sockets ``pid`` listens on: its socket inodes matched against its netns's tcp/tcp6 tables;
+    ``backlogs`` from ``listen_backlogs`` (omitted: 0)."""
+    inodes: dict[str, int] = {}
     try:
         for fd in (proc / str(pid) / "fd").iterdir():
             try:
@@ -99,10 +112,10 @@ def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
             except OSError:
                 continue
             if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+                inodes[link[8:-1]] = int(fd.name)
     except OSError:
-        return set()
-    ports = set()
+        return []
+    found = []
     for table in ("tcp", "tcp6"):
         try:
             lines = (proc / str(pid) / "net" / table).read_text().splitlines()[1:]
@@ -111,8 +124,37 @@ def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
         for line in lines:
             cols = line.split()
             if len(cols) > 9 and cols[3] == _TCP_LISTEN and cols[9] in inodes:
-                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
+                rx = int(cols[4].split(":")[1], 16)
+                found.append(ListenSocket(inodes[cols[9]], int(cols[1].rsplit(":", 1)[1], 16), rx,
+                                          backlogs.get(int(cols[9]), 0) if backlogs else 0, int(cols[9])))
+    return found
+
+
+def listen_backlogs(pid: int | None = None) -> dict[int, int]:
+    """{socket inode: listen() backlog} of the TCP listeners in ``pid``'s network namespace (ours when None).
+
+    /proc/net/tcp does not show a listener's backlog; sock_diag does, so this asks iproute2's ``ss``
+    (its Send-Q column for LISTEN sockets is sk_max_ack_backlog). Empty when ss is missing or fails.
+    """
+    cmd = ["ss", "-Hltne"]
+    if pid is not None and Path(f"/proc/{pid}/ns/net").resolve() != Path("/proc/self/ns/net").resolve():
+        cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", *cmd]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        cols = line.split()
+        ino = next((c[4:] for c in cols if c.startswith("ino:")), None)
+        if len(cols) > 2 and ino and ino.isdigit() and cols[2].isdigit():
+            found[int(ino)] = int(cols[2])
+    return found
+
+
+def listening_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """TCP ports ``pid`` listens on."""
+    return {s.port for s in listening_sockets(pid, proc)}
 
 
 @dataclass

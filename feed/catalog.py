@@ -129,6 +129,30 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_ebpf_tcp_retransmits_total", "TCP segments retransmitted on the listening ports of bookcast's "
        "processes.", ("role",)),
     _g("bookcast_ebpf_traced_processes", "Processes the eBPF probes trace, by role.", labels=("role",)),
+    # --- ebpf network-stack probes (issue 17: ebpf/programs/netstack, listenq, softirq) -------------------
+    *(MetricSpec(name, MetricType.HISTOGRAM, help, "seconds", labels, tuple(2.0 ** k * 1e-6 for k in range(27)))
+      for name, labels, help in (
+        ("bookcast_ebpf_netstack_latency_seconds", ("role",),
+         "Time from a packet's arrival in the network stack (net:netif_receive_skb) to the bookcast process "
+         "copying its data out of the socket (skb:skb_copy_datagram_iovec), TCP (UDP copies a linear skb without a "
+         "tracepoint), by reader role."),
+        ("bookcast_ebpf_softirq_latency_seconds", ("role", "vec"),
+         "Network softirq latency: raised (irq:softirq_raise) to running (softirq_entry), by vec (net_rx, net_tx) "
+         "and the role of the task it ran on top of (host: not a bookcast process)."),
+        ("bookcast_ebpf_softirq_run_seconds", ("role", "vec"),
+         "Time a network softirq ran (softirq_entry to softirq_exit), by vec and the role of the task it ran on "
+         "top of (host: not a bookcast process)."),
+    )),
+    MetricSpec("bookcast_ebpf_accept_queue_length_at_arrival", MetricType.HISTOGRAM, "Accept-queue (listen "
+               "backlog) length each new connection found on a bookcast listening port, itself included, by role "
+               "and port.", "", ("role", "port"), tuple(2.0 ** k for k in range(17))),
+    _g("bookcast_ebpf_accept_queue_length", "Connections waiting in the accept queue of a bookcast listening port "
+       "(every SO_REUSEPORT socket of the port summed), by role and port.", labels=("role", "port")),
+    _g("bookcast_ebpf_accept_queue_limit", "Accept-queue capacity of a bookcast listening port (listen() backlog "
+       "+ 1 per socket, summed over the port's sockets), by role and port.", labels=("role", "port")),
+    _c("bookcast_ebpf_accept_queue_overflows_total", "Handshakes dropped because the accept queue of a bookcast "
+       "listening port was full at the final ACK (skb:kfree_skb reason TCP_LISTEN_OVERFLOW), by role and port.",
+       ("role", "port")),
     # --- contracts for work in flight: names agreed before the code that emits them lands ---------------
     # providers (issue 16): provider is the configured provider name, venue the venue
     _g("bookcast_ingest_provider_selected", "1 for the provider the ingest reads a venue from, 0 for hot standbys.",

@@ -8,8 +8,8 @@
 #ifndef BOOKCAST_H
 #define BOOKCAST_H
 
-#if !defined(HIST_SLOTS) || !defined(MAX_PROCESSES)
-#error "HIST_SLOTS and MAX_PROCESSES come from the spec: -DHIST_SLOTS=N -DMAX_PROCESSES=N"
+#if !defined(HIST_SLOTS) || !defined(MAX_PROCESSES) || !defined(PID_WORDS)
+#error "HIST_SLOTS, MAX_PROCESSES and PID_WORDS come from the spec: -DHIST_SLOTS=N -DMAX_PROCESSES=N -DPID_WORDS=N"
 #endif
 
 /* A log2 histogram. slot[k] counts values whose bit length is k: slot 0 holds 0, slot k holds
@@ -22,6 +22,16 @@ struct hist {
 
 /* Process (tgid) -> role id; written only by user space (ebpf/targets.py), read on every event. */
 BPF_HASH(roles, u32, u32, MAX_PROCESSES);
+/* The same set as one bit per tgid (bit tgid % 64 of word tgid / 64; PID_WORDS covers the kernel's 2^22
+ * pid limit in 512 KiB), written by user space beside `roles`: most events on a host are not ours, and
+ * an inlined array load says so without a hash lookup (python -m ebpf.bench, variants). */
+BPF_ARRAY(our_tgids, u64, PID_WORDS);
+
+/* Each program defines, right after including this file (bcc rewrites map calls in the program's own
+ * file only, so they cannot live here):
+ *   static __always_inline int is_ours(u32 tgid)     -- the bit
+ *   static __always_inline u32 *role_of(u32 tgid)    -- its role, or NULL: the bit first, the hash for ours
+ */
 
 static __always_inline u64 bit_length(u64 v)
 {

@@ -7,8 +7,26 @@
  * bits 0x01 S, 0x02 D, ...; low byte 0 means runnable (0x100 marks a preemption).
  * Run-queue latency: from wakeup, or from a switch-out while still runnable, to the next switch-in.
  * Off-CPU time: from switch-out to the next switch-in, labelled with the state the thread left in.
+ * Every wakeup and context switch on the host runs these probes, so the question "is the thread
+ * being woken / switched in one of ours?" is answered first by a bit per thread id (one inlined array
+ * load, as in syscalls.bpf.c), set while the thread has an entry in `tasks`; only then the LRU hash.
  */
 #include "bookcast.h"
+
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
 
 struct role_key {
     u32 role;
@@ -28,6 +46,31 @@ struct task {
 };
 
 BPF_TABLE("lru_hash", u32, struct task, tasks, MAX_THREADS);
+/* bit (pid % 64) of word (pid / 64): that thread may have an entry in `tasks` */
+BPF_ARRAY(in_tasks, u64, PID_WORDS);
+
+static __always_inline u64 *task_word(u32 pid)
+{
+    u32 word = pid / 64;
+    return in_tasks.lookup(&word);
+}
+
+static __always_inline int maybe_ours(u32 pid)
+{
+    u64 *bits = task_word(pid);
+    return bits && (*bits & (1ULL << (pid % 64)));
+}
+
+static __always_inline void mark(u32 pid, int on)
+{
+    u64 *bits = task_word(pid);
+    if (!bits)
+        return;
+    if (on)
+        __sync_fetch_and_or(bits, 1ULL << (pid % 64));
+    else
+        __sync_fetch_and_and(bits, ~(1ULL << (pid % 64)));
+}
 BPF_HASH(runqueue_latency, struct role_key, struct hist, MAX_SERIES);
 BPF_HASH(offcpu_time, struct offcpu_key, struct hist, MAX_SERIES);
 
@@ -44,6 +87,8 @@ static __always_inline u32 state_of(long prev_state)
 
 static __always_inline void queued(u32 pid, u64 now)
 {
+    if (!maybe_ours(pid))
+        return;
     struct task *t = tasks.lookup(&pid);
     if (t && !t->queued_ns)
         t->queued_ns = now;
@@ -58,12 +103,13 @@ TRACEPOINT_PROBE(sched, sched_wakeup)
 TRACEPOINT_PROBE(sched, sched_wakeup_new)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
     u32 pid = args->pid;
     struct task t = {.queued_ns = bpf_ktime_get_ns(), .role = *role};
     tasks.update(&pid, &t);
+    mark(pid, 1);
     return 0;
 }
 
@@ -72,16 +118,21 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u64 now = bpf_ktime_get_ns();
     u32 prev = args->prev_pid, next = args->next_pid;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = prev ? roles.lookup(&tgid) : 0;
+    u32 *role = prev ? role_of(tgid) : 0;
     if (role) {
         u32 state = state_of(args->prev_state);
         struct task t = {.off_ns = now, .queued_ns = state == STATE_RUNNABLE ? now : 0, .role = *role,
                          .state = state};
         tasks.update(&prev, &t);
+        mark(prev, 1);
     }
-    struct task *t = tasks.lookup(&next);
-    if (!t)
+    if (!maybe_ours(next))
         return 0;
+    struct task *t = tasks.lookup(&next);
+    if (!t) {
+        mark(next, 0);     /* evicted by the LRU */
+        return 0;
+    }
     if (t->off_ns) {
         struct offcpu_key key = {.role = t->role, .state = t->state};
         u64 ns = now - t->off_ns;
@@ -99,5 +150,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
             hist_add(h, ns / 1000, ns);
     }
     tasks.delete(&next);   /* re-created at its next switch-out, and only while its process is ours */
+    mark(next, 0);
     return 0;
 }

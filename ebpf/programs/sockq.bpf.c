@@ -7,9 +7,27 @@
  * at its first read by a traced process and measured from then on (that first read is not counted).
  * Send sizes: sock:sock_send_length's return value in the sender's context (MSG_PEEK reads skipped).
  * Either pair is compiled only when the tracepoints exist (HAVE_* from the spec).
+ * Raw tracepoints (args are the TP_PROTO: sk_data_ready(sk), sock_{send,recv}_length(sk, ret, flags)):
+ * they fire on every socket operation of every process, and a raw probe skips building the perf trace
+ * record a classic tracepoint probe pays for on each hit (python -m ebpf.bench: the TCP round trip).
  */
 #include <linux/socket.h>  /* MSG_PEEK */
 #include "bookcast.h"
+
+/* the bit first, the hash only for our processes (see bookcast.h) */
+static __always_inline int is_ours(u32 tgid)
+{
+    u32 word = tgid / 64;
+    u64 *bits = our_tgids.lookup(&word);
+    return bits && ((*bits >> (tgid % 64)) & 1);
+}
+
+static __always_inline u32 *role_of(u32 tgid)
+{
+    if (!is_ours(tgid))
+        return 0;
+    return roles.lookup(&tgid);
+}
 
 struct role_key {
     u32 role;
@@ -22,9 +40,9 @@ BPF_TABLE("lru_hash", u64, u32, our_sockets, MAX_SOCKETS);
 BPF_TABLE("lru_hash", u64, u64, readable_since, MAX_SOCKETS);
 BPF_HASH(socket_queue_latency, struct role_key, struct hist, MAX_SERIES);
 
-TRACEPOINT_PROBE(sock, sk_data_ready)
+RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
-    u64 sk = (u64)args->skaddr;
+    u64 sk = ctx->args[0];
     if (!our_sockets.lookup(&sk))
         return 0;
     u64 now = bpf_ktime_get_ns();
@@ -32,15 +50,16 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)
 {
-    if (args->ret <= 0 || (args->flags & MSG_PEEK))
+    int ret = ctx->args[1], flags = ctx->args[2];
+    if (ret <= 0 || (flags & MSG_PEEK))
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
-    u64 sk = (u64)args->sk;
+    u64 sk = ctx->args[0];
     u64 *since = readable_since.lookup(&sk);
     if (!since) {
         if (!our_sockets.lookup(&sk))
@@ -61,19 +80,20 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 #if HAVE_SOCK_SEND_LENGTH
 BPF_HASH(socket_send_size, struct role_key, struct hist, MAX_SERIES);
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_send_length)
 {
-    if (args->ret <= 0)
+    int ret = ctx->args[1];
+    if (ret <= 0)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 *role = roles.lookup(&tgid);
+    u32 *role = role_of(tgid);
     if (!role)
         return 0;
     struct role_key key = {.role = *role};
     struct hist zero = {};
     struct hist *h = socket_send_size.lookup_or_try_init(&key, &zero);
     if (h)
-        hist_add(h, args->ret, args->ret);
+        hist_add(h, ret, ret);
     return 0;
 }
 #endif

@@ -143,3 +143,21 @@ def test_an_unknown_syscall_is_a_usage_error_before_anything_loads(probes):
     with pytest.raises(UsageError, match="no_such_call"):
         p.open()
     assert p.loaded == []
+
+
+@pytest.mark.parametrize("defines", [{"SYSCALL_EXIT_FILTER": 0}, {"SYSCALL_EXIT_FILTER": 1},
+                                     {"SYSCALL_ATTACH_PER_SYSCALL": 1, "TRACE_SENDTO": 1, "TRACE_RECVFROM": 1}],
+                         ids=["task-storage", "thread-bit", "per-syscall"])
+def test_every_exit_filter_counts_exactly(probes, defines):
+    """500 traced sendto calls count 500 while an untraced process makes 1,500, whichever filter is compiled."""
+    with Probes(TargetSpec(), programs=["syscalls"], syscalls=("sendto", "recvfrom"),
+                defines={"syscalls": defines}) as mine:
+        traced, unrelated = Workload("sendto", "500"), Workload("sendto", "1500")
+        try:
+            traced.trace(mine, "w-filter")
+            traced.go(), unrelated.go()
+            traced.finish(), unrelated.finish()
+        finally:
+            traced.kill(), unrelated.kill()
+        assert one(mine, "bookcast_ebpf_syscall_latency_seconds", role="w-filter", syscall="sendto").count == 500
+        assert not series(mine, "bookcast_ebpf_syscall_latency_seconds", role="w-filter", syscall="recvfrom")

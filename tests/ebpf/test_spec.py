@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebpf.collector import prometheus_buckets
-from ebpf.spec import PROGRAMS_DIR, SpecError, catalog_problems, load_programs, plan
+from ebpf.spec import PROGRAMS_DIR, SpecError, catalog_problems, load_programs, plan, print_symbols
 from ebpf.targets import TargetSpec, role_of
 from feed.catalog import CATALOG, naming_problems
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_every_spec_metric_is_in_the_catalog_with_its_labels_and_log2_buckets():
     _, programs = load_programs()
-    assert {p.name for p in programs} == {"syscalls", "sched", "tcp", "sockq"}
+    assert {p.name for p in programs} == {"syscalls", "sched", "tcp", "sockq", "netstack", "listenq", "softirq"}
     named = {m.metric for p in programs for m in p.metrics}
     assert named and all(name in CATALOG for name in named)
     assert [problem for p in programs for problem in catalog_problems(p)] == []
@@ -144,8 +144,40 @@ def test_print_c_works_without_root():
         out = subprocess.run([sys.executable, "-m", "feed.cli", "ebpf", "--print-c"], capture_output=True,
                              text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
-    for name in ("bookcast.h", "syscalls.bpf.c", "sched.bpf.c", "tcp.bpf.c", "sockq.bpf.c"):
+    for name in ("bookcast.h", "syscalls.bpf.c", "sched.bpf.c", "tcp.bpf.c", "sockq.bpf.c", "netstack.bpf.c",
+                 "listenq.bpf.c", "softirq.bpf.c"):
         assert f"// ==== {name}" in out.stdout
     slots = len(CATALOG["bookcast_ebpf_syscall_latency_seconds"].buckets)
-    assert out.stdout.count("// cflags: ") == 4 and f"-DHIST_SLOTS={slots}" in out.stdout
+    assert out.stdout.count("// cflags: ") == 7 and f"-DHIST_SLOTS={slots}" in out.stdout
     assert "RAW_TRACEPOINT_PROBE(sys_enter)" in out.stdout
+
+
+def test_enum_values_come_from_the_tracepoint_print_format():
+    fmt = ('print fmt: "skbaddr=%p reason: %s", REC->skbaddr, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, '
+           '{ 40, "TCP_LISTEN_OVERFLOW" }, { 0x29, "HEX" })')
+    assert print_symbols(fmt, "reason") == {"NOT_SPECIFIED": 2, "TCP_LISTEN_OVERFLOW": 40, "HEX": 0x29}
+    assert print_symbols(fmt, "vec") == {}
+    header, listenq = _program("listenq")
+    events = {tp.event for tp in listenq.tracepoints}
+    assert "-DREASON_TCP_LISTEN_OVERFLOW=40" in plan(listenq, header, events, symbols={"REASON_TCP_LISTEN_OVERFLOW": 40}).cflags
+    assert "-DREASON_TCP_LISTEN_OVERFLOW=-1" in plan(listenq, header, events).cflags     # unknown: never matches
+
+
+def test_count_histograms_and_gauges_map_to_the_catalog():
+    header, listenq = _program("listenq")
+    p = plan(listenq, header, {tp.event for tp in listenq.tracepoints})
+    assert f"-DHIST_SLOTS={len(CATALOG['bookcast_ebpf_accept_queue_length_at_arrival'].buckets)}" in p.cflags
+    assert {m.metric: m.kernel_unit for m in p.metrics} == {
+        "bookcast_ebpf_accept_queue_length_at_arrival": "log2_count",
+        "bookcast_ebpf_accept_queue_length": "queue_length",
+        "bookcast_ebpf_accept_queue_overflows_total": "count"}
+    assert catalog_problems(listenq) == []
+
+
+def test_a_short_syscall_list_attaches_per_syscall_tracepoints():
+    from ebpf.loader import DEFAULT_SYSCALLS, syscall_attach_defines
+
+    assert syscall_attach_defines(["sendto", "recvfrom"]) == {"SYSCALL_ATTACH_PER_SYSCALL": 1, "TRACE_SENDTO": 1,
+                                                              "TRACE_RECVFROM": 1}
+    assert syscall_attach_defines(list(DEFAULT_SYSCALLS)) == {}                 # long list: the raw pair
+    assert syscall_attach_defines(["sendto", "write", "read"]) == {}

@@ -12,6 +12,13 @@ hold only the workload's own calls. Modes:
     contend MS          this process and a forked child both spin MS ms pinned to one CPU
     queue N MS          socketpair: N times send 1 byte, leave it MS ms, then read it
     tcp S MS            listen on TCP; after go, send 100 bytes every MS ms for S seconds to the one client
+    netrecv N MS        TCP over loopback: N times send 64 bytes to itself, leave them MS ms, then read them
+    unixrecv N MS       the same over an AF_UNIX stream socketpair (never enters the network stack)
+    backlog B N MS [defer]  listen on TCP with backlog B (prints its port; defer: TCP_DEFER_ACCEPT, a
+                        connection joins the accept queue only with its first data); after go, accept N
+                        connections (made by the test meanwhile) MS ms apart, greeting each with one byte
+    udpflood N          N sendto() of 64 bytes over loopback UDP (the receive side runs in NET_RX softirq)
+    devnull N           N write() of 64 bytes to /dev/null (no network at all)
 """
 from __future__ import annotations
 
@@ -35,6 +42,13 @@ def main(mode: str, *args: str) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         print("ready", listener.getsockname()[1], flush=True)
         conn, _ = listener.accept()
+    elif mode == "backlog":
+        listener = socket.socket()
+        if args[3:] == ("defer",):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(int(args[0]))
+        print("ready", listener.getsockname()[1], flush=True)
     else:
         print("ready", flush=True)
     sys.stdin.readline()
@@ -79,6 +93,42 @@ def main(mode: str, *args: str) -> None:
             conn.sendall(b"y" * 100)
             time.sleep(int(args[1]) / 1000)
         conn.close()
+    elif mode in ("netrecv", "unixrecv"):
+        if mode == "netrecv":
+            server = socket.create_server(("127.0.0.1", 0))
+            tx = socket.create_connection(server.getsockname())
+            tx.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rx = server.accept()[0]
+        else:
+            rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for _ in range(int(args[0])):
+            tx.send(b"n" * 64)
+            time.sleep(int(args[1]) / 1000)
+            rx.recv(100)
+    elif mode == "backlog":
+        accepted = []
+        for _ in range(int(args[1])):
+            time.sleep(int(args[2]) / 1000)
+            accepted.append(listener.accept()[0])
+            accepted[-1].send(b"a")
+    elif mode == "udpflood":
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(int(args[0])):
+            tx.sendto(b"f" * 64, rx.getsockname())
+            if i % 64 == 63:
+                rx.setblocking(False)
+                try:
+                    while rx.recv(100):
+                        pass
+                except BlockingIOError:
+                    pass
+    elif mode == "devnull":
+        fd = os.open("/dev/null", os.O_WRONLY)
+        for _ in range(int(args[0])):
+            os.write(fd, b"d" * 64)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print("done", flush=True)
