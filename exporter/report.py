@@ -253,11 +253,12 @@ def format_text(report: Report) -> str:
     lines.append("  (quantiles cover latencies only; skewed = negative or > 1 h, a clock's doing, counted apart;"
                  " offset = estimated clock offset, ms)")
     if report.slowest:
-        shown = (Hop.E2E, *PATH_HOPS)
-        lines += ["", f"slowest {len(report.slowest)} messages (ms, '-' = not measured or clock skew):",
-                  "  " + " ".join(f"{h.value[:10]:>10}" for h in shown) + "  instrument seq region"]
+        shown = PATH_HOPS
+        lines += ["", f"slowest {len(report.slowest)} messages (ms; measured = the hops the verdict uses; "
+                      f"'-' = not measured or clock skew):",
+                  f"  {'measured':>10} " + " ".join(f"{h.value[:10]:>10}" for h in shown) + "  instrument seq region"]
         for r in report.slowest:
-            lines.append("  " + " ".join(_ms(r[f"{h.value}_ns"]) for h in shown)
+            lines.append(f"  {_ms(r['measured_ns'])} " + " ".join(_ms(r[f"{h.value}_ns"]) for h in shown)
                          + f"  {r['instrument']} {r['seq']} {r['region']}")
     lines += ["", v.host.describe()]
     if v.next_steps:

@@ -17,12 +17,15 @@ Rules, in order (constants below; the order is the point, so a fault is named th
 3. **A steady fault**: a measured hop whose median is at least ``steady_ns`` is the cause (the largest such
    median wins): a fixed delay in one hop (a lagging upstream, a slow ingest or fan-out, a slow reader)
    moves that hop's median, which CPU starvation and noise do not.
-4. **Healthy**: the p99 of the measured total (the sum of the measured hops) is within ``budget_ns``.
+4. **Healthy**: the p99 of the measured delivery path (the sum of the measured hops but the reader's own:
+   the reader's delay is the consumer's, here the probe's, and counts only as a steady fault, rule 3) is
+   within ``budget_ns``.
 5. **Host CPU starvation**: over budget, and the host was starved of CPU over the window
    (``HostContext.starved``: the eBPF run-queue delay of bookcast's threads when the eBPF exporter runs,
    else the share of time /proc/pressure/cpu says some task waited for a CPU).
 6. **The tail's owner**: over budget and not starved: the hop holding at least ``DOMINANT_SHARE`` of the
-   mean of the slowest messages (those at or above the total's p99); else **mixed** (the two largest named).
+   mean of the slowest messages (those at or above the delivery path's p99); else **mixed** (the two
+   largest named).
 
 Stability: the decision is re-run on ``bootstrap`` resamples of one-second blocks of the window (messages in
 one second are not independent), drawn from a fixed seed, so the same data always gives the same verdict.
@@ -237,13 +240,19 @@ class _Decision:
     shares: np.ndarray | None
 
 
+def _delivery(matrix: np.ndarray, hops: list[Hop]) -> np.ndarray:
+    """The measured delivery path per message: every measured hop but the reader's own."""
+    cols = [i for i, h in enumerate(hops) if h is not Hop.READER]
+    return matrix[:, cols].sum(axis=1) if cols else np.zeros(matrix.shape[0])
+
+
 def _decide(matrix: np.ndarray, hops: list[Hop], host: HostContext, params: Params) -> _Decision:
     medians = np.median(matrix, axis=0)
     steady = [i for i, m in enumerate(medians) if m >= params.steady_ns]
     if steady:
         i = max(steady, key=lambda j: medians[j])
         return _Decision(Cause(hops[i].value), float(medians[i]), None)
-    total = matrix.sum(axis=1)
+    total = _delivery(matrix, hops)
     p99 = float(np.quantile(total, 0.99))
     if p99 <= params.budget_ns:
         return _Decision(Cause.HEALTHY, p99, None)
@@ -294,7 +303,7 @@ def judge(hop_values: Mapping[Hop, np.ndarray], block_s: np.ndarray, host: HostC
     agreement, interval = _bootstrap(matrix, blocks, hops, host, params, point)
     shares_point = point.shares
     if shares_point is None:
-        total = matrix.sum(axis=1)
+        total = _delivery(matrix, hops)
         tail = matrix[total >= np.quantile(total, 0.99)]
         means = np.maximum(tail.mean(axis=0), 0.0)
         shares_point = means / means.sum() if means.sum() > 0 else np.zeros(len(hops))
@@ -335,13 +344,13 @@ def _bootstrap(matrix: np.ndarray, blocks: np.ndarray, hops: list[Hop], host: Ho
         if point.shares is not None:
             # the tail share of the point's top hop in this resample
             sub = matrix[rows]
-            total = sub.sum(axis=1)
+            total = _delivery(sub, hops)
             tail = sub[total >= np.quantile(total, 0.99)]
             means = np.maximum(tail.mean(axis=0), 0.0)
             top = int(np.argmax(point.shares))
             values.append(float(means[top] / means.sum()) if means.sum() > 0 else 0.0)
         elif point.cause in (Cause.HEALTHY, Cause.HOST_CPU):
-            values.append(float(np.quantile(matrix[rows].sum(axis=1), 0.99)))
+            values.append(float(np.quantile(_delivery(matrix[rows], hops), 0.99)))
         else:
             i = hops.index(Hop(point.cause.value))
             values.append(float(np.median(matrix[rows][:, i])))
