@@ -78,10 +78,11 @@ BOOK_EVENTS = Table("book_events", (
 # One row per host sample the probe takes (every update interval): CPU saturation, cumulative counters whose
 # differences over a window give its share. cpu_some_us: /proc/pressure/cpu "some" total (µs some task
 # waited for a CPU); runqueue_sum_s / runqueue_count: the eBPF exporter's bookcast_ebpf_runqueue_latency_seconds
-# _sum and _count over every role (0 when it does not run).
+# _sum and _count over every role (0 when it does not run); reader_wait_ns: the probe's event-loop thread's time
+# runnable but waiting for a CPU (its /proc schedstat): how starved the reader is.
 HOST_SAMPLES = Table("host_samples", (
     ("ts_recv_ns", "UInt64"), ("run_id", "String"), ("cpu_some_us", "UInt64"), ("runqueue_sum_s", "Float64"),
-    ("runqueue_count", "UInt64"),
+    ("runqueue_count", "UInt64"), ("reader_wait_ns", "UInt64"),
 ), "ts_recv_ns")
 
 TABLES: dict[str, Table] = {t.name: t for t in (LATENCY_SAMPLES, BOOK_EVENTS, HOST_SAMPLES)}

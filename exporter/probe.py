@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import Counter
@@ -107,6 +108,7 @@ class ProbeConfig:
     retention_s: float | None = DEFAULT_RETENTION_S
     ebpf_url: str | None = None  # the eBPF exporter's /metrics, for run-queue delay
     reader_delay_s: float = 0.0  # test hook: handle each event this long after it was received (a slow reader)
+    no_ticks: bool = False  # write no book events
 
 
 class ProbeMetrics:
@@ -291,6 +293,16 @@ def read_cpu_pressure_us(path: str = "/proc/pressure/cpu") -> int:
     return 0
 
 
+def read_own_wait_ns() -> int:
+    """How long this process's main thread (the event loop: the reader) was runnable but waiting for a CPU
+    (ns, /proc/self/task/<pid>/schedstat; 0 without schedstats)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def parse_runqueue(text: str) -> tuple[float, int]:
     """``(sum_s, count)`` of ``bookcast_ebpf_runqueue_latency_seconds`` over every role in an exposition."""
     total_s, count = 0.0, 0
@@ -373,7 +385,7 @@ class Probe:
             otlp_hist = self.otlp.meter.create_histogram(
                 "bookcast_probe_latency_seconds", unit="s",
                 description="Per-hop latency of every delta the probe received, from the message's own stamps.")
-        ticks_region = cfg.ticks_region or cfg.regions[0].name
+        ticks_region = None if cfg.no_ticks else (cfg.ticks_region or cfg.regions[0].name)
         for region in cfg.regions:
             rp = RegionProbe(region, listed[region.name], self.metrics, stale_after_s=cfg.stale_after_s,
                              writer=self.writer, write_ticks=region.name == ticks_region, otlp=self.otlp,
@@ -408,7 +420,8 @@ class Probe:
                     runq_s, runq_n = parse_runqueue(await r.text())
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 log.debug("eBPF exporter at %s: %s", self.config.ebpf_url, exc)
-        self.writer.add(HOST_SAMPLES.name, (time.time_ns(), self.config.run_id, read_cpu_pressure_us(), runq_s, runq_n))
+        self.writer.add(HOST_SAMPLES.name, (time.time_ns(), self.config.run_id, read_cpu_pressure_us(), runq_s, runq_n,
+                                            read_own_wait_ns()))
 
     async def stop(self) -> None:
         """Stop the clients, then write every buffered row and export pending OTLP data."""
@@ -435,7 +448,8 @@ class Probe:
 
     def http_app(self) -> web.Application:
         """``/metrics``, ``/healthz``, ``/v1/status`` (regions, connections, ClickHouse writer) and
-        ``/v1/latency/report?since=10m&instrument=&region=&top=10&format=text|json``: the latency report
+        ``/v1/latency/report?since=10m&until_ns=&run=&instrument=&region=&top=10&budget_ms=&format=text|json``
+        (``until_ns``: the window's end, default now; ``run``: default this probe's run, ``all``): the report
         from this probe's own store (an embedded chDB store can only be read by the process holding it)."""
         app = prom.ops_app(self.registry, self.status)
         app.router.add_get("/v1/latency/report", self._report)
@@ -452,11 +466,12 @@ class Probe:
             since_s = parse_duration_s(q.get("since", "10m"))
             top = int(q.get("top", "10"))
             params = Params(budget_ns=float(q.get("budget_ms", "100")) * 1e6)
+            until_ns = int(q.get("until_ns") or time.time_ns())
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         run_id = q.get("run", self.config.run_id or None)
         try:
-            report = await asyncio.to_thread(build_report, self.writer.backend, since_s=since_s, now_ns=time.time_ns(),
+            report = await asyncio.to_thread(build_report, self.writer.backend, since_s=since_s, now_ns=until_ns,
                                              run_id=None if run_id == "all" else run_id,
                                              instrument=q.get("instrument") or None, region=q.get("region") or None,
                                              top=top, params=params)
@@ -495,6 +510,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test hook: handle each message this long after it was received, a slow reader (default off)")
     p.add_argument("--no-clickhouse", action="store_true", help="do not write samples or book events")
     p.add_argument("--ticks-region", help="region whose book events go to ClickHouse (default: the first)")
+    p.add_argument("--no-ticks", action="store_true", help="write no book events (latency samples only)")
     p.add_argument("--otlp-endpoint", default=endpoint_from(None),
                    help="OTLP/gRPC endpoint for metrics and client spans (default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
     p.add_argument("--otlp-export-interval-s", type=float, default=10.0, help="OTLP metric export period (default %(default)s)")
@@ -522,7 +538,7 @@ def main(args: argparse.Namespace) -> int:
                          ticks_region=args.ticks_region,
                          otlp_endpoint=args.otlp_endpoint, otlp_export_interval_s=args.otlp_export_interval_s,
                          run_id=args.run_id, retention_s=retention_s, ebpf_url=args.ebpf_url,
-                         reader_delay_s=args.test_reader_delay_ms / 1000)
+                         reader_delay_s=args.test_reader_delay_ms / 1000, no_ticks=args.no_ticks)
     try:
         return asyncio.run(_serve(config, args.http_host, args.http_port, args.duration_s))
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ Without --probe or --clickhouse it reads the state file `bookcast up` writes ($B
 default <checkout>/.bookcast): the running probe, or the stopped run's store."""
 
 REPORT_QUANTILES: tuple[float, ...] = (0.5, 0.99, 0.999, 0.9999)
+HOST_MARGIN_NS = 3 * 10**9  # host samples this far outside the window still describe it
 MAX_ROWS = 200_000  # newest samples a report reads from the window (the count of all is reported)
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _COLUMNS = ("ts_recv_ns", "region", "instrument", "epoch", "seq", "ts_event_ns", "ts_ingest_ns", "ts_publish_ns",
@@ -90,12 +91,13 @@ class Report:
     hops: dict[Hop, HopStats]
     slowest: list[dict[str, Any]]
     verdict: Verdict
+    newest_ns: int = 0    # the newest sample of the run (and region) in the store, in or after the window
 
     def to_json(self) -> dict[str, Any]:
         return {
             "since_s": self.since_s, "from_ns": self.from_ns, "to_ns": self.to_ns, "source": self.source,
             "run_id": self.run_id, "instrument": self.instrument, "region": self.region, "samples": self.samples,
-            "read": self.read,
+            "read": self.read, "newest_ns": self.newest_ns,
             "hops": {h.value: {"count": s.count, "skewed": s.skewed, "skew_share": s.skew_share,
                                "clock_offset_ns": s.offset_ns,
                                **{f"p{q * 100:g}_ns": v for q, v in s.quantiles_ns.items()}, "max_ns": s.max_ns}
@@ -151,15 +153,18 @@ def host_context(backend: Backend, where: str) -> HostContext:
     rows = backend.query(f"SELECT min(ts_recv_ns), max(ts_recv_ns), argMin(cpu_some_us, ts_recv_ns), "
                          f"argMax(cpu_some_us, ts_recv_ns), argMin(runqueue_sum_s, ts_recv_ns), "
                          f"argMax(runqueue_sum_s, ts_recv_ns), argMin(runqueue_count, ts_recv_ns), "
-                         f"argMax(runqueue_count, ts_recv_ns), count() FROM {table} WHERE {where}")
+                         f"argMax(runqueue_count, ts_recv_ns), count(), argMin(reader_wait_ns, ts_recv_ns), "
+                         f"argMax(reader_wait_ns, ts_recv_ns) FROM {table} WHERE {where}")
     if not rows or int(rows[0][8]) < 2:
         return HostContext()
-    t0, t1, s0, s1, q0, q1, c0, c1, _ = rows[0]
+    t0, t1, s0, s1, q0, q1, c0, c1, _, w0, w1 = rows[0]
     span_us = (int(t1) - int(t0)) / 1e3
     stall = (int(s1) - int(s0)) / span_us if span_us > 0 and int(s1) > 0 else None
     runq = (float(q1) - float(q0)) / (int(c1) - int(c0)) if int(c1) > int(c0) else None
+    wait = (int(w1) - int(w0)) / 1e3 / span_us if span_us > 0 and int(w1) > 0 else None
     source = "ebpf" if runq is not None else ("psi" if stall is not None else None)
-    return HostContext(source, None if stall is None else min(max(stall, 0.0), 1.0), runq)
+    clamp = lambda x: None if x is None else min(max(x, 0.0), 1.0)  # noqa: E731
+    return HostContext(source, clamp(stall), runq, clamp(wait))
 
 
 def latest_run(backend: Backend) -> str | None:
@@ -189,6 +194,7 @@ def build_report(backend: Backend, *, since_s: float, now_ns: int, run_id: str |
     table = f"{DATABASE}.{LATENCY_SAMPLES.name}"
     ((samples,),) = backend.query(f"SELECT count() FROM {table} WHERE {where}")
     samples = int(samples)
+    ((newest_ns,),) = backend.query(f"SELECT max(ts_recv_ns) FROM {table} WHERE ts_recv_ns >= {from_ns}{scope}")
     if instrument and not samples:
         ((anywhere,),) = backend.query(f"SELECT count() FROM {table} WHERE instrument = {sql_string(instrument)}")
         if not int(anywhere):
@@ -197,12 +203,14 @@ def build_report(backend: Backend, *, since_s: float, now_ns: int, run_id: str |
                          f"ORDER BY ts_recv_ns DESC LIMIT {MAX_ROWS}") if samples else []
     values, recv = hop_arrays(rows)
     hops = {h: hop_stats(values[h]) for h in TABLE_HOPS}
-    host_where = f"ts_recv_ns >= {from_ns} AND ts_recv_ns <= {now_ns}" + (f" AND run_id = {sql_string(run_id)}" if run_id else "")
+    # the host samples bracketing the window (the probe takes one every few seconds)
+    host_where = (f"ts_recv_ns >= {from_ns - HOST_MARGIN_NS} AND ts_recv_ns <= {now_ns + HOST_MARGIN_NS}"
+                  + (f" AND run_id = {sql_string(run_id)}" if run_id else ""))
     host = host_context(backend, host_where)
     verdict = judge({h: values[h] for h in PATH_HOPS}, recv // 10**9, host, params)
     slowest = _slowest(rows, values, verdict, top)
     return Report(since_s, from_ns, now_ns, backend.target, run_id, instrument, region, samples, len(rows), hops,
-                  slowest, verdict)
+                  slowest, verdict, int(newest_ns or 0))
 
 
 def _slowest(rows: list[tuple], values: dict[Hop, np.ndarray], verdict: Verdict, top: int) -> list[dict[str, Any]]:

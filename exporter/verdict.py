@@ -14,9 +14,17 @@ Rules, in order (constants below; the order is the point, so a fault is named th
    ``MAX_SKEW_SHARE`` skewed samples, or with too few samples, is **not measured**: the verdict does not use
    it and says so. Messages with a skewed value in a measured hop are left out of the verdict (counted).
 2. **Not enough data**: fewer than ``min_samples`` usable messages.
-3. **A steady fault**: a measured hop whose median is at least ``steady_ns`` is the cause (the largest such
-   median wins): a fixed delay in one hop (a lagging upstream, a slow ingest or fan-out, a slow reader)
-   moves that hop's median, which CPU starvation and noise do not.
+3. **A steady fault**: a measured hop whose median is at least ``steady_ns`` and whose floor (p5) is at
+   least ``STEADY_FLOOR_SHARE`` of its median is the cause: a fixed delay in one hop (a lagging upstream, a
+   slow ingest or fan-out, a slow reader) makes every message wait, shifting the hop's whole distribution,
+   whereas a starved process's backlog comes and goes (a floor far below the median), and noise moves
+   neither.
+   Hops stamped by the producers (upstream, ingest, nats_gateway, gateway_queue) come first, the largest
+   median winning: a consumer that falls behind cannot shift stamps taken before it got the message, so
+   their shift is a fault even when the consumer's own hops are worse; then the reader; the network last.
+   A steady shift in the reader's own hops (network, reader) while the host is starved (rule 5's test) and
+   the reader's event loop itself waited for a CPU at least ``READER_STARVED_SHARE`` of the time (its
+   schedstat) is host CPU starvation: its frames wait because it gets no CPU, not because it is slow.
 4. **Healthy**: the p99 of the measured delivery path (the sum of the measured hops but the reader's own:
    the reader's delay is the consumer's, here the probe's, and counts only as a steady fault, rule 3) is
    within ``budget_ns``.
@@ -51,11 +59,14 @@ DOMINANT_SHARE = 0.5
 MIN_AGREEMENT = 0.8
 MIN_SAMPLES = 200
 BUDGET_NS = 100_000_000      # p99 of the measured total a healthy stack stays within
-STEADY_NS = 25_000_000       # a hop whose median is this high holds a steady fault
-BOOTSTRAP = 200
-PSI_STARVED_SHARE = 0.9      # /proc/pressure/cpu "some": share of wall time some task waited for a CPU
+STEADY_NS = 50_000_000       # a hop whose median is this high holds a steady fault ...
+STEADY_FLOOR_Q = 0.05        # ... when its p5 (its floor) ...
+STEADY_FLOOR_SHARE = 0.5     # ... is at least this share of its median: every message waits (a shift, not a backlog)
+BOOTSTRAP = 100
+PSI_STARVED_SHARE = 0.5      # /proc/pressure/cpu "some": share of wall time some task waited for a CPU
 RUNQUEUE_STARVED_S = 0.002   # eBPF: mean run-queue delay of bookcast's threads
-BOOTSTRAP_MAX_ROWS = 20_000
+READER_STARVED_SHARE = 0.5   # the reader's event loop waited for a CPU this share of wall time
+BOOTSTRAP_MAX_ROWS = 5_000   # a fixed-seed subsample beyond this keeps `bookcast why` under 5 s
 
 
 class Cause(enum.StrEnum):
@@ -130,6 +141,12 @@ class HostContext:
     source: str | None = None
     stall_share: float | None = None
     runqueue_mean_s: float | None = None
+    reader_wait_share: float | None = None  # the reader's (probe's) own share of wall time waiting for a CPU
+
+    @property
+    def reader_starved(self) -> bool:
+        """The reader itself waited for a CPU so much that its own hops (network, reader) are the host's."""
+        return self.reader_wait_share is not None and self.reader_wait_share >= READER_STARVED_SHARE
 
     @property
     def starved(self) -> bool:
@@ -143,6 +160,8 @@ class HostContext:
             parts.append(f"bookcast threads waited {self.runqueue_mean_s * 1e3:.2f} ms per run-queue wait (eBPF)")
         if self.stall_share is not None:
             parts.append(f"some task waited for a CPU {self.stall_share:.0%} of the time (/proc/pressure/cpu)")
+        if self.reader_wait_share is not None:
+            parts.append(f"the reader waited for a CPU {self.reader_wait_share:.0%} of the time (its schedstat)")
         return "host CPU: " + ("; ".join(parts) if parts else "unknown (no PSI, no eBPF)")
 
 
@@ -198,7 +217,8 @@ class Verdict:
                 "skew": {h.value: {"count": s.count, "skewed": s.skewed, "share": s.share, "offset_ns": s.offset_ns,
                                    "measured": s.measured, "why_not": s.why_not} for h, s in self.skew.items()},
                 "host": {"source": self.host.source, "stall_share": self.host.stall_share,
-                         "runqueue_mean_s": self.host.runqueue_mean_s, "starved": self.host.starved},
+                         "runqueue_mean_s": self.host.runqueue_mean_s, "starved": self.host.starved,
+                         "reader_wait_share": self.host.reader_wait_share, "reader_starved": self.host.reader_starved},
                 "excluded": self.excluded, "text": self.text, "next_steps": list(self.next_steps)}
 
 
@@ -238,6 +258,7 @@ class _Decision:
     cause: Cause
     value: float
     shares: np.ndarray | None
+    via: Hop | None = None  # host CPU named through a starved reader's steady hop (value: that hop's median)
 
 
 def _delivery(matrix: np.ndarray, hops: list[Hop]) -> np.ndarray:
@@ -247,10 +268,16 @@ def _delivery(matrix: np.ndarray, hops: list[Hop]) -> np.ndarray:
 
 
 def _decide(matrix: np.ndarray, hops: list[Hop], host: HostContext, params: Params) -> _Decision:
-    medians = np.median(matrix, axis=0)
-    steady = [i for i, m in enumerate(medians) if m >= params.steady_ns]
+    floor, medians = np.quantile(matrix, [STEADY_FLOOR_Q, 0.5], axis=0)
+    steady = [i for i, m in enumerate(medians) if m >= params.steady_ns and floor[i] >= STEADY_FLOOR_SHARE * m]
     if steady:
-        i = max(steady, key=lambda j: medians[j])
+        # producer-stamped hops first: a consumer's backlog cannot shift stamps taken before it got the
+        # message; then the reader's own delay; the network last
+        rank = {Hop.READER: 1, Hop.NETWORK: 2}
+        i = min(steady, key=lambda j: (rank.get(hops[j], 0), -medians[j]))
+        if hops[i] in (Hop.NETWORK, Hop.READER) and host.starved and host.reader_starved:
+            # frames wait in the reader's socket because the host gives it no CPU, not on the wire
+            return _Decision(Cause.HOST_CPU, float(medians[i]), None, hops[i])
         return _Decision(Cause(hops[i].value), float(medians[i]), None)
     total = _delivery(matrix, hops)
     p99 = float(np.quantile(total, 0.99))
@@ -312,7 +339,7 @@ def judge(hop_values: Mapping[Hop, np.ndarray], block_s: np.ndarray, host: HostC
     if point.shares is not None:
         figure = "top tail share" if point.cause is Cause.MIXED else "tail share"
     else:
-        figure = _figure(point.cause)
+        figure = "median ns" if point.via is not None else _figure(point.cause)
     text = _sentence(point, culprit, used, figure, interval, agreement, shares, host, params, unmeasured)
     cause = point.cause
     if agreement < MIN_AGREEMENT:
@@ -349,10 +376,10 @@ def _bootstrap(matrix: np.ndarray, blocks: np.ndarray, hops: list[Hop], host: Ho
             means = np.maximum(tail.mean(axis=0), 0.0)
             top = int(np.argmax(point.shares))
             values.append(float(means[top] / means.sum()) if means.sum() > 0 else 0.0)
-        elif point.cause in (Cause.HEALTHY, Cause.HOST_CPU):
+        elif point.cause in (Cause.HEALTHY, Cause.HOST_CPU) and point.via is None:
             values.append(float(np.quantile(_delivery(matrix[rows], hops), 0.99)))
         else:
-            i = hops.index(Hop(point.cause.value))
+            i = hops.index(point.via or Hop(point.cause.value))
             values.append(float(np.median(matrix[rows][:, i])))
     lo, hi = np.quantile(values, [0.025, 0.975]) if values else (point.value, point.value)
     return same / params.bootstrap, (float(lo), float(hi))
@@ -374,6 +401,10 @@ def _sentence(point: _Decision, culprit: Hop | None, used: int, figure: str, int
     if point.cause is Cause.HEALTHY:
         head = (f"healthy: the p99 of the measured path is {_ms(point.value)} "
                 f"(95% CI {_ms(interval[0])}-{_ms(interval[1])}), within the {_ms(params.budget_ns)} budget")
+    elif point.cause is Cause.HOST_CPU and point.via is not None:
+        head = (f"host CPU starvation: {HOP_NAMES[point.via]}'s median is {_ms(point.value)} (95% CI "
+                f"{_ms(interval[0])}-{_ms(interval[1])}) while {host.describe()[10:]}; the reader is starved, "
+                f"not slow; {OWNER[Cause.HOST_CPU]}")
     elif point.cause is Cause.HOST_CPU:
         head = (f"host CPU starvation: the p99 is {_ms(point.value)} (95% CI {_ms(interval[0])}-"
                 f"{_ms(interval[1])}), over the {_ms(params.budget_ns)} budget, while {host.describe()[10:]}; "
