@@ -20,14 +20,19 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 
 from exporter.clickhouse import DATABASE, HOST_SAMPLES, LATENCY_SAMPLES, Backend, ClickHouseError, open_backend, sql_string
 from exporter.latency import IMPLAUSIBLE_NS, PATH_HOPS, Hop
-from exporter.verdict import BUDGET_NS, HostContext, Params, Verdict, clock_offset_ns, judge
+
+if TYPE_CHECKING:  # numpy and the verdict load when a report is built, not with the command line
+    import numpy as np
+
+    from exporter.verdict import HostContext, Params, Verdict
+
+BUDGET_MS = 100.0  # exporter.verdict.BUDGET_NS, for the command line without importing numpy
 
 EXAMPLES = """examples:
   bookcast why                                              # the current run's verdict, in one command
@@ -110,6 +115,8 @@ class Report:
 def hop_arrays(rows: list[tuple]) -> tuple[dict[Hop, np.ndarray], np.ndarray]:
     """Signed hop values (float ns, NaN where absent) of ``latency_samples`` rows in ``_COLUMNS`` order, and
     the receive times (int ns)."""
+    import numpy as np
+
     if not rows:
         empty = np.zeros(0)
         return {h: empty for h in TABLE_HOPS}, np.zeros(0, dtype=np.int64)
@@ -134,6 +141,10 @@ def hop_arrays(rows: list[tuple]) -> tuple[dict[Hop, np.ndarray], np.ndarray]:
 
 
 def hop_stats(values: np.ndarray) -> HopStats:
+    import numpy as np
+
+    from exporter.verdict import clock_offset_ns
+
     present = values[~np.isnan(values)]
     if not present.size:
         return HopStats(0, 0, 0.0, {q: 0 for q in REPORT_QUANTILES}, 0)
@@ -149,6 +160,8 @@ def hop_stats(values: np.ndarray) -> HopStats:
 
 def host_context(backend: Backend, where: str) -> HostContext:
     """CPU saturation over the window from the probe's ``host_samples`` (first and last sample's counters)."""
+    from exporter.verdict import HostContext
+
     table = f"{DATABASE}.{HOST_SAMPLES.name}"
     rows = backend.query(f"SELECT min(ts_recv_ns), max(ts_recv_ns), argMin(cpu_some_us, ts_recv_ns), "
                          f"argMax(cpu_some_us, ts_recv_ns), argMin(runqueue_sum_s, ts_recv_ns), "
@@ -175,13 +188,16 @@ def latest_run(backend: Backend) -> str | None:
 
 def build_report(backend: Backend, *, since_s: float, now_ns: int, run_id: str | None = None,
                  instrument: str | None = None, region: str | None = None, top: int = 10,
-                 params: Params = Params()) -> Report:
+                 params: Params | None = None) -> Report:
     """Read the samples of ``run_id`` (None: every run) received in ``[now_ns - since_s, now_ns]`` and judge.
 
     Raises:
         ClickHouseError: a query failed.
         UnknownInstrument: ``instrument`` has no sample in the store at all.
     """
+    from exporter.verdict import Params, judge
+
+    params = params or Params()
     from_ns = now_ns - int(since_s * 1e9)
     scope = ""
     if run_id:
@@ -215,6 +231,8 @@ def build_report(backend: Backend, *, since_s: float, now_ns: int, run_id: str |
 
 def _slowest(rows: list[tuple], values: dict[Hop, np.ndarray], verdict: Verdict, top: int) -> list[dict[str, Any]]:
     """The ``top`` messages with the largest measured total (skewed hops shown as null, never as latency)."""
+    import numpy as np
+
     if not rows or top <= 0:
         return []
     measured = [h for h, s in verdict.skew.items() if s.measured] or [Hop.INGEST, Hop.NATS_GATEWAY, Hop.NETWORK]
@@ -281,7 +299,7 @@ def add_report_arguments(r: argparse.ArgumentParser, *, since: str) -> None:
     r.add_argument("--instrument", help="only this instrument")
     r.add_argument("--region", help="only this probe region")
     r.add_argument("--top", type=int, default=10, help="slowest messages to list (default %(default)s)")
-    r.add_argument("--budget-ms", type=float, default=BUDGET_NS / 1e6,
+    r.add_argument("--budget-ms", type=float, default=BUDGET_MS,
                    help="p99 of the measured path a healthy stack stays within (default %(default)s)")
     r.add_argument("--format", choices=["text", "json"], default="text", help="output format (default %(default)s)")
     r.add_argument("--clickhouse", "--clickhouse-url", dest="clickhouse", default=None,
@@ -328,6 +346,8 @@ def main(args: argparse.Namespace) -> int:
             target = str(default_store())
     elif args.probe:
         return _from_probe(args, since_s, args.probe, run_id)
+    from exporter.verdict import Params
+
     try:
         backend = open_backend(target)
         try:

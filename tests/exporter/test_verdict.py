@@ -113,3 +113,6 @@ def test_every_path_hop_has_a_name_and_the_json_is_complete():
     assert body["cause"] == "ingest" and body["ours"] is True and body["host"]["starved"] is False
     assert set(body["skew"]) == {h.value for h in PATH_HOPS} and body["next_steps"]
     assert Params().budget_ns > Params().steady_ns
+
+    from exporter.report import BUDGET_MS
+    assert BUDGET_MS * 1e6 == Params().budget_ns  # the command line's default is the verdict's
