@@ -1,28 +1,8 @@
 """Per-hop latency of one message, and HDR histograms over sliding windows (the probe's pure core).
 
-Hops, from the stamps every data message carries (PROTOCOL.md section 4; all ns since the Unix epoch):
-
-==============  ==================================  ===========================================
-hop             value                               who is slow when it grows
-==============  ==================================  ===========================================
-upstream        ts_ingest_ns - ts_event_ns          the venue or the provider link (or its clock)
-ingest          ts_publish_ns - ts_ingest_ns        the ingest (parse, book, encode)
-nats_gateway    ts_send_ns - ts_publish_ns          NATS transit and the gateway's fan-out
-gateway_queue   ts_write_ns - ts_send_ns            the client's queue in the gateway (enqueue to
-                                                    socket write; only where the gateway stamps writes)
-network         recv - ts_write_ns                  kernel socket buffers and the network (from
-                (recv - ts_send_ns without a write  ts_send_ns, so including the gateway queue, when
-                stamp)                              the gateway gives no write stamp)
-reader          read - recv                         the reader itself: frame off the socket to its
-                                                    own code handling it (the probe knows both)
-client          recv - ts_send_ns                   gateway queue + network (the old combined hop,
-                                                    kept for dashboards; not a path hop)
-e2e             read (or recv) - ts_event_ns        everything (from ts_ingest_ns without a venue time)
-==============  ==================================  ===========================================
-
-The path hops (``PATH_HOPS``) add up to e2e. Upstream and the venue's clock are the venue's ("theirs");
-ingest, nats_gateway and gateway_queue are bookcast's ("ours"); network is the host's kernel and the
-network between; reader is the consumer's own code.
+Hops (``feed.hops``: upstream, ingest, nats_gateway, gateway_queue, network, reader, and the combined client
+and e2e) are differences of the stamps every data message carries (PROTOCOL.md section 4; ns since the Unix
+epoch) and the receiver's own receive and read times.
 
 Coordinated omission: every value is a difference of stamps taken by the producers as the message moved
 (the producer's schedule), plus the client's receive time. Nothing is measured from when the probe asked
@@ -37,9 +17,7 @@ Pure: no I/O, no clock. Windows take ``now_s`` (any monotonic seconds) from the 
 """
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from hdrh.histogram import HdrHistogram
 
@@ -50,62 +28,17 @@ HDR_DIGITS = 3
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
 
 
+# The hop vocabulary is feed's (one enum, one table computing every hop from a message's stamps).
+from feed.hops import PATH_HOPS, WRITE_STAMP, Hop, hops_ns  # noqa: E402,F401 - re-exported
+
 # A hop above this is a clock's doing, not a latency (an hour: the HDR histograms' ceiling).
 IMPLAUSIBLE_NS = HDR_HIGHEST_NS
-
-
-class Hop(enum.StrEnum):
-    UPSTREAM = "upstream"
-    INGEST = "ingest"
-    NATS_GATEWAY = "nats_gateway"
-    GATEWAY_QUEUE = "gateway_queue"
-    NETWORK = "network"
-    READER = "reader"
-    CLIENT = "client"
-    E2E = "e2e"
-
-
-# The hops that add up to e2e, in path order.
-PATH_HOPS: tuple[Hop, ...] = (Hop.UPSTREAM, Hop.INGEST, Hop.NATS_GATEWAY, Hop.GATEWAY_QUEUE, Hop.NETWORK, Hop.READER)
 
 
 def skewed(value_ns: int | float) -> bool:
     """True when a hop value cannot be a latency: negative (the later stamp's clock is behind) or above
     ``IMPLAUSIBLE_NS`` (ahead by more than any stall we measure)."""
     return value_ns < 0 or value_ns > IMPLAUSIBLE_NS
-
-
-def _int(msg: Mapping[str, Any], key: str) -> int | None:
-    value = msg.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-WRITE_STAMP = "ts_write_ns"  # the gateway's socket-write stamp (additive field, docs/protocol-notes.md)
-
-
-def hops_ns(msg: Mapping[str, Any], recv_ns: int, read_ns: int | None = None) -> dict[Hop, int] | None:
-    """Signed per-hop latencies (ns) of a data message the client took off its socket at ``recv_ns`` and
-    its own code reached at ``read_ns`` (None: not known, no ``reader`` hop).
-
-    Returns None when the message lacks ``ts_ingest_ns``, ``ts_publish_ns`` or ``ts_send_ns``. Without a
-    ``ts_event_ns`` (a venue that gives none) there is no ``upstream`` hop and ``e2e`` starts at ingest;
-    without ``ts_write_ns`` there is no ``gateway_queue`` hop and ``network`` starts at ``ts_send_ns``.
-    """
-    ingest, publish, send = _int(msg, "ts_ingest_ns"), _int(msg, "ts_publish_ns"), _int(msg, "ts_send_ns")
-    if ingest is None or publish is None or send is None:
-        return None
-    event, write = _int(msg, "ts_event_ns"), _int(msg, WRITE_STAMP)
-    last = recv_ns if read_ns is None else read_ns
-    out = {Hop.INGEST: publish - ingest, Hop.NATS_GATEWAY: send - publish, Hop.CLIENT: recv_ns - send,
-           Hop.NETWORK: recv_ns - (send if write is None else write),
-           Hop.E2E: last - (ingest if event is None else event)}
-    if event is not None:
-        out[Hop.UPSTREAM] = ingest - event
-    if write is not None:
-        out[Hop.GATEWAY_QUEUE] = write - send
-    if read_ns is not None:
-        out[Hop.READER] = read_ns - recv_ns
-    return out
 
 
 def new_histogram() -> HdrHistogram:

@@ -52,7 +52,8 @@ from prometheus_client.metrics_core import Metric
 
 from feed.catalog import CATALOG
 from exporter.clickhouse import BOOK_EVENTS, HOST_SAMPLES, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
-from exporter.latency import QUANTILES, WRITE_STAMP, Hop, SlidingWindow, StaleTracker, hops_ns, skewed, summarize
+from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, skewed, summarize
+from feed.hops import WRITE_STAMP, Hop, hops_ns
 from feed.runstate import DEFAULT_RETENTION_S, default_store
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom

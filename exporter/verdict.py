@@ -103,7 +103,7 @@ OWNER: dict[Cause, str] = {
     Cause.HOST_CPU: "the host's: every process waits for a CPU",
 }
 NEXT_STEPS: dict[Cause, tuple[str, ...]] = {
-    Cause.UPSTREAM: ("the provider's status and its link: bookcast_ingest_provider_* metrics",
+    Cause.UPSTREAM: ("the provider and its link: bookcast_ingest_provider_score, bookcast_ingest_provider_lag_seconds",
                      "the venue's own status page; compare another provider of the venue"),
     Cause.INGEST: ("the ingest's CPU and event loop: bookcast ebpf (syscall and run-queue latency, role ingest)",
                    "bookcast_hop_ingest_seconds on the ingest's /metrics"),

@@ -6,7 +6,7 @@ sort by start time). ``bookcast up`` writes ``<home>/run.json`` once everything 
 ``bookcast tail``, the SDK example in the README) read it, so no command needs a URL pasted and a report
 defaults to the current (or last) run, wherever it is started from.
 
-The home comes from configuration, never from the working directory (``bookcast_home``):
+The home comes from configuration, never from the working directory (``home_dir``):
 
 1. ``$BOOKCAST_HOME`` when set;
 2. else, when the ``feed`` package runs from a source checkout (``pyproject.toml`` beside it, as with
@@ -43,7 +43,7 @@ class RunStateError(Exception):
     """No state file, or one that cannot be read; the message says which file and what to do."""
 
 
-def bookcast_home(environ: dict[str, str] | None = None) -> Path:
+def home_dir(environ: dict[str, str] | None = None) -> Path:
     """The directory holding the state file and the default chDB store (see the module docstring)."""
     env = os.environ if environ is None else environ
     if env.get("BOOKCAST_HOME"):
@@ -57,7 +57,7 @@ def bookcast_home(environ: dict[str, str] | None = None) -> Path:
 
 def default_store(home: Path | None = None) -> Path:
     """The default chDB store path: ``<home>/chdb`` (absolute)."""
-    return (home or bookcast_home()) / "chdb"
+    return (home or home_dir()) / "chdb"
 
 
 def new_run_id(now_ns: int | None = None) -> str:
@@ -103,7 +103,7 @@ class RunState:
 
 
 def state_path(home: Path | None = None) -> Path:
-    return (home or bookcast_home()) / STATE_FILE
+    return (home or home_dir()) / STATE_FILE
 
 
 def write_state(state: RunState, home: Path | None = None) -> Path:

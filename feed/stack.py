@@ -78,7 +78,7 @@ def _bookcast_command() -> str:
     script = Path(sys.executable).parent / "bookcast"
     command = str(script.absolute()) if script.exists() else f"{sys.executable} -m feed.cli"
     if os.environ.get("BOOKCAST_HOME"):
-        command = f"BOOKCAST_HOME={runstate.bookcast_home()} {command}"
+        command = f"BOOKCAST_HOME={runstate.home_dir()} {command}"
     return command
 
 
@@ -152,7 +152,7 @@ def up(args: argparse.Namespace) -> int:
             print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
             return 2
     run_id = runstate.new_run_id()
-    home = runstate.bookcast_home()
+    home = runstate.home_dir()
     store = str(runstate.default_store(home))
     probe_url = ebpf_url = None
     ebpf_port = (args.ebpf_port or free_port()) if args.ebpf else 0

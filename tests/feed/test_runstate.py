@@ -21,13 +21,13 @@ def state(run_id: str = "20261201T095200Z-3fa2", pid: int | None = None) -> RunS
 
 
 def test_home_comes_from_config_not_the_working_directory(tmp_path, monkeypatch):
-    assert runstate.bookcast_home({"BOOKCAST_HOME": str(tmp_path)}) == tmp_path.resolve()
-    assert runstate.bookcast_home({}) == REPO / ".bookcast"  # a checkout: beside pyproject.toml
+    assert runstate.home_dir({"BOOKCAST_HOME": str(tmp_path)}) == tmp_path.resolve()
+    assert runstate.home_dir({}) == REPO / ".bookcast"  # a checkout: beside pyproject.toml
     monkeypatch.chdir(tmp_path)
-    assert runstate.bookcast_home({}) == REPO / ".bookcast"
+    assert runstate.home_dir({}) == REPO / ".bookcast"
     assert runstate.default_store(tmp_path) == tmp_path / "chdb"
     # the same answer from another process started elsewhere
-    out = subprocess.run([sys.executable, "-c", "from feed.runstate import bookcast_home; print(bookcast_home())"],
+    out = subprocess.run([sys.executable, "-c", "from feed.runstate import home_dir; print(home_dir())"],
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO),
                                                                           "BOOKCAST_HOME": ""})
     assert out.stdout.strip() == str(REPO / ".bookcast"), out.stderr
