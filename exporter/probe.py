@@ -84,6 +84,14 @@ class Region:
         return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
 
 
+def with_write_stamps(ws_url: str) -> str:
+    """``ws_url`` asking the gateway for ``write_stamp`` notices (the gateway_queue hop; an additive
+    extension, docs/protocol-notes.md; a gateway without it ignores the parameter)."""
+    parts = urlsplit(ws_url)
+    query = "&".join(q for q in (parts.query, "write_stamps=1") if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
 def parse_region(text: str) -> Region:
     """``NAME=ws://host:port/v1/ws`` (or a bare URL, named ``local``). Raises ValueError on a bad URL."""
     name, sep, url = text.partition("=")
@@ -185,7 +193,8 @@ class RegionProbe:
         self.stale_gauge = m["bookcast_probe_stale_instruments"].labels(name)
         self.connected = m["bookcast_probe_connected"].labels(name)
         self.stale = StaleTracker(instruments, stale_after_s, monotonic_s())
-        self.client = BookClient([region.ws_url], instruments, clock_ns=clock_ns, event_queue_size=100_000)
+        self.client = BookClient([with_write_stamps(region.ws_url)], instruments, clock_ns=clock_ns,
+                                 event_queue_size=100_000)
         self.measured = 0
         self._seen = _Seen()
 

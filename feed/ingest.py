@@ -53,6 +53,9 @@ from feed.venues import parser_for
 
 log = logging.getLogger("bookcast.ingest")
 
+# Instrument metadata fields a venue message may carry, passed through to the directory and /v1/instruments.
+VENUE_METADATA = ("market", "min_order_size", "question", "outcome")
+
 
 @dataclass
 class IngestConfig:
@@ -118,6 +121,7 @@ class Ingest:
         self.engine = BookEngine(config.epoch_base or secrets.token_hex(4))
         self.nc: nats.NATS | None = None
         self.tick_sizes: dict[str, str] = {}
+        self.metadata: dict[str, dict[str, str]] = {}  # instrument -> what the venue says of it (VENUE_METADATA)
         self.last_ts: dict[str, tuple[int | None, int, int]] = {}  # instrument -> (event, ingest, publish)
         self.venues: dict[str, VenueMetrics] = {}
         self._built: dict[str, Any] = {}
@@ -209,6 +213,7 @@ class Ingest:
             vm.parse_errors.inc()
             log.warning("unparseable %s message dropped: %s", record.venue, exc)
             return
+        self._note_metadata(record)
         if not result.events:
             vm.ignored.inc()
             return
@@ -228,6 +233,21 @@ class Ingest:
                 vm.crossed.inc()
             for out in outputs:
                 await self._publish(out, vm, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns)
+
+    def _note_metadata(self, record: CaptureRecord) -> None:
+        """Keep the instrument metadata a venue message carries (Polymarket: ``market``, ``min_order_size``,
+        ``question``, ``outcome`` beside ``asset_id``), announced in the directory when it changes."""
+        if record.venue != "polymarket":
+            return
+        for msg in record.msg if isinstance(record.msg, list) else (record.msg,):
+            if not isinstance(msg, dict) or not isinstance(msg.get("asset_id"), str):
+                continue
+            found = {k: str(msg[k]) for k in VENUE_METADATA if isinstance(msg.get(k), (str, int, float))}
+            inst = f"polymarket:{msg['asset_id']}"
+            if found and any(self.metadata.get(inst, {}).get(k) != v for k, v in found.items()):
+                self.metadata.setdefault(inst, {}).update(found)
+                self._dirty_venues.add("polymarket")
+                self._announce_now.set()
 
     async def _publish(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
         if isinstance(out, SequencedDelta):
@@ -331,6 +351,7 @@ class Ingest:
             entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
             if inst in self.tick_sizes:
                 entry["tick_size"] = self.tick_sizes[inst]
+            entry.update(self.metadata.get(inst, {}))
             entries.append(entry)
         return {"ingest": self.config.name, "venue": venue, "done": self.sources_done, "instruments": entries}
 
