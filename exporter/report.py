@@ -16,7 +16,6 @@ instrument.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import orjson
 
 from exporter.clickhouse import DATABASE, HOST_SAMPLES, LATENCY_SAMPLES, Backend, ClickHouseError, open_backend, sql_string
 from exporter.latency import IMPLAUSIBLE_NS, PATH_HOPS, Hop
+from feed.runstate import parse_duration_s  # noqa: F401 - re-exported (the probe and tests use it from here)
 
 if TYPE_CHECKING:  # numpy and the verdict load when a report is built, not with the command line
     import numpy as np
@@ -48,7 +48,6 @@ default <checkout>/.bookcast): the running probe, or the stopped run's store."""
 REPORT_QUANTILES: tuple[float, ...] = (0.5, 0.99, 0.999, 0.9999)
 HOST_MARGIN_NS = 3 * 10**9  # host samples this far outside the window still describe it
 MAX_ROWS = 200_000  # newest samples a report reads from the window (the count of all is reported)
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _COLUMNS = ("ts_recv_ns", "region", "instrument", "epoch", "seq", "ts_event_ns", "ts_ingest_ns", "ts_publish_ns",
             "ts_send_ns", "ts_write_ns", "ts_read_ns")
 TABLE_HOPS: tuple[Hop, ...] = (*PATH_HOPS, Hop.CLIENT, Hop.E2E)
@@ -56,14 +55,6 @@ TABLE_HOPS: tuple[Hop, ...] = (*PATH_HOPS, Hop.CLIENT, Hop.E2E)
 
 class UnknownInstrument(Exception):
     """The instrument has no sample in the store at all (nor in the run's listing)."""
-
-
-def parse_duration_s(text: str) -> float:
-    """``"10m"`` -> 600.0; units s, m, h, d; a bare number is seconds. Raises ValueError."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"duration must look like 30s, 10m, 2h or 1d, got {text!r}")
-    return float(m.group(1)) * _UNITS_S[m.group(2) or "s"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +38,17 @@ from pathlib import Path
 STATE_FILE = "run.json"
 VERSION = 1
 DEFAULT_RETENTION_S = 7 * 86_400
+
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """``"10m"`` -> 600.0; units s, m, h, d; a bare number is seconds (windows, retention). Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"duration must look like 30s, 10m, 2h or 1d, got {text!r}")
+    return float(m.group(1)) * _UNITS_S[m.group(2) or "s"]
 
 
 class RunStateError(Exception):

@@ -134,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    from exporter.report import parse_duration_s
+    from feed.runstate import parse_duration_s
 
     if args.port and port_in_use(args.host, args.port):
         print(f"bookcast up: port {args.port} on {args.host} is already in use; "
