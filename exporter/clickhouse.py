@@ -104,6 +104,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _chdb_holder(path: Path) -> str | None:
+    """Who holds the chDB store at ``path`` (its ``status`` file is flock-ed by the holder), or None. Checked
+    before opening, so a held store is one clear error rather than chDB's own exception on stderr."""
+    import fcntl
+
+    status = path / "status"
+    try:
+        with open(status, "r+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read(200).decode(errors="replace")
+                pid = next((line.split()[-1] for line in text.splitlines() if line.startswith("PID")), "?")
+                return f"pid {pid}"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
 class ChdbBackend:
     """chDB session on ``path`` (created if missing). Thread-safe (one statement at a time)."""
 
@@ -112,6 +132,10 @@ class ChdbBackend:
 
         self.target = f"chdb:{path}"
         Path(path).mkdir(parents=True, exist_ok=True)
+        holder = _chdb_holder(Path(path))
+        if holder is not None:
+            raise ClickHouseError(f"the chDB store {path} is held by another process ({holder}); ask the probe "
+                                  f"holding it (--probe URL), or wait until it stops")
         try:
             self._session = Session(str(path))
         except RuntimeError as exc:

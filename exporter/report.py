@@ -353,7 +353,8 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"unknown instrument {exc} (no sample of it in {target})", 2)
     except ClickHouseError as exc:
         first = str(exc).splitlines()[0][:300]
-        return _fail(f"{first} (while a probe holds a chDB store, ask it: --probe http://HOST:PORT)", 1)
+        hint = "" if "--probe" in first else " (while a probe holds a chDB store, ask it: --probe http://HOST:PORT)"
+        return _fail(first + hint, 1)
     return _print(report.to_json() if args.format == "json" else format_text(report), args.format, report.samples)
 
 

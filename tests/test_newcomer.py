@@ -107,6 +107,16 @@ def test_an_unknown_instrument_is_exit_2(tmp_path):
     assert out.returncode == 2 and "unknown instrument coinbase:NOPE" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_held_store_is_one_line_naming_its_holder(tmp_path):
+    backend = open_backend(tmp_path / "chdb")  # this process holds it, as a running probe would
+    try:
+        out = cli("latency", "report", "--clickhouse", str(tmp_path / "chdb"))
+    finally:
+        backend.close()
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"pid {os.getpid()}" in out.stderr and "--probe" in out.stderr and "Cannot lock" not in out.stderr
+
+
 def test_the_help_examples_name_instruments_the_bundled_recording_has():
     from exporter import probe, report, why
     from feed.replaycheck import check_captures

@@ -116,3 +116,19 @@ def test_every_path_hop_has_a_name_and_the_json_is_complete():
 
     from exporter.report import BUDGET_MS
     assert BUDGET_MS * 1e6 == Params().budget_ns  # the command line's default is the verdict's
+
+
+def test_host_context_from_ebpf_and_psi():
+    from exporter.probe import parse_runqueue, read_cpu_pressure_us
+
+    text = ('bookcast_ebpf_runqueue_latency_seconds_sum{role="gateway"} 0.5\n'
+            'bookcast_ebpf_runqueue_latency_seconds_count{role="gateway"} 100\n'
+            'bookcast_ebpf_runqueue_latency_seconds_sum{role="ingest"} 0.25\n'
+            'bookcast_ebpf_runqueue_latency_seconds_count{role="ingest"} 50\n'
+            'bookcast_ebpf_runqueue_latency_seconds_bucket{role="ingest",le="+Inf"} 50\n')
+    assert parse_runqueue(text) == (0.75, 150)
+    assert HostContext("ebpf", 0.99, 0.001).starved is False  # eBPF decides when it runs: 1 ms is not starved
+    assert HostContext("ebpf", 0.1, 0.005).starved is True
+    assert HostContext("psi", 0.6).starved and not HostContext("psi", 0.3).starved and not HostContext().starved
+    assert read_cpu_pressure_us("/nonexistent") == 0
+    assert read_cpu_pressure_us() >= 0
