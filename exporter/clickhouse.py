@@ -3,8 +3,13 @@
 Two backends, one schema: chDB, ClickHouse embedded in this process, storing under a local path (the
 default, ``DEFAULT_CHDB_PATH``); or a ClickHouse server through clickhouse-driver's native protocol
 (``clickhouse://host:9000[/database]``). The schema keeps to types and engine clauses that ClickHouse
-18.16 (Debian's server) and today's chDB both accept: no DateTime64, LowCardinality or TTL; every time is a
-UInt64 of ns since the Unix epoch; absent times are 0.
+18.16 (Debian's server) and today's chDB both accept: no DateTime64 or LowCardinality; every time is a
+UInt64 of ns since the Unix epoch; absent times are 0. Every row carries the ``run_id`` of the
+``bookcast up`` run (``feed.runstate``) that produced it ("" outside a run).
+
+Retention: ``open_backend(..., retention_s=N)`` sets a table TTL of N seconds on the receive time, where the
+backend supports TTL (chDB does; ClickHouse before 19.6 does not, and the server keeps rows until its
+operator drops partitions, one per day). Older stores are migrated on open: missing columns are added.
 
 Inserts never block the caller: ``ClickHouseWriter.add`` appends to a bounded per-table buffer that a
 writer thread drains in batches. When a buffer is full the row is dropped and counted
@@ -27,10 +32,11 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from feed import metrics as prom
+from feed.runstate import default_store
 
 log = logging.getLogger("bookcast.clickhouse")
 
-DEFAULT_CHDB_PATH = Path(".bookcast") / "chdb"
+DEFAULT_CHDB_PATH = default_store()  # <bookcast home>/chdb, never the working directory
 DATABASE = "bookcast"
 _DAY_NS = 86_400 * 10**9
 
@@ -52,10 +58,12 @@ class Table:
 
 
 # One row per delta the probe measured: its stamps as received (hops are differences, see exporter.latency).
+# ts_write_ns: the gateway's socket-write stamp (0 when the gateway gives none); ts_read_ns: when the probe's
+# own code got to the message (its reader delay is ts_read_ns - ts_recv_ns).
 LATENCY_SAMPLES = Table("latency_samples", (
     ("ts_recv_ns", "UInt64"), ("region", "String"), ("instrument", "String"), ("epoch", "String"),
     ("seq", "UInt64"), ("ts_event_ns", "UInt64"), ("ts_ingest_ns", "UInt64"), ("ts_publish_ns", "UInt64"),
-    ("ts_send_ns", "UInt64"),
+    ("ts_send_ns", "UInt64"), ("run_id", "String"), ("ts_write_ns", "UInt64"), ("ts_read_ns", "UInt64"),
 ), "ts_recv_ns, instrument")
 
 # One row per book update received (snapshot or delta): the changes as parallel arrays of side, price, size
@@ -64,10 +72,20 @@ BOOK_EVENTS = Table("book_events", (
     ("ts_recv_ns", "UInt64"), ("region", "String"), ("instrument", "String"), ("epoch", "String"),
     ("seq", "UInt64"), ("prev_seq", "UInt64"), ("kind", "String"), ("checksum", "UInt32"),
     ("ts_event_ns", "UInt64"), ("ts_ingest_ns", "UInt64"), ("side", "Array(String)"), ("price", "Array(String)"),
-    ("size", "Array(String)"),
+    ("size", "Array(String)"), ("run_id", "String"),
 ), "instrument, ts_recv_ns")
 
-TABLES: dict[str, Table] = {t.name: t for t in (LATENCY_SAMPLES, BOOK_EVENTS)}
+# One row per host sample the probe takes (every update interval): CPU saturation, cumulative counters whose
+# differences over a window give its share. cpu_some_us: /proc/pressure/cpu "some" total (µs some task
+# waited for a CPU); runqueue_sum_s / runqueue_count: the eBPF exporter's bookcast_ebpf_runqueue_latency_seconds
+# _sum and _count over every role (0 when it does not run); reader_wait_ns: the probe's event-loop thread's time
+# runnable but waiting for a CPU (its /proc schedstat): how starved the reader is.
+HOST_SAMPLES = Table("host_samples", (
+    ("ts_recv_ns", "UInt64"), ("run_id", "String"), ("cpu_some_us", "UInt64"), ("runqueue_sum_s", "Float64"),
+    ("runqueue_count", "UInt64"), ("reader_wait_ns", "UInt64"),
+), "ts_recv_ns")
+
+TABLES: dict[str, Table] = {t.name: t for t in (LATENCY_SAMPLES, BOOK_EVENTS, HOST_SAMPLES)}
 
 
 class ClickHouseError(Exception):
@@ -86,6 +104,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _chdb_holder(path: Path) -> str | None:
+    """Who holds the chDB store at ``path`` (its ``status`` file is flock-ed by the holder), or None. Checked
+    before opening, so a held store is one clear error rather than chDB's own exception on stderr."""
+    import fcntl
+
+    status = path / "status"
+    try:
+        with open(status, "r+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read(200).decode(errors="replace")
+                pid = next((line.split()[-1] for line in text.splitlines() if line.startswith("PID")), "?")
+                return f"pid {pid}"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
 class ChdbBackend:
     """chDB session on ``path`` (created if missing). Thread-safe (one statement at a time)."""
 
@@ -94,6 +132,10 @@ class ChdbBackend:
 
         self.target = f"chdb:{path}"
         Path(path).mkdir(parents=True, exist_ok=True)
+        holder = _chdb_holder(Path(path))
+        if holder is not None:
+            raise ClickHouseError(f"the chDB store {path} is held by another process ({holder}); ask the probe "
+                                  f"holding it (--probe URL), or wait until it stops")
         try:
             self._session = Session(str(path))
         except RuntimeError as exc:
@@ -156,23 +198,48 @@ class ServerBackend:
             self._client.disconnect()
 
 
-def open_backend(target: str | Path | None) -> Backend:
+def open_backend(target: str | Path | None, *, retention_s: float | None = None) -> Backend:
     """``clickhouse://...`` opens a server, anything else a chDB path (None: ``DEFAULT_CHDB_PATH``); the
-    database and tables are created if missing.
+    database and tables are created if missing, missing columns added, and with ``retention_s`` every
+    table's TTL set to that many seconds of receive time (where the backend supports TTL).
 
     Raises:
         ClickHouseError: the path is held by another process, or the server cannot be reached.
     """
-    text = str(target) if target is not None else str(DEFAULT_CHDB_PATH)
+    text = str(target) if target is not None else str(default_store())
     backend: Backend = ServerBackend(text) if text.startswith("clickhouse://") else ChdbBackend(text)
     try:
         backend.execute(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
         for table in TABLES.values():
             backend.execute(table.create_sql())
+            _add_missing_columns(backend, table)
+            if retention_s:
+                set_retention(backend, table, retention_s)
     except Exception:
         backend.close()
         raise
     return backend
+
+
+def _add_missing_columns(backend: Backend, table: Table) -> None:
+    have = {r[0] for r in backend.query(f"SELECT name FROM system.columns WHERE database = {sql_string(DATABASE)} "
+                                        f"AND table = {sql_string(table.name)}")}
+    for name, kind in table.columns:
+        if name not in have:
+            backend.execute(f"ALTER TABLE {DATABASE}.{table.name} ADD COLUMN {name} {kind}")
+
+
+def set_retention(backend: Backend, table: Table, retention_s: float) -> bool:
+    """Set ``table``'s TTL to ``retention_s`` seconds after each row's receive time. False (logged) where the
+    backend has no TTL (ClickHouse before 19.6)."""
+    ttl = f"toDateTime(intDiv(ts_recv_ns, 1000000000)) + toIntervalSecond({int(retention_s)})"
+    try:
+        backend.execute(f"ALTER TABLE {DATABASE}.{table.name} MODIFY TTL {ttl}")
+    except Exception as exc:  # noqa: BLE001 - an old server: retention is its operator's job
+        log.warning("no TTL on %s at %s (retention not enforced here): %s", table.name, backend.target,
+                    str(exc).splitlines()[0][:200])
+        return False
+    return True
 
 
 def sql_string(text: str) -> str:

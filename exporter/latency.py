@@ -1,15 +1,17 @@
 """Per-hop latency of one message, and HDR histograms over sliding windows (the probe's pure core).
 
-Hops and the stamps they are computed from are defined once, in ``feed.hops`` (the ``Hop`` enum and its
-``HOPS`` rule table), and re-exported here.
+Hops (``feed.hops``: upstream, ingest, nats_gateway, gateway_queue, network, reader, and the combined client
+and e2e) are differences of the stamps every data message carries (PROTOCOL.md section 4; ns since the Unix
+epoch) and the receiver's own receive and read times.
 
 Coordinated omission: every value is a difference of stamps taken by the producers as the message moved
 (the producer's schedule), plus the client's receive time. Nothing is measured from when the probe asked
 or got around to looking, so a stall anywhere cannot hide: every message that waited behind it carries
 the wait in its own stamps and is measured, one sample per message. Messages lost outright show as gaps.
 
-Clocks of different hosts can disagree, so a hop can come out negative; ``hops_ns`` returns it signed and
-the caller counts it as clock skew and records 0.
+Clocks of different hosts can disagree, so a hop can come out negative (or absurdly large); ``hops_ns``
+returns it signed, ``skewed`` says whether a value is one a clock produced rather than a latency, and the
+callers count such samples apart (never as a latency, never as 0).
 
 Pure: no I/O, no clock. Windows take ``now_s`` (any monotonic seconds) from the caller.
 """
@@ -19,14 +21,24 @@ from collections.abc import Iterable
 
 from hdrh.histogram import HdrHistogram
 
-# The hop vocabulary is feed's (one enum, one function computing every hop from a message's stamps).
-from feed.hops import PATH_HOPS, Hop, hops_ns  # noqa: F401 - re-exported
-
 # Lowest discernible value 1 µs, highest 1 h, 3 significant digits: quantiles within 0.1 % of the value.
 HDR_LOWEST_NS = 1_000
 HDR_HIGHEST_NS = 3_600 * 10**9
 HDR_DIGITS = 3
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
+
+
+# The hop vocabulary is feed's (one enum, one table computing every hop from a message's stamps).
+from feed.hops import PATH_HOPS, WRITE_STAMP, Hop, hops_ns  # noqa: E402,F401 - re-exported
+
+# A hop above this is a clock's doing, not a latency (an hour: the HDR histograms' ceiling).
+IMPLAUSIBLE_NS = HDR_HIGHEST_NS
+
+
+def skewed(value_ns: int | float) -> bool:
+    """True when a hop value cannot be a latency: negative (the later stamp's clock is behind) or above
+    ``IMPLAUSIBLE_NS`` (ahead by more than any stall we measure)."""
+    return value_ns < 0 or value_ns > IMPLAUSIBLE_NS
 
 
 def new_histogram() -> HdrHistogram:

@@ -17,13 +17,26 @@ omission is explained there) and records them into:
 * OTLP, when an endpoint is set: the same histograms as exponential histograms, and a ``client`` span for
   every traced delta (``feed.otlp``).
 
-Negative hops (clocks that disagree) are recorded as 0 and counted in ``bookcast_probe_clock_skew_total``.
+Clock-skewed hop values (negative, or above an hour: ``exporter.latency.skewed``) are never recorded as a
+latency: they are counted in ``bookcast_probe_clock_skew_total`` and left out of the histograms and windows
+(the raw stamps still go to ClickHouse, where the report counts them apart).
+
+Runs and host context: every row carries ``--run-id`` (``bookcast up`` passes its run's id); the store's
+tables get a TTL of ``--retention`` (``exporter.clickhouse``); every update interval the probe writes one
+``host_samples`` row: /proc/pressure/cpu's "some" total and, with ``--ebpf-url``, the eBPF exporter's
+run-queue delay sums, which the verdict reads as the host's CPU saturation.
+
+Reader delay: the SDK stamps ``recv_ns`` when it takes a frame off the socket; the probe stamps ``ts_read_ns``
+when its own loop gets to the event, so its own slowness is the ``reader`` hop, apart from the network.
+Test hook, off by default: ``reader_delay_s`` handles every event that long after it was received (a slow
+reader), keeping order.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import Counter
@@ -32,14 +45,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from feed.catalog import CATALOG
-from exporter.clickhouse import BOOK_EVENTS, DEFAULT_CHDB_PATH, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
-from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, summarize
-from feed.hops import Hop, hops_ns
+from exporter.clickhouse import BOOK_EVENTS, HOST_SAMPLES, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
+from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, skewed, summarize
+from feed.hops import WRITE_STAMP, Hop, hops_ns
+from feed.runstate import DEFAULT_RETENTION_S, default_store
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
 from feed.client import BookClient, BookUpdated, UpdateKind
@@ -49,7 +64,7 @@ log = logging.getLogger("bookcast.probe")
 EXAMPLES = """examples:
   bookcast probe                                                   # every instrument of ws://127.0.0.1:8080/v1/ws, region "local"
   bookcast probe --region eu=ws://10.0.0.1:8080/v1/ws --region us=ws://10.1.0.1:8080/v1/ws --http-port 9475
-  bookcast probe --instrument coinbase:BTC-USD --instrument coinbase:ETH-USD --stale-after-s 30
+  bookcast probe --instrument coinbase:SKL-USD --instrument coinbase:DASH-BTC --stale-after-s 30
   bookcast probe --clickhouse clickhouse://127.0.0.1:9000 --otlp-endpoint http://127.0.0.1:4317
   bookcast probe --no-clickhouse --duration-s 60                   # Prometheus only, for one minute"""
 
@@ -69,6 +84,14 @@ class Region:
         return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
 
 
+def with_write_stamps(ws_url: str) -> str:
+    """``ws_url`` asking the gateway for ``write_stamp`` notices (the gateway_queue hop; an additive
+    extension, docs/protocol-notes.md; a gateway without it ignores the parameter)."""
+    parts = urlsplit(ws_url)
+    query = "&".join(q for q in (parts.query, "write_stamps=1") if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
 def parse_region(text: str) -> Region:
     """``NAME=ws://host:port/v1/ws`` (or a bare URL, named ``local``). Raises ValueError on a bad URL."""
     name, sep, url = text.partition("=")
@@ -85,11 +108,16 @@ class ProbeConfig:
     instruments: list[str] | None = None  # None: all listed by each region's /v1/instruments
     stale_after_s: float = 10.0
     update_interval_s: float = 2.0
-    clickhouse: str | None = str(DEFAULT_CHDB_PATH)  # chDB path or clickhouse:// URL; None: no ClickHouse
+    clickhouse: str | None = field(default_factory=lambda: str(default_store()))  # chDB path or clickhouse:// URL; None: none
     ticks_region: str | None = None  # default: the first region
     otlp_endpoint: str | None = None
     otlp_export_interval_s: float = 10.0
     list_timeout_s: float = 30.0
+    run_id: str = ""
+    retention_s: float | None = DEFAULT_RETENTION_S
+    ebpf_url: str | None = None  # the eBPF exporter's /metrics, for run-queue delay
+    reader_delay_s: float = 0.0  # test hook: handle each event this long after it was received (a slow reader)
+    no_ticks: bool = False  # write no book events
 
 
 class ProbeMetrics:
@@ -135,8 +163,12 @@ class RegionProbe:
 
     def __init__(self, region: Region, instruments: list[str], metrics: ProbeMetrics, *, stale_after_s: float,
                  writer: ClickHouseWriter | None, write_ticks: bool, otlp: Otlp | None, otlp_hist: Any,
-                 clock_ns=time.time_ns, monotonic_s=time.monotonic) -> None:
+                 clock_ns=time.time_ns, monotonic_s=time.monotonic, run_id: str = "",
+                 reader_delay_s: float = 0.0) -> None:
         self.region = region
+        self.run_id = run_id
+        self.reader_delay_s = reader_delay_s
+        self.clock_ns = clock_ns
         self.instruments = instruments
         self.writer = writer
         self.write_ticks = write_ticks
@@ -161,7 +193,8 @@ class RegionProbe:
         self.stale_gauge = m["bookcast_probe_stale_instruments"].labels(name)
         self.connected = m["bookcast_probe_connected"].labels(name)
         self.stale = StaleTracker(instruments, stale_after_s, monotonic_s())
-        self.client = BookClient([region.ws_url], instruments, clock_ns=clock_ns, event_queue_size=100_000)
+        self.client = BookClient([with_write_stamps(region.ws_url)], instruments, clock_ns=clock_ns,
+                                 event_queue_size=100_000)
         self.measured = 0
         self._seen = _Seen()
 
@@ -170,25 +203,29 @@ class RegionProbe:
         async with self.client:
             async for event in self.client:
                 if isinstance(event, BookUpdated):
-                    self.on_update(event, self.monotonic_s())
+                    if self.reader_delay_s:
+                        wait_s = (event.recv_ns + self.reader_delay_s * 1e9 - self.clock_ns()) / 1e9
+                        if wait_s > 0:
+                            await asyncio.sleep(wait_s)
+                    self.on_update(event, self.monotonic_s(), self.clock_ns())
 
-    def on_update(self, ev: BookUpdated, now_s: float) -> None:
+    def on_update(self, ev: BookUpdated, now_s: float, read_ns: int | None = None) -> None:
         self.stale.message(ev.instrument, now_s)
         msg = ev.msg
         if self.write_ticks and self.writer is not None:
-            self.writer.add(BOOK_EVENTS.name, _tick_row(self.region.name, ev))
+            self.writer.add(BOOK_EVENTS.name, _tick_row(self.region.name, ev, self.run_id))
         if ev.kind is not UpdateKind.DELTA:
             return  # a snapshot carries the stamps of the book's last delta, not its own journey
-        hops = hops_ns(msg, ev.recv_ns)
+        hops = hops_ns(msg, ev.recv_ns, read_ns)
         if hops is None:
             return
         self.measured += 1
         self.messages.inc()
         for hop, value_ns in hops.items():
             state = self.hops[hop]
-            if value_ns < 0:
+            if skewed(value_ns):
                 state.skew.inc()
-                value_ns = 0
+                continue  # a clock's doing, not a latency: counted, never recorded as one
             state.hist.observe(value_ns / 1e9)
             for w in state.windows:
                 w.window.record(value_ns, now_s)
@@ -197,7 +234,8 @@ class RegionProbe:
         if self.writer is not None:
             self.writer.add(LATENCY_SAMPLES.name, (
                 ev.recv_ns, self.region.name, ev.instrument, ev.epoch, ev.seq, msg.get("ts_event_ns", 0),
-                msg["ts_ingest_ns"], msg["ts_publish_ns"], msg["ts_send_ns"]))
+                msg["ts_ingest_ns"], msg["ts_publish_ns"], msg["ts_send_ns"], self.run_id,
+                _stamp(msg.get(WRITE_STAMP)), read_ns or 0))
         traceparent = msg.get(TRACEPARENT)
         if traceparent is not None and self.otlp is not None:
             self.otlp.hop_span("client", traceparent, msg["ts_send_ns"], ev.recv_ns,
@@ -249,7 +287,44 @@ class WindowSummaries:
         yield family
 
 
-def _tick_row(region: str, ev: BookUpdated) -> tuple:
+def _stamp(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def read_cpu_pressure_us(path: str = "/proc/pressure/cpu") -> int:
+    """/proc/pressure/cpu's "some" total: µs during which at least one task waited for a CPU (0 without PSI)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("some "):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def read_own_wait_ns() -> int:
+    """How long this process's main thread (the event loop: the reader) was runnable but waiting for a CPU
+    (ns, /proc/self/task/<pid>/schedstat; 0 without schedstats)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def parse_runqueue(text: str) -> tuple[float, int]:
+    """``(sum_s, count)`` of ``bookcast_ebpf_runqueue_latency_seconds`` over every role in an exposition."""
+    total_s, count = 0.0, 0
+    for line in text.splitlines():
+        if line.startswith("bookcast_ebpf_runqueue_latency_seconds_sum"):
+            total_s += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bookcast_ebpf_runqueue_latency_seconds_count"):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total_s, count
+
+
+def _tick_row(region: str, ev: BookUpdated, run_id: str = "") -> tuple:
     msg = ev.msg
     if ev.kind is UpdateKind.SNAPSHOT:
         levels = [("bid", p, s) for p, s in msg["bids"]] + [("ask", p, s) for p, s in msg["asks"]]
@@ -259,7 +334,7 @@ def _tick_row(region: str, ev: BookUpdated) -> tuple:
         prev_seq = msg["prev_seq"]
     return (ev.recv_ns, region, ev.instrument, ev.epoch, ev.seq, prev_seq, ev.kind.value, msg["checksum"],
             msg.get("ts_event_ns", 0), msg.get("ts_ingest_ns", 0), [c[0] for c in levels], [c[1] for c in levels],
-            [c[2] for c in levels])
+            [c[2] for c in levels], run_id)
 
 
 async def list_instruments(region: Region, timeout_s: float) -> list[str]:
@@ -310,7 +385,8 @@ class Probe:
             listed[region.name] = cfg.instruments or await list_instruments(region, cfg.list_timeout_s)
         if cfg.clickhouse:
             loop = asyncio.get_running_loop()
-            backend = await loop.run_in_executor(None, open_backend, cfg.clickhouse)
+            backend = await loop.run_in_executor(
+                None, lambda: open_backend(cfg.clickhouse, retention_s=cfg.retention_s))
             self.writer = ClickHouseWriter(backend, registry=self.registry)
             self.writer.start()
         otlp_hist = None
@@ -319,11 +395,11 @@ class Probe:
             otlp_hist = self.otlp.meter.create_histogram(
                 "bookcast_probe_latency_seconds", unit="s",
                 description="Per-hop latency of every delta the probe received, from the message's own stamps.")
-        ticks_region = cfg.ticks_region or cfg.regions[0].name
+        ticks_region = None if cfg.no_ticks else (cfg.ticks_region or cfg.regions[0].name)
         for region in cfg.regions:
             rp = RegionProbe(region, listed[region.name], self.metrics, stale_after_s=cfg.stale_after_s,
                              writer=self.writer, write_ticks=region.name == ticks_region, otlp=self.otlp,
-                             otlp_hist=otlp_hist)
+                             otlp_hist=otlp_hist, run_id=cfg.run_id, reader_delay_s=cfg.reader_delay_s)
             self.regions.append(rp)
             log.info("region %s: %s, %d instruments", region.name, region.ws_url, len(rp.instruments))
         loop = asyncio.get_running_loop()
@@ -331,11 +407,31 @@ class Probe:
         self._tasks.append(loop.create_task(self._updater(), name="probe-updater"))
 
     async def _updater(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.update_interval_s)
-            now_s = time.monotonic()
-            for rp in self.regions:
-                rp.update(now_s)
+        session = aiohttp.ClientSession() if self.config.ebpf_url else None
+        try:
+            while True:
+                await self._sample_host(session)
+                await asyncio.sleep(self.config.update_interval_s)
+                now_s = time.monotonic()
+                for rp in self.regions:
+                    rp.update(now_s)
+        finally:
+            if session is not None:
+                await session.close()
+
+    async def _sample_host(self, session: aiohttp.ClientSession | None) -> None:
+        """One ``host_samples`` row: CPU pressure now and, when the eBPF exporter runs, its run-queue sums."""
+        if self.writer is None:
+            return
+        runq_s, runq_n = 0.0, 0
+        if session is not None:
+            try:
+                async with session.get(self.config.ebpf_url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    runq_s, runq_n = parse_runqueue(await r.text())
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.debug("eBPF exporter at %s: %s", self.config.ebpf_url, exc)
+        self.writer.add(HOST_SAMPLES.name, (time.time_ns(), self.config.run_id, read_cpu_pressure_us(), runq_s, runq_n,
+                                            read_own_wait_ns()))
 
     async def stop(self) -> None:
         """Stop the clients, then write every buffered row and export pending OTLP data."""
@@ -362,14 +458,16 @@ class Probe:
 
     def http_app(self) -> web.Application:
         """``/metrics``, ``/healthz``, ``/v1/status`` (regions, connections, ClickHouse writer) and
-        ``/v1/latency/report?since=10m&instrument=&region=&top=10&format=text|json``: the latency report
+        ``/v1/latency/report?since=10m&until_ns=&run=&instrument=&region=&top=10&budget_ms=&format=text|json``
+        (``until_ns``: the window's end, default now; ``run``: default this probe's run, ``all``): the report
         from this probe's own store (an embedded chDB store can only be read by the process holding it)."""
         app = prom.ops_app(self.registry, self.status)
         app.router.add_get("/v1/latency/report", self._report)
         return app
 
     async def _report(self, request: web.Request) -> web.Response:
-        from exporter.report import build_report, format_text, parse_duration_s
+        from exporter.report import UnknownInstrument, build_report, format_text, parse_duration_s
+        from exporter.verdict import Params
 
         if self.writer is None:
             return web.json_response({"error": "this probe writes no ClickHouse store (--no-clickhouse)"}, status=404)
@@ -377,14 +475,27 @@ class Probe:
         try:
             since_s = parse_duration_s(q.get("since", "10m"))
             top = int(q.get("top", "10"))
+            params = Params(budget_ns=float(q.get("budget_ms", "100")) * 1e6)
+            until_ns = int(q.get("until_ns") or time.time_ns())
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        report = await asyncio.to_thread(build_report, self.writer.backend, since_s=since_s, now_ns=time.time_ns(),
-                                         instrument=q.get("instrument") or None, region=q.get("region") or None,
-                                         top=top)
+        run_id = q.get("run", self.config.run_id or None)
+        try:
+            report = await asyncio.to_thread(build_report, self.writer.backend, since_s=since_s, now_ns=until_ns,
+                                             run_id=None if run_id == "all" else run_id,
+                                             instrument=q.get("instrument") or None, region=q.get("region") or None,
+                                             top=top, params=params)
+        except UnknownInstrument as exc:
+            if not any(str(exc) in rp.instruments for rp in self.regions):
+                return web.json_response({"error": f"unknown instrument {exc}", "code": "unknown_instrument"},
+                                         status=404)
+            report = None
+        if report is None:
+            return web.json_response({"error": f"no sample of {q.get('instrument')} yet"}, status=503)
         headers = {"X-Bookcast-Samples": str(report.samples)}
         if q.get("format") == "json":
-            return web.json_response(report.to_json(), headers=headers)
+            return web.Response(body=orjson.dumps(report.to_json(), option=orjson.OPT_SERIALIZE_NUMPY),
+                                content_type="application/json", headers=headers)
         return web.Response(text=format_text(report) + "\n", headers=headers)
 
 
@@ -398,10 +509,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=9475, help="port of /metrics, 0 = none (default %(default)s)")
     p.add_argument("--stale-after-s", type=float, default=10.0,
                    help="an instrument with no message and no heartbeat this long is stale (default %(default)s)")
-    p.add_argument("--clickhouse", default=str(DEFAULT_CHDB_PATH),
-                   help="chDB path, or clickhouse://host:9000 for a server (default %(default)s)")
+    p.add_argument("--clickhouse", default=None,
+                   help="chDB path, or clickhouse://host:9000 for a server (default: <bookcast home>/chdb, "
+                        "see feed.runstate)")
+    p.add_argument("--run-id", default="", help="run id every row carries (bookcast up passes its own)")
+    p.add_argument("--retention", default="7d",
+                   help="keep samples this long in the store (TTL where the backend has one): 1h, 7d (default %(default)s)")
+    p.add_argument("--ebpf-url", help="the eBPF exporter's /metrics, read for run-queue delay (host CPU context)")
+    p.add_argument("--test-reader-delay-ms", type=float, default=0.0,
+                   help="test hook: handle each message this long after it was received, a slow reader (default off)")
     p.add_argument("--no-clickhouse", action="store_true", help="do not write samples or book events")
     p.add_argument("--ticks-region", help="region whose book events go to ClickHouse (default: the first)")
+    p.add_argument("--no-ticks", action="store_true", help="write no book events (latency samples only)")
     p.add_argument("--otlp-endpoint", default=endpoint_from(None),
                    help="OTLP/gRPC endpoint for metrics and client spans (default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
     p.add_argument("--otlp-export-interval-s", type=float, default=10.0, help="OTLP metric export period (default %(default)s)")
@@ -417,9 +536,19 @@ def main(args: argparse.Namespace) -> int:
     if args.ticks_region and args.ticks_region not in names:
         log.error("--ticks-region %s is not one of the regions %s", args.ticks_region, names)
         return 2
+    from exporter.report import parse_duration_s
+
+    try:
+        retention_s = parse_duration_s(args.retention)
+    except ValueError as exc:
+        log.error("--retention: %s", exc)
+        return 2
     config = ProbeConfig(regions=regions, instruments=args.instrument, stale_after_s=args.stale_after_s,
-                         clickhouse=None if args.no_clickhouse else args.clickhouse, ticks_region=args.ticks_region,
-                         otlp_endpoint=args.otlp_endpoint, otlp_export_interval_s=args.otlp_export_interval_s)
+                         clickhouse=None if args.no_clickhouse else (args.clickhouse or str(default_store())),
+                         ticks_region=args.ticks_region,
+                         otlp_endpoint=args.otlp_endpoint, otlp_export_interval_s=args.otlp_export_interval_s,
+                         run_id=args.run_id, retention_s=retention_s, ebpf_url=args.ebpf_url,
+                         reader_delay_s=args.test_reader_delay_ms / 1000, no_ticks=args.no_ticks)
     try:
         return asyncio.run(_serve(config, args.http_host, args.http_port, args.duration_s))
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("latency", "exporter.report", "latency tools: 'report' prints per-hop tail latency and who owns it"),
     ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
     ("dashboards", "dashboards.cli", "Grafana dashboards, provisioning and Prometheus SLO rules: build, check against Prometheus"),
+    ("why", "exporter.why", "us or the upstream? the current run's latency verdict in one sentence, then the evidence"),
 ]
 
 
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--http-port", type=int, default=0, help="serve /metrics, /healthz, /v1/status on this port")
     r.add_argument("--check", action="store_true", help="no NATS: parse and build books, print a summary, exit")
     r.add_argument("--name", default="ingest", help="name shown to NATS and in logs")
+    r.add_argument("--connect-timeout-s", type=float, default=10.0,
+                   help="give up (exit 1) when NATS does not answer within this many seconds (default %(default)s)")
     importlib.import_module("feed.ingest").add_arguments(r)
 
     rec = cmd("record", "record a live venue WebSocket into a capture file")
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return stack.up(args)
     if args.command == "tail":
+        if not args.url:
+            args.url = _state_ws_url()
         return _run_async(_tail_module().main_async(args))
     if args.command == "replay":
         return _replay(args)
@@ -126,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _state_ws_url() -> list[str] | None:
+    """The running stack's WebSocket URL from the state file ``bookcast up`` wrote (None: no running stack)."""
+    from feed.runstate import RunStateError, current_run
+
+    try:
+        return [current_run().ws_url]
+    except RunStateError:
+        return None
+
+
 def _run_async(coro) -> int:
     try:
         return asyncio.run(coro)
@@ -139,9 +154,17 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"bookcast replay: capture file not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     if args.check:
+        from feed.capture import CaptureError
         from feed.replaycheck import check_captures
 
-        return check_captures(args.captures)
+        try:
+            return check_captures(args.captures)
+        except CaptureError as exc:  # the message names the file and line
+            print(f"bookcast replay --check: {exc}", file=sys.stderr)
+            return 1
+        except (OSError, EOFError) as exc:
+            print(f"bookcast replay --check: cannot read the capture: {exc}", file=sys.stderr)
+            return 1
     return _run_async(_run_ingest(args))
 
 
@@ -156,11 +179,25 @@ async def _run_ingest(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = None
-    try:
-        await ingest.start()
-    except Exception as exc:  # noqa: BLE001 - report a clear reason and a non-zero code
-        logging.getLogger("bookcast.ingest").error("cannot connect to NATS at %s: %s", args.nats, exc)
+    # The first connection is bounded and interruptible: nats.py retries an unreachable server forever.
+    connecting = loop.create_task(ingest.start())
+    stopped = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({connecting, stopped}, timeout=args.connect_timeout_s,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if connecting not in done or connecting.exception() is not None:
+        connecting.cancel()
+        stopped.cancel()
+        await asyncio.gather(connecting, stopped, return_exceptions=True)
+        await ingest.stop()
+        if stop.is_set():
+            print("bookcast replay: interrupted while connecting to NATS", file=sys.stderr)
+            return 1
+        why = (f"no answer within {args.connect_timeout_s:g} s" if connecting not in done
+               else f"{type(connecting.exception()).__name__}: {connecting.exception()}")
+        print(f"bookcast replay: cannot connect to NATS at {args.nats} ({why}); is nats-server running? "
+              f"(--connect-timeout-s sets the wait)", file=sys.stderr)
         return 1
+    stopped.cancel()
     if args.http_port:
         runner = web.AppRunner(ingest.http_app(), access_log=None)
         await runner.setup()

@@ -20,8 +20,10 @@ clock ahead of the receiver's; the bundled Coinbase capture is about -13 ms at t
 hidden or mistaken for speed. With OTLP on (``otlp_endpoint``), one delta in ``trace_sample_every`` gets a
 trace (``feed.otlp``): its ``traceparent`` travels in the NATS headers and in the delta.
 
-Test hook, off by default: ``upstream_lag_ns`` moves every rebased event time back by a fixed amount, so the
-upstream looks that much slower ("a lagging upstream").
+Test hooks, off by default (both read on every message, so a test may change them while the ingest runs):
+``upstream_lag_ns`` moves every rebased event time back by a fixed amount, so the upstream looks that much
+slower ("a lagging upstream"); ``ingest_delay_ns`` holds every delta that long between receiving and
+publishing it, in order, without slowing the reading ("a slow ingest").
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ from feed.venues import parser_for
 
 log = logging.getLogger("bookcast.ingest")
 
+# Instrument metadata fields a venue message may carry, passed through to the directory and /v1/instruments.
+VENUE_METADATA = ("market", "min_order_size", "question", "outcome")
+
 
 @dataclass
 class IngestConfig:
@@ -64,6 +69,7 @@ class IngestConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
     trace_sample_every: int = 1000  # with OTLP on: trace one delta in this many
     upstream_lag_ns: int = 0  # test hook: event times moved back by this much (a lagging upstream)
+    ingest_delay_ns: int = 0  # test hook: publish each delta this long after receiving it (a slow ingest)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,6 +121,7 @@ class Ingest:
         self.engine = BookEngine(config.epoch_base or secrets.token_hex(4))
         self.nc: nats.NATS | None = None
         self.tick_sizes: dict[str, str] = {}
+        self.metadata: dict[str, dict[str, str]] = {}  # instrument -> what the venue says of it (VENUE_METADATA)
         self.last_ts: dict[str, tuple[int | None, int, int]] = {}  # instrument -> (event, ingest, publish)
         self.venues: dict[str, VenueMetrics] = {}
         self._built: dict[str, Any] = {}
@@ -128,6 +135,7 @@ class Ingest:
         self.sources_done = False
         self.published = 0
         self._tasks: list[asyncio.Task] = []
+        self._held: asyncio.Queue | None = None  # the ingest_delay_ns hook's deltas, in order
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)
@@ -205,6 +213,7 @@ class Ingest:
             vm.parse_errors.inc()
             log.warning("unparseable %s message dropped: %s", record.venue, exc)
             return
+        self._note_metadata(record)
         if not result.events:
             vm.ignored.inc()
             return
@@ -225,37 +234,78 @@ class Ingest:
             for out in outputs:
                 await self._publish(out, vm, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns)
 
+    def _note_metadata(self, record: CaptureRecord) -> None:
+        """Keep the instrument metadata a venue message carries (Polymarket: ``market``, ``min_order_size``,
+        ``question``, ``outcome`` beside ``asset_id``), announced in the directory when it changes."""
+        if record.venue != "polymarket":
+            return
+        for msg in record.msg if isinstance(record.msg, list) else (record.msg,):
+            if not isinstance(msg, dict) or not isinstance(msg.get("asset_id"), str):
+                continue
+            found = {k: str(msg[k]) for k in VENUE_METADATA if isinstance(msg.get(k), (str, int, float))}
+            inst = f"polymarket:{msg['asset_id']}"
+            if found and any(self.metadata.get(inst, {}).get(k) != v for k, v in found.items()):
+                self.metadata.setdefault(inst, {}).update(found)
+                self._dirty_venues.add("polymarket")
+                self._announce_now.set()
+
     async def _publish(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
         if isinstance(out, SequencedDelta):
-            ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
-            out.ts_event_ns = ts_event_ns
-            span = headers = None
-            if self.otlp is not None:
-                self._until_trace -= 1
-                if not self._until_trace:
-                    self._until_trace = self.config.trace_sample_every
-                    span, traceparent = self.otlp.start_ingest_trace(
-                        ts_event_ns=ts_event_ns, ts_ingest_ns=ts_ingest_ns,
-                        attributes={"instrument": out.instrument, "epoch": out.epoch, "seq": out.seq})
-                    headers = {TRACEPARENT: traceparent}
-            ts_publish_ns = self.clock_ns()
-            msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
-            if headers is not None:
-                msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
-            await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
-            if span is not None:
-                span.end(end_time=ts_publish_ns)
-            self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
-            self.published += 1
-            vm.deltas.inc()
-            if ts_event_ns is not None:
-                upstream_ns = ts_ingest_ns - ts_event_ns
-                if upstream_ns < 0:
-                    vm.clock_skew.inc()
-                    upstream_ns = 0
-                vm.hop_upstream.observe(upstream_ns / 1e9)
-            vm.hop_ingest.observe((ts_publish_ns - ts_ingest_ns) / 1e9)
-        elif isinstance(out, Trade):
+            out.ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
+            if self.config.ingest_delay_ns or (self._held is not None and not self._held.empty()):
+                await self._hold(out, vm, ts_ingest_ns)
+            else:
+                await self._publish_delta(out, vm, ts_ingest_ns)
+        else:
+            await self._publish_other(out, vm, ts_ingest_ns, shift_ns)
+
+    async def _hold(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int) -> None:
+        """Test hook ``ingest_delay_ns``: publish ``out`` that long after ``ts_ingest_ns``, after every delta held
+        before it (a bounded queue: a reader far ahead waits, as a slow ingest's input would)."""
+        if self._held is None:
+            self._held = asyncio.Queue(maxsize=100_000)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._release_held()))
+        await self._held.put((ts_ingest_ns + self.config.ingest_delay_ns, out, vm, ts_ingest_ns))
+
+    async def _release_held(self) -> None:
+        while True:
+            due_ns, out, vm, ts_ingest_ns = await self._held.get()
+            wait_s = (due_ns - self.clock_ns()) / 1e9
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            await self._publish_delta(out, vm, ts_ingest_ns)
+
+    async def _publish_delta(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int) -> None:
+        ts_event_ns = out.ts_event_ns
+        span = headers = None
+        if self.otlp is not None:
+            self._until_trace -= 1
+            if not self._until_trace:
+                self._until_trace = self.config.trace_sample_every
+                span, traceparent = self.otlp.start_ingest_trace(
+                    ts_event_ns=ts_event_ns, ts_ingest_ns=ts_ingest_ns,
+                    attributes={"instrument": out.instrument, "epoch": out.epoch, "seq": out.seq})
+                headers = {TRACEPARENT: traceparent}
+        ts_publish_ns = self.clock_ns()
+        msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
+        if headers is not None:
+            msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
+        await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
+        if span is not None:
+            span.end(end_time=ts_publish_ns)
+        self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
+        self.published += 1
+        vm.deltas.inc()
+        if ts_event_ns is not None:
+            upstream_ns = ts_ingest_ns - ts_event_ns
+            if upstream_ns < 0:
+                vm.clock_skew.inc()
+                upstream_ns = 0
+            vm.hop_upstream.observe(upstream_ns / 1e9)
+        vm.hop_ingest.observe((ts_publish_ns - ts_ingest_ns) / 1e9)
+
+    async def _publish_other(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
+        if isinstance(out, Trade):
             ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
             msg = wire.trade_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
             if ts_event_ns is not None:
@@ -301,6 +351,7 @@ class Ingest:
             entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
             if inst in self.tick_sizes:
                 entry["tick_size"] = self.tick_sizes[inst]
+            entry.update(self.metadata.get(inst, {}))
             entries.append(entry)
         return {"ingest": self.config.name, "venue": venue, "done": self.sources_done, "instruments": entries}
 

@@ -8,6 +8,11 @@ Debian's Prometheus and Alertmanager scraping all of them with bookcast's SLO ru
 skipped with a warning when not installed). Prints where to connect.
 SIGINT/SIGTERM stop everything in reverse order, by PID; children also get SIGTERM if
 this process dies (PR_SET_PDEATHSIG), so nothing is left behind.
+
+Each ``bookcast up`` is a run (``feed.runstate``): it gets a run id that the probe stamps on every sample, and
+once ready ``up`` writes the state file (ports, URLs, run id, store) that ``bookcast why``, ``bookcast latency
+report`` and ``bookcast tail`` read; on the way out the file is marked stopped. A busy ``--port`` is one line
+naming it (exit 2), before anything starts.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import argparse
 import ctypes
 import json
 import logging
-import shutil
 import os
 import signal
 import subprocess
@@ -25,6 +29,7 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
+from feed import runstate
 from feed.natsserver import NatsServer
 from feed.procs import StopSignal, free_port, stop_process, wait_until
 
@@ -69,14 +74,45 @@ def _first_instrument(base: str) -> str | None:
 
 
 def _bookcast_command() -> str:
-    """How to run ``bookcast`` from the current directory (the venv's script is not always on PATH)."""
+    """How to run ``bookcast`` from any directory, in a new terminal (the venv's script is not always on
+    PATH there): its absolute path, prefixed with ``BOOKCAST_HOME=...`` when that is set (a new terminal
+    would not have it)."""
     script = Path(sys.executable).parent / "bookcast"
-    if shutil.which("bookcast") == str(script):
-        return "bookcast"
+    command = str(script.absolute()) if script.exists() else f"{sys.executable} -m feed.cli"
+    if os.environ.get("BOOKCAST_HOME"):
+        command = f"BOOKCAST_HOME={runstate.home_dir()} {command}"
+    return command
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when ``host:port`` cannot be bound (another process listens there)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _run_state(run_id: str, *, host: str, port: int, nats_url: str, ingest_port: int, probe_url: str | None,
+               ebpf_url: str | None, store: str, retention_s: float, instruments: list[str]) -> runstate.RunState:
+    base = f"http://{host}:{port}"
+    return runstate.RunState(run_id=run_id, pid=os.getpid(), started_ns=time.time_ns(), ws_url=f"ws://{host}:{port}/v1/ws",
+                             http_url=base, nats_url=nats_url, store=store, retention_s=int(retention_s),
+                             gateway_metrics_url=base + "/metrics",
+                             ingest_metrics_url=f"http://127.0.0.1:{ingest_port}/metrics", probe_url=probe_url,
+                             ebpf_url=ebpf_url, instruments=instruments)
+
+
+def _instruments(base: str) -> list[str]:
     try:
-        return str(script.relative_to(Path.cwd()))
-    except ValueError:
-        return str(script)
+        with urllib.request.urlopen(base + "/v1/instruments", timeout=2) as r:
+            return sorted(i["instrument"] for i in json.loads(r.read())["instruments"])
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,15 +136,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "scraping every process of the stack, with bookcast's SLO rules (dashboards/)")
     p.add_argument("--alert-webhook", metavar="URL",
                    help="with --prometheus: Alertmanager sends every alert to this webhook (default: none)")
+    p.add_argument("--retention", default="7d",
+                   help="how long the probe's samples stay in the store (chDB TTL): 1h, 7d (default %(default)s)")
 
 
 def up(args: argparse.Namespace) -> int:
+    from feed.runstate import parse_duration_s
+
+    if args.port and port_in_use(args.host, args.port):
+        print(f"bookcast up: port {args.port} on {args.host} is already in use; "
+              f"use --port 0 for a free one (or --port N)", file=sys.stderr)
+        return 2
+    try:
+        retention_s = parse_duration_s(args.retention)
+    except ValueError as exc:
+        print(f"bookcast up: --retention: {exc}", file=sys.stderr)
+        return 2
     port = args.port or free_port(args.host)
     captures = args.capture or [bundled_capture()]
     for c in captures:
         if not c.is_file():
             print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
             return 2
+    run_id = runstate.new_run_id()
+    home = runstate.home_dir()
+    store = str(runstate.default_store(home))
+    probe_url = ebpf_url = None
+    ebpf_port = (args.ebpf_port or free_port()) if args.ebpf else 0
     stopping = StopSignal()
     children: list[tuple[str, subprocess.Popen]] = []
     optional: list[tuple[str, subprocess.Popen]] = []   # stopped with the stack; their exit does not stop it
@@ -131,18 +185,21 @@ def up(args: argparse.Namespace) -> int:
         if not args.no_probe:
             probe_port = free_port()
             probe_url = f"http://127.0.0.1:{probe_port}"
-            probe = spawn(["probe", "--region", f"local=ws://{args.host}:{port}/v1/ws", "--http-port", str(probe_port)])
+            probe_args = ["probe", "--region", f"local=ws://{args.host}:{port}/v1/ws", "--http-port", str(probe_port),
+                          "--run-id", run_id, "--clickhouse", store, "--retention", f"{retention_s:g}s"]
+            if args.ebpf:
+                probe_args += ["--ebpf-url", f"http://127.0.0.1:{ebpf_port}/metrics"]
+            probe = spawn(probe_args)
             optional.append(("probe", probe))
             try:
                 wait_until(lambda: stopping or probe.poll() is not None or _http_ok(probe_url + "/healthz"), 30,
                            what="latency probe /healthz")
             except TimeoutError as exc:
                 log.warning("%s; the feed runs without it", exc)
-            probe_line = (f"  latency    {probe_url}/metrics (probe)   "
-                          f"{_bookcast_command()} latency report --probe {probe_url}\n")
+            probe_line = (f"  latency    {probe_url}/metrics (probe, run {run_id})   "
+                          f"{_bookcast_command()} why\n")
         ebpf_line = ""
         if args.ebpf:
-            ebpf_port = args.ebpf_port or free_port()
             ebpf_url = f"http://127.0.0.1:{ebpf_port}/metrics"
             ebpf = spawn(["ebpf", "--role-scan", "--under", str(os.getpid()), "--port", str(ebpf_port)])
             optional.append(("ebpf", ebpf))
@@ -160,6 +217,10 @@ def up(args: argparse.Namespace) -> int:
             return 0
         example = _first_instrument(base) or "coinbase:SKL-USD"
         bookcast = _bookcast_command()
+        state_file = runstate.write_state(_run_state(
+            run_id, host=args.host, port=port, nats_url=nats_server.url, ingest_port=ingest_port,
+            probe_url=None if args.no_probe else probe_url, ebpf_url=ebpf_url, store=store, retention_s=retention_s,
+            instruments=_instruments(base)), home)
         print(
             f"\nbookcast is up (Ctrl-C stops everything)\n"
             f"  viewer     {base}/?instrument={example}   (the book viewer in a browser)\n"
@@ -172,7 +233,9 @@ def up(args: argparse.Namespace) -> int:
             f"{prometheus_line}"
             f"  NATS       {nats_server.url}\n"
             f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
-            f"  try        {bookcast} tail {example} --url ws://{args.host}:{port}/v1/ws\n",
+            f"  state      {state_file} (run {run_id}; read by why, latency report, tail)\n"
+            f"  try        {bookcast} tail {example}\n"
+            f"             {bookcast} why\n",
             flush=True,
         )
         while not stopping:
@@ -193,6 +256,7 @@ def up(args: argparse.Namespace) -> int:
         if monitoring is not None:
             monitoring.stop()
             log.info("stopped prometheus and alertmanager")
+        runstate.mark_stopped(run_id, home)
         for name, proc in reversed(children + optional):
             stop_process(proc, grace_s=10.0)
             log.info("stopped %s pid=%d (exit %s)", name, proc.pid, proc.returncode)

@@ -4,6 +4,8 @@
 #   scripts/setup.sh                 python env (.venv from uv.lock) + system parts when root
 #   scripts/setup.sh --python-only   python env only (what `./dev up` needs)
 #   scripts/setup.sh --system-only   system parts only (root; e.g. `sudo scripts/setup.sh --system-only`)
+#   scripts/setup.sh --ebpf-only     what bcc needs (`./dev up --ebpf`): bcc and kernel headers (apt),
+#                                    tracefs, header links, bcc in .venv; without root, the one command
 #
 # Every step checks first and skips what is already there, so a second run is
 # fast.  Exit codes: 0 ok, 1 a step failed (message says which), 2 bad usage.
@@ -33,7 +35,7 @@ warn() { printf '[setup] WARNING: %s\n' "$*" >&2; }
 die()  { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 MODE=all
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --python-only) MODE=python ;;
         --system-only) MODE=system ;;
+        --ebpf-only) MODE=ebpf ;;
         -h|--help) usage; exit 0 ;;
         *) printf '[setup] ERROR: unknown argument: %s\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
@@ -347,9 +350,43 @@ system_setup_nonroot() {
     log "  to install them: sudo scripts/setup.sh --system-only, then rerun ./dev setup"
 }
 
+EBPF_APT_PACKAGES=(bpfcc-tools python3-bpfcc libbpfcc linux-headers-cloud-amd64)
+
+ebpf_ready() {  # true when every part bcc needs is in place (checked without root)
+    local p
+    for p in "${EBPF_APT_PACKAGES[@]}"; do pkg_installed "$p" || return 1; done
+    awk '$3 == "tracefs" {found=1} END {exit !found}' /proc/mounts || return 1
+    [ -e "/lib/modules/$(uname -r)/build" ] || return 1
+    .venv/bin/python -c 'import bcc' >/dev/null 2>&1 || return 1
+}
+
+ebpf_setup() {
+    if [ "$IS_ROOT" -eq 1 ]; then
+        APT_PACKAGES=("${EBPF_APT_PACKAGES[@]}")
+        install_apt_packages
+        mount_fs tracefs /sys/kernel/tracing || die "tracefs is required for bcc tracepoints"
+        link_kernel_headers
+        local rc=0
+        link_bcc_into_venv || rc=$?
+        [ "$rc" -eq 0 ] || die "bcc: not importable from .venv (see above)"
+        log "ebpf: ready (bcc, kernel headers, tracefs)"
+    elif ebpf_ready; then
+        log "ebpf: ready (installed by root earlier)"
+    else
+        log "ebpf: bcc needs parts only root can install; run once: sudo ./dev setup --ebpf-only"
+        log "ebpf: until then the eBPF exporter serves bookcast_ebpf_up 0 with the reason"
+    fi
+}
+
 # ------------------------------------------------------------------ main ----
 
 start=$SECONDS
+if [ "$MODE" = ebpf ]; then
+    [ -x .venv/bin/python ] || { find_python; find_uv; sync_venv; }
+    ebpf_setup
+    log "done in $((SECONDS - start))s"
+    exit 0
+fi
 if [ "$MODE" != system ]; then
     find_python
     find_uv

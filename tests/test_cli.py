@@ -89,20 +89,28 @@ def interrupt_and_check_nothing_left(proc: subprocess.Popen, *, expect_children:
 
 
 def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_path):
-    # Run from a scratch directory, as a newcomer's checkout would: the probe's chDB store lands there.
+    # Run from a scratch directory; the state file and the chDB store go to the configured home, and the
+    # commands `up` prints work from another directory, as in a new terminal.
+    home, elsewhere = tmp_path / "home", tmp_path / "new-terminal"
+    elsewhere.mkdir()
+    env = {**os.environ, "BOOKCAST_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "2"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines, deadline = [], time.monotonic() + 90
-        while not any("try " in ln for ln in lines) and time.monotonic() < deadline:
+        while not any(re.match(r" {13}\S.* why$", ln) for ln in lines) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             lines.append(line)
         text = "".join(lines)
         ws_url = re.search(r"WebSocket\s+(ws://\S+)", text)
-        report_cmd = re.search(r"latency report --probe (http://\S+)", text)
-        assert ws_url and report_cmd, text
+        probe_url = re.search(r"latency\s+(http://\S+)/metrics", text)
+        tail_cmd = re.search(r"try\s+(.+ tail \S+)\n", text)
+        why_cmd = re.search(r"^ {13}(\S.* why)$", text, re.M)  # the second "try" line
+        assert ws_url and probe_url and tail_cmd and why_cmd, text
+        state = json.loads((home / "run.json").read_text())
+        assert state["ws_url"] == ws_url.group(1) and state["probe_url"] == probe_url.group(1) and state["run_id"]
         base = ws_url.group(1).replace("ws://", "http://").removesuffix("/v1/ws")
         with urllib.request.urlopen(base + "/v1/instruments", timeout=5) as r:
             listing = json.loads(r.read())["instruments"]
@@ -111,17 +119,26 @@ def test_up_serves_the_bundled_recording_and_ctrl_c_leaves_nothing_behind(tmp_pa
         with urllib.request.urlopen(viewer.group(1), timeout=5) as r:
             assert r.status == 200 and b"bookcast viewer" in r.read()
         # The latency report, asked of the running probe that holds the store, once samples are in.
+        # The printed commands, as typed in a new terminal: `why` finds the run through the state file.
+        def printed(command: str, *extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run(f"{command} {' '.join(extra)}", shell=True, cwd=elsewhere, capture_output=True,
+                                  text=True, timeout=60, env={k: v for k, v in env.items() if k != "BOOKCAST_HOME"})
         deadline = time.monotonic() + 60
         while True:
-            report = run_cli("latency", "report", "--probe", report_cmd.group(1), "--since", "5m", "--format", "json")
+            report = printed(why_cmd.group(1), "--format", "json")
             if report.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert report.returncode == 0, report.stdout + report.stderr
         body = json.loads(report.stdout)
-        assert body["samples"] > 0 and body["verdict"]["text"]
-        assert {"upstream", "ingest", "nats_gateway", "client", "e2e"} <= set(body["hops"])
+        assert body["samples"] > 0 and body["verdict"]["text"] and body["run_id"] == state["run_id"]
+        assert {"upstream", "ingest", "nats_gateway", "network", "reader", "client", "e2e"} <= set(body["hops"])
+        assert body["hops"]["upstream"]["skewed"] > 0  # the recording's clock, counted apart
+        assert all(h["p50_ns"] >= 0 for h in body["hops"].values())
+        tail = printed(tail_cmd.group(1), "--once")
+        assert tail.returncode == 0 and "bid" in tail.stdout, tail.stdout + tail.stderr
         interrupt_and_check_nothing_left(proc, expect_children=6)  # nats, ingest, gateway + 2 workers, probe
-        assert (tmp_path / ".bookcast" / "chdb").is_dir()
+        assert (home / "chdb").is_dir() and not (tmp_path / ".bookcast").exists()
+        assert json.loads((home / "run.json").read_text())["stopped_ns"]
     finally:
         stop_process(proc)

@@ -299,6 +299,7 @@ class BookClient:
             await _send(ws, wire.Subscribe(next(self._ids), tuple(self.instruments), self._channels,
                                            self._conflate_ms, wire.resume_positions(resume)))
             self.connected_url = url
+            write_stamp: tuple[int, int] | None = None  # (ts_write_ns, frames it still covers)
             self._emit(Connected(url, reconnect, resume))
             self._notify()
             while True:
@@ -312,7 +313,14 @@ class BookClient:
                         error = repr(frame.data)
                     break  # CLOSE / CLOSING / CLOSED / ERROR
                 recv_ns = self._clock_ns()
-                for item in self._verified.on_message(frame.data, recv_ns):
+                data = frame.data
+                if write_stamp is not None:  # ?write_stamps=1: this frame went out at the notice's time
+                    data = data[:-1] + b',"ts_write_ns":%d}' % write_stamp[0] if data[-1:] == b"}" else data
+                    write_stamp = (write_stamp[0], write_stamp[1] - 1) if write_stamp[1] > 1 else None
+                elif data.startswith(_WRITE_STAMP_PREFIX):
+                    write_stamp = _parse_write_stamp(data)
+                    continue
+                for item in self._verified.on_message(data, recv_ns):
                     if isinstance(item, SendResync):
                         await _send(ws, wire.ResyncRequest(next(self._ids), item.instrument))
                         continue
@@ -344,3 +352,16 @@ class BookClient:
 
 async def _send(ws: aiohttp.ClientWebSocketResponse, request: wire.Request) -> None:
     await ws.send_str(wire.encode_request(request).decode())  # section 2: text frames
+
+
+_WRITE_STAMP_PREFIX = b'{"type":"write_stamp"'
+
+
+def _parse_write_stamp(data: bytes) -> tuple[int, int] | None:
+    """``(ts_write_ns, frames)`` of a gateway ``write_stamp`` notice (docs/protocol-notes.md), None if odd."""
+    try:
+        msg = wire.loads(data)
+        ts, frames = msg["ts_write_ns"], msg["frames"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (ts, frames) if isinstance(ts, int) and isinstance(frames, int) and frames > 0 else None

@@ -140,6 +140,24 @@ class GatewayMetrics:
         tally.clear()
 
 
+WRITE_STAMP_TYPE = "write_stamp"
+INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
+
+
+def write_stamp_frame(ts_write_ns: int, frames: int) -> bytes:
+    """The additive ``write_stamp`` notice (docs/protocol-notes.md): the ``frames`` frames after it went to
+    the socket in one write at ``ts_write_ns``."""
+    return text_frame(b'{"type":"write_stamp","ts_write_ns":%d,"frames":%d}' % (ts_write_ns, frames))
+
+
+def snapshot_at_depth(encoded: bytes, depth: int) -> bytes:
+    """A snapshot message cut to the best ``depth`` levels per side, with ``"depth": depth`` (its checksum
+    stays the whole book's, PROTOCOL.md section 6: verifiable when ``depth`` >= 10 or the book is shallower)."""
+    msg = wire.loads(encoded)
+    msg["bids"], msg["asks"], msg["depth"] = msg["bids"][:depth], msg["asks"][:depth], depth
+    return wire.dumps(msg)
+
+
 class Connection:
     """The socket side of one client: its ``Session``, the WebSocket, the writer task."""
 
@@ -155,6 +173,7 @@ class Connection:
         self.writer: asyncio.Task | None = None
         self.close_request: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self.dropped: asyncio.Future[None] = loop.create_future()  # handler finished
+        self.write_stamps = False  # ?write_stamps=1: a write_stamp notice before every socket write
         session.wakeup = self._wake
 
     def _wake(self) -> None:
@@ -198,6 +217,9 @@ class Connection:
         transport = self.transport
         if transport is None or transport.is_closing() or self.ws.closed:
             raise ConnectionResetError("connection closing")
+        if self.write_stamps:
+            # the gateway's queueing ends here: the client's reader gets the socket-write time of the frames
+            frames = [write_stamp_frame(time.time_ns(), len(frames)), *frames]
         transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if transport.get_write_buffer_size() > limit_bytes:
             await self.http_writer.drain()
@@ -603,6 +625,7 @@ class Gateway:
         await ws.prepare(request)
         session = Session(self, self.limits, time.time_ns(), authorization=authorization, peer=request.remote or "?")
         conn = Connection(self, ws, session, request.transport, request.writer)
+        conn.write_stamps = request.query.get("write_stamps") in ("1", "true")
         self.connections.add(conn)
         self.metrics.clients.inc()
         loop = asyncio.get_running_loop()
@@ -664,6 +687,9 @@ class Gateway:
             return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {instrument!r}")
         if authorization is not None and not authorization.allows(instrument):
             return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {instrument!r}")
+        depth = request.query.get("depth")
+        if depth is not None and not (depth.isdigit() and int(depth) >= 1):
+            return _json_error(400, ErrorCode.BAD_REQUEST, f"depth must be a positive integer, got {depth!r}")
         machine = self.machines.get(instrument)
         if machine is not None and machine.serving:
             body = machine.snapshot_bytes()
@@ -675,6 +701,8 @@ class Gateway:
             body = reply.data
         else:
             return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {instrument!r}")
+        if depth is not None:
+            body = snapshot_at_depth(body, int(depth))
         return web.Response(body=wire.with_send_ts(body, time.time_ns()), content_type="application/json")
 
     async def instruments_handler(self, request: web.Request) -> web.Response:
@@ -689,6 +717,9 @@ class Gateway:
             item = {"instrument": inst, "venue": split_instrument(inst)[0], "epoch": epoch, "seq": seq}
             if entry.get("tick_size") is not None:
                 item["tick_size"] = entry["tick_size"]
+            for key in INSTRUMENT_METADATA:  # what the venue gives, as the ingest announced it
+                if entry.get(key) is not None:
+                    item[key] = entry[key]
             item["status"] = status
             out.append(item)
         return web.Response(body=wire.dumps({"instruments": out}), content_type="application/json")

@@ -85,6 +85,6 @@ async def test_traces_and_exponential_histograms_reach_a_real_receiver(tmp_path,
     last = {}
     for p in hist_points:
         last[p["attributes"]["hop"]] = p
-    assert set(last) == {"upstream", "ingest", "nats_gateway", "client", "e2e"}
+    assert set(last) == {"upstream", "ingest", "nats_gateway", "gateway_queue", "network", "reader", "client", "e2e"}
     for hop, p in last.items():
         assert p["count"] > 0 and p["count"] == p["zero_count"] + p["positive_buckets"], hop

@@ -141,8 +141,8 @@ def test_every_hop_has_a_rule_and_hops_add_up():
     assert set(HOPS) == set(Hop)
     msg = {"ts_event_ns": 100, "ts_ingest_ns": 110, "ts_publish_ns": 111, "ts_send_ns": 115}
     hops = hops_of(msg, 117)
-    assert hops == {Hop.UPSTREAM: 10, Hop.INGEST: 1, Hop.NATS_GATEWAY: 4, Hop.CLIENT: 2, Hop.E2E: 17}
+    assert hops == {Hop.UPSTREAM: 10, Hop.INGEST: 1, Hop.NATS_GATEWAY: 4, Hop.NETWORK: 2, Hop.CLIENT: 2, Hop.E2E: 17}
     assert hops_ns(msg, 117) == hops
     no_event = hops_of({"ts_ingest_ns": 110, "ts_send_ns": 115}, 117)
-    assert no_event == {Hop.CLIENT: 2, Hop.E2E: 7}
+    assert no_event == {Hop.NETWORK: 2, Hop.CLIENT: 2, Hop.E2E: 7}
     assert hops_ns({"ts_ingest_ns": 110}, 117) is None
