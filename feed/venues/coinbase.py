@@ -271,6 +271,7 @@ def _l2_data(msg: dict, venue_seq: int | None, where: str) -> list[VenueEvent]:
             raise VenueMessageError(f"{where}: field '{prefix}.updates' must be a list, got {type(updates).__name__}")
         changes = []
         latest_ns = None
+        times: dict[str, int] = {}  # one message's updates mostly share one event_time: parse it once
         for j, update in enumerate(updates):
             name = f"{prefix}.updates[{j}]"
             if not isinstance(update, dict):
@@ -282,7 +283,11 @@ def _l2_data(msg: dict, venue_seq: int | None, where: str) -> list[VenueEvent]:
             price = price_value(field(update, "price_level", where, name), f"{name}.price_level", where)
             size = decimal_value(field(update, "new_quantity", where, name), f"{name}.new_quantity", where)
             if "event_time" in update:
-                ts = _advanced_time(update["event_time"], f"{name}.event_time", where)
+                text = update["event_time"]
+                ts = times.get(text) if isinstance(text, str) else None
+                if ts is None:
+                    ts = _advanced_time(text, f"{name}.event_time", where)
+                    times[text] = ts
                 latest_ns = ts if latest_ns is None or ts > latest_ns else latest_ns
             changes.append(LevelChange(side, price, size))
         if latest_ns is None and "timestamp" in msg:
