@@ -191,3 +191,18 @@ def test_polymarket_session_has_no_seq_checks():
     session = session_for("polymarket")
     msg = {"event_type": "book", "asset_id": "A", "bids": [], "asks": [], "timestamp": "1"}
     assert session.parse(msg).events == session.parse(msg).events  # no duplicate detection without a seq
+
+
+def test_replay_check_names_instruments_without_snapshot(tmp_path, capsys):
+    from feed.capture import CaptureWriter
+    from feed.replaycheck import check_captures
+
+    path = tmp_path / "deltas-only.jsonl"
+    with CaptureWriter(path) as w:
+        w.write(1, "kalshi", {"type": "orderbook_snapshot", "sid": 1, "seq": 1,
+                              "msg": {"market_ticker": "HAS", "yes_dollars_fp": [["0.5", "1"]]}})
+        for seq in (2, 3):
+            w.write(seq, "kalshi", kalshi_delta(seq))
+    assert check_captures([path]) == 1
+    out = capsys.readouterr().out
+    assert "1 instruments have no snapshot: kalshi:K (2 deltas)" in out

@@ -19,11 +19,13 @@ from feed.venues import parser_for, session_for
 from tests.feed.upstream.simproc import simulator
 
 SOURCES = {
-    "coinbase": "coinbase-advanced/coinbase-advanced-level2-20260809.jsonl.gz",
+    # The Exchange recording, served in the Advanced Trade schema (the Advanced recording itself runs end
+    # to end through ingest and gateway in tests/e2e/test_replay.py and is parsed in test_venue_samples.py).
+    "coinbase": "coinbase/coinbase-level2-20210417.jsonl",
     "polymarket": "polymarket/sol-15m-20251211.jsonl",
     "kalshi": "polymarket/sol-15m-20251211.jsonl",
 }
-SPEED = {"coinbase": "4", "polymarket": "400", "kalshi": "400"}
+SPEED = {"coinbase": "10", "polymarket": "400", "kalshi": "400"}
 
 
 def capture_books(venue: str, path) -> dict[str, tuple]:
