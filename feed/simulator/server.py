@@ -375,6 +375,25 @@ def _bad_request(venue: str, why: str) -> dict:
     return {"error": why}
 
 
+def simulate_command(venue: str, captures: list[Path], port: int, *, start_at_ns: int | None = None,
+                     speed: float = 1.0, once: bool = False, paused: bool = False,
+                     faults: dict[str, Any] | None = None, python: str = sys.executable) -> list[str]:
+    """The argv that runs one simulated provider (for ``bookcast up --simulate N`` and drills): give N of
+    them the same ``start_at_ns`` so they serve the same venue events."""
+    cmd = [python, "-m", "feed.cli", "simulate", "--venue", venue, "--port", str(port), "--speed", str(speed)]
+    for capture in captures:
+        cmd += ["--capture", str(capture)]
+    if start_at_ns is not None:
+        cmd += ["--start-at-ns", str(start_at_ns)]
+    if once:
+        cmd.append("--once")
+    if paused:
+        cmd.append("--paused")
+    for name, value in (faults or {}).items():
+        cmd += ["--fault", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]
+    return cmd
+
+
 # -- command line ------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--venue", required=True, choices=TARGET_VENUES, help="the venue protocol to speak")

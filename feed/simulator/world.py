@@ -299,14 +299,15 @@ class PolymarketRenderer(Renderer):
                 continue
             book = self.world.books[symbol]
             best_bid, best_ask = book.best_bid(), book.best_ask()
+            book_hash = self.world.book_hash(symbol)
             for move in moves:
                 if move.side is Side.BID and best_ask is not None and move.price >= best_ask[0]:
                     best_bid = (move.price, move.new)  # an injected crossing level: the venue reports it
                 entries.append({"asset_id": symbol, "price": canonical(move.price), "size": canonical(move.new),
                                 "side": "BUY" if move.side is Side.BID else "SELL",
-                                "hash": self.world.book_hash(symbol),
+                                "hash": book_hash,
                                 "best_bid": canonical(best_bid[0]) if best_bid else "0",
-                                "best_ask": canonical(best_ask[0]) if best_ask else "1"})
+                                "best_ask": canonical(best_ask[0]) if best_ask else "0"})
         if entries:
             market = self._market(entries[0]["asset_id"])
             out.append({"event_type": "price_change", "market": market, "price_changes": entries,
