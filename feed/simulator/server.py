@@ -61,7 +61,8 @@ fault knobs (--fault KNOB=VALUE at start, or POST /sim/faults at run time):
   stall                             stall-while-alive: pings, PONG and heartbeats answered, data lost
   rest_429, refuse_connections      REST answers 429 / handshakes answered 503
   drop_next, duplicate_next, reorder_next   drop / send twice / swap the next N data messages
-  crossed, reset_seq, disconnect    one-shot: a locked book / venue seq reset with new snapshots / close all"""
+  crossed, reset_seq, disconnect    one-shot: a locked book / venue seq reset with new snapshots / close all
+  bad_next, flood_next              one-shot: N bad frames (not JSON, wrong type, unlisted instrument) / N unlisted deltas"""
 
 WS_PATHS = {"polymarket": "/ws/market", "coinbase": "/", "kalshi": vp.KALSHI_WS_PATH}
 
@@ -78,10 +79,10 @@ class Connection:
         self.held: str | None = None  # a message held back by reorder
         self.sent = 0
 
-    def send(self, msgs: list[dict], *, data: bool = True) -> None:
+    def send(self, msgs: list[dict | str], *, data: bool = True) -> None:
         faults = self.sim.faults
         for msg in msgs:
-            text = orjson.dumps(msg).decode()
+            text = msg if isinstance(msg, str) else orjson.dumps(msg).decode()
             if data:
                 if faults.stall:
                     self.sim.counters["stalled_total"] += 1
@@ -165,7 +166,7 @@ class Simulator:
         self.counters = {k: 0 for k in ("sent_total", "dropped_total", "duplicated_total", "reordered_total",
                                         "stalled_total", "rest_requests_total", "rest_errors_total",
                                         "handshakes_refused_total", "disconnects_total", "crossed_total",
-                                        "resets_total", "connections_total")}
+                                        "resets_total", "connections_total", "bad_frames_total")}
 
     # -- the venue's clock ------------------------------------------------------------------------
     async def run_world(self) -> None:
@@ -204,9 +205,16 @@ class Simulator:
 
     def _one_shots(self) -> None:
         faults = self.faults
-        if not (faults.crossed or faults.reset_seq or faults.disconnect) or not self.connections:
+        if not (faults.crossed or faults.reset_seq or faults.disconnect or faults.bad_next or faults.flood_next) \
+                or not self.connections:
             return
         now_ns = time.time_ns()
+        if faults.bad_next or faults.flood_next:
+            bad, flood = faults.bad_next, faults.flood_next
+            faults.bad_next = faults.flood_next = 0
+            self.counters["bad_frames_total"] += bad + flood
+            for conn in self.connections:
+                conn.send(conn.renderer.bad_messages(bad, now_ns) + conn.renderer.flood(flood, now_ns), data=False)
         if faults.crossed:
             faults.crossed = False
             self.counters["crossed_total"] += 1

@@ -245,6 +245,29 @@ class Renderer:
     def rest_book(self, symbol: str, now_ns: int) -> dict:
         raise NotImplementedError
 
+    def bad_messages(self, n: int, now_ns: int) -> list[str | dict]:
+        """A fault: ``n`` bad frames, cycling through text that is not JSON, a known message type with a
+        field of the wrong type, and a delta for an instrument the venue never listed."""
+        symbol = self.symbols[0] if self.symbols else "unknown"
+        makers = (lambda: "{not json", lambda: self._wrong_type(symbol, now_ns),
+                  lambda: self._unknown_instrument(now_ns))
+        return [makers[i % 3]() for i in range(n)]
+
+    def flood(self, n: int, now_ns: int) -> list[dict]:
+        """A fault: ``n`` well-formed deltas for an instrument the venue never listed, all at once."""
+        return [self._unknown_instrument(now_ns) for _ in range(n)]
+
+    def _wrong_type(self, symbol: str, now_ns: int) -> dict:
+        raise NotImplementedError
+
+    def _unknown_instrument(self, now_ns: int) -> dict:
+        move = Move(Side.BID, Decimal("0.5"), Decimal(0), Decimal(1))
+        self.symbols.append("UNLISTED-SIM")
+        try:
+            return self.tick(Tick(now_ns, {"UNLISTED-SIM": [move]}), now_ns)[0]
+        finally:
+            self.symbols.remove("UNLISTED-SIM")
+
     def _subscribe_symbols(self, symbols: Iterable[Any]) -> list[str]:
         new = [s for s in symbols if isinstance(s, str) and s not in self.symbols]
         self.symbols.extend(new)
@@ -282,6 +305,10 @@ class PolymarketRenderer(Renderer):
         asks = [{"price": p, "size": s} for p, s in reversed(book.wire_levels(Side.ASK))]  # descending, best last
         return [{"event_type": "book", "asset_id": symbol, "market": self._market(symbol), "bids": bids,
                  "asks": asks, "timestamp": self._ts(symbol, now_ns), "hash": self.world.book_hash(symbol)}]
+
+    def _wrong_type(self, symbol: str, now_ns: int) -> dict:
+        return {"event_type": "price_change", "market": self._market(symbol), "timestamp": str(now_ns // 1_000_000),
+                "price_changes": [{"asset_id": symbol, "price": 0.5, "size": "1", "side": "BUY"}]}
 
     def rest_book(self, symbol: str, now_ns: int) -> dict:
         msg = self.snapshot(symbol, now_ns)[0]
@@ -367,6 +394,10 @@ class CoinbaseRenderer(Renderer):
                     for p, s in book.wire_levels(Side.ASK)]
         return [self._envelope("l2_data", [{"type": "snapshot", "product_id": symbol, "updates": updates}],
                                now_ns)]
+
+    def _wrong_type(self, symbol: str, now_ns: int) -> dict:
+        return self._envelope("l2_data", [{"type": "update", "product_id": symbol, "updates": [
+            {"side": "bid", "event_time": rfc3339_ns(now_ns), "price_level": 1.5, "new_quantity": "1"}]}], now_ns)
 
     def rest_book(self, symbol: str, now_ns: int) -> dict:
         book = self.world.books[symbol]
@@ -461,6 +492,13 @@ class KalshiRenderer(Renderer):
                  "msg": {"market_ticker": symbol, "market_id": hashlib.md5(symbol.encode()).hexdigest(),
                          "yes_dollars_fp": yes, "no_dollars_fp": no}}]
 
+    def _wrong_type(self, symbol: str, now_ns: int) -> dict:
+        if "orderbook_delta" not in self.sids:
+            return {"type": "orderbook_delta", "msg": {"market_ticker": symbol, "price_dollars": 0.5}}
+        sid, seq = self._next("orderbook_delta")
+        return {"type": "orderbook_delta", "sid": sid, "seq": seq,
+                "msg": {"market_ticker": symbol, "price_dollars": 0.5, "delta_fp": "1", "side": "yes"}}
+
     def rest_book(self, symbol: str, now_ns: int) -> dict:
         yes, no = self._levels(symbol)
         return {"orderbook_fp": {"yes_dollars": yes, "no_dollars": no}}
@@ -503,7 +541,7 @@ RENDERERS = {"polymarket": PolymarketRenderer, "coinbase": CoinbaseRenderer, "ka
 class Faults:
     """The fault knobs of one simulated provider. Standing knobs stay until changed; one-shot actions
     (``drop_next``, ``duplicate_next``, ``reorder_next`` data messages; ``crossed``, ``reset_seq``,
-    ``disconnect``) are consumed when done."""
+    ``disconnect``, ``bad_next``, ``flood_next``) are consumed when done."""
 
     latency_ms: float = 0.0       # added to every message sent
     jitter_ms: float = 0.0        # plus uniform(0, jitter) per message (order is kept)
@@ -518,6 +556,8 @@ class Faults:
     crossed: bool = False
     reset_seq: bool = False
     disconnect: bool = False
+    bad_next: int = 0             # N bad frames: not JSON, a wrong field type, an unlisted instrument
+    flood_next: int = 0           # N well-formed deltas for an unlisted instrument, at once
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``{knob: value}``. Raises ``ValueError`` naming a wrong knob or value (nothing changes)."""

@@ -32,10 +32,21 @@ class Recorder(Collector):
         self.delays_s: list[float] = []
         self.data_messages = 0
         self.details: list[tuple[LinkEvent, str]] = []
+        self.bad_parses = 0
+        self.unlisted = 0
 
     def on_message(self, record) -> None:
+        from feed.errors import VenueMessageError
+
         self.data_messages += 1
-        for event in self.session.parse(record.msg).events:
+        try:
+            events = self.session.parse(record.msg).events
+        except VenueMessageError:
+            self.bad_parses += 1
+            return
+        for event in events:
+            if getattr(event, "instrument", "").endswith("UNLISTED-SIM"):
+                self.unlisted += 1
             if isinstance(event, BookIncrement) and event.ts_event_ns:
                 self.delays_s.append((record.recv_ts_ns - event.ts_event_ns) / 1e9)
             self._apply(event)
@@ -94,6 +105,12 @@ async def test_kalshi_knobs_one_by_one(shared_data, tmp_path):
             sim.faults(crossed=True)
             await wait_for(lambda: got.engine.crossed > crossed, 20, "a locked book")
             assert sim.status()["counters"]["crossed_total"] == 1
+
+            # bad input from the provider: every bad frame is reported (ERROR) or refused by the parser
+            errors, bad_parses = len(got.errors), got.bad_parses
+            sim.faults(bad_next=3, flood_next=50)
+            await wait_for(lambda: any("not JSON" in e for e in got.errors[errors:]), 20, "the non-JSON frame")
+            await wait_for(lambda: got.bad_parses >= bad_parses + 1 and got.unlisted >= 51, 20, "wrong type + unlisted")
 
             # stall-while-alive: pings keep coming, data stops; on resume the lost seqs are a gap.
             sim.faults(stall=True)
