@@ -81,6 +81,11 @@ class L2Book:
         levels[key] = (size, canonical(price), canonical(size))
         return True
 
+    def size_at(self, side: Side, price: Decimal) -> Decimal:
+        """The size resting at ``price`` on ``side`` (``0`` when there is no such level)."""
+        level = self._bids.get(price.copy_negate()) if side is Side.BID else self._asks.get(price)
+        return level[0] if level is not None else Decimal(0)
+
     def apply_changes(self, changes: Iterable[LevelChange]) -> list[LevelChange]:
         """Apply level changes in order; return the ones that changed the book (no-ops dropped).
 

@@ -44,6 +44,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
     ("dashboards", "dashboards.cli", "Grafana dashboards, provisioning and Prometheus SLO rules: build, check against Prometheus"),
     ("why", "exporter.why", "us or the upstream? the current run's latency verdict in one sentence, then the evidence"),
+    ("simulate", "feed.simulator.server", "venue simulator: a capture served in Polymarket/Coinbase/Kalshi live protocol, with fault knobs"),
 ]
 
 

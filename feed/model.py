@@ -121,6 +121,8 @@ class BookSnapshot:
     bids: tuple[tuple[Decimal, Decimal], ...]
     asks: tuple[tuple[Decimal, Decimal], ...]
     ts_event_ns: int | None = None
+    venue_seq: int | None = None  # issue 16: the venue's sequence number (Coinbase sequence_num, Kalshi seq)
+    venue_hash: str | None = None  # issue 16: Polymarket's book ``hash``, passed through unverified
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,10 @@ class BookDelta:
     instrument: str
     changes: tuple[LevelChange, ...]
     ts_event_ns: int | None = None
+    venue_seq: int | None = None  # issue 16: the venue's sequence number (Coinbase sequence_num, Kalshi seq)
+    venue_hash: str | None = None  # issue 16: Polymarket price_change ``hash`` (of the last entry for this asset)
+    venue_best_bid: Decimal | None = None  # issue 16: Polymarket ``best_bid`` after this change (burst check)
+    venue_best_ask: Decimal | None = None  # issue 16: Polymarket ``best_ask`` after this change
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +148,7 @@ class Trade:
     side: AggressorSide
     ts_event_ns: int | None = None
     trade_id: str | None = None
+    venue_seq: int | None = None  # issue 16: the venue's sequence number, if it gives one
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +160,7 @@ class TickSizeChange:
     ts_event_ns: int | None = None
 
 
-VenueEvent = BookSnapshot | BookDelta | Trade | TickSizeChange
+VenueEvent = BookSnapshot | BookDelta | Trade | TickSizeChange  # | the issue-16 kinds below (VENUE_INFO_EVENTS, BookIncrement)
 
 
 @dataclass(slots=True)
@@ -162,3 +169,86 @@ class ParseResult:
 
     events: list[VenueEvent] = field(default_factory=list)
     ignored: str | None = None  # why the message produced no events (e.g. "subscriptions"), else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 16 (upstream providers, engineer "venues"): event kinds added for live venue connections.
+# ``BookIncrement`` changes a book (Kalshi's signed deltas); the others carry no book change and pass
+# through ``BookEngine.apply`` unchanged (``VENUE_INFO_EVENTS``), for the ingest / provider pool to act on.
+
+
+@dataclass(frozen=True, slots=True)
+class LevelIncrement:
+    """A signed change of one level's size (Kalshi ``orderbook_delta``): new size = old size + ``delta``.
+
+    ``delta`` is an exact ``Decimal`` and may be negative; a result below zero is a venue fault.
+    """
+
+    side: Side
+    price: Decimal
+    delta: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class BookIncrement:
+    """A venue's relative change of one instrument's book (Kalshi). The engine turns it into absolute sizes."""
+
+    instrument: str
+    changes: tuple[LevelIncrement, ...]
+    ts_event_ns: int | None = None
+    venue_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BestBidAsk:
+    """The venue's own top of book (Polymarket ``best_bid_ask``); ``None`` for an empty side."""
+
+    instrument: str
+    best_bid: Decimal | None
+    best_ask: Decimal | None
+    ts_event_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstrumentListed:
+    """The venue announced a new market (Polymarket ``new_market``): one event per asset id."""
+
+    instrument: str
+    market: str
+    ts_event_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarketResolved:
+    """The venue resolved a market (Polymarket ``market_resolved``): one event per asset id;
+    ``winner`` is true for the winning asset, false for the others, None if the venue did not say."""
+
+    instrument: str
+    market: str
+    winner: bool | None
+    ts_event_ns: int | None = None
+
+
+class VenueSeqKind(enum.StrEnum):
+    """What a venue sequence number said about a stream (``feed.venues.seqcheck``)."""
+
+    GAP = "gap"              # seq jumped forward: messages were lost, the books of the stream are not exact
+    DUPLICATE = "duplicate"  # seq already seen: the message was dropped
+    RESET = "reset"          # seq went backwards: the venue restarted the stream (a new snapshot follows)
+
+
+@dataclass(frozen=True, slots=True)
+class VenueSeqFault:
+    """A venue sequence fault on one stream (Kalshi: a subscription ``sid``; Coinbase Advanced Trade: the
+    connection's ``sequence_num``). ``expected`` is the seq that should have come, ``got`` the one that did.
+    ``instruments`` are those seen on the stream so far (all of them are affected)."""
+
+    kind: VenueSeqKind
+    venue: str
+    stream: str
+    expected: int
+    got: int
+    instruments: tuple[str, ...] = ()
+
+
+VENUE_INFO_EVENTS = (BestBidAsk, InstrumentListed, MarketResolved, VenueSeqFault)

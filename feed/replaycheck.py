@@ -1,7 +1,10 @@
 """``bookcast replay --check``: run captures through the parsers and the book engine, no NATS, and summarise.
 
 Prints per venue the messages read, parse errors, ignored messages, instruments, deltas, trades, crossed
-books, and per instrument the final seq, level counts and checksum. Exit 1 if any parse error occurred.
+books, and per instrument the final seq, level counts and checksum. Exit 1 if any parse error occurred, or
+if deltas arrived for instruments the capture never gives a snapshot of ("N instruments have no
+snapshot: ..."): replayed, those books can never be built (live, the ingest would fetch the venue's REST
+book; a capture has no such fallback).
 
 Records of venue ``bookcast`` (bookcast v1 messages a client received, e.g. the book viewer's download)
 are verified as a stream instead (``feed.streamcheck``: seq chain, epoch, checksums); any fault there
@@ -27,6 +30,7 @@ def check_captures(paths: list[Path], out=None) -> int:
     engine = BookEngine("check")
     counts: Counter[str] = Counter()
     stream: StreamCheck | None = None
+    no_snapshot: Counter[str] = Counter()  # instrument -> deltas dropped for want of a snapshot
     for path in paths:
         for n, record in enumerate(read_capture(path), 1):
             counts["messages"] += 1
@@ -45,8 +49,9 @@ def check_captures(paths: list[Path], out=None) -> int:
             for event in result.events:
                 try:
                     outputs = engine.apply(event)
-                except DeltaBeforeSnapshot:
+                except DeltaBeforeSnapshot as exc:
                     counts["dropped_deltas"] += 1
+                    no_snapshot[exc.instrument] += 1
                     continue
                 for o in outputs:
                     if isinstance(o, SequencedDelta):
@@ -66,4 +71,9 @@ def check_captures(paths: list[Path], out=None) -> int:
             print(fault, file=out)
         for line in stream.summary():
             print(line, file=out)
-    return 1 if counts["parse_errors"] or (stream is not None and stream.faults) else 0
+    never = sorted(inst for inst in no_snapshot if inst not in engine.instruments)
+    if never:
+        shown = ", ".join(f"{inst} ({no_snapshot[inst]} deltas)" for inst in never[:10])
+        more = f" and {len(never) - 10} more" if len(never) > 10 else ""
+        print(f"{len(never)} instruments have no snapshot: {shown}{more}", file=out)
+    return 1 if counts["parse_errors"] or never or (stream is not None and stream.faults) else 0

@@ -22,6 +22,7 @@ from decimal import Decimal
 from feed.book import L2Book, SequencedBook
 from feed.errors import RemoteError
 from feed.model import BookDelta, BookSnapshot, LevelChange, TickSizeChange, Trade, VenueEvent, split_instrument
+from feed.model import VENUE_INFO_EVENTS, BookIncrement  # issue 16
 
 
 class DeltaBeforeSnapshot(RemoteError):
@@ -30,6 +31,14 @@ class DeltaBeforeSnapshot(RemoteError):
     def __init__(self, instrument: str) -> None:
         self.instrument = instrument
         super().__init__(f"delta before snapshot instrument={instrument}: dropped until a snapshot arrives")
+
+
+class NegativeLevel(RemoteError):
+    """A venue's signed delta would take a level below zero: the venue's book and ours disagree (resync)."""
+
+    def __init__(self, instrument: str, side, price: Decimal, held: Decimal, delta: Decimal) -> None:
+        self.instrument = instrument
+        super().__init__(f"negative level instrument={instrument} side={side} price={price} held={held} delta={delta}")
 
 
 class SeqState:
@@ -140,6 +149,10 @@ class BookEngine:
             return [event]
         if isinstance(event, Trade):
             return [event]
+        if isinstance(event, BookIncrement):  # issue 16: Kalshi's signed deltas
+            return self._increment(event)
+        if isinstance(event, VENUE_INFO_EVENTS):  # issue 16: no book change; the ingest / pool acts on them
+            return [event]
         raise TypeError(f"not a venue event: {event!r}")
 
     def _snapshot(self, event: BookSnapshot) -> list[EngineOutput]:
@@ -171,6 +184,28 @@ class BookEngine:
         if st is None:
             raise DeltaBeforeSnapshot(event.instrument)
         return self._publish(st, event.instrument, event.changes, event.ts_event_ns)
+
+    def _increment(self, event: BookIncrement) -> list[EngineOutput]:
+        """Signed size changes -> absolute ones, summed exactly in ``Decimal``; all or nothing.
+
+        Raises:
+            DeltaBeforeSnapshot: no book yet.
+            NegativeLevel: a level would go below zero (the venue and our book disagree).
+        """
+        st = self.instruments.get(event.instrument)
+        if st is None:
+            raise DeltaBeforeSnapshot(event.instrument)
+        sizes: dict[tuple, Decimal] = {}
+        changes = []
+        for inc in event.changes:
+            key = (inc.side, inc.price)
+            held = sizes[key] if key in sizes else st.book.size_at(inc.side, inc.price)
+            size = held + inc.delta
+            if size < 0:
+                raise NegativeLevel(event.instrument, inc.side, inc.price, held, inc.delta)
+            sizes[key] = size
+            changes.append(LevelChange(inc.side, inc.price, size))
+        return self._publish(st, event.instrument, changes, event.ts_event_ns)
 
     def _publish(self, st: InstrumentState, instrument: str, changes, ts_event_ns: int | None) -> list[EngineOutput]:
         epoch, seq = self.seq_of(instrument)

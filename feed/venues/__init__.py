@@ -10,14 +10,18 @@ from typing import Any
 
 from feed.errors import RemoteError
 from feed.model import ParseResult
-from feed.venues import coinbase, polymarket
+from feed.venues import coinbase, kalshi, polymarket
+from feed.venues.seqcheck import VenueSession
 
 Parser = Callable[[Any], ParseResult]
 
 VENUES: dict[str, Parser] = {
     "polymarket": polymarket.parse,
     "coinbase": coinbase.parse,
+    "kalshi": kalshi.parse,
 }
+# Venue sequence numbers (issue 16): (stream, seq) of a raw message, for ``VenueSession``.
+SEQ_KEYS = {"polymarket": None, "coinbase": coinbase.seq_key, "kalshi": kalshi.seq_key}
 
 
 class UnknownVenue(RemoteError, ValueError):
@@ -34,3 +38,13 @@ def parser_for(venue: str) -> Parser:
         return VENUES[venue]
     except (KeyError, TypeError):
         raise UnknownVenue(f"unknown venue {venue!r}; known venues: {', '.join(sorted(VENUES))}") from None
+
+
+def session_for(venue: str) -> VenueSession:
+    """A fresh ``VenueSession`` (parser + per-stream venue seq checks) for one provider connection of
+    ``venue``; call its ``reset()`` on every new connection.
+
+    Raises:
+        UnknownVenue: no such venue.
+    """
+    return VenueSession(venue, parser_for(venue), SEQ_KEYS.get(venue))

@@ -15,10 +15,13 @@ from typing import Any
 from feed.errors import VenueMessageError
 from feed.model import (
     AggressorSide,
+    BestBidAsk,
     BookDelta,
     BookSnapshot,
     LevelChange,
     ParseResult,
+    InstrumentListed,
+    MarketResolved,
     Side,
     TickSizeChange,
     Trade,
@@ -57,6 +60,20 @@ def parse(msg: Any) -> ParseResult:
         {"event_type": "tick_size_change", "asset_id": "7132...2563", "market": "0x5f65...f8f1",
          "old_tick_size": "0.01", "new_tick_size": "0.001", "timestamp": "100000000"}
             -> TickSizeChange
+        {"event_type": "best_bid_ask", "asset_id": "7132...2563", "market": "0x5f65...f8f1",
+         "best_bid": "0.73", "best_ask": "0.77", "spread": "0.04", "timestamp": "1766789469958"}
+            -> BestBidAsk (``custom_feature_enabled``)
+        {"event_type": "new_market", "market": "0x...", "assets_ids": ["7132...", "5211..."], "timestamp": "..."}
+            -> InstrumentListed per asset id (``custom_feature_enabled``)
+        {"event_type": "market_resolved", "market": "0x...", "assets_ids": ["7132...", "5211..."],
+         "winning_asset_id": "7132...", "timestamp": "..."}
+            -> MarketResolved per asset id, ``winner`` true for the winning one (``custom_feature_enabled``)
+
+    ``hash`` is passed through unverified as ``venue_hash`` (its recipe has changed several times:
+    py-clob-client issues 124 and 209): on ``book`` snapshots, and on ``price_change`` deltas the hash of
+    the asset's last entry. ``price_change`` entries' ``best_bid``/``best_ask`` (the venue's top of book
+    after the change) become ``venue_best_bid``/``venue_best_ask`` of the asset's delta (last entry wins),
+    so a burst can be checked against them at its end.
 
     A JSON array of such objects (sent on subscribe) is parsed element by element. Messages of any
     other ``event_type``, objects without one and text frames (the ``"PONG"`` keepalive reply) are
@@ -104,6 +121,7 @@ def _book(msg: dict, where: str) -> list[VenueEvent]:
             _levels(msg, "bids", where),
             _levels(msg, "asks", where),
             _timestamp_ns(msg, where),
+            venue_hash=_optional_str(msg, "hash", where),
         )
     ]
 
@@ -112,13 +130,20 @@ def _price_change(msg: dict, where: str) -> list[VenueEvent]:
     ts_event_ns = _timestamp_ns(msg, where)
     if "price_changes" in msg:
         by_asset: dict[str, list[LevelChange]] = {}
+        extras: dict[str, dict[str, Any]] = {}
         for i, entry in enumerate(list_field(msg, "price_changes", where)):
             name = f"price_changes[{i}]"
             entry = _object(entry, name, where)
             asset_id = nonempty_str(entry, "asset_id", where, prefix=name)
             by_asset.setdefault(asset_id, []).append(_level_change(entry, name, where))
+            extra = extras.setdefault(asset_id, {})
+            if "hash" in entry:
+                extra["venue_hash"] = _optional_str(entry, "hash", where, name)
+            for key in ("best_bid", "best_ask"):
+                if key in entry:
+                    extra[f"venue_{key}"] = _optional_price(entry, key, where, name)
         return [
-            BookDelta(instrument_id(VENUE, asset_id), tuple(changes), ts_event_ns)
+            BookDelta(instrument_id(VENUE, asset_id), tuple(changes), ts_event_ns, **extras[asset_id])
             for asset_id, changes in by_asset.items()
         ]
     changes = tuple(
@@ -144,11 +169,33 @@ def _tick_size_change(msg: dict, where: str) -> list[VenueEvent]:
     return [TickSizeChange(_instrument(msg, where), _price(msg, "new_tick_size", where), _timestamp_ns(msg, where))]
 
 
+def _best_bid_ask(msg: dict, where: str) -> list[VenueEvent]:
+    return [BestBidAsk(_instrument(msg, where), _optional_price(msg, "best_bid", where),
+                       _optional_price(msg, "best_ask", where), _timestamp_ns(msg, where))]
+
+
+def _new_market(msg: dict, where: str) -> list[VenueEvent]:
+    market = nonempty_str(msg, "market", where)
+    ts = _timestamp_ns(msg, where) if "timestamp" in msg else None
+    return [InstrumentListed(instrument_id(VENUE, a), market, ts) for a in _asset_ids(msg, where)]
+
+
+def _market_resolved(msg: dict, where: str) -> list[VenueEvent]:
+    market = nonempty_str(msg, "market", where)
+    ts = _timestamp_ns(msg, where) if "timestamp" in msg else None
+    winner = _optional_str(msg, "winning_asset_id", where)
+    return [MarketResolved(instrument_id(VENUE, a), market, None if winner is None else a == winner, ts)
+            for a in _asset_ids(msg, where)]
+
+
 _HANDLERS: dict[str, Callable[[dict, str], list[VenueEvent]]] = {
     "book": _book,
     "price_change": _price_change,
     "last_trade_price": _last_trade_price,
     "tick_size_change": _tick_size_change,
+    "best_bid_ask": _best_bid_ask,
+    "new_market": _new_market,
+    "market_resolved": _market_resolved,
 }
 
 
@@ -173,6 +220,32 @@ def _choice(obj: dict, name: str, table: dict[str, Any], where: str, prefix: str
     if found is None:
         raise VenueMessageError(f"{where}: bad field {field_path(prefix, name)!r}: expected BUY or SELL, got {value!r}")
     return found
+
+
+def _optional_str(obj: dict, name: str, where: str, prefix: str = "") -> str | None:
+    value = obj.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise VenueMessageError(f"{where}: field {field_path(prefix, name)!r} must be a string, got {value!r}")
+    return value
+
+
+def _optional_price(obj: dict, name: str, where: str, prefix: str = "") -> Decimal | None:
+    """A top-of-book price; absent, empty or zero means the side is empty."""
+    value = obj.get(name)
+    if value is None or value == "":
+        return None
+    price = decimal_value(value, field_path(prefix, name), where)
+    return price if price else None
+
+
+def _asset_ids(msg: dict, where: str) -> list[str]:
+    ids = list_field(msg, "assets_ids", where)
+    for i, asset in enumerate(ids):
+        if not isinstance(asset, str) or not asset:
+            raise VenueMessageError(f"{where}: field 'assets_ids[{i}]' must be a non-empty string, got {asset!r}")
+    return ids
 
 
 def _instrument(msg: dict, where: str) -> str:

@@ -21,6 +21,8 @@ CAPTURES = [
     ("coinbase/coinbase-level2-20210417.jsonl", 10, 4.0),
     ("polymarket/btc-1h-20251211.jsonl", 2, 60.0),
     ("polymarket/sol-15m-20251211.jsonl", 2, 84.0),
+    # issue 16: the Coinbase Advanced Trade recording (l2_data / market_trades, full-depth books of 23k-46k levels)
+    ("coinbase-advanced/coinbase-advanced-level2-20260809.jsonl.gz", 2, 2.0),
 ]
 
 

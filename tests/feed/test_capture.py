@@ -363,5 +363,5 @@ def test_default_subscribe_and_urls():
         "coinbase": "wss://ws-feed.exchange.coinbase.com",
         "polymarket": "wss://ws-subscriptions-clob.polymarket.com/ws/market",
     }
-    with pytest.raises(UnknownVenue, match="known venues: coinbase, polymarket"):
-        default_subscribe("kalshi", ["X"])
+    with pytest.raises(UnknownVenue, match="known venues: coinbase, kalshi, polymarket"):
+        default_subscribe("binance", ["X"])

@@ -91,12 +91,13 @@ BOOK = "polymarket book"
 PARSED = [
     pytest.param(
         book_msg(),
-        [BookSnapshot(INST_A, ((D(".48"), D(30)), (D(".49"), D(20))), ((D(".53"), D(60)), (D(".52"), D(25))), BOOK_NS)],
+        [BookSnapshot(INST_A, ((D(".48"), D(30)), (D(".49"), D(20))), ((D(".53"), D(60)), (D(".52"), D(25))), BOOK_NS,
+                      venue_hash="0x0")],
         id="book",
     ),
     pytest.param(
         book_msg(bids=[], asks=[], timestamp=1765450842197),
-        [BookSnapshot(INST_A, (), (), BOOK_NS)],
+        [BookSnapshot(INST_A, (), (), BOOK_NS, venue_hash="0x0")],
         id="book-empty-int-timestamp",
     ),
     pytest.param(
@@ -111,8 +112,10 @@ PARSED = [
             entry(TOKEN_A, "0.51", "0", "SELL"),
         ),
         [
-            BookDelta(INST_A, (LevelChange(Side.BID, D("0.5"), D(200)), LevelChange(Side.ASK, D("0.51"), D(0))), TS_NS),
-            BookDelta(INST_B, (LevelChange(Side.ASK, D("0.5"), D(200)),), TS_NS),
+            BookDelta(INST_A, (LevelChange(Side.BID, D("0.5"), D(200)), LevelChange(Side.ASK, D("0.51"), D(0))), TS_NS,
+                      venue_hash="5662", venue_best_bid=D("0.5")),
+            BookDelta(INST_B, (LevelChange(Side.ASK, D("0.5"), D(200)),), TS_NS, venue_hash="5662",
+                      venue_best_bid=D("0.5")),
         ],
         id="price_change-current-two-assets",
     ),
@@ -125,7 +128,7 @@ PARSED = [
     pytest.param(TICK, [TickSizeChange(INST_A, D("0.001"), 100000000000000)], id="tick_size_change"),
     pytest.param(
         [book_msg(asset_id=TOKEN_B, bids=[], asks=[]), TRADE],
-        [BookSnapshot(INST_B, (), (), BOOK_NS), Trade(INST_A, D("0.456"), D("219.22"), AggressorSide.BUY, TRADE_NS)],
+        [BookSnapshot(INST_B, (), (), BOOK_NS, venue_hash="0x0"), Trade(INST_A, D("0.456"), D("219.22"), AggressorSide.BUY, TRADE_NS)],
         id="list-on-subscribe",
     ),
 ]
@@ -139,8 +142,7 @@ def test_parses_wire_samples(msg, events):
 @pytest.mark.parametrize(
     ("msg", "reason"),
     [
-        pytest.param({"event_type": "best_bid_ask", "asset_id": TOKEN_A}, "event_type 'best_bid_ask'", id="unknown"),
-        pytest.param({"event_type": "new_market"}, "event_type 'new_market'", id="new_market"),
+        pytest.param({"event_type": "user_trade", "asset_id": TOKEN_A}, "event_type 'user_trade'", id="unknown"),
         pytest.param({"message": "subscribed"}, "no event_type", id="no-event-type"),
         pytest.param("PONG", "text frame 'PONG'", id="keepalive-text"),
         pytest.param([], "empty list", id="empty-list"),
@@ -224,9 +226,9 @@ def test_current_price_change_groups_by_asset_keeping_order(changes):
 def test_registry():
     assert parser_for("polymarket") is polymarket.parse
     assert parser_for("coinbase") is coinbase.parse
-    assert set(VENUES) == {"polymarket", "coinbase"}
-    with pytest.raises(UnknownVenue, match=r"unknown venue 'kalshi'; known venues: coinbase, polymarket") as caught:
-        parser_for("kalshi")
+    assert set(VENUES) == {"polymarket", "coinbase", "kalshi"}
+    with pytest.raises(UnknownVenue, match=r"unknown venue 'binance'; known venues: coinbase, kalshi, polymarket") as caught:
+        parser_for("binance")
     assert isinstance(caught.value, RemoteError) and isinstance(caught.value, ValueError)
 
 
