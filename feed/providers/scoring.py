@@ -43,7 +43,8 @@ it is replaced at once when it goes DOWN (reason ``disconnect``) or EXCLUDED (th
 replaced by a better one (reason ``better_score``) only when that one's score exceeds it by ``switch_margin``
 for ``switch_hold_s`` and at least ``min_dwell_s`` passed since the last switch (hysteresis). Candidates are
 HEALTHY providers, else PROBATION ones that delivered data. With no candidate the selected one is kept
-while it is connected (a lagging provider is better than none).
+while it is connected, and if it is down the connected excluded provider with the least lag is read (a
+lagging provider is better than none).
 """
 from __future__ import annotations
 
@@ -389,6 +390,14 @@ class Scorer:
         candidates = healthy or [v for v in views.values()
                                  if v.health is Health.PROBATION and self._providers[v.name].data_since_probation]
         order = {name: i for i, name in enumerate(self._providers)}
+        if not candidates:  # a connected but excluded provider (least lag) is better than none
+            excluded = [v for v in views.values() if v.health is Health.EXCLUDED and v.name != self.selected]
+            if excluded:
+                fallback = min(excluded, key=lambda v: (v.lag_s, order[v.name]))
+                current = views.get(self.selected) if self.selected is not None else None
+                if current is None or current.health is Health.DOWN:
+                    return fallback.name, (SwitchReason.DISCONNECT if current is not None else
+                                           SwitchReason.RECONNECT if self._ever_selected else SwitchReason.INITIAL)
         best = max(candidates, key=lambda v: (v.score, -order[v.name])) if candidates else None
         current = views.get(self.selected) if self.selected is not None else None
         if current is None:
