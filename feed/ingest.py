@@ -164,6 +164,7 @@ class Ingest:
         self._recent_trades: dict[str, tuple[set, deque]] = {}
         self.pools: list[Any] = []  # feed.providers.pool.VenuePool, one per configured venue
         self.nats_connected = False
+        self.first_pass_done = False  # every capture read through at least once
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)
@@ -219,9 +220,8 @@ class Ingest:
     async def _end_of_captures(self) -> None:
         for end in self.bursts.close_all(self.top_of):
             await self._burst_ended(end)
-        for inst, count in sorted(self.no_snapshot.items()):
-            if inst not in self.engine.instruments:
-                log.warning("instrument %s: %d deltas dropped, the capture never gave its snapshot", inst, count)
+        if not self.first_pass_done:
+            self._first_pass_over()
         for inst in list(self.engine.instruments):
             await self.set_condition(inst, Status.STALE, True, "upstream_ended")
 
@@ -232,9 +232,18 @@ class Ingest:
         up.set(1)
         try:
             async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
+                if item.pass_index and not self.first_pass_done:
+                    self._first_pass_over()
                 await self.on_record(item.record, item.shift_ns)
         finally:
             up.set(0)
+
+    def _first_pass_over(self) -> None:
+        self.first_pass_done = True
+        for inst, count in sorted(self.no_snapshot.items()):
+            if inst not in self.engine.instruments:
+                log.warning("instrument %s: %d deltas dropped in a whole pass over the capture, which never gives "
+                            "its snapshot", inst, count)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -498,6 +507,7 @@ class Ingest:
         one (``no_snapshot``), and with a pool its providers with their scores (``providers``)."""
         out: dict[str, Any] = {
             "name": self.config.name, "done": self.sources_done, "published": self.published,
+            "first_pass_done": self.first_pass_done,
             "venues": {v: self.directory(v)["instruments"] for v in self.venues},
             "no_snapshot": {i: n for i, n in sorted(self.no_snapshot.items()) if i not in self.engine.instruments},
         }

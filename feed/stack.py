@@ -77,6 +77,51 @@ def _bookcast_command() -> str:
         return str(script)
 
 
+def _ingest_status(ingest_url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(ingest_url + "/v1/status", timeout=0.5) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def no_snapshot_cause(status: dict | None) -> str | None:
+    """Why the gateway lists no instrument, when the ingest knows: deltas without any snapshot."""
+    if not status or not status.get("no_snapshot") or any(status.get("venues", {}).values()):
+        return None
+    missing = status["no_snapshot"]
+    example, count = next(iter(missing.items()))
+    return (f"the capture has deltas but no snapshot for {len(missing)} instruments (e.g. {example}: {count} deltas "
+            f"dropped), so the ingest cannot build any book; record it from the start of the stream, or check it "
+            f"with `bookcast replay --check FILE`")
+
+
+def _wait_for_instruments(base: str, ingest_url: str, stopping: StopSignal, children) -> None:
+    """Wait until the gateway lists instruments; fail naming the cause when the ingest says why it cannot."""
+    cause: list[str] = []
+
+    def ready() -> bool:
+        if stopping or _http_ok(base + "/v1/instruments"):
+            return True
+        status = _ingest_status(ingest_url)
+        if status and (status.get("first_pass_done") or status.get("done")):
+            why = no_snapshot_cause(status)
+            if why:
+                cause.append(why)
+                return True
+        return False
+
+    try:
+        wait_until(ready, 30, what="gateway listing instruments", proc=children[-1][1])
+    except TimeoutError:
+        why = no_snapshot_cause(_ingest_status(ingest_url))
+        if why:
+            raise RuntimeError(f"no instruments: {why}") from None
+        raise
+    if cause:
+        raise RuntimeError(f"no instruments: {cause[0]}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address (default %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="gateway port, 0 = free port (default %(default)s)")
@@ -117,8 +162,7 @@ def up(args: argparse.Namespace) -> int:
         children.append(("gateway", spawn(["gateway", "--nats", nats_server.url, "--host", args.host,
                                            "--port", str(port), "--workers", str(args.workers)])))
         base = f"http://{args.host}:{port}"
-        wait_until(lambda: stopping or _http_ok(base + "/v1/instruments"), 30,
-                   what="gateway listing instruments", proc=children[-1][1])
+        _wait_for_instruments(base, f"http://127.0.0.1:{ingest_port}", stopping, children)
         probe_line = ""
         if not args.no_probe:
             probe_port = free_port()

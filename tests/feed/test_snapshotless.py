@@ -1,0 +1,66 @@
+"""Captures whose deltas come before (or without) any snapshot: said plainly, never a silent empty feed."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from feed.ingest import Ingest, IngestConfig
+from feed.stack import bundled_capture
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def without_snapshots(tmp_path: Path, products: set[str] | None, n: int = 2000) -> Path:
+    """The first ``n`` lines of the bundled real Coinbase capture, minus the snapshots of ``products`` (all if None)."""
+    out = tmp_path / "no-snapshot.jsonl"
+    with gzip.open(bundled_capture(), "rb") as src, open(out, "wb") as dst:
+        for line in itertools.islice(src, n):
+            msg = orjson.loads(line)["msg"]
+            if msg.get("type") == "snapshot" and (products is None or msg.get("product_id") in products):
+                continue
+            dst.write(line)
+    return out
+
+
+def test_replay_check_exits_1_naming_instruments_without_snapshot(tmp_path):
+    capture = without_snapshots(tmp_path, {"BAND-GBP", "SKL-USD"})
+    out = subprocess.run([sys.executable, "-m", "feed.cli", "replay", "--check", str(capture)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1, out.stdout
+    assert "2 instruments have no snapshot" in out.stdout
+    assert "coinbase:BAND-GBP" in out.stdout.split("have no snapshot")[1]
+    summary = dict(kv.split("=") for kv in out.stdout.splitlines()[0].split())
+    assert summary["instruments"] == "8" and int(summary["dropped_deltas"]) > 0
+
+
+class FakeNats:
+    def __init__(self) -> None:
+        self.published = []
+
+    async def publish(self, subject, payload, headers=None) -> None:
+        self.published.append((subject, orjson.loads(payload)))
+
+
+async def test_ingest_warns_naming_instrument_and_count_and_lists_it_in_status(tmp_path, caplog):
+    capture = without_snapshots(tmp_path, {"BAND-GBP"})
+    ingest = Ingest(IngestConfig(captures=[capture], speed=None, epoch_base="t"), registry=CollectorRegistry())
+    ingest.nc = FakeNats()
+    with caplog.at_level(logging.WARNING, logger="bookcast.ingest"):
+        await ingest.run()
+    dropped = ingest.status()["no_snapshot"]
+    assert list(dropped) == ["coinbase:BAND-GBP"] and dropped["coinbase:BAND-GBP"] > 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("coinbase:BAND-GBP" in m and "delta before any snapshot" in m for m in lines)
+    assert f"instrument coinbase:BAND-GBP: {dropped['coinbase:BAND-GBP']} deltas dropped" in "\n".join(lines)
+    # the capture ended: every instrument it fed is stale now, and says so
+    st = [m for _, m in ingest.nc.published if m.get("type") == "instrument_status"]
+    assert {m["status"] for m in st} == {"stale"} and {m["reason"] for m in st} == {"upstream_ended"}
+    assert len(st) == 9
