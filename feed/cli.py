@@ -42,6 +42,9 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("probe", "exporter.probe", "latency probe: per-hop latency of every message, per region, into Prometheus, ClickHouse, OTLP"),
     ("latency", "exporter.report", "latency tools: 'report' prints per-hop tail latency and who owns it"),
     ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
+    ("ingest", "feed.providers.run", "run an ingest reading live providers from a config (hot standby, failover)"),
+    ("failover-bench", "feed.providers.bench", "benchmark: fault onset to first delta from the healthy provider, "
+                                               "ingest CPU per venue message with 1 and 3 providers"),
 ]
 
 
