@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from feed.natsserver import NatsServer
-from feed.procs import StopSignal, free_port, stop_process, wait_until
+from feed.procs import StopSignal, free_port, port_open, stop_process, wait_until
 
 log = logging.getLogger("bookcast.up")
 
@@ -138,11 +138,108 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ebpf", action="store_true",
                    help="also start the eBPF exporter on this stack's processes (needs root and bcc for data)")
     p.add_argument("--ebpf-port", type=int, default=0, help="eBPF exporter /metrics port (default: a free one)")
+    # issue 16, provider pool (engineer pool)
+    p.add_argument("--config", type=Path,
+                   help="provider pool config (TOML): the ingest reads live providers instead of a capture")
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="run N venue simulators per capture (bookcast simulate) as the upstream providers, "
+                        "read through the provider pool")
+
+
+def _upstream_line(args: argparse.Namespace, captures: list[Path]) -> str:
+    if args.config is not None and not args.simulate:
+        return f"providers from {args.config} (status: ingest /v1/status)"
+    text = f"{', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}"
+    return f"{args.simulate} simulated providers per venue replaying {text}" if args.simulate else text
+
+
+def capture_venue_symbols(path: Path) -> tuple[str, list[str]]:
+    """The venue of a capture and the venue symbols of every instrument its messages carry.
+
+    Raises:
+        ValueError: an empty capture, or one mixing venues.
+    """
+    from feed.capture import read_capture
+    from feed.errors import RemoteError
+    from feed.model import split_instrument
+    from feed.venues import parser_for
+
+    venue = None
+    symbols: dict[str, None] = {}
+    for record in read_capture(path):
+        if venue is None:
+            venue = record.venue
+        elif record.venue != venue:
+            raise ValueError(f"{path}: mixes venues {venue} and {record.venue}; give one capture per venue")
+        try:
+            events = parser_for(record.venue)(record.msg).events
+        except RemoteError:
+            continue
+        for ev in events:
+            inst = getattr(ev, "instrument", None)
+            if inst:
+                symbols[split_instrument(inst)[1]] = None
+    if venue is None or not symbols:
+        raise ValueError(f"{path}: no instruments in this capture")
+    return venue, list(symbols)
+
+
+def simulator_urls(venue: str, port: int) -> tuple[str, str]:
+    """WebSocket and REST base URL of a ``bookcast simulate`` process on ``port``."""
+    from feed.upstream.simulator import urls  # type: ignore[import-not-found]
+
+    return urls(venue, port)
+
+
+def start_simulators(args: argparse.Namespace, captures: list[Path], children: list, workdir: str) -> Path:
+    """Start ``args.simulate`` simulators per capture and write the provider config reading them."""
+    from feed.providers.config import PoolConfig, VenueConfig, toml_text
+    from feed.providers.link import ProviderSpec
+
+    venues = []
+    for capture in captures:
+        venue, symbols = capture_venue_symbols(capture)
+        specs = []
+        for i in range(args.simulate):
+            sim_port = free_port()
+            sim_args = ["simulate", "--venue", venue, "--capture", str(capture), "--port", str(sim_port),
+                        "--speed", str(args.speed)]
+            if args.no_loop:
+                sim_args.append("--no-loop")
+            proc = spawn(sim_args)
+            children.append((f"simulator {venue} {i + 1}", proc))
+            ws_url, rest_url = simulator_urls(venue, sim_port)
+            wait_until(lambda: port_open("127.0.0.1", sim_port), 30, what=f"simulator {venue} {i + 1}", proc=proc)
+            specs.append(ProviderSpec(f"sim-{venue}-{i + 1}", venue, ws_url, rest_url))
+        from feed.providers.config import DEFAULT_STALE_AFTER_S
+
+        venues.append(VenueConfig(venue, tuple(symbols), tuple(specs), DEFAULT_STALE_AFTER_S.get(venue, 30.0)))
+    path = Path(workdir) / "providers.toml"
+    path.write_text(toml_text(PoolConfig(tuple(venues))))
+    log.info("providers config for %d simulators per venue: %s", args.simulate, path)
+    return path
 
 
 def up(args: argparse.Namespace) -> int:
     port = args.port or free_port(args.host)
     captures = args.capture or [bundled_capture()]
+    if args.config is not None and not args.config.is_file():
+        print(f"bookcast up: provider config not found: {args.config}", file=sys.stderr)
+        return 2
+    if args.config is not None and args.simulate:
+        print("bookcast up: give --config or --simulate, not both", file=sys.stderr)
+        return 2
+    if args.simulate < 0:
+        print("bookcast up: --simulate needs a number of providers per venue (1 or more)", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        from feed.providers.config import ConfigError, load_config
+
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            print(f"bookcast up: {exc}", file=sys.stderr)
+            return 2
     for c in captures:
         if not c.is_file():
             print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
@@ -155,10 +252,18 @@ def up(args: argparse.Namespace) -> int:
         nats_server.start()
         log.info("nats-server pid=%d at %s", nats_server.pid, nats_server.url)
         ingest_port = args.ingest_http_port or free_port()
-        ingest_args = ["replay", "--nats", nats_server.url, "--speed", str(args.speed), "--http-port", str(ingest_port)]
-        if not args.no_loop:
-            ingest_args.append("--loop")
-        children.append(("ingest", spawn(ingest_args + [str(c) for c in captures])))
+        pool_config = args.config
+        if args.simulate:
+            pool_config = start_simulators(args, captures, children, nats_server.workdir)
+        if pool_config is not None:
+            children.append(("ingest", spawn(["ingest", "--config", str(pool_config), "--nats", nats_server.url,
+                                              "--http-port", str(ingest_port)])))
+        else:
+            ingest_args = ["replay", "--nats", nats_server.url, "--speed", str(args.speed),
+                           "--http-port", str(ingest_port)]
+            if not args.no_loop:
+                ingest_args.append("--loop")
+            children.append(("ingest", spawn(ingest_args + [str(c) for c in captures])))
         children.append(("gateway", spawn(["gateway", "--nats", nats_server.url, "--host", args.host,
                                            "--port", str(port), "--workers", str(args.workers)])))
         base = f"http://{args.host}:{port}"
@@ -201,7 +306,7 @@ def up(args: argparse.Namespace) -> int:
             f"{probe_line}"
             f"{ebpf_line}"
             f"  NATS       {nats_server.url}\n"
-            f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
+            f"  upstream   {_upstream_line(args, captures)}\n"
             f"  try        {bookcast} tail {example} --url ws://{args.host}:{port}/v1/ws\n",
             flush=True,
         )
