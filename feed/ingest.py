@@ -59,12 +59,18 @@ from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
 from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, StatusChange, StatusTracker, Top
+import feed.model as _model
 from feed.model import BookSnapshot, TickSizeChange, Trade, VenueEvent, canonical, split_instrument
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta
 from feed.subjects import ANNOUNCE_REQUEST, PREFIX, delta_subject, directory_subject, trade_subject, unescape_token
 from feed.venues import parser_for
 
 log = logging.getLogger("bookcast.ingest")
+
+# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
+_MarketResolved: Any = getattr(_model, "MarketResolved", ())
+_VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
+_VENUE_INFO: tuple = getattr(_model, "VENUE_INFO_EVENTS", ())
 
 
 @dataclass
@@ -100,6 +106,18 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
                         name=args.name, otlp_endpoint=args.otlp_endpoint,
                         trace_sample_every=max(1, args.trace_sample_every),
                         upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
+
+
+def _session_or_none(venue: str) -> Any:
+    """A ``feed.venues.VenueSession`` for ``venue`` (issue 16 part A), or None where there is none."""
+    try:
+        from feed.venues import session_for
+    except ImportError:
+        return None
+    try:
+        return session_for(venue)
+    except RemoteError:
+        return None
 
 
 def shared_metric(built: dict[str, Any], name: str, registry: CollectorRegistry | None) -> Any:
@@ -161,6 +179,8 @@ class Ingest:
         self.statuses = StatusTracker()
         self.bursts = BurstChecker(config.burst_idle_s)  # on the books of record (captures)
         self.no_snapshot: dict[str, int] = {}  # instrument -> deltas dropped before its first snapshot
+        self.venue_hashes: dict[str, str] = {}  # instrument -> the venue's last book hash (Polymarket), unverified
+        self._venue_hash: str | None = None  # of the event being published
         self._recent_trades: dict[str, tuple[set, deque]] = {}
         self.pools: list[Any] = []  # feed.providers.pool.VenuePool, one per configured venue
         self.nats_connected = False
@@ -230,11 +250,20 @@ class Ingest:
         log.info("replaying %s speed=%s loop=%s", path, self.config.speed or "max", self.config.loop)
         up = self._provider_up.labels(f"replay:{path.name}")
         up.set(1)
+        sessions: dict[str, Any] = {}  # venue -> VenueSession: venue seq checks along the capture
+        pass_index = 0
         try:
             async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
-                if item.pass_index and not self.first_pass_done:
-                    self._first_pass_over()
-                await self.on_record(item.record, item.shift_ns)
+                if item.pass_index != pass_index:
+                    pass_index = item.pass_index
+                    for session in sessions.values():
+                        session.reset()  # a new pass starts the venue's seqs again: not a reset fault
+                    if not self.first_pass_done:
+                        self._first_pass_over()
+                venue = item.record.venue
+                if venue not in sessions:
+                    sessions[venue] = _session_or_none(venue)
+                await self.on_record(item.record, item.shift_ns, session=sessions[venue])
         finally:
             up.set(0)
 
@@ -258,14 +287,14 @@ class Ingest:
             await asyncio.get_running_loop().run_in_executor(None, self.otlp.shutdown)
 
     # -- data path ------------------------------------------------------------------------------
-    async def on_record(self, record: CaptureRecord, shift_ns: int = 0) -> None:
+    async def on_record(self, record: CaptureRecord, shift_ns: int = 0, *, session: Any = None) -> None:
         """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times (and
         the ``upstream_lag_ns`` test hook moves them back)."""
         ts_ingest_ns = self.clock_ns()
         vm = self._venue(record.venue)
         vm.messages.inc()
         try:
-            result = parser_for(record.venue)(record.msg)
+            result = session.parse(record.msg) if session is not None else parser_for(record.venue)(record.msg)
         except RemoteError as exc:
             vm.parse_errors.inc()
             log.warning("unparseable %s message dropped: %s", record.venue, exc)
@@ -284,8 +313,14 @@ class Ingest:
         per instrument from the same message (Polymarket ``best_bid``/``best_ask``)."""
         vm = self._venue(venue)
         for event in events:
+            if isinstance(event, _VENUE_INFO):
+                await self._venue_info(venue, event)
+                continue
             crossed_before = self.engine.crossed
             inst = event.instrument
+            self._venue_hash = getattr(event, "venue_hash", None)
+            if self._venue_hash is not None:
+                self.venue_hashes[inst] = self._venue_hash
             if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
                 end = self.bursts.begin(inst, event.ts_event_ns, self.top_of(inst))
                 if end is not None:
@@ -312,6 +347,19 @@ class Ingest:
             if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
                 self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(),
                                         tops.get(inst) if tops else None)
+
+    async def _venue_info(self, venue: str, event: Any) -> None:
+        """Venue events that change no book: a resolved market, a venue seq fault (from a capture: counted
+        and logged; a live provider's are handled by its pool), a venue top of book, a new market."""
+        if isinstance(event, _MarketResolved):
+            if event.instrument in self.engine.instruments:
+                winner = {True: " (winner)", False: " (not the winner)"}.get(event.winner, "")
+                await self.set_condition(event.instrument, Status.RESOLVED, True, f"market_resolved{winner}")
+        elif isinstance(event, _VenueSeqFault):
+            kind = {"gap": "seq_gap"}.get(str(event.kind), str(event.kind))
+            self._venue(venue).fault(kind)
+            log.warning("venue %s %s on stream %s: expected seq %d got %d (instruments %s)", venue, kind,
+                        event.stream, event.expected, event.got, ", ".join(event.instruments[:5]) or "-")
 
     def top_of(self, instrument: str) -> Top | None:
         """(best bid price, best ask price) of a book of record; None if there is no such book."""
@@ -413,6 +461,8 @@ class Ingest:
                     headers = {TRACEPARENT: traceparent}
             ts_publish_ns = self.clock_ns()
             msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
+            if self._venue_hash is not None:
+                msg["venue_hash"] = self._venue_hash  # additive: the venue's own book hash, passed through
             if headers is not None:
                 msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
             await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
@@ -458,6 +508,8 @@ class Ingest:
         msg = wire.snapshot_message(instrument, epoch, seq, st.book, ts_event_ns=ts_event_ns,
                                     ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
         msg["status"] = self.status_of(instrument)
+        if instrument in self.venue_hashes:
+            msg["venue_hash"] = self.venue_hashes[instrument]
         return msg
 
     async def _on_snapshot_request(self, msg) -> None:

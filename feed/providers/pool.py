@@ -52,13 +52,41 @@ from feed.book import L2Book
 from feed.capture import CaptureRecord
 from feed.errors import RemoteError
 from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
-from feed.model import BookDelta, BookSnapshot, Side, TickSizeChange, Trade, VenueEvent, instrument_id, split_instrument
+from decimal import Decimal
+
+import feed.model as _model
+from feed.model import (BookDelta, BookSnapshot, LevelChange, Side, TickSizeChange, Trade, VenueEvent, instrument_id,
+                        split_instrument)
 from feed.providers.config import PoolConfig, VenueConfig
 from feed.providers.link import Link, LinkEvent, ProviderSpec, UpstreamError, open_link
 from feed.providers.scoring import Decision, Fault, Scorer
 from feed.venues import parser_for
 
 log = logging.getLogger("bookcast.providers")
+
+# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
+BookIncrement: Any = getattr(_model, "BookIncrement", ())
+BestBidAsk: Any = getattr(_model, "BestBidAsk", ())
+MarketResolved: Any = getattr(_model, "MarketResolved", ())
+VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
+
+
+class _PlainSession:
+    """Stands in for ``feed.venues.VenueSession`` (parser + venue seq checks) where it is not available."""
+
+    def __init__(self, venue: str) -> None:
+        self.parse = parser_for(venue)
+
+    def reset(self) -> None:
+        pass
+
+
+def _session(venue: str) -> Any:
+    try:
+        from feed.venues import session_for  # issue 16 part A
+    except ImportError:
+        return _PlainSession(venue)
+    return session_for(venue)
 
 
 @dataclass(slots=True)
@@ -79,6 +107,7 @@ class Provider:
     queue: asyncio.Queue
     shadows: dict[str, Shadow] = field(default_factory=dict)
     checker: BurstChecker = field(default_factory=BurstChecker)
+    session: Any = None  # feed.venues.VenueSession: parser + venue seq checks of this provider's connection
     last_heard_ns: int | None = None  # data or heartbeat
     connected: bool = False
     dropped: int = 0
@@ -94,6 +123,41 @@ class Provider:
             return None
         bid, ask = sh.book.best_bid(), sh.book.best_ask()
         return (bid[0] if bid else None, ask[0] if ask else None)
+
+
+def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
+    """Apply a delta (absolute sizes) or an increment (signed sizes, Kalshi) to a shadow book; False if an
+    increment would take a level below zero (the book disagrees with the venue; nothing is applied)."""
+    if isinstance(ev, BookDelta):
+        sh.book.apply_changes(ev.changes)
+        return True
+    sizes: dict[tuple, Any] = {}
+    changes = []
+    for inc in ev.changes:
+        key = (inc.side, inc.price)
+        held = sizes[key] if key in sizes else _size_at(sh.book, inc.side, inc.price)
+        size = held + inc.delta
+        if size < 0:
+            return False
+        sizes[key] = size
+        changes.append(LevelChange(inc.side, inc.price, size))
+    sh.book.apply_changes(changes)
+    return True
+
+
+def _size_at(book: L2Book, side: Side, price: Any) -> Any:
+    size_at = getattr(book, "size_at", None)
+    if size_at is not None:
+        return size_at(side, price)
+    return next((s for p, s in book.depth(side) if p == price), Decimal(0))
+
+
+def _venue_top(ev: Any, tops: dict | None) -> Top | None:
+    """The venue's own top of book after this delta: Polymarket's ``best_bid``/``best_ask``."""
+    bid, ask = getattr(ev, "venue_best_bid", None), getattr(ev, "venue_best_ask", None)
+    if bid is not None or ask is not None:
+        return (bid, ask)
+    return tops.get(ev.instrument) if tops else None
 
 
 def _snapshot_of(instrument: str, sh: Shadow) -> BookSnapshot:
@@ -124,7 +188,8 @@ class VenuePool:
         for spec in vcfg.providers:
             link = links[spec.name] if links is not None else open_link(spec)
             self.providers[spec.name] = Provider(spec, link, asyncio.Queue(max_queue),
-                                                 checker=BurstChecker(ingest.config.burst_idle_s))
+                                                 checker=BurstChecker(ingest.config.burst_idle_s),
+                                                 session=_session(vcfg.venue))
         self.lock = asyncio.Lock()
         self.record_position_ns: int | None = None  # newest venue event time forwarded to the books of record
         self.record_bad: set[str] = set()  # books of record known wrong: repaired in a new epoch
@@ -246,6 +311,7 @@ class VenuePool:
     # -- link events ----------------------------------------------------------------------------
     async def _on_event(self, p: Provider, event: LinkEvent, detail: str, now_ns: int) -> None:
         if event is LinkEvent.CONNECTED:
+            p.session.reset()  # venue seq counters start again on a new connection
             p.connected = True
             p.last_heard_ns = now_ns
             self.scorer.connected(p.name, now_ns)
@@ -277,7 +343,7 @@ class VenuePool:
         vm = self.ingest._venue(self.venue)
         vm.messages.inc()
         try:
-            result = self.parser(record.msg)
+            result = p.session.parse(record.msg)
         except (RemoteError, TypeError, ValueError, AttributeError) as exc:
             vm.parse_errors.inc()
             self._error(p, "malformed", recv_ns)
@@ -293,6 +359,9 @@ class VenuePool:
         newest: int | None = None
         known = 0
         for ev in result.events:
+            if isinstance(ev, VenueSeqFault):
+                await self._seq_fault(p, ev, recv_ns)
+                continue
             inst = ev.instrument
             if inst not in self.instruments:
                 self._error(p, "unknown_instrument", recv_ns)
@@ -301,12 +370,17 @@ class VenuePool:
             ts = ev.ts_event_ns
             if ts is not None and (newest is None or ts > newest):
                 newest = ts
-            if isinstance(ev, (Trade, TickSizeChange)):
+            if isinstance(ev, (Trade, TickSizeChange, MarketResolved)):
                 forward.append(ev)
                 continue
             sh = p.shadows.get(inst)
             if sh is None:
                 sh = p.shadows[inst] = Shadow()
+            if isinstance(ev, BestBidAsk):  # the venue's own top of book: judged at the burst's end
+                if sh.valid:
+                    await self._judge(p, p.checker.begin(inst, ts, p.top(inst)))
+                    p.checker.end_message(inst, ts, recv_ns, (ev.best_bid, ev.best_ask))
+                continue
             if isinstance(ev, BookSnapshot):
                 if sh.valid and sh.book is not None:
                     await self._judge(p, p.checker.begin(inst, ts, p.top(inst)))
@@ -321,7 +395,7 @@ class VenuePool:
                     sh.fetch.cancel()
                     sh.fetch = None
                 continue
-            if not isinstance(ev, BookDelta):
+            if not isinstance(ev, (BookDelta, BookIncrement)):
                 continue
             if not sh.valid:
                 sh.pending.append(ev)
@@ -333,9 +407,11 @@ class VenuePool:
             if not sh.valid:  # the burst that just ended was bad
                 sh.pending.append(ev)
                 continue
-            sh.book.apply_changes(ev.changes)
+            if not _apply_to_shadow(sh, ev):
+                await self._book_fault(p, inst, "negative_level", f"{inst}: a signed delta takes a level below zero")
+                continue
             sh.ts_event_ns = ts
-            p.checker.end_message(inst, ts, recv_ns, tops.get(inst) if tops else None)
+            p.checker.end_message(inst, ts, recv_ns, _venue_top(ev, tops))
             forward.append(ev)
         if not known:
             return
@@ -346,6 +422,19 @@ class VenuePool:
                 return  # completing the switch just published this provider's books, this message included
         if p.name == self.scorer.selected:
             await self._forward(p, forward, recv_ns, tops)
+
+    async def _seq_fault(self, p: Provider, fault: Any, now_ns: int) -> None:
+        """A venue seq gap, duplicate or reset on one of ``p``'s streams (``feed.venues.seqcheck``)."""
+        kind = {"gap": "seq_gap", "duplicate": "duplicate", "reset": "reset"}.get(str(fault.kind), str(fault.kind))
+        detail = f"stream {fault.stream} expected seq {fault.expected} got {fault.got}"
+        if kind == "duplicate":  # the session dropped it: nothing reached any book
+            self._error(p, "duplicate", now_ns)
+            if p.name == self.scorer.selected:
+                self.ingest._venue(self.venue).fault("duplicate")
+            return
+        for inst in fault.instruments:
+            if inst in self.instruments:
+                await self._book_fault(p, inst, kind, detail)
 
     async def _forward(self, p: Provider, events: list[VenueEvent], recv_ns: int, tops: dict | None) -> None:
         if self.catching_up is not None:
@@ -379,17 +468,22 @@ class VenuePool:
     async def _judge(self, p: Provider, end: BurstEnd | None) -> None:
         if end is None or end.fault_kind is None:
             return
-        kind = end.fault_kind
-        inst = end.instrument
+        await self._book_fault(p, end.instrument, end.fault_kind, end.describe())
+
+    async def _book_fault(self, p: Provider, inst: str, kind: str, detail: str) -> None:
+        """Provider ``p``'s book of ``inst`` is wrong (``kind``: crossed, top_mismatch, seq_gap, reset,
+        negative_level): it needs a fresh snapshot; if ``p`` is read, clients are told and the pool moves on."""
         sh = p.shadows.get(inst)
+        was_valid = sh is not None and sh.valid
         if sh is not None:
             sh.valid = False
         now_ns = self.clock_ns()
         selected = p.name == self.scorer.selected and self.catching_up is None
         self._error(p, "integrity", now_ns)
-        log.warning("provider %s/%s integrity fault %s%s", self.venue, p.name, end.describe(),
-                    " (selected: clients told, switching)" if selected else " (standby)")
-        if selected:
+        if was_valid or selected:
+            log.warning("provider %s/%s integrity fault %s: %s%s", self.venue, p.name, kind, detail,
+                        " (read provider: clients told, moving on)" if selected else " (standby)")
+        if selected and inst in self.ingest.engine.instruments:
             self.ingest._venue(self.venue).fault(kind)
             self.record_bad.add(inst)
             if kind == "crossed":
@@ -398,7 +492,7 @@ class VenuePool:
                 await self.ingest.set_condition(inst, Status.RESYNCING, True, kind)
             self.scorer.fault(p.name, Fault.INTEGRITY, now_ns)
             await self.evaluate(now_ns)
-        self._want_snapshot(p, inst, grace=False)
+        self._want_snapshot(p, inst, grace=kind not in ("crossed", "top_mismatch"))
 
     # -- snapshots over REST --------------------------------------------------------------------
     def _want_snapshot(self, p: Provider, inst: str, *, grace: bool = True) -> None:
@@ -420,7 +514,7 @@ class VenuePool:
                 return
             try:
                 raw = await p.link.fetch_snapshot(symbol)
-                events = self.parser(raw).events
+                events = self.parser(raw).events  # a REST book has no stream seq: the plain parser
                 snap = next((e for e in events if isinstance(e, BookSnapshot) and e.instrument == inst), None)
                 if snap is None:
                     raise UpstreamError(f"REST reply for {symbol} holds no book of it")
@@ -444,7 +538,10 @@ class VenuePool:
                 applied = 0
                 for d in sh.pending:
                     if snap.ts_event_ns is None or d.ts_event_ns is None or d.ts_event_ns > snap.ts_event_ns:
-                        sh.book.apply_changes(d.changes)
+                        if not _apply_to_shadow(sh, d):
+                            log.warning("provider %s/%s: buffered delta of %s does not fit the REST snapshot; "
+                                        "skipped", self.venue, p.name, inst)
+                            continue
                         sh.ts_event_ns = d.ts_event_ns or sh.ts_event_ns
                         applied += 1
                 sh.pending.clear()
