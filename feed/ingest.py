@@ -375,8 +375,8 @@ class Ingest:
         if kind is None:
             await self.set_condition(end.instrument, Status.CROSSED, False, "")
             return
-        self._venue(venue).fault(kind)
-        if not self.statuses.has(end.instrument, Status.CROSSED):
+        if not self.statuses.has(end.instrument, Status.CROSSED):  # counted once per fault, not per burst
+            self._venue(venue).fault(kind)
             log.warning("integrity fault %s", end.describe())
         await self.set_condition(end.instrument, Status.CROSSED, True, f"{kind}_after_burst")
 

@@ -64,3 +64,41 @@ async def test_ingest_warns_naming_instrument_and_count_and_lists_it_in_status(t
     st = [m for _, m in ingest.nc.published if m.get("type") == "instrument_status"]
     assert {m["status"] for m in st} == {"stale"} and {m["reason"] for m in st} == {"upstream_ended"}
     assert len(st) == 9
+
+
+def _pm(ts_ms: int, **fields) -> dict:
+    return {"event_type": fields.pop("event_type"), "market": "0xm", "timestamp": str(ts_ms), **fields}
+
+
+async def test_replayed_capture_left_crossed_after_a_burst_is_announced_then_cleared(tmp_path):
+    """A recorder that missed the removals of a crossing order: the book stays crossed after the burst. The
+    ingest says so (status crossed, counted) instead of serving it as fine, and clears it once the next
+    full book repairs it; the epoch does not change (a capture cannot be resynced, the book follows it)."""
+    def book(ts, bids, asks):
+        return _pm(ts, event_type="book", asset_id="tok", bids=[{"price": p, "size": s} for p, s in bids],
+                   asks=[{"price": p, "size": s} for p, s in asks])
+
+    def change(ts, side, price, size):
+        return _pm(ts, event_type="price_change", price_changes=[
+            {"asset_id": "tok", "price": price, "size": size, "side": side, "hash": "h"}])
+
+    msgs = [book(1000, [("0.40", "10")], [("0.42", "8"), ("0.44", "5")]),
+            change(2000, "BUY", "0.43", "12"),  # crosses 0.42; its removal never recorded
+            change(3000, "BUY", "0.38", "1"),
+            book(4000, [("0.43", "4"), ("0.40", "10")], [("0.44", "5")])]
+    capture = tmp_path / "pm.jsonl"
+    capture.write_bytes(b"".join(orjson.dumps({"recv_ts_ns": i + 1, "venue": "polymarket", "msg": m}) + b"\n"
+                                 for i, m in enumerate(msgs)))
+    registry = CollectorRegistry()
+    ingest = Ingest(IngestConfig(captures=[capture], speed=None, epoch_base="t"), registry=registry)
+    ingest.nc = FakeNats()
+    await ingest.run()
+    inst = "polymarket:tok"
+    st = [m for _, m in ingest.nc.published if m.get("type") == "instrument_status"]
+    assert [(m["status"], m["reason"]) for m in st] == [("crossed", "crossed_after_burst"), ("ok", ""),
+                                                       ("stale", "upstream_ended")]
+    assert registry.get_sample_value("bookcast_ingest_integrity_faults_total",
+                                     {"venue": "polymarket", "kind": "crossed"}) == 1
+    deltas = [m for _, m in ingest.nc.published if m.get("type") == "delta"]
+    assert {d["epoch"] for d in deltas} == {"t"} and [d["seq"] for d in deltas] == [1, 2, 3]
+    assert not ingest.engine.instruments[inst].book.is_crossed()
