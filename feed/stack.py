@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from feed.natsserver import NatsServer
-from feed.procs import StopSignal, free_port, port_open, stop_process, wait_until
+from feed.procs import StopSignal, free_port, stop_process, wait_until
 
 log = logging.getLogger("bookcast.up")
 
@@ -153,70 +153,59 @@ def _upstream_line(args: argparse.Namespace, captures: list[Path]) -> str:
     return f"{args.simulate} simulated providers per venue replaying {text}" if args.simulate else text
 
 
-def capture_venue_symbols(path: Path) -> tuple[str, list[str]]:
-    """The venue of a capture and the venue symbols of every instrument its messages carry.
-
-    Raises:
-        ValueError: an empty capture, or one mixing venues.
-    """
-    from feed.capture import read_capture
-    from feed.errors import RemoteError
-    from feed.model import split_instrument
-    from feed.venues import parser_for
-
-    venue = None
-    symbols: dict[str, None] = {}
-    for record in read_capture(path):
-        if venue is None:
-            venue = record.venue
-        elif record.venue != venue:
-            raise ValueError(f"{path}: mixes venues {venue} and {record.venue}; give one capture per venue")
-        try:
-            events = parser_for(record.venue)(record.msg).events
-        except RemoteError:
-            continue
-        for ev in events:
-            inst = getattr(ev, "instrument", None)
-            if inst:
-                symbols[split_instrument(inst)[1]] = None
-    if venue is None or not symbols:
-        raise ValueError(f"{path}: no instruments in this capture")
-    return venue, list(symbols)
-
-
 def simulator_urls(venue: str, port: int) -> tuple[str, str]:
-    """WebSocket and REST base URL of a ``bookcast simulate`` process on ``port``."""
-    from feed.upstream.simulator import urls  # type: ignore[import-not-found]
+    """WebSocket URL and REST base URL of a ``bookcast simulate`` process on ``port``."""
+    from feed.simulator.server import WS_PATHS
 
-    return urls(venue, port)
+    return f"ws://127.0.0.1:{port}{WS_PATHS[venue]}", f"http://127.0.0.1:{port}"
+
+
+def _sim_status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/status", timeout=1) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
 
 
 def start_simulators(args: argparse.Namespace, captures: list[Path], children: list, workdir: str) -> Path:
-    """Start ``args.simulate`` simulators per capture and write the provider config reading them."""
-    from feed.providers.config import PoolConfig, VenueConfig, toml_text
+    """Start ``args.simulate`` simulators per capture (one venue each, all serving the same events from one
+    shared start time) and write the provider config that reads them; returns its path."""
+    from feed.capture import read_capture
+    from feed.providers.config import DEFAULT_STALE_AFTER_S, PoolConfig, VenueConfig, toml_text
     from feed.providers.link import ProviderSpec
 
-    venues = []
+    start_at_ns = time.time_ns() + 3_000_000_000  # every simulator loads its capture first
+    started: list[tuple[str, Path, list[tuple[int, subprocess.Popen]]]] = []
     for capture in captures:
-        venue, symbols = capture_venue_symbols(capture)
-        specs = []
+        venue = next(iter(read_capture(capture))).venue
+        sims = []
         for i in range(args.simulate):
             sim_port = free_port()
             sim_args = ["simulate", "--venue", venue, "--capture", str(capture), "--port", str(sim_port),
-                        "--speed", str(args.speed)]
+                        "--speed", str(args.speed), "--start-at-ns", str(start_at_ns), "--seed", str(i + 1)]
             if args.no_loop:
-                sim_args.append("--no-loop")
+                sim_args.append("--once")
             proc = spawn(sim_args)
             children.append((f"simulator {venue} {i + 1}", proc))
+            sims.append((sim_port, proc))
+        started.append((venue, capture, sims))
+    venues = []
+    for venue, capture, sims in started:
+        specs = []
+        symbols: list[str] = []
+        for i, (sim_port, proc) in enumerate(sims):
+            wait_until(lambda: _sim_status(sim_port) is not None, 60, what=f"simulator {venue} {i + 1} (port "
+                       f"{sim_port})", proc=proc)
+            symbols = symbols or list(_sim_status(sim_port)["instruments"])
             ws_url, rest_url = simulator_urls(venue, sim_port)
-            wait_until(lambda: port_open("127.0.0.1", sim_port), 30, what=f"simulator {venue} {i + 1}", proc=proc)
             specs.append(ProviderSpec(f"sim-{venue}-{i + 1}", venue, ws_url, rest_url))
-        from feed.providers.config import DEFAULT_STALE_AFTER_S
-
         venues.append(VenueConfig(venue, tuple(symbols), tuple(specs), DEFAULT_STALE_AFTER_S.get(venue, 30.0)))
+        log.info("%d simulated %s providers replaying %s: %s", len(specs), venue, capture,
+                 ", ".join(p.ws_url for p in specs))
     path = Path(workdir) / "providers.toml"
     path.write_text(toml_text(PoolConfig(tuple(venues))))
-    log.info("providers config for %d simulators per venue: %s", args.simulate, path)
+    log.info("provider config for the simulators: %s", path)
     return path
 
 
