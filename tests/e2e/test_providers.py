@@ -205,7 +205,9 @@ async def clients_equal_ingest(stack: PoolStack, clients, instruments, timeout_s
                                                  tuple(map(tuple, snaps[i]["asks"]))), i
             return snaps
         if time.monotonic() > deadline:
-            raise AssertionError("clients never caught up with the ingest's books of record")
+            held = {i: [(lb.epoch, lb.seq) if (lb := c.local_book(i)) else None for c in clients] for i in instruments}
+            raise AssertionError(f"clients never caught up with the ingest's books of record: clients {held}, "
+                                 f"ingest {({i: (s['epoch'], s['seq']) for i, s in snaps.items()})}")
         await asyncio.sleep(0.2)
 
 
