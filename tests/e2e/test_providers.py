@@ -183,8 +183,12 @@ async def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0
         await asyncio.sleep(interval_s)
 
 
+def norm(bids, asks) -> tuple:
+    return tuple(tuple(level) for level in bids), tuple(tuple(level) for level in asks)
+
+
 def levels(book) -> tuple:
-    return tuple(book.wire_levels(Side.BID)), tuple(book.wire_levels(Side.ASK))
+    return norm(book.wire_levels(Side.BID), book.wire_levels(Side.ASK))
 
 
 async def books_of_record(stack: PoolStack, instruments) -> dict[str, dict]:
@@ -201,8 +205,7 @@ async def clients_equal_ingest(stack: PoolStack, clients, instruments, timeout_s
         if ok:
             for c in clients:
                 for i in instruments:
-                    assert levels(c.book(i)) == (tuple(map(tuple, snaps[i]["bids"])),
-                                                 tuple(map(tuple, snaps[i]["asks"]))), i
+                    assert levels(c.book(i)) == norm(snaps[i]["bids"], snaps[i]["asks"]), i
             return snaps
         if time.monotonic() > deadline:
             held = {i: [(lb.epoch, lb.seq) if (lb := c.local_book(i)) else None for c in clients] for i in instruments}
@@ -224,7 +227,7 @@ async def test_three_simulated_providers_clients_equal_ingest_and_capture(pool_s
         snaps = await books_of_record(stack, instruments)
         expected = capture_books(venue, shared_data / capture)
         for inst in instruments:
-            assert (tuple(map(tuple, snaps[inst]["bids"])), tuple(map(tuple, snaps[inst]["asks"]))) == expected[inst]
+            assert norm(snaps[inst]["bids"], snaps[inst]["asks"]) == norm(*expected[inst]), inst
             assert snaps[inst]["status"] in ("ok", "stale")
         assert client.stats.checksum_mismatches == 0
         st = stack.pool()
