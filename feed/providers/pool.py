@@ -285,7 +285,11 @@ class VenuePool:
                 backoff_s = min(backoff_s * 2, 5.0)
 
     async def _consume(self, p: Provider) -> None:
+        handled = 0
         while True:
+            handled += 1
+            if handled % 32 == 0:
+                await asyncio.sleep(0)  # a full queue returns at once: let the other providers, NATS and HTTP run
             kind, payload, recv_ns = await p.queue.get()
             async with self.lock:
                 try:
