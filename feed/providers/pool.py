@@ -48,7 +48,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from feed.book import L2Book
+from sortedcontainers import SortedDict
+
 from feed.capture import CaptureRecord
 from feed.errors import RemoteError
 from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
@@ -89,11 +90,45 @@ def _session(venue: str) -> Any:
     return session_for(venue)
 
 
+class ShadowBook:
+    """A provider's own book of one instrument: exact ``Decimal`` levels only (no wire strings, no checksum),
+    so a standby's 40,000-level snapshot costs a fraction of a book of record."""
+
+    __slots__ = ("_bids", "_asks")
+
+    def __init__(self) -> None:
+        self._bids: SortedDict = SortedDict()  # negated price -> size, best first
+        self._asks: SortedDict = SortedDict()
+
+    def apply_snapshot(self, bids, asks) -> None:
+        self._bids = SortedDict({-p: s for p, s in bids if s})
+        self._asks = SortedDict({p: s for p, s in asks if s})
+
+    def apply_changes(self, changes) -> None:
+        for c in changes:
+            levels, key = (self._bids, -c.price) if c.side is Side.BID else (self._asks, c.price)
+            if c.size:
+                levels[key] = c.size
+            else:
+                levels.pop(key, None)
+
+    def size_at(self, side: Side, price: Decimal) -> Decimal:
+        return (self._bids.get(-price) if side is Side.BID else self._asks.get(price)) or Decimal(0)
+
+    def top(self) -> Top:
+        return (-self._bids.peekitem(0)[0] if self._bids else None, self._asks.peekitem(0)[0] if self._asks else None)
+
+    def depth(self, side: Side) -> list[tuple[Decimal, Decimal]]:
+        if side is Side.BID:
+            return [(-p, s) for p, s in self._bids.items()]
+        return list(self._asks.items())
+
+
 @dataclass(slots=True)
 class Shadow:
     """One provider's own book of one instrument."""
 
-    book: L2Book | None = None
+    book: ShadowBook | None = None
     valid: bool = False
     ts_event_ns: int | None = None
     pending: deque = field(default_factory=deque)  # BookDelta buffered before a snapshot
@@ -121,8 +156,7 @@ class Provider:
         sh = self.shadows.get(instrument)
         if sh is None or sh.book is None or not sh.valid:
             return None
-        bid, ask = sh.book.best_bid(), sh.book.best_ask()
-        return (bid[0] if bid else None, ask[0] if ask else None)
+        return sh.book.top()
 
 
 def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
@@ -135,7 +169,7 @@ def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
     changes = []
     for inc in ev.changes:
         key = (inc.side, inc.price)
-        held = sizes[key] if key in sizes else _size_at(sh.book, inc.side, inc.price)
+        held = sizes[key] if key in sizes else sh.book.size_at(inc.side, inc.price)
         size = held + inc.delta
         if size < 0:
             return False
@@ -143,13 +177,6 @@ def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
         changes.append(LevelChange(inc.side, inc.price, size))
     sh.book.apply_changes(changes)
     return True
-
-
-def _size_at(book: L2Book, side: Side, price: Any) -> Any:
-    size_at = getattr(book, "size_at", None)
-    if size_at is not None:
-        return size_at(side, price)
-    return next((s for p, s in book.depth(side) if p == price), Decimal(0))
 
 
 def _venue_top(ev: Any, tops: dict | None) -> Top | None:
@@ -388,7 +415,7 @@ class VenuePool:
             if isinstance(ev, BookSnapshot):
                 if sh.valid and sh.book is not None:
                     await self._judge(p, p.checker.begin(inst, ts, p.top(inst)))
-                sh.book = L2Book(inst)
+                sh.book = ShadowBook()
                 sh.book.apply_snapshot(ev.bids, ev.asks)
                 sh.valid = True
                 sh.ts_event_ns = ts
@@ -536,7 +563,7 @@ class VenuePool:
                 sh.fetch = None
                 if sh.valid:
                     return
-                sh.book = L2Book(inst)
+                sh.book = ShadowBook()
                 sh.book.apply_snapshot(snap.bids, snap.asks)
                 sh.ts_event_ns = snap.ts_event_ns
                 applied = 0
@@ -576,7 +603,8 @@ class VenuePool:
     # -- selection ------------------------------------------------------------------------------
     async def evaluate(self, now_ns: int) -> Decision:
         """Run the scorer, publish its gauges, act on a switch, close idle bursts, update staleness."""
-        d = self.scorer.evaluate(now_ns)
+        busy = {name for name, p in self.providers.items() if p.queue.qsize()}  # their silence is our backlog
+        d = self.scorer.evaluate(now_ns, busy=busy)
         self.last_decision = d
         for name, fault in d.new_faults:
             self._error(self.providers[name], fault.value, now_ns)

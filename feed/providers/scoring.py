@@ -337,8 +337,11 @@ class Scorer:
             return Fault.LAG
         return None
 
-    def evaluate(self, now_ns: int) -> Decision:
+    def evaluate(self, now_ns: int, *, busy: Iterable[str] = ()) -> Decision:
+        """Update health, scores and the selection at ``now_ns``. Providers in ``busy`` have data waiting in
+        the caller's own queue: they are not judged stale or lagging this time (the delay is ours)."""
         pol = self.policy
+        busy = set(busy)
         self._trim(now_ns)
         new_faults: list[tuple[str, Fault]] = []
         stats: dict[str, tuple[float, float, float | None, float]] = {}
@@ -350,6 +353,8 @@ class Scorer:
                 self._step(p, Transition.RESAMPLE, now_ns)
             if p.health in (Health.HEALTHY, Health.PROBATION):
                 fault = self._check_fault(p, err, thr, lag_s, now_ns)
+                if fault in (Fault.STALE, Fault.LAG) and p.name in busy:
+                    fault = None
                 if fault is not None:
                     p.fault = fault
                     self._step(p, Transition.FAULT, now_ns)

@@ -214,3 +214,13 @@ def test_bad_policy_and_weights_are_refused():
         Scorer([])
     with pytest.raises(ValueError, match="max_lag_s"):
         ScoringPolicy(max_lag_s=0)
+
+
+def test_a_provider_whose_data_waits_in_our_own_queue_is_not_judged_stale():
+    sc = started("a", "b")
+    stream(sc, "ab", 10 * MS, 2 * S)
+    stream(sc, "ab", 2 * S, 3 * S, silent={"b"}, evaluate=False)
+    d = sc.evaluate(3 * S, busy={"b"})
+    assert not d.new_faults and sc.health("b") is Health.HEALTHY
+    d = sc.evaluate(3 * S)
+    assert d.new_faults == (("b", Fault.STALE),)
