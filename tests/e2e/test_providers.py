@@ -40,19 +40,19 @@ SOURCES = {  # venue -> (capture, speed): each pass lasts a few seconds
 }
 
 
-def get_json(url: str, timeout_s: float = 2.0):
+def get_json(url: str, timeout_s: float = 10.0):
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         return json.loads(r.read())
 
 
 def post_json(url: str, body: dict):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
 
 def metrics(url: str) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(url, timeout=2) as r:
+    with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
@@ -235,12 +235,19 @@ async def test_three_simulated_providers_clients_equal_ingest_and_capture(pool_s
         assert stack.metric("bookcast_ingest_provider_messages_total", venue=venue) > 0
 
 
-# knob -> (the settings, what must be counted on the ingest)
 async def _knob(stack: PoolStack, knob: str, **settings) -> str:
-    faulty = await asyncio.to_thread(stack.selected)
-    assert faulty is not None
-    await asyncio.to_thread(stack.fault, faulty, **settings)
-    return faulty
+    """Turn a fault knob on at the provider the ingest reads now; returns that provider's name."""
+    faulty: list[str] = []
+
+    def read() -> bool:
+        name = stack.selected()
+        if name is not None:
+            faulty.append(name)
+        return name is not None
+
+    await wait_for(read, 30, f"{knob}: a provider being read")
+    await asyncio.to_thread(stack.fault, faulty[-1], **settings)
+    return faulty[-1]
 
 
 async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_stack, shared_data):
@@ -299,8 +306,7 @@ async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_
         await moved_off(faulty, "crossed")
 
         # a venue seq reset, while REST answers 429: the repair of that provider's books is throttled
-        faulty = await asyncio.to_thread(stack.selected)
-        await asyncio.to_thread(stack.fault, faulty, rest_429=True)
+        faulty = await _knob(stack, "rest_429", rest_429=True)
         base = m("bookcast_ingest_integrity_faults_total", kind="reset")
         await asyncio.to_thread(stack.fault, faulty, reset_seq=True)
         await wait_for(lambda: m("bookcast_ingest_integrity_faults_total", kind="reset") > base, 30, "reset")
