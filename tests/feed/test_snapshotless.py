@@ -102,3 +102,30 @@ async def test_replayed_capture_left_crossed_after_a_burst_is_announced_then_cle
     deltas = [m for _, m in ingest.nc.published if m.get("type") == "delta"]
     assert {d["epoch"] for d in deltas} == {"t"} and [d["seq"] for d in deltas] == [1, 2, 3]
     assert not ingest.engine.instruments[inst].book.is_crossed()
+
+
+async def test_polymarket_hash_travels_as_venue_hash_on_snapshots_and_deltas(tmp_path, shared_data):
+    """Real Polymarket ``book`` messages with ``hash`` (passed through, never verified), then a price_change."""
+    import feed.model
+
+    if "venue_hash" not in feed.model.BookSnapshot.__dataclass_fields__:
+        pytest.skip("the Polymarket parser does not pass hash through yet (issue 16 part A)")
+    books = [orjson.loads(line) for line in (shared_data / "polymarket" / "ws-book-with-hash-20260212.jsonl")
+             .read_bytes().splitlines() if line.strip()]
+    first = books[0]
+    best_bid = max(first["bids"], key=lambda lv: float(lv["price"]))["price"] if first["bids"] else "0.01"
+    change = {"event_type": "price_change", "market": first["market"], "timestamp": str(int(first["timestamp"]) + 1),
+              "price_changes": [{"asset_id": first["asset_id"], "price": best_bid, "size": "1", "side": "BUY",
+                                 "hash": "0xfeedface"}]}
+    capture = tmp_path / "pm-hash.jsonl"
+    capture.write_bytes(b"".join(orjson.dumps({"recv_ts_ns": i + 1, "venue": "polymarket", "msg": m}) + b"\n"
+                                 for i, m in enumerate([*books, change])))
+    ingest = Ingest(IngestConfig(captures=[capture], speed=None, epoch_base="t"), registry=CollectorRegistry())
+    ingest.nc = FakeNats()
+    await ingest.run()
+    inst = f"polymarket:{first['asset_id']}"
+    other = f"polymarket:{books[1]['asset_id']}"
+    assert ingest.snapshot(other)["venue_hash"] == books[1]["hash"]
+    deltas = [m for _, m in ingest.nc.published if m.get("type") == "delta" and m["instrument"] == inst]
+    assert deltas and deltas[-1]["venue_hash"] == "0xfeedface"
+    assert ingest.snapshot(inst)["venue_hash"] == "0xfeedface"
