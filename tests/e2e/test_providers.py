@@ -348,3 +348,33 @@ async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_
         await clients_equal_ingest(stack, [client], instruments, timeout_s=60)
         assert client.stats.checksum_mismatches == 0, client.stats
         assert "Traceback" not in stack.log("ingest"), stack.log("ingest")[-3000:]
+
+
+def test_up_simulate_runs_n_simulated_providers_per_venue(tmp_path, shared_data):
+    """`bookcast up --simulate 2`: two simulators replay the capture, the ingest reads them through the pool."""
+    import re
+    import signal
+    import sys
+
+    from tests.e2e.harness import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "feed.cli", "up", "--port", "0", "--workers", "1", "--no-probe",
+                             "--simulate", "2", "--capture", str(shared_data / "polymarket" / "sol-15m-20251211.jsonl"),
+                             "--speed", "20"], cwd=REPO, stdout=subprocess.PIPE, stderr=open(tmp_path / "up.log", "wb"),
+                            text=True, start_new_session=True)
+    try:
+        banner = ""
+        deadline = time.monotonic() + 120
+        while "try " not in banner and time.monotonic() < deadline and proc.poll() is None:
+            banner += proc.stdout.readline()
+        assert "2 simulated providers per venue" in banner, (banner, (tmp_path / "up.log").read_text()[-3000:])
+        ingest = re.search(r"http://127\.0\.0\.1:(\d+)/metrics \(ingest\)", banner).group(1)
+        status = get_json(f"http://127.0.0.1:{ingest}/v1/status")["providers"]["polymarket"]
+        assert [p["name"] for p in status["providers"]] == ["sim-polymarket-1", "sim-polymarket-2"]
+        assert status["selected"] in ("sim-polymarket-1", "sim-polymarket-2")
+        wait_until(lambda: all(p["connected"] for p in get_json(f"http://127.0.0.1:{ingest}/v1/status")
+                               ["providers"]["polymarket"]["providers"]), 30, what="both providers connected")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop_process(proc)
