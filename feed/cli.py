@@ -45,6 +45,9 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("dashboards", "dashboards.cli", "Grafana dashboards, provisioning and Prometheus SLO rules: build, check against Prometheus"),
     ("why", "exporter.why", "us or the upstream? the current run's latency verdict in one sentence, then the evidence"),
     ("simulate", "feed.simulator.server", "venue simulator: a capture served in Polymarket/Coinbase/Kalshi live protocol, with fault knobs"),
+    ("ingest", "feed.providers.run", "run an ingest reading live providers from a config (hot standby, failover)"),
+    ("failover-bench", "feed.providers.bench", "benchmark: fault onset to first delta from the healthy provider, "
+                                               "ingest CPU per venue message with 1 and 3 providers"),
 ]
 
 

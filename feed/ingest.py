@@ -20,6 +20,19 @@ clock ahead of the receiver's; the bundled Coinbase capture is about -13 ms at t
 hidden or mistaken for speed. With OTLP on (``otlp_endpoint``), one delta in ``trace_sample_every`` gets a
 trace (``feed.otlp``): its ``traceparent`` travels in the NATS headers and in the delta.
 
+Integrity and status (PROTOCOL.md section 11, ``feed.integrity``): every book is checked at the end of each venue
+burst (never inside one); a book still crossed or locked then is an integrity fault (counted by venue and kind)
+and the instrument's status becomes ``crossed`` until a later burst ends with a sound book. Status changes are
+published on the instrument's delta subject, ordered with its deltas, as ``{"type":"instrument_status",
+"instrument","status","reason","since_ns","ts_publish_ns","epoch","seq"}``; snapshots and directory entries
+carry ``"status"``. A capture that ends (no ``--loop``) leaves its instruments ``stale`` (reason
+``upstream_ended``): nothing updates them any more. With a provider pool (``feed.providers.pool``) the pool adds
+``stale`` (upstream silent beyond the venue's bound), ``resyncing`` and failover. ``/readyz`` is 503 while NATS
+is down or any instrument is ``stale``, with the stale venues in its body.
+
+Deltas before any snapshot: from a capture they are dropped, with one WARNING per instrument when it starts and
+a summary (instrument and count) when the capture ends; ``/v1/status`` lists them under ``no_snapshot``.
+
 Test hooks, off by default (both read on every message, so a test may change them while the ingest runs):
 ``upstream_lag_ns`` moves every rebased event time back by a fixed amount, so the upstream looks that much
 slower ("a lagging upstream"); ``ingest_delay_ns`` holds every delta that long between receiving and
@@ -32,7 +45,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +60,9 @@ from feed import metrics as prom
 from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
-from feed.model import TickSizeChange, Trade, canonical, split_instrument
+from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, StatusChange, StatusTracker, Top
+import feed.model as _model
+from feed.model import BookSnapshot, TickSizeChange, Trade, VenueEvent, canonical, split_instrument
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta
 from feed.subjects import ANNOUNCE_REQUEST, PREFIX, delta_subject, directory_subject, trade_subject, unescape_token
 from feed.venues import parser_for
@@ -55,6 +71,11 @@ log = logging.getLogger("bookcast.ingest")
 
 # Instrument metadata fields a venue message may carry, passed through to the directory and /v1/instruments.
 VENUE_METADATA = ("market", "min_order_size", "question", "outcome")
+
+# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
+_MarketResolved: Any = getattr(_model, "MarketResolved", ())
+_VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
+_VENUE_INFO: tuple = getattr(_model, "VENUE_INFO_EVENTS", ())
 
 
 @dataclass
@@ -70,6 +91,8 @@ class IngestConfig:
     trace_sample_every: int = 1000  # with OTLP on: trace one delta in this many
     upstream_lag_ns: int = 0  # test hook: event times moved back by this much (a lagging upstream)
     ingest_delay_ns: int = 0  # test hook: publish each delta this long after receiving it (a slow ingest)
+    burst_idle_s: float = 0.25  # a venue burst with no message for this long is over (feed.integrity)
+    providers: Any = None  # feed.providers.config.PoolConfig: read live providers instead of captures
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +114,25 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
                         upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
 
 
+def _session_or_none(venue: str) -> Any:
+    """A ``feed.venues.VenueSession`` for ``venue`` (issue 16 part A), or None where there is none."""
+    try:
+        from feed.venues import session_for
+    except ImportError:
+        return None
+    try:
+        return session_for(venue)
+    except RemoteError:
+        return None
+
+
+def shared_metric(built: dict[str, Any], name: str, registry: CollectorRegistry | None) -> Any:
+    """The one prometheus-client object of catalog metric ``name`` for this ingest (built on first use)."""
+    if name not in built:
+        built[name] = prom.build(name, registry)
+    return built[name]
+
+
 class VenueMetrics:
     def __init__(self, registry: CollectorRegistry | None, venue: str, built: dict[str, Any]) -> None:
         def child(name: str):
@@ -108,6 +150,12 @@ class VenueMetrics:
         self.clock_skew = child("bookcast_ingest_upstream_clock_skew_total")
         self.hop_upstream = child("bookcast_hop_upstream_seconds")
         self.hop_ingest = child("bookcast_hop_ingest_seconds")
+        self.integrity = shared_metric(built, "bookcast_ingest_integrity_faults_total", registry)
+        self.by_status = shared_metric(built, "bookcast_ingest_instruments_by_status", registry)
+        self.venue = venue
+
+    def fault(self, kind: str) -> None:
+        self.integrity.labels(self.venue, kind).inc()
 
 
 class Ingest:
@@ -136,6 +184,15 @@ class Ingest:
         self.published = 0
         self._tasks: list[asyncio.Task] = []
         self._held: asyncio.Queue | None = None  # the ingest_delay_ns hook's deltas, in order
+        self.statuses = StatusTracker()
+        self.bursts = BurstChecker(config.burst_idle_s)  # on the books of record (captures)
+        self.no_snapshot: dict[str, int] = {}  # instrument -> deltas dropped before its first snapshot
+        self.venue_hashes: dict[str, str] = {}  # instrument -> the venue's last book hash (Polymarket), unverified
+        self._venue_hash: str | None = None  # of the event being published
+        self._recent_trades: dict[str, tuple[set, deque]] = {}
+        self.pools: list[Any] = []  # feed.providers.pool.VenuePool, one per configured venue
+        self.nats_connected = False
+        self.first_pass_done = False  # every capture read through at least once
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)
@@ -152,7 +209,9 @@ class Ingest:
         )
         await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)
         await self.nc.subscribe(ANNOUNCE_REQUEST, cb=self._on_announce_request)
+        self.nats_connected = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._burst_flusher()))
         if self.config.otlp_endpoint:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
             log.info("OTLP traces to %s, one delta in %d", self.config.otlp_endpoint, self.config.trace_sample_every)
@@ -163,30 +222,65 @@ class Ingest:
     async def _nats_disconnected(self) -> None:
         if self.nc is not None and self.nc.is_closed:
             return  # our own stop() closed it
+        self.nats_connected = False
         log.warning("nats disconnected; publishing is buffered until reconnect")
 
     async def _nats_reconnected(self) -> None:
+        self.nats_connected = True
         log.info("nats reconnected")
         self._announce_now.set()
 
     async def run(self) -> None:
-        """Replay every configured capture concurrently; returns when all (non-looping) ones end."""
+        """Replay every configured capture concurrently (returns when all non-looping ones end), or, with
+        ``config.providers``, run the provider pools until cancelled."""
+        if self.config.providers is not None:
+            from feed.providers.pool import run_pools
+
+            await run_pools(self, self.config.providers)
+            return
         await asyncio.gather(*(self.replay_capture(p) for p in self.config.captures))
         self.sources_done = True
+        await self._end_of_captures()
         self._dirty_venues.update(self.venues)
         self._announce_now.set()
         log.info("captures done: %d deltas published; still serving snapshots", self.published)
+
+    async def _end_of_captures(self) -> None:
+        for end in self.bursts.close_all(self.top_of):
+            await self._burst_ended(end)
+        if not self.first_pass_done:
+            self._first_pass_over()
+        for inst in list(self.engine.instruments):
+            await self.set_condition(inst, Status.STALE, True, "upstream_ended")
 
     async def replay_capture(self, path: Path) -> None:
         """Replay one capture; its provider gauge (``replay:<file name>``) is 1 while it runs."""
         log.info("replaying %s speed=%s loop=%s", path, self.config.speed or "max", self.config.loop)
         up = self._provider_up.labels(f"replay:{path.name}")
         up.set(1)
+        sessions: dict[str, Any] = {}  # venue -> VenueSession: venue seq checks along the capture
+        pass_index = 0
         try:
             async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
-                await self.on_record(item.record, item.shift_ns)
+                if item.pass_index != pass_index:
+                    pass_index = item.pass_index
+                    for session in sessions.values():
+                        session.reset()  # a new pass starts the venue's seqs again: not a reset fault
+                    if not self.first_pass_done:
+                        self._first_pass_over()
+                venue = item.record.venue
+                if venue not in sessions:
+                    sessions[venue] = _session_or_none(venue)
+                await self.on_record(item.record, item.shift_ns, session=sessions[venue])
         finally:
             up.set(0)
+
+    def _first_pass_over(self) -> None:
+        self.first_pass_done = True
+        for inst, count in sorted(self.no_snapshot.items()):
+            if inst not in self.engine.instruments:
+                log.warning("instrument %s: %d deltas dropped in a whole pass over the capture, which never gives "
+                            "its snapshot", inst, count)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -201,14 +295,14 @@ class Ingest:
             await asyncio.get_running_loop().run_in_executor(None, self.otlp.shutdown)
 
     # -- data path ------------------------------------------------------------------------------
-    async def on_record(self, record: CaptureRecord, shift_ns: int = 0) -> None:
+    async def on_record(self, record: CaptureRecord, shift_ns: int = 0, *, session: Any = None) -> None:
         """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times (and
         the ``upstream_lag_ns`` test hook moves them back)."""
         ts_ingest_ns = self.clock_ns()
         vm = self._venue(record.venue)
         vm.messages.inc()
         try:
-            result = parser_for(record.venue)(record.msg)
+            result = session.parse(record.msg) if session is not None else parser_for(record.venue)(record.msg)
         except RemoteError as exc:
             vm.parse_errors.inc()
             log.warning("unparseable %s message dropped: %s", record.venue, exc)
@@ -217,22 +311,149 @@ class Ingest:
         if not result.events:
             vm.ignored.inc()
             return
-        for event in result.events:
+        tops_of = VENUE_TOPS.get(record.venue)
+        await self.apply_events(record.venue, result.events, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns,
+                                tops=tops_of(record.msg) if tops_of is not None else None, check_bursts=True)
+
+    async def apply_events(self, venue: str, events: Iterable[VenueEvent], ts_ingest_ns: int, shift_ns: int = 0, *,
+                           tops: dict[str, Top] | None = None, check_bursts: bool = False) -> None:
+        """Apply parsed venue events to the books of record and publish what they produce. ``check_bursts``:
+        judge each book at its bursts' ends (``feed.integrity``); ``tops`` is the venue's own top of book
+        per instrument from the same message (Polymarket ``best_bid``/``best_ask``)."""
+        vm = self._venue(venue)
+        for event in events:
+            if isinstance(event, _VENUE_INFO):
+                await self._venue_info(venue, event)
+                continue
             crossed_before = self.engine.crossed
+            inst = event.instrument
+            self._venue_hash = getattr(event, "venue_hash", None)
+            if self._venue_hash is not None:
+                self.venue_hashes[inst] = self._venue_hash
+            if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
+                end = self.bursts.begin(inst, event.ts_event_ns, self.top_of(inst))
+                if end is not None:
+                    await self._burst_ended(end)
             try:
                 outputs = self.engine.apply(event)
             except DeltaBeforeSnapshot as exc:
                 vm.dropped.inc()
+                count = self.no_snapshot.get(inst, 0) + 1
+                self.no_snapshot[inst] = count
+                if count == 1:
+                    log.warning("instrument %s: delta before any snapshot, dropped (and every one until a snapshot "
+                                "of it arrives)", inst)
                 log.debug("%s", exc)
                 continue
             except RemoteError as exc:
                 vm.parse_errors.inc()
-                log.warning("bad %s event dropped: %s", record.venue, exc)
+                log.warning("bad %s event dropped: %s", venue, exc)
                 continue
             if self.engine.crossed != crossed_before:
                 vm.crossed.inc()
             for out in outputs:
-                await self._publish(out, vm, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns)
+                await self._publish(out, vm, ts_ingest_ns, shift_ns)
+            if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
+                self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(),
+                                        tops.get(inst) if tops else None)
+
+    async def _venue_info(self, venue: str, event: Any) -> None:
+        """Venue events that change no book: a resolved market, a venue seq fault (from a capture: counted
+        and logged; a live provider's are handled by its pool), a venue top of book, a new market."""
+        if isinstance(event, _MarketResolved):
+            if event.instrument in self.engine.instruments:
+                winner = {True: " (winner)", False: " (not the winner)"}.get(event.winner, "")
+                await self.set_condition(event.instrument, Status.RESOLVED, True, f"market_resolved{winner}")
+        elif isinstance(event, _VenueSeqFault):
+            kind = {"gap": "seq_gap"}.get(str(event.kind), str(event.kind))
+            self._venue(venue).fault(kind)
+            log.warning("venue %s %s on stream %s: expected seq %d got %d (instruments %s)", venue, kind,
+                        event.stream, event.expected, event.got, ", ".join(event.instruments[:5]) or "-")
+
+    def top_of(self, instrument: str) -> Top | None:
+        """(best bid price, best ask price) of a book of record; None if there is no such book."""
+        st = self.engine.instruments.get(instrument)
+        if st is None:
+            return None
+        bid, ask = st.book.best_bid(), st.book.best_ask()
+        return (bid[0] if bid else None, ask[0] if ask else None)
+
+    async def _burst_ended(self, end: BurstEnd) -> None:
+        kind = end.fault_kind
+        venue = split_instrument(end.instrument)[0]
+        if kind is None:
+            await self.set_condition(end.instrument, Status.CROSSED, False, "")
+            return
+        if not self.statuses.has(end.instrument, Status.CROSSED):  # counted once per fault, not per burst
+            self._venue(venue).fault(kind)
+            log.warning("integrity fault %s", end.describe())
+        await self.set_condition(end.instrument, Status.CROSSED, True, f"{kind}_after_burst")
+
+    async def _burst_flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.bursts.burst_idle_ns / 2e9)
+            try:
+                for end in self.bursts.flush(self.clock_ns(), self.top_of):
+                    await self._burst_ended(end)
+            except Exception:  # noqa: BLE001 - never let the flusher die
+                log.exception("burst flush failed")
+
+    # -- status (PROTOCOL.md section 11) --------------------------------------------------------
+    async def set_condition(self, instrument: str, condition: Status, on: bool, reason: str) -> None:
+        """Turn one status condition of an instrument on or off; publish ``instrument_status`` if it changed."""
+        change = self.statuses.set(instrument, condition, on, reason, self.clock_ns())
+        if change is not None:
+            await self.publish_status(change)
+
+    async def publish_status(self, change: StatusChange) -> None:
+        epoch, seq = self.engine.seq_of(change.instrument)
+        msg = {"type": "instrument_status", "instrument": change.instrument, "status": change.status.value,
+               "reason": change.reason, "since_ns": change.since_ns, "ts_publish_ns": self.clock_ns(),
+               "epoch": epoch, "seq": seq}
+        venue = split_instrument(change.instrument)[0]
+        level = logging.INFO if change.status is Status.OK else logging.WARNING
+        log.log(level, "instrument %s status %s%s", change.instrument, change.status.value,
+                f" ({change.reason})" if change.reason else "")
+        vm = self._venue(venue)
+        counts = self.statuses.counts([i for i in self.engine.instruments if split_instrument(i)[0] == venue])
+        for status, n in counts.items():
+            vm.by_status.labels(venue, status.value).set(n)
+        self._dirty_venues.add(venue)
+        if self.nc is not None:
+            try:
+                await self.nc.publish(delta_subject(change.instrument), wire.dumps(msg))
+            except Exception as exc:  # noqa: BLE001 - NATS down: the directory carries the status later
+                log.debug("status publish failed: %s", exc)
+
+    def status_of(self, instrument: str) -> str:
+        return self.statuses.status(instrument).value
+
+    async def reset_instrument(self, snapshot: BookSnapshot, ts_ingest_ns: int, reason: str) -> None:
+        """Lossy repair: a new epoch for ``snapshot.instrument`` starting from ``snapshot`` (seq 0)."""
+        inst = snapshot.instrument
+        venue = split_instrument(inst)[0]
+        old_epoch, old_seq = self.engine.seq_of(inst)
+        self.bursts.forget(inst)
+        new_epoch = self.engine.reset(inst)
+        log.warning("instrument %s: new epoch %s from a fresh venue snapshot (was %s at seq %d): %s",
+                    inst, new_epoch, old_epoch, old_seq, reason)
+        await self.apply_events(venue, [snapshot], ts_ingest_ns)
+
+    def trade_seen(self, trade: Trade) -> bool:
+        """De-duplication of trades across providers (and switch overlaps): True if an equal trade (same
+        trade id, else same time, price, size and side) was published in the last 4,096 of the instrument."""
+        key = trade.trade_id or (trade.ts_event_ns, trade.price, trade.size, trade.side)
+        seen = self._recent_trades.get(trade.instrument)
+        if seen is None:
+            seen = self._recent_trades[trade.instrument] = (set(), deque())
+        keys, order = seen
+        if key in keys:
+            return True
+        keys.add(key)
+        order.append(key)
+        if len(order) > 4096:
+            keys.discard(order.popleft())
+        return False
 
     def _note_metadata(self, record: CaptureRecord) -> None:
         """Keep the instrument metadata a venue message carries (Polymarket: ``market``, ``min_order_size``,
@@ -253,29 +474,30 @@ class Ingest:
         if isinstance(out, SequencedDelta):
             out.ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
             if self.config.ingest_delay_ns or (self._held is not None and not self._held.empty()):
-                await self._hold(out, vm, ts_ingest_ns)
+                await self._hold(out, vm, ts_ingest_ns, self._venue_hash)
             else:
-                await self._publish_delta(out, vm, ts_ingest_ns)
+                await self._publish_delta(out, vm, ts_ingest_ns, self._venue_hash)
         else:
             await self._publish_other(out, vm, ts_ingest_ns, shift_ns)
 
-    async def _hold(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int) -> None:
+    async def _hold(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int, venue_hash: str | None) -> None:
         """Test hook ``ingest_delay_ns``: publish ``out`` that long after ``ts_ingest_ns``, after every delta held
         before it (a bounded queue: a reader far ahead waits, as a slow ingest's input would)."""
         if self._held is None:
             self._held = asyncio.Queue(maxsize=100_000)
             self._tasks.append(asyncio.get_running_loop().create_task(self._release_held()))
-        await self._held.put((ts_ingest_ns + self.config.ingest_delay_ns, out, vm, ts_ingest_ns))
+        await self._held.put((ts_ingest_ns + self.config.ingest_delay_ns, out, vm, ts_ingest_ns, venue_hash))
 
     async def _release_held(self) -> None:
         while True:
-            due_ns, out, vm, ts_ingest_ns = await self._held.get()
+            due_ns, out, vm, ts_ingest_ns, venue_hash = await self._held.get()
             wait_s = (due_ns - self.clock_ns()) / 1e9
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            await self._publish_delta(out, vm, ts_ingest_ns)
+            await self._publish_delta(out, vm, ts_ingest_ns, venue_hash)
 
-    async def _publish_delta(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int) -> None:
+    async def _publish_delta(self, out: SequencedDelta, vm: VenueMetrics, ts_ingest_ns: int,
+                             venue_hash: str | None = None) -> None:
         ts_event_ns = out.ts_event_ns
         span = headers = None
         if self.otlp is not None:
@@ -288,6 +510,8 @@ class Ingest:
                 headers = {TRACEPARENT: traceparent}
         ts_publish_ns = self.clock_ns()
         msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
+        if venue_hash is not None:
+            msg["venue_hash"] = venue_hash  # additive: the venue's own book hash, passed through
         if headers is not None:
             msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
         await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
@@ -306,6 +530,8 @@ class Ingest:
 
     async def _publish_other(self, out: Any, vm: VenueMetrics, ts_ingest_ns: int, shift_ns: int) -> None:
         if isinstance(out, Trade):
+            if self.pools and self.trade_seen(out):
+                return
             ts_event_ns = out.ts_event_ns + shift_ns if out.ts_event_ns is not None else None
             msg = wire.trade_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
             if ts_event_ns is not None:
@@ -330,8 +556,12 @@ class Ingest:
             return None
         epoch, seq = self.engine.seq_of(instrument)
         ts_event_ns, ts_ingest_ns, _ = self.last_ts.get(instrument, (None, 0, 0))
-        return wire.snapshot_message(instrument, epoch, seq, st.book, ts_event_ns=ts_event_ns,
-                                     ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
+        msg = wire.snapshot_message(instrument, epoch, seq, st.book, ts_event_ns=ts_event_ns,
+                                    ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
+        msg["status"] = self.status_of(instrument)
+        if instrument in self.venue_hashes:
+            msg["venue_hash"] = self.venue_hashes[instrument]
+        return msg
 
     async def _on_snapshot_request(self, msg) -> None:
         _, _, _, venue_token, symbol_token = msg.subject.split(".")
@@ -348,7 +578,7 @@ class Ingest:
             if split_instrument(inst)[0] != venue:
                 continue
             epoch, seq = self.engine.seq_of(inst)
-            entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
+            entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq, "status": self.status_of(inst)}
             if inst in self.tick_sizes:
                 entry["tick_size"] = self.tick_sizes[inst]
             entry.update(self.metadata.get(inst, {}))
@@ -377,9 +607,37 @@ class Ingest:
 
     # -- HTTP -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"name": self.config.name, "done": self.sources_done, "published": self.published,
-                "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
+        """``/v1/status``: directory per venue, deltas dropped before a snapshot per instrument that never got
+        one (``no_snapshot``), and with a pool its providers with their scores (``providers``)."""
+        out: dict[str, Any] = {
+            "name": self.config.name, "done": self.sources_done, "published": self.published,
+            "first_pass_done": self.first_pass_done,
+            "venues": {v: self.directory(v)["instruments"] for v in self.venues},
+            "no_snapshot": {i: n for i, n in sorted(self.no_snapshot.items()) if i not in self.engine.instruments},
+        }
+        if self.pools:
+            out["providers"] = {pool.venue: pool.status() for pool in self.pools}
+        return out
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: connected to NATS and no instrument ``stale``. The body lists stale instruments per venue."""
+        stale: dict[str, list[str]] = {}
+        for inst in self.engine.instruments:
+            if self.statuses.status(inst) is Status.STALE:
+                stale.setdefault(split_instrument(inst)[0], []).append(inst)
+        ready = self.nats_connected and not stale
+        return ready, {"ready": ready, "nats_connected": self.nats_connected,
+                       "stale": {v: len(x) for v, x in stale.items()},
+                       "stale_examples": {v: x[:5] for v, x in stale.items()}}
 
     def http_app(self) -> web.Application:
-        """``/metrics``, ``/healthz`` and ``/v1/status`` (directory and replay progress)."""
-        return prom.ops_app(self.registry, self.status)
+        """``/metrics``, ``/healthz``, ``/readyz`` (503 while NATS is down or an instrument is stale) and
+        ``/v1/status`` (directory, replay progress, providers)."""
+        app = prom.ops_app(self.registry, self.status)
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready, body = self.readiness()
+            return web.json_response(body, status=200 if ready else 503)
+
+        app.router.add_get("/readyz", readyz)
+        return app

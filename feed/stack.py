@@ -115,6 +115,51 @@ def _instruments(base: str) -> list[str]:
         return []
 
 
+def _ingest_status(ingest_url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(ingest_url + "/v1/status", timeout=0.5) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def no_snapshot_cause(status: dict | None) -> str | None:
+    """Why the gateway lists no instrument, when the ingest knows: deltas without any snapshot."""
+    if not status or not status.get("no_snapshot") or any(status.get("venues", {}).values()):
+        return None
+    missing = status["no_snapshot"]
+    example, count = next(iter(missing.items()))
+    return (f"the capture has deltas but no snapshot for {len(missing)} instruments (e.g. {example}: {count} deltas "
+            f"dropped), so the ingest cannot build any book; record it from the start of the stream, or check it "
+            f"with `bookcast replay --check FILE`")
+
+
+def _wait_for_instruments(base: str, ingest_url: str, stopping: StopSignal, children) -> None:
+    """Wait until the gateway lists instruments; fail naming the cause when the ingest says why it cannot."""
+    cause: list[str] = []
+
+    def ready() -> bool:
+        if stopping or _http_ok(base + "/v1/instruments"):
+            return True
+        status = _ingest_status(ingest_url)
+        if status and (status.get("first_pass_done") or status.get("done")):
+            why = no_snapshot_cause(status)
+            if why:
+                cause.append(why)
+                return True
+        return False
+
+    try:
+        wait_until(ready, 30, what="gateway listing instruments", proc=children[-1][1])
+    except TimeoutError:
+        why = no_snapshot_cause(_ingest_status(ingest_url))
+        if why:
+            raise RuntimeError(f"no instruments: {why}") from None
+        raise
+    if cause:
+        raise RuntimeError(f"no instruments: {cause[0]}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address (default %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="gateway port, 0 = free port (default %(default)s)")
@@ -138,6 +183,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --prometheus: Alertmanager sends every alert to this webhook (default: none)")
     p.add_argument("--retention", default="7d",
                    help="how long the probe's samples stay in the store (chDB TTL): 1h, 7d (default %(default)s)")
+    # issue 16, provider pool (engineer pool)
+    p.add_argument("--config", type=Path,
+                   help="provider pool config (TOML): the ingest reads live providers instead of a capture")
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="run N venue simulators per capture (bookcast simulate) as the upstream providers, "
+                        "read through the provider pool")
+
+
+def _upstream_line(args: argparse.Namespace, captures: list[Path]) -> str:
+    if args.config is not None and not args.simulate:
+        return f"providers from {args.config} (status: ingest /v1/status)"
+    text = f"{', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}"
+    return f"{args.simulate} simulated providers per venue replaying {text}" if args.simulate else text
+
+
+def simulator_urls(venue: str, port: int) -> tuple[str, str]:
+    """WebSocket URL and REST base URL of a ``bookcast simulate`` process on ``port``."""
+    from feed.simulator.server import WS_PATHS
+
+    return f"ws://127.0.0.1:{port}{WS_PATHS[venue]}", f"http://127.0.0.1:{port}"
+
+
+def _sim_status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/status", timeout=1) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def start_simulators(args: argparse.Namespace, captures: list[Path], children: list, workdir: str) -> Path:
+    """Start ``args.simulate`` simulators per capture (one venue each, all serving the same events from one
+    shared start time) and write the provider config that reads them; returns its path."""
+    from feed.capture import read_capture
+    from feed.providers.config import DEFAULT_STALE_AFTER_S, PoolConfig, VenueConfig, toml_text
+    from feed.providers.link import ProviderSpec
+
+    start_at_ns = time.time_ns() + 3_000_000_000  # every simulator loads its capture first
+    started: list[tuple[str, Path, list[tuple[int, subprocess.Popen]]]] = []
+    for capture in captures:
+        venue = next(iter(read_capture(capture))).venue
+        sims = []
+        for i in range(args.simulate):
+            sim_port = free_port()
+            sim_args = ["simulate", "--venue", venue, "--capture", str(capture), "--port", str(sim_port),
+                        "--speed", str(args.speed), "--start-at-ns", str(start_at_ns), "--seed", str(i + 1)]
+            if args.no_loop:
+                sim_args.append("--once")
+            proc = spawn(sim_args)
+            children.append((f"simulator {venue} {i + 1}", proc))
+            sims.append((sim_port, proc))
+        started.append((venue, capture, sims))
+    venues = []
+    for venue, capture, sims in started:
+        specs = []
+        symbols: list[str] = []
+        for i, (sim_port, proc) in enumerate(sims):
+            wait_until(lambda: _sim_status(sim_port) is not None, 60, what=f"simulator {venue} {i + 1} (port "
+                       f"{sim_port})", proc=proc)
+            symbols = symbols or list(_sim_status(sim_port)["instruments"])
+            ws_url, rest_url = simulator_urls(venue, sim_port)
+            specs.append(ProviderSpec(f"sim-{venue}-{i + 1}", venue, ws_url, rest_url))
+        venues.append(VenueConfig(venue, tuple(symbols), tuple(specs), DEFAULT_STALE_AFTER_S.get(venue, 30.0)))
+        log.info("%d simulated %s providers replaying %s: %s", len(specs), venue, capture,
+                 ", ".join(p.ws_url for p in specs))
+    path = Path(workdir) / "providers.toml"
+    path.write_text(toml_text(PoolConfig(tuple(venues))))
+    log.info("provider config for the simulators: %s", path)
+    return path
 
 
 def up(args: argparse.Namespace) -> int:
@@ -154,6 +268,23 @@ def up(args: argparse.Namespace) -> int:
         return 2
     port = args.port or free_port(args.host)
     captures = args.capture or [bundled_capture()]
+    if args.config is not None and not args.config.is_file():
+        print(f"bookcast up: provider config not found: {args.config}", file=sys.stderr)
+        return 2
+    if args.config is not None and args.simulate:
+        print("bookcast up: give --config or --simulate, not both", file=sys.stderr)
+        return 2
+    if args.simulate < 0:
+        print("bookcast up: --simulate needs a number of providers per venue (1 or more)", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        from feed.providers.config import ConfigError, load_config
+
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            print(f"bookcast up: {exc}", file=sys.stderr)
+            return 2
     for c in captures:
         if not c.is_file():
             print(f"bookcast up: capture file not found: {c}", file=sys.stderr)
@@ -172,15 +303,22 @@ def up(args: argparse.Namespace) -> int:
         nats_server.start()
         log.info("nats-server pid=%d at %s", nats_server.pid, nats_server.url)
         ingest_port = args.ingest_http_port or free_port()
-        ingest_args = ["replay", "--nats", nats_server.url, "--speed", str(args.speed), "--http-port", str(ingest_port)]
-        if not args.no_loop:
-            ingest_args.append("--loop")
-        children.append(("ingest", spawn(ingest_args + [str(c) for c in captures])))
+        pool_config = args.config
+        if args.simulate:
+            pool_config = start_simulators(args, captures, children, nats_server.workdir)
+        if pool_config is not None:
+            children.append(("ingest", spawn(["ingest", "--config", str(pool_config), "--nats", nats_server.url,
+                                              "--http-port", str(ingest_port)])))
+        else:
+            ingest_args = ["replay", "--nats", nats_server.url, "--speed", str(args.speed),
+                           "--http-port", str(ingest_port)]
+            if not args.no_loop:
+                ingest_args.append("--loop")
+            children.append(("ingest", spawn(ingest_args + [str(c) for c in captures])))
         children.append(("gateway", spawn(["gateway", "--nats", nats_server.url, "--host", args.host,
                                            "--port", str(port), "--workers", str(args.workers)])))
         base = f"http://{args.host}:{port}"
-        wait_until(lambda: stopping or _http_ok(base + "/v1/instruments"), 30,
-                   what="gateway listing instruments", proc=children[-1][1])
+        _wait_for_instruments(base, f"http://127.0.0.1:{ingest_port}", stopping, children)
         probe_line = ""
         if not args.no_probe:
             probe_port = free_port()
@@ -232,7 +370,7 @@ def up(args: argparse.Namespace) -> int:
             f"{ebpf_line}"
             f"{prometheus_line}"
             f"  NATS       {nats_server.url}\n"
-            f"  upstream   {', '.join(str(c) for c in captures)} at {args.speed}x{'' if args.no_loop else ', looping'}\n"
+            f"  upstream   {_upstream_line(args, captures)}\n"
             f"  state      {state_file} (run {run_id}; read by why, latency report, tail)\n"
             f"  try        {bookcast} tail {example}\n"
             f"             {bookcast} why\n",
