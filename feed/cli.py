@@ -42,6 +42,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("probe", "exporter.probe", "latency probe: per-hop latency of every message, per region, into Prometheus, ClickHouse, OTLP"),
     ("latency", "exporter.report", "latency tools: 'report' prints per-hop tail latency and who owns it"),
     ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
+    ("token", "feed.tokencli", "gateway tokens (PROTOCOL.md section 8): issue, verify, keygen"),
 ]
 
 
