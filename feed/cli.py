@@ -138,6 +138,13 @@ def _replay(args: argparse.Namespace) -> int:
     if missing:
         print(f"bookcast replay: capture file not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from feed.natsauth import NatsAuthError, credentials_from_args
+
+    try:
+        credentials_from_args(args)
+    except NatsAuthError as exc:
+        print(f"bookcast replay: {exc}", file=sys.stderr)
+        return 2
     if args.check:
         from feed.replaycheck import check_captures
 
@@ -159,7 +166,9 @@ async def _run_ingest(args: argparse.Namespace) -> int:
     try:
         await ingest.start()
     except Exception as exc:  # noqa: BLE001 - report a clear reason and a non-zero code
-        logging.getLogger("bookcast.ingest").error("cannot connect to NATS at %s: %s", args.nats, exc)
+        from feed.natsauth import redacted_url
+
+        logging.getLogger("bookcast.ingest").error("cannot connect to NATS at %s: %s", redacted_url(args.nats), exc)
         return 1
     if args.http_port:
         runner = web.AppRunner(ingest.http_app(), access_log=None)

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
+from feed import natsauth
 from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
@@ -64,6 +65,7 @@ class IngestConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
     trace_sample_every: int = 1000  # with OTLP on: trace one delta in this many
     upstream_lag_ns: int = 0  # test hook: event times moved back by this much (a lagging upstream)
+    nats_credentials: natsauth.NatsCredentials = field(default_factory=natsauth.NatsCredentials)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with OTLP on, trace one delta in this many (default %(default)s)")
     p.add_argument("--test-upstream-lag-ms", type=float, default=0.0,
                    help="test hook: move venue event times back by this much, a lagging upstream (default off)")
+    natsauth.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
@@ -82,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     return IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None, loop=args.loop,
                         name=args.name, otlp_endpoint=args.otlp_endpoint,
                         trace_sample_every=max(1, args.trace_sample_every),
-                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
+                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6),
+                        nats_credentials=natsauth.credentials_from_args(args))
 
 
 class VenueMetrics:
@@ -137,9 +141,9 @@ class Ingest:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            self.config.nats_url, name=self.config.name, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-            pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
+        self.nc = await natsauth.connect(
+            self.config.nats_url, self.config.nats_credentials, name=self.config.name, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25, pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
             disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
         )
         await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)
