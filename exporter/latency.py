@@ -24,51 +24,18 @@ Pure: no I/O, no clock. Windows take ``now_s`` (any monotonic seconds) from the 
 """
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from hdrh.histogram import HdrHistogram
+
+# The hop vocabulary is feed's (one enum, one function computing every hop from a message's stamps).
+from feed.hops import PATH_HOPS, Hop, hops_ns  # noqa: F401 - re-exported
 
 # Lowest discernible value 1 µs, highest 1 h, 3 significant digits: quantiles within 0.1 % of the value.
 HDR_LOWEST_NS = 1_000
 HDR_HIGHEST_NS = 3_600 * 10**9
 HDR_DIGITS = 3
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
-
-
-class Hop(enum.StrEnum):
-    UPSTREAM = "upstream"
-    INGEST = "ingest"
-    NATS_GATEWAY = "nats_gateway"
-    CLIENT = "client"
-    E2E = "e2e"
-
-
-# The hops that add up to e2e, in path order.
-PATH_HOPS: tuple[Hop, ...] = (Hop.UPSTREAM, Hop.INGEST, Hop.NATS_GATEWAY, Hop.CLIENT)
-
-
-def _int(msg: Mapping[str, Any], key: str) -> int | None:
-    value = msg.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def hops_ns(msg: Mapping[str, Any], recv_ns: int) -> dict[Hop, int] | None:
-    """Signed per-hop latencies (ns) of a data message received at ``recv_ns``.
-
-    Returns None when the message lacks ``ts_ingest_ns``, ``ts_publish_ns`` or ``ts_send_ns``. Without a
-    ``ts_event_ns`` (a venue that gives none) there is no ``upstream`` hop and ``e2e`` starts at ingest.
-    """
-    ingest, publish, send = _int(msg, "ts_ingest_ns"), _int(msg, "ts_publish_ns"), _int(msg, "ts_send_ns")
-    if ingest is None or publish is None or send is None:
-        return None
-    event = _int(msg, "ts_event_ns")
-    out = {Hop.INGEST: publish - ingest, Hop.NATS_GATEWAY: send - publish, Hop.CLIENT: recv_ns - send,
-           Hop.E2E: recv_ns - (ingest if event is None else event)}
-    if event is not None:
-        out[Hop.UPSTREAM] = ingest - event
-    return out
 
 
 def new_histogram() -> HdrHistogram:

@@ -38,7 +38,8 @@ from prometheus_client.metrics_core import Metric
 
 from feed.catalog import CATALOG
 from exporter.clickhouse import BOOK_EVENTS, DEFAULT_CHDB_PATH, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
-from exporter.latency import QUANTILES, Hop, SlidingWindow, StaleTracker, hops_ns, summarize
+from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, summarize
+from feed.hops import Hop, hops_ns
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
 from feed.client import BookClient, BookUpdated, UpdateKind

@@ -16,10 +16,10 @@ Pure: no I/O, no clock, no environment. The caller passes the epoch base and eve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
-from feed.book import L2Book
+from feed.book import L2Book, SequencedBook
 from feed.errors import RemoteError
 from feed.model import BookDelta, BookSnapshot, LevelChange, TickSizeChange, Trade, VenueEvent, split_instrument
 
@@ -99,12 +99,15 @@ class InstrumentAdded:
     epoch: str
 
 
-@dataclass(slots=True)
-class InstrumentState:
-    book: L2Book
-    tick_size: Decimal | None = None
-    ts_event_ns: int | None = None
-    last_changes: list[LevelChange] = field(default_factory=list)
+class InstrumentState(SequencedBook):
+    """The engine's book of record of one instrument: a ``SequencedBook`` (book, epoch, seq, event time of
+    the last change) plus the venue's tick size."""
+
+    __slots__ = ("tick_size",)
+
+    def __init__(self, instrument: str, epoch: str, book: L2Book, *, ts_event_ns: int | None = None) -> None:
+        super().__init__(instrument, epoch, 0, book, ts_event_ns=ts_event_ns)
+        self.tick_size: Decimal | None = None
 
 
 EngineOutput = SequencedDelta | InstrumentAdded | Trade | TickSizeChange
@@ -116,7 +119,8 @@ class BookEngine:
     ``apply(event)`` returns what to publish, in order. Raises ``DeltaBeforeSnapshot`` for a venue delta
     on an unknown book (the caller counts and drops it) and ``InvalidDecimal`` for a negative size.
     ``crossed`` counts books left crossed by venue input (a remote fault of the venue; the book still
-    mirrors exactly what the venue said).
+    mirrors exactly what the venue said). Raises ``CrossedBook`` (a ``LocalError``: a bug) when diffing
+    towards an uncrossed venue snapshot leaves the book crossed.
     """
 
     def __init__(self, epoch_base: str) -> None:
@@ -143,12 +147,24 @@ class BookEngine:
         if st is None:
             book = L2Book(event.instrument)
             book.apply_snapshot(event.bids, event.asks)
-            self.instruments[event.instrument] = InstrumentState(book, ts_event_ns=event.ts_event_ns)
+            epoch, seq = self.seq_of(event.instrument)
+            st = self.instruments[event.instrument] = InstrumentState(event.instrument, epoch, book,
+                                                                      ts_event_ns=event.ts_event_ns)
+            st.seq = seq
             self._note_crossed(book)
             venue, _ = split_instrument(event.instrument)
-            return [InstrumentAdded(event.instrument, venue, self.sequencer.state(event.instrument).epoch)]
+            return [InstrumentAdded(event.instrument, venue, epoch)]
         changes = st.book.diff(event.bids, event.asks)
-        return self._publish(st, event.instrument, changes, event.ts_event_ns)
+        out = self._publish(st, event.instrument, changes, event.ts_event_ns)
+        if not self._snapshot_crossed(event):
+            st.book.check_uncrossed("after diffing towards an uncrossed venue snapshot")
+        return out
+
+    @staticmethod
+    def _snapshot_crossed(event: BookSnapshot) -> bool:
+        bids = [p for p, s in event.bids if s]
+        asks = [p for p, s in event.asks if s]
+        return bool(bids and asks) and max(bids) >= min(asks)
 
     def _delta(self, event: BookDelta) -> list[EngineOutput]:
         st = self.instruments.get(event.instrument)
@@ -157,12 +173,12 @@ class BookEngine:
         return self._publish(st, event.instrument, event.changes, event.ts_event_ns)
 
     def _publish(self, st: InstrumentState, instrument: str, changes, ts_event_ns: int | None) -> list[EngineOutput]:
-        effective = st.book.apply_changes(changes)
+        epoch, seq = self.seq_of(instrument)
+        effective = st.advance(changes, epoch, seq + 1, ts_event_ns)
         if not effective:
             return []
-        st.ts_event_ns = ts_event_ns
+        _, prev_seq, seq = self.sequencer.next(instrument)
         self._note_crossed(st.book)
-        epoch, prev_seq, seq = self.sequencer.next(instrument)
         return [SequencedDelta(instrument, epoch, prev_seq, seq, effective, st.book.checksum(), ts_event_ns)]
 
     def _note_crossed(self, book: L2Book) -> None:

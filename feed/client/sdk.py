@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-import orjson
 
+from feed import wire
 from feed.book import L2Book
 from feed.client.verify import ClientStats, Event, LocalBook, SendResync, Shutdown, VerifiedBooks
 
@@ -95,7 +95,7 @@ class BookClient:
         max_msg_size_bytes: largest message accepted (snapshots of deep books are large).
 
     Raises:
-        ValueError: no URL, no instrument, or a bad backoff.
+        ValueError: no URL, no instrument, an unknown channel, or a bad backoff.
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class BookClient:
         if not 0 < initial_s <= max_s:
             raise ValueError(f"reconnect_backoff_s must be 0 < initial <= max, got {initial_s, max_s}")
         self._backoff_s = (initial_s, max_s)
-        self._channels = list(channels)
+        self._channels = frozenset(wire.Channel(c) for c in channels)  # ValueError on an unknown channel
         self._conflate_ms = conflate_ms
         self._connect_timeout_s = connect_timeout_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -296,13 +296,8 @@ class BookClient:
         error: str | None = None
         resume = {i: pos for i, pos in self._verified.resume_map().items() if i in self.instruments}
         try:
-            subscribe: dict[str, Any] = {
-                "op": "subscribe", "id": next(self._ids), "instruments": self.instruments,
-                "channels": self._channels, "conflate_ms": self._conflate_ms,
-            }
-            if resume:
-                subscribe["resume"] = resume
-            await _send(ws, subscribe)
+            await _send(ws, wire.Subscribe(next(self._ids), tuple(self.instruments), self._channels,
+                                           self._conflate_ms, wire.resume_positions(resume)))
             self.connected_url = url
             self._emit(Connected(url, reconnect, resume))
             self._notify()
@@ -317,17 +312,9 @@ class BookClient:
                         error = repr(frame.data)
                     break  # CLOSE / CLOSING / CLOSED / ERROR
                 recv_ns = self._clock_ns()
-                try:
-                    msg = orjson.loads(frame.data)
-                except orjson.JSONDecodeError:
-                    msg = None
-                if not isinstance(msg, dict):
-                    self.stats.messages += 1
-                    self.stats.bad_messages += 1
-                    continue
-                for item in self._verified.on_message(msg, recv_ns):
+                for item in self._verified.on_message(frame.data, recv_ns):
                     if isinstance(item, SendResync):
-                        await _send(ws, {"op": "resync", "id": next(self._ids), "instrument": item.instrument})
+                        await _send(ws, wire.ResyncRequest(next(self._ids), item.instrument))
                         continue
                     if isinstance(item, Shutdown):
                         leave_at = loop.time() + item.reconnect_after_ms / 1000
@@ -355,5 +342,5 @@ class BookClient:
         self._changed = asyncio.Event()
 
 
-async def _send(ws: aiohttp.ClientWebSocketResponse, request: dict[str, Any]) -> None:
-    await ws.send_str(orjson.dumps(request).decode())  # section 2: text frames
+async def _send(ws: aiohttp.ClientWebSocketResponse, request: wire.Request) -> None:
+    await ws.send_str(wire.encode_request(request).decode())  # section 2: text frames

@@ -3,7 +3,9 @@
 ``VerifiedBooks.on_message(msg, recv_ns)`` takes one decoded server message (PROTOCOL.md section 4) and
 the time it was received, updates the local books, and returns what happened: *events* for the user
 (``BookUpdated``, ``GapDetected``, ...) and *actions* the connection must carry out (``SendResync``).
-No I/O, no clock: the adapter (``feed.client.sdk``) passes ``recv_ns`` and sends the actions.
+No I/O, no clock: the adapter (``feed.client.sdk``) passes ``recv_ns`` and sends the actions. Messages are
+decoded by the one wire model (``feed.wire.decode``), continuity is ``feed.book.SequencedBook.apply``
+(strict: a duplicate is a gap too, the gateway never sends one) and latencies are ``feed.hops.hops_of``.
 
 Rules, per instrument (a "fault" drops the book, counts it, emits ``GapDetected`` and ``SendResync``;
 until the next snapshot the instrument has no book and its deltas are ignored):
@@ -38,9 +40,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from feed.book import L2Book
-from feed.errors import ChecksumMismatch, InvalidDecimal, RemoteError, SeqGap
-from feed.model import AggressorSide, LevelChange, Side, parse_decimal
+from feed import wire
+from feed.book import APPLIED, EPOCH_CHANGE, L2Book, SequencedBook
+from feed.errors import ChecksumMismatch, RemoteError, SeqGap, WireError
+from feed.hops import Hop, hops_of
+from feed.model import AggressorSide
 
 
 class UpdateKind(enum.StrEnum):
@@ -96,6 +100,8 @@ class BookUpdated:
     publish_latency_ns: int | None
     e2e_ns: int | None
     msg: dict[str, Any] = field(repr=False)
+    hops: dict[Hop, int] = field(default_factory=dict, repr=False)
+    """Every hop (``feed.hops``) the message's stamps give, signed ns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,24 +221,21 @@ class ClientStats:
     events_dropped: int = 0
 
 
-@dataclass(slots=True)
-class LocalBook:
-    """One instrument's verified book at ``(epoch, seq)`` and the timing of its last update (ns)."""
+class LocalBook(SequencedBook):
+    """One instrument's verified book at ``(epoch, seq)`` (a ``feed.book.SequencedBook``) and the timing
+    of its last update (ns)."""
 
-    instrument: str
-    book: L2Book
-    epoch: str
-    seq: int
-    last_recv_ns: int
-    latency_ns: int | None = None
-    publish_latency_ns: int | None = None
-    e2e_ns: int | None = None
-    updates: int = 0
-    stale_at: tuple[str, int] | None = None  # (epoch, seq) held at a heartbeat that found it behind
+    __slots__ = ("last_recv_ns", "latency_ns", "publish_latency_ns", "e2e_ns", "hops", "updates", "stale_at")
 
-
-class _BadMessage(Exception):
-    pass
+    def __init__(self, instrument: str, book: L2Book, epoch: str, seq: int, last_recv_ns: int) -> None:
+        super().__init__(instrument, epoch, seq, book)
+        self.last_recv_ns = last_recv_ns
+        self.latency_ns: int | None = None
+        self.publish_latency_ns: int | None = None
+        self.e2e_ns: int | None = None
+        self.hops: dict[Hop, int] = {}
+        self.updates = 0
+        self.stale_at: tuple[str, int] | None = None  # (epoch, seq) held at a heartbeat that found it behind
 
 
 class VerifiedBooks:
@@ -247,16 +250,16 @@ class VerifiedBooks:
         self.stats = ClientStats()
         self._last_epoch: dict[str, str] = {}
         self._handlers = {
-            "snapshot": self._on_snapshot,
-            "delta": self._on_delta,
-            "heartbeat": self._on_heartbeat,
-            "resync": self._on_resync,
-            "trade": self._on_trade,
-            "subscribed": self._on_subscribed,
-            "unsubscribed": self._on_unsubscribed,
-            "pong": self._on_pong,
-            "error": self._on_error,
-            "shutdown": self._on_shutdown,
+            wire.Snapshot: self._on_snapshot,
+            wire.Delta: self._on_delta,
+            wire.Heartbeat: self._on_heartbeat,
+            wire.ResyncMsg: self._on_resync,
+            wire.TradeMsg: self._on_trade,
+            wire.Subscribed: self._on_subscribed,
+            wire.Unsubscribed: self._on_unsubscribed,
+            wire.Pong: self._on_pong,
+            wire.ErrorMsg: self._on_error,
+            wire.ShutdownMsg: self._on_shutdown,
         }
 
     def book(self, instrument: str) -> L2Book | None:
@@ -273,81 +276,84 @@ class VerifiedBooks:
         for local in self.books.values():
             local.stale_at = None
 
-    def on_message(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        """Apply one decoded server message received at ``recv_ns`` (ns since the Unix epoch).
+    def on_message(self, msg: dict[str, Any] | bytes | str, recv_ns: int) -> list[Action | Event]:
+        """Apply one server message (decoded JSON object, or its text) received at ``recv_ns`` (ns since
+        the Unix epoch).
 
         Returns actions (``SendResync``) and events in the order they happened. Never raises on bad
         input: remote faults become ``GapDetected`` + ``SendResync`` or are counted in ``bad_messages``.
         """
         self.stats.messages += 1
-        handler = self._handlers.get(msg.get("type"))  # unknown types: ignored (section 10)
+        try:
+            decoded = wire.decode(msg)
+        except WireError as exc:
+            self.stats.bad_messages += 1
+            instrument = exc.instrument
+            if instrument is None and isinstance(msg, dict) and isinstance(msg.get("instrument"), str):
+                instrument = msg["instrument"]
+            if instrument is not None and instrument in self.books:
+                return self._fault(instrument, GapReason.BAD_MESSAGE, exc)
+            if exc.msg_type == "delta" and instrument is not None:
+                self.stats.deltas += 1  # a delta for a book we do not hold: it would have been ignored
+                self.stats.deltas_ignored += 1
+                self.stats.bad_messages -= 1
+            return []
+        handler = self._handlers.get(type(decoded))  # unknown types: ignored (section 10)
         if handler is None:
             return []
-        try:
-            return handler(msg, recv_ns)
-        except _BadMessage as exc:
-            self.stats.bad_messages += 1
-            instrument = msg.get("instrument")
-            if isinstance(instrument, str) and instrument in self.books:
-                return self._fault(instrument, GapReason.BAD_MESSAGE, RemoteError(str(exc)))
-            return []
+        return handler(decoded, recv_ns)
 
     # -- data ------------------------------------------------------------------------------------
-    def _on_snapshot(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        instrument = _instrument(msg)
-        epoch, seq, sent = _str(msg, "epoch"), _int(msg, "seq"), _int(msg, "checksum")
+    def _on_snapshot(self, msg: wire.Snapshot, recv_ns: int) -> list[Action | Event]:
+        instrument = msg.instrument
         book = L2Book(instrument)
-        book.apply_snapshot(_levels(msg, "bids"), _levels(msg, "asks"))
+        book.apply_snapshot(msg.bids, msg.asks)
         self.stats.snapshots += 1
-        self._note_epoch(instrument, epoch)
+        self._note_epoch(instrument, msg.epoch)
         computed = book.checksum()
-        if computed != sent:
-            mismatch = ChecksumMismatch(instrument, seq, sent, computed)
+        if computed != msg.checksum:
+            mismatch = ChecksumMismatch(instrument, msg.seq, computed, msg.checksum)
             return self._fault(instrument, GapReason.CHECKSUM_MISMATCH, mismatch)
-        local = self.books[instrument] = LocalBook(instrument, book, epoch, seq, recv_ns)
+        local = self.books[instrument] = LocalBook(instrument, book, msg.epoch, msg.seq, recv_ns)
         return self._updated(local, UpdateKind.SNAPSHOT, msg, recv_ns)
 
-    def _on_delta(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        instrument = _instrument(msg)
+    def _on_delta(self, msg: wire.Delta, recv_ns: int) -> list[Action | Event]:
+        instrument = msg.instrument
         self.stats.deltas += 1
         local = self.books.get(instrument)
         if local is None:
             self.stats.deltas_ignored += 1
             return []
-        epoch, seq, prev_seq = _str(msg, "epoch"), _int(msg, "seq"), _int(msg, "prev_seq")
-        sent, changes = _int(msg, "checksum"), _changes(msg)
-        if seq <= prev_seq:
-            raise _BadMessage(f"delta instrument={instrument}: seq={seq} not after prev_seq={prev_seq}")
-        self._note_epoch(instrument, epoch)
-        if epoch != local.epoch:
-            return self._fault(
-                instrument, GapReason.EPOCH_CHANGE, SeqGap(instrument, local.seq, prev_seq, epoch_changed=True)
-            )
-        if prev_seq != local.seq:
-            return self._fault(instrument, GapReason.SEQ_GAP, SeqGap(instrument, local.seq, prev_seq))
-        local.book.apply_changes(changes)
-        local.seq = seq
+        self._note_epoch(instrument, msg.epoch)
+        held_epoch, held_seq = local.epoch, local.seq
+        verdict = local.apply(msg, strict=True)
+        if verdict is EPOCH_CHANGE:
+            gap = SeqGap(instrument, held_seq, msg.prev_seq, epoch_changed=True, held_epoch=held_epoch,
+                         got_epoch=msg.epoch)
+            return self._fault(instrument, GapReason.EPOCH_CHANGE, gap)
+        if verdict is not APPLIED:
+            return self._fault(instrument, GapReason.SEQ_GAP, SeqGap(instrument, held_seq, msg.prev_seq))
         computed = local.book.checksum()
-        if computed != sent:
-            mismatch = ChecksumMismatch(instrument, seq, sent, computed)
+        if computed != msg.checksum:
+            mismatch = ChecksumMismatch(instrument, msg.seq, computed, msg.checksum)
             return self._fault(instrument, GapReason.CHECKSUM_MISMATCH, mismatch)
         return self._updated(local, UpdateKind.DELTA, msg, recv_ns)
 
     def _updated(
-        self, local: LocalBook, kind: UpdateKind, msg: dict[str, Any], recv_ns: int
+        self, local: LocalBook, kind: UpdateKind, msg: wire.Snapshot | wire.Delta, recv_ns: int
     ) -> list[Action | Event]:
-        send, publish, event = (_ts(msg, k) for k in ("ts_send_ns", "ts_publish_ns", "ts_event_ns"))
-        if event is None:
-            event = _ts(msg, "ts_ingest_ns")
+        hops = hops_of(msg.raw, recv_ns)
+        publish = msg.ts_publish_ns
         local.last_recv_ns = recv_ns
-        local.latency_ns = None if send is None else recv_ns - send
+        local.hops = hops
+        local.latency_ns = hops.get(Hop.CLIENT)
         local.publish_latency_ns = None if publish is None else recv_ns - publish
-        local.e2e_ns = None if event is None else recv_ns - event
+        local.e2e_ns = hops.get(Hop.E2E)
         local.updates += 1
         out: list[Action | Event] = [
             BookUpdated(
                 local.instrument, kind, local.book, local.epoch, local.seq, recv_ns,
-                local.latency_ns, local.publish_latency_ns, local.e2e_ns, msg,
+                local.latency_ns, local.publish_latency_ns, local.e2e_ns, msg.raw, hops,
             )
         ]
         if local.book.is_crossed():
@@ -377,18 +383,12 @@ class VerifiedBooks:
         self._last_epoch[instrument] = epoch
 
     # -- control ---------------------------------------------------------------------------------
-    def _on_heartbeat(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
+    def _on_heartbeat(self, msg: wire.Heartbeat, recv_ns: int) -> list[Action | Event]:
         self.stats.heartbeats_seen += 1
-        seqs = msg.get("seqs")
-        if not isinstance(seqs, dict):
-            raise _BadMessage(f"heartbeat: field 'seqs' must be an object, got {seqs!r}")
         out: list[Action | Event] = []
         for instrument, local in list(self.books.items()):
-            position = seqs.get(instrument)
-            if not (
-                isinstance(position, list) and len(position) == 2
-                and isinstance(position[0], str) and _is_int(position[1])
-            ):
+            position = msg.seqs.get(instrument)
+            if position is None:
                 continue
             hb_epoch, hb_seq = position
             if hb_epoch == local.epoch and hb_seq <= local.seq:
@@ -406,127 +406,34 @@ class VerifiedBooks:
             out += self._fault(instrument, GapReason.STALE_HEARTBEAT, error, detail)
         return out
 
-    def _on_resync(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        instrument = _instrument(msg)
-        reason = msg.get("reason")
-        reason = reason if isinstance(reason, str) else "unspecified"
-        self.stats.resyncs_received[reason] += 1
-        self.books.pop(instrument, None)
-        return [ResyncReceived(instrument, reason)]
+    def _on_resync(self, msg: wire.ResyncMsg, recv_ns: int) -> list[Action | Event]:
+        self.stats.resyncs_received[msg.reason] += 1
+        self.books.pop(msg.instrument, None)
+        return [ResyncReceived(msg.instrument, msg.reason)]
 
-    def _on_trade(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        instrument = _instrument(msg)
-        price = _decimal(msg.get("price"), "trade field 'price'")
-        size = _decimal(msg.get("size"), "trade field 'size'")
-        try:
-            side = AggressorSide(msg.get("side"))
-        except ValueError:
-            raise _BadMessage(f"trade instrument={instrument}: bad field 'side' {msg.get('side')!r}") from None
-        trade_id = msg.get("trade_id")
-        event_ns = _ts(msg, "ts_event_ns")
-        if event_ns is None:
-            event_ns = _ts(msg, "ts_ingest_ns")
+    def _on_trade(self, msg: wire.TradeMsg, recv_ns: int) -> list[Action | Event]:
+        event_ns = msg.ts_event_ns if msg.ts_event_ns is not None else msg.ts_ingest_ns
         self.stats.trades += 1
         return [
             TradeEvent(
-                instrument, price, size, side, trade_id if isinstance(trade_id, str) else None, recv_ns,
-                None if event_ns is None else recv_ns - event_ns, msg,
+                msg.instrument, msg.price, msg.size, AggressorSide(msg.side), msg.trade_id, recv_ns,
+                None if event_ns is None else recv_ns - event_ns, msg.raw,
             )
         ]
 
-    def _on_subscribed(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        recovered = msg.get("recovered")
-        recovered = dict(recovered) if isinstance(recovered, dict) else {}
-        return [Subscribed(msg.get("id"), _str_list(msg), recovered)]
+    def _on_subscribed(self, msg: wire.Subscribed, recv_ns: int) -> list[Action | Event]:
+        return [Subscribed(msg.raw.get("id"), msg.instruments, msg.recovered)]
 
-    def _on_unsubscribed(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        instruments = _str_list(msg)
-        for instrument in instruments:  # no more updates will come: a kept book would silently go stale
+    def _on_unsubscribed(self, msg: wire.Unsubscribed, recv_ns: int) -> list[Action | Event]:
+        for instrument in msg.instruments:  # no more updates will come: a kept book would silently go stale
             self.books.pop(instrument, None)
-        return [Unsubscribed(msg.get("id"), instruments)]
+        return [Unsubscribed(msg.raw.get("id"), msg.instruments)]
 
-    def _on_pong(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        return [Pong(msg.get("id"), _ts(msg, "ts_send_ns"), recv_ns)]
+    def _on_pong(self, msg: wire.Pong, recv_ns: int) -> list[Action | Event]:
+        return [Pong(msg.raw.get("id"), msg.ts_send_ns, recv_ns)]
 
-    def _on_error(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        code, message = msg.get("code"), msg.get("message")
-        return [ErrorReceived(msg.get("id"), str(code), message if isinstance(message, str) else "")]
+    def _on_error(self, msg: wire.ErrorMsg, recv_ns: int) -> list[Action | Event]:
+        return [ErrorReceived(msg.raw.get("id"), msg.code, msg.message)]
 
-    def _on_shutdown(self, msg: dict[str, Any], recv_ns: int) -> list[Action | Event]:
-        delay_ms = msg.get("reconnect_after_ms")
-        return [Shutdown(delay_ms if _is_int(delay_ms) and delay_ms > 0 else 0)]
-
-
-# -- field access: raise _BadMessage naming the field ------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ts(msg: dict[str, Any], key: str) -> int | None:
-    value = msg.get(key)
-    return value if _is_int(value) else None
-
-
-def _instrument(msg: dict[str, Any]) -> str:
-    instrument = msg.get("instrument")
-    if not isinstance(instrument, str) or not instrument:
-        raise _BadMessage(f"{msg.get('type')}: field 'instrument' must be a non-empty string, got {instrument!r}")
-    return instrument
-
-
-def _str(msg: dict[str, Any], key: str) -> str:
-    value = msg.get(key)
-    if not isinstance(value, str):
-        where = f"{msg['type']} instrument={msg['instrument']}"
-        raise _BadMessage(f"{where}: field '{key}' must be a string, got {value!r}")
-    return value
-
-
-def _int(msg: dict[str, Any], key: str) -> int:
-    value = msg.get(key)
-    if not _is_int(value) or value < 0:
-        raise _BadMessage(
-            f"{msg['type']} instrument={msg['instrument']}: field '{key}' must be an int >= 0, got {value!r}"
-        )
-    return value
-
-
-def _str_list(msg: dict[str, Any]) -> list[str]:
-    value = msg.get("instruments")
-    return [i for i in value if isinstance(i, str)] if isinstance(value, list) else []
-
-
-def _decimal(value: object, what: str) -> Decimal:
-    try:
-        return parse_decimal(value, what=what)
-    except InvalidDecimal as exc:
-        raise _BadMessage(str(exc)) from None
-
-
-def _levels(msg: dict[str, Any], key: str) -> list[tuple[Decimal, Decimal]]:
-    levels = msg.get(key)
-    where = f"snapshot instrument={msg['instrument']} field '{key}'"
-    if not isinstance(levels, list):
-        raise _BadMessage(f"{where} must be a list, got {levels!r}")
-    out = []
-    for level in levels:
-        if not isinstance(level, list) or len(level) != 2:
-            raise _BadMessage(f"{where}: level must be [price, size], got {level!r}")
-        out.append((_decimal(level[0], f"{where} price"), _decimal(level[1], f"{where} size")))
-    return out
-
-
-def _changes(msg: dict[str, Any]) -> list[LevelChange]:
-    changes = msg.get("changes")
-    where = f"delta instrument={msg['instrument']} field 'changes'"
-    if not isinstance(changes, list):
-        raise _BadMessage(f"{where} must be a list, got {changes!r}")
-    out = []
-    for change in changes:
-        if not isinstance(change, list) or len(change) != 3 or change[0] not in ("bid", "ask"):
-            raise _BadMessage(f"{where}: change must be [side, price, new_size], got {change!r}")
-        price, size = _decimal(change[1], f"{where} price"), _decimal(change[2], f"{where} size")
-        out.append(LevelChange(Side(change[0]), price, size))
-    return out
+    def _on_shutdown(self, msg: wire.ShutdownMsg, recv_ns: int) -> list[Action | Event]:
+        return [Shutdown(msg.reconnect_after_ms)]

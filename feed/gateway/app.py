@@ -1,31 +1,44 @@
-"""The aiohttp gateway: PROTOCOL.md v1 over WebSocket and REST, fed from NATS.
+"""The aiohttp + NATS adapter of the gateway: PROTOCOL.md v1 over WebSocket and REST, fed from NATS.
 
-Adapter around the pure pieces (``protocol`` parses requests and builds replies, ``fanout`` is the queue
-and slow-consumer policy, ``ratelimit`` the request limiter). Shape:
+The logic lives in two pure state machines; this module only moves bytes and runs timers around them:
 
-* one ``Hub`` per instrument (one NATS subscription, however many clients);
-* one ``Connection`` per client: a reader (this handler) and a writer task draining the connection's own
-  bounded queue. The fan-out loop never awaits a client: it only appends to queues.
+* ``feed.gateway.instrument.InstrumentMachine``, one per instrument this worker serves (one NATS
+  subscription however many clients): NATS messages and snapshot replies in, actions out;
+* ``feed.gateway.session.Session``, one per WebSocket client: text frames in, queued frames out.
 
-Run several worker processes on one port with ``reuse_port`` (see ``feed.gateway.server``).
+``Gateway`` owns the links between them (``links``: instrument -> {session: conflate_ms}; ``trade_links``),
+so neither machine knows the other and nothing imports in a circle. Each client has a reader (the
+WebSocket handler) and a writer task draining its session's bounded queue; the fan-out never awaits a
+client, it only appends to queues. Frames are made once per delta (``feed.gateway.framing``, wsproto) and
+whatever a writer finds queued goes out as one ``transport.write``; flow control waits, through the
+transport's public ``get_write_buffer_size``, while the socket holds more than ``ws_writer_limit_bytes``.
+
+An instrument nobody subscribes to any more keeps its machine for ``instrument_linger_s`` (a client that
+reconnects finds it warm), then its NATS subscriptions are dropped and it is released.
+
+Hooks for other parts (all optional): ``authenticator(request) -> authorization`` (may be async; raises an
+``aiohttp.web.HTTPException`` such as 401 to refuse) runs before the upgrade and on REST routes, and its
+result goes to the session (``allows(instrument)``, ``expires_at_ns``); routes are registered in one
+function, ``add_routes``.
 
 Instrumentation (names in ``feed.catalog``): per delta, ``bookcast_hop_nats_gateway_seconds`` observes
-``ts_send_ns - ts_publish_ns`` (the fan-out stamp minus the ingest's publish stamp: NATS transit plus the
-gateway's own work); frames and bytes sent are tallied per connection and folded into their counters
-every second, when queue depth and bytes are sampled.
-``instrumented=False`` turns the per-message part off, only to measure its cost (``exporter.bench``).
-With OTLP on, a delta whose NATS headers carry a ``traceparent`` gets a ``nats_gateway`` span.
+``ts_send_ns - ts_publish_ns``; frames, bytes and requests are tallied per session and folded into their
+counters every ``queue_sample_interval_s`` (and after each request), when queue depth is sampled.
+``instrumented=False`` turns the per-message part off, only to measure its cost. With OTLP on, a delta
+whose NATS headers carry a ``traceparent`` gets a ``nats_gateway`` span.
 
-Test hook, off by default: ``fanout_delay_s`` holds every delta from NATS for a fixed time before the hub
-handles it, in arrival order ("a slow gateway").
+Test hook, off by default: ``fanout_delay_s`` holds every delta from NATS for a fixed time before the
+machine handles it, in arrival order ("a slow gateway").
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
-import struct
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,18 +46,24 @@ import nats
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from feed.otlp import Otlp
 from feed import metrics as prom
 from feed import wire
-from feed.gateway import protocol as proto
-from feed.gateway.fanout import Admit, Conflated, Item, Kind, OutQueue, OverflowPolicy, SentState, admit
-from feed.gateway.hub import Hub
-from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ProtocolError, ResyncReason
-from feed.gateway.ratelimit import RequestLimiter, Verdict
+from feed.gateway import instrument as im
+from feed.gateway.fanout import Item, Kind
+from feed.gateway.framing import text_frame
+from feed.gateway.instrument import InstrumentMachine
+from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ResyncReason
+from feed.gateway.session import Authorization, Close, Link, Session, Unlink
 from feed.model import split_instrument
-from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, snapshot_subject
+from feed.otlp import TRACEPARENT, Otlp
+from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
+from feed.wire import Status
 
 log = logging.getLogger("bookcast.gateway")
+
+Authenticator = Callable[[web.Request], "Authorization | None | Awaitable[Authorization | None]"]
+"""``(request) -> authorization`` (or an awaitable of it); raise ``web.HTTPException`` (e.g.
+``web.HTTPUnauthorized``) to refuse the request. ``None`` as the authenticator: auth off."""
 
 
 class GatewayMetrics:
@@ -59,7 +78,8 @@ class GatewayMetrics:
         self.queue_bytes = b("bookcast_gateway_queue_bytes")
         self.queue_items = b("bookcast_gateway_queue_items")
         nats_in = per_msg("bookcast_gateway_nats_messages_total")
-        self.nats_deltas, self.nats_trades = nats_in.labels("delta"), nats_in.labels("trade")
+        self.nats_in = {k: nats_in.labels(k) for k in ("delta", "trade", "instrument_status", "unknown")}
+        self.nats_deltas, self.nats_trades = self.nats_in["delta"], self.nats_in["trade"]
         sent = per_msg("bookcast_gateway_messages_sent_total")
         self.sent = {k: sent.labels(k) for k in ("delta", "snapshot", "trade", "control")}
         self.bytes_sent = per_msg("bookcast_gateway_bytes_sent_total")
@@ -68,37 +88,55 @@ class GatewayMetrics:
         requests = b("bookcast_gateway_requests_total")
         self.requests = {op: requests.labels(op) for op in ("subscribe", "unsubscribe", "resync", "ping", "invalid")}
         errors = b("bookcast_gateway_errors_total")
-        self.errors = {c: errors.labels(c.value) for c in ErrorCode}
+        self.errors = {c.value: errors.labels(c.value) for c in ErrorCode}
         resyncs = b("bookcast_gateway_resyncs_total")
-        self.resyncs = {r: resyncs.labels(r.value) for r in ResyncReason}
+        self.resyncs = {r.value: resyncs.labels(r.value) for r in ResyncReason}
         self.slow_closes = b("bookcast_gateway_slow_consumer_closes_total")
         closes = b("bookcast_gateway_closes_total")
-        self.closes = {c: closes.labels(str(int(c))) for c in CloseCode}
+        self.closes = {int(c): closes.labels(str(int(c))) for c in CloseCode}
         self.conflated = b("bookcast_gateway_conflated_total")
         self.gaps = b("bookcast_gateway_gaps_total")
+        self.checksum_mismatches = b("bookcast_gateway_checksum_mismatches_total")
         self.snapshot_failures = b("bookcast_gateway_snapshot_fetch_failures_total")
         self.bad_upstream = b("bookcast_gateway_bad_upstream_total")
         self._hop_nats_gateway = per_msg("bookcast_hop_nats_gateway_seconds")
 
     def hop_nats_gateway(self, venue: str) -> Any:
-        """The venue's child of the NATS + gateway hop histogram (a hub resolves it once)."""
+        """The venue's child of the NATS + gateway hop histogram (resolved once per instrument)."""
         return self._hop_nats_gateway.labels(venue)
 
-
-def _text_frame_header(length: int) -> bytes:
-    """RFC 6455 section 5.2 header of an unmasked, final text frame of ``length`` payload bytes."""
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 65536:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)
-
-
-@dataclass
-class Sub:
-    conflate_ms: int
-    book: bool
-    trades: bool
+    def fold(self, tally: dict) -> None:
+        """Add a session's tally (``feed.gateway.session.Session.tally``) to the counters and clear it."""
+        if not tally:
+            return
+        for key, n in tally.items():
+            if not n:
+                continue
+            if type(key) is tuple:
+                group, label = key
+                if group == "sent":
+                    self.sent[label].inc(n)
+                elif group == "request":
+                    self.requests[label].inc(n)
+                elif group == "error":
+                    self.errors[label].inc(n)
+                elif group == "resync":
+                    self.resyncs[label].inc(n)
+                elif group == "close":
+                    child = self.closes.get(label)
+                    if child is not None:
+                        child.inc(n)
+            elif key == "bytes_sent":
+                self.bytes_sent.inc(n)
+            elif key == "socket_writes":
+                self.socket_writes.inc(n)
+            elif key == "conflated":
+                self.conflated.inc(n)
+            elif key == "slow_closes":
+                self.slow_closes.inc(n)
+            elif key == "writer_gaps":
+                log.error("deltas not applicable for a client were replaced by a resync: %d", n)
+        tally.clear()
 
 
 @dataclass
@@ -111,291 +149,133 @@ class GatewayConfig:
     shutdown_reconnect_after_ms: int = 500
     drain_timeout_s: float = 2.0
     nats_reconnect_wait_s: float = 0.25
-    # Bytes a connection may hold below its queue: the WebSocket writer's buffer before it waits for the
-    # socket to drain, and the kernel send buffer (None: kernel autotuning, up to net.ipv4.tcp_wmem max).
+    # Bytes a connection may hold below its queue: the socket's user-space write buffer before the writer
+    # waits for it to drain, and the kernel send buffer (None: kernel autotuning, up to tcp_wmem max).
     ws_writer_limit_bytes: int = 256 * 1024
     socket_sndbuf_bytes: int | None = None
     name: str = "gateway"
     instrumented: bool = True  # per-message metrics and traces; off only to measure their cost
     otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
     queue_sample_interval_s: float = 1.0
+    instrument_linger_s: float = 30.0  # an instrument without subscribers is released after this long
     fanout_delay_s: float = 0.0  # test hook: hold each delta this long before handling it (a slow gateway)
 
 
-class Connection:
-    """One WebSocket client: its subscriptions, its queue, its writer task."""
+_DRAIN_POLL_S = (0.001, 0.05)  # writer waiting for the socket to drain: first and longest poll interval
 
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, peer: str,
-                 transport: asyncio.Transport | None = None) -> None:
+
+class Connection:
+    """The socket side of one client: its ``Session``, the WebSocket, the writer task."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, session: Session,
+                 transport: asyncio.Transport | None) -> None:
+        loop = asyncio.get_running_loop()
         self.gw = gw
         self.ws = ws
+        self.session = session
         self.transport = transport
-        self.peer = peer
-        limits = gw.limits
-        self.queue = OutQueue(limits.max_queue_bytes)
-        self.overflows = OverflowPolicy(limits.max_overflows, limits.overflow_window_s)
-        self.limiter = RequestLimiter(limits)
-        self.subs: dict[str, Sub] = {}
-        self.sent: dict[str, SentState | None] = {}
-        self.conflating: dict[str, Conflated] = {}  # open conflation windows
-        self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
-        self.frames_sent = dict.fromkeys(("delta", "snapshot", "trade", "control"), 0)
-        self.bytes_sent = 0
-        self.socket_writes = 0
-        self._waiter: asyncio.Future[None] | None = None  # the idle writer waits on it
-        self.last_send_s = time.monotonic()
-        self.closing = False
+        self._waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task | None = None
-        self.close_request: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self.dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # handler finished
+        self.close_request: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self.dropped: asyncio.Future[None] = loop.create_future()  # handler finished
+        session.wakeup = self._wake
 
-    # -- producer side (called from the fan-out loop and the reader; never awaits) --------------
-    def push(self, item: Item) -> None:
-        if self.closing:
-            return
-        if not self.queue.push(item):
-            self._overflow(item.instrument)
-            return
-        self._wake()
-
-    def push_ctrl(self, payload: bytes) -> None:
-        self.push(Item(Kind.CTRL, None, payload))
-
-    def resync(self, instrument: str, reason: ResyncReason) -> None:
-        """Queue ``resync`` then a snapshot marker for one instrument."""
-        self.push(Item(Kind.RESYNC, instrument, proto.resync(instrument, reason)))
-        self.push(Item(Kind.SNAP, instrument))
-        self.gw.metrics.resyncs[reason].inc()
-
-    def conflate(self, instrument: str, delta: dict[str, Any], conflate_ms: int) -> None:
-        pending = self.conflating.get(instrument)
-        if pending is not None and pending.add(delta):
-            self.gw.metrics.conflated.inc()
-            return
-        if pending is not None:  # does not chain on: flush what we have first
-            self._flush(instrument)
-        self.conflating[instrument] = Conflated.start(delta)
-        asyncio.get_running_loop().call_later(conflate_ms / 1000, self._flush, instrument)
-
-    def _flush(self, instrument: str) -> None:
-        pending = self.conflating.pop(instrument, None)
-        if pending is not None and not self.closing:
-            self.push(Item(Kind.FLUSH, instrument, b"", pending.epoch, pending.seq, pending.first_prev_seq))
-            self._flushing[instrument] = pending
-
-    def _overflow(self, instrument: str | None) -> None:
-        lost = self.queue.drop_data()
-        if instrument is not None:
-            lost.add(instrument)
-        if self.overflows.record(time.monotonic()):
-            log.warning("slow consumer closed peer=%s overflows=%d", self.peer, self.overflows.max_overflows)
-            self.gw.metrics.slow_closes.inc()
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
-            return
-        log.info("slow consumer overflow peer=%s instruments=%d queued_bytes=%d", self.peer, len(lost), self.queue.queued_bytes)
-        for inst in sorted(lost):
-            if inst in self.subs:
-                self.resync(inst, ResyncReason.SLOW_CONSUMER)
-        self._wake()
-
-    def close(self, code: CloseCode, reason: str) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        self.gw.metrics.closes[code].inc()
-        self.queue.drop_data()
-        self.queue.items.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
-        self._wake()
-
-    # -- writer task --------------------------------------------------------------------------
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def run_writer(self) -> None:
-        """Drain the queue into the socket.
-
-        An idle writer waits on a bare future that ``push`` resolves (no task or timer per wait: with
-        ``asyncio.wait_for`` that cost dominated delivery at low rates); heartbeats are queued by the
-        gateway's ticker (``Gateway._heartbeats``). Whatever is queued when the writer wakes goes out as
-        one socket write (``_write``), so a connection that falls behind catches up with fewer syscalls.
-        """
-        queue = self.queue
+        """Drain the session into the socket: whatever is queued when the writer wakes goes out as one
+        socket write. An idle writer waits on a bare future that ``Session.wakeup`` resolves (no task or
+        timer per wait)."""
+        session = self.session
         loop = asyncio.get_running_loop()
-        batch_limit_bytes = self.gw.config.ws_writer_limit_bytes
+        limit_bytes = self.gw.config.ws_writer_limit_bytes
         try:
             while True:
-                if not queue.items:
+                if not session.queue.items:
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
                     continue
-                batch: list[bytes] = []
-                batch_bytes = 0
-                while queue.items and batch_bytes < batch_limit_bytes:
-                    item = queue.pop()
-                    if item.kind is Kind.CLOSE:
-                        await self._write(batch)
-                        self._request_close(item.seq, item.payload)
-                        return
-                    payload = self._frame_for(item)
-                    if payload is not None:
-                        batch.append(payload)
-                        batch_bytes += len(payload)
-                if batch:
-                    await self._write(batch)
-                    self.last_send_s = time.monotonic()
+                frames, close = session.pull(time.time_ns(), limit_bytes)
+                if frames:
+                    await self._write(frames, limit_bytes)
+                    session.sent(time.time_ns())
+                if close is not None:
+                    self._request_close(close)
+                    return
         except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
             return
         except Exception:  # noqa: BLE001 - a writer must never take the gateway down
-            log.exception("writer failed peer=%s", self.peer)
-            self._request_close(1011, b"internal error")
+            log.exception("writer failed peer=%s", session.peer)
+            self._request_close(Close(1011, b"internal error"))
 
-    def _frame_for(self, item: Item) -> bytes | None:
-        """The payload to send for one queued item, or None when the client must not get it (not
-        subscribed, already covered by a snapshot, awaiting one). Updates what the client holds and
-        the frame tallies (folded into the Prometheus counters every second by ``fold_metrics``: a
-        counter's lock per frame per client cost about 1 µs per delivery, 12% of the gateway's CPU)."""
-        kind = item.kind
-        inst = item.instrument
-        if kind is Kind.DATA:
-            state = self.sent.get(inst)
-            verdict = admit(state, item.epoch, item.seq, item.prev_seq) if inst in self.sent else Admit.SKIP
-            if verdict is Admit.GAP:
-                self._writer_gap(item)
-            if verdict is not Admit.SEND:
-                return None
-            state.seq = item.seq  # type: ignore[union-attr]  # SEND: the client holds this epoch
-            payload, tally = item.payload, "delta"
-        elif kind is Kind.CTRL:
-            payload, tally = item.payload, "control"
-        elif kind is Kind.TRADE:
-            if inst not in self.subs:
-                return None
-            payload, tally = item.payload, "trade"
-        elif kind is Kind.RESYNC:
-            if inst not in self.subs:
-                return None
-            self.sent[inst] = None
-            self._flushing.pop(inst, None)
-            payload, tally = item.payload, "control"
-        elif kind is Kind.SNAP:
-            payload, tally = self._snapshot_for(inst), "snapshot"
-        elif kind is Kind.FLUSH:
-            payload, tally = self._conflated_for(item), "delta"
-        elif kind is Kind.HEARTBEAT:
-            payload, tally = self._heartbeat(), "control"
-        else:
-            raise ValueError(f"unexpected queue item {kind!r}")
-        if payload is not None:
-            self.frames_sent[tally] += 1
-            self.bytes_sent += len(payload)
-        return payload
-
-    async def _write(self, frames: list[bytes]) -> None:
-        """Send text frames in order. Several go out as one socket write: RFC 6455 server frames are
-        unmasked and compression is off here, so a frame is a 2-10 byte header and the payload, written
-        straight to the connection's transport (aiohttp writes its own control frames to the same
-        transport, always whole frames, so nothing interleaves). Then, like aiohttp's writer, wait for
-        the transport to drain while it holds more than the writer limit."""
-        if not frames:
-            return
-        self.socket_writes += 1
-        if len(frames) == 1:
-            await self.ws.send_frame(frames[0], WSMsgType.TEXT)
-            return
+    async def _write(self, frames: list[bytes], limit_bytes: int) -> None:
+        """One socket write of whole frames (aiohttp writes its own control frames to the same transport,
+        always whole, so nothing interleaves); then wait while the transport holds over the limit."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.ws.closed:
             raise ConnectionResetError("connection closing")
-        transport.write(b"".join(_text_frame_header(len(f)) + f for f in frames))
-        if transport.get_write_buffer_size() > self.gw.config.ws_writer_limit_bytes:
-            protocol = self.ws._writer.protocol  # aiohttp's own flow control (pinned in uv.lock)
-            if protocol.writing_paused:
-                await protocol._drain_helper()
+        transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if transport.get_write_buffer_size() > limit_bytes:
+            poll_s, max_s = _DRAIN_POLL_S
+            while transport.get_write_buffer_size() > limit_bytes:
+                if transport.is_closing():
+                    raise ConnectionResetError("connection closing")
+                await asyncio.sleep(poll_s)
+                poll_s = min(poll_s * 2, max_s)
 
-    def _request_close(self, code: int, reason: bytes) -> None:
+    def _request_close(self, close: Close) -> None:
         """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
         if not self.close_request.done():
-            self.close_request.set_result((code, reason))
-
-    def fold_metrics(self) -> None:
-        """Add the frames and bytes sent since the last call to the worker's counters."""
-        m = self.gw.metrics
-        if not m.instrumented:
-            return
-        for kind, n in self.frames_sent.items():
-            if n:
-                m.sent[kind].inc(n)
-                self.frames_sent[kind] = 0
-        if self.bytes_sent:
-            m.bytes_sent.inc(self.bytes_sent)
-            self.bytes_sent = 0
-        if self.socket_writes:
-            m.socket_writes.inc(self.socket_writes)
-            self.socket_writes = 0
-
-    def _heartbeat(self) -> bytes:
-        seqs = {inst: (st.epoch, st.seq) for inst, st in self.sent.items() if st is not None and inst in self.subs}
-        return proto.heartbeat(time.time_ns(), seqs)
-
-    def _snapshot_for(self, instrument: str | None) -> bytes | None:
-        sub = self.subs.get(instrument)
-        if sub is None or not sub.book:
-            return None
-        hub = self.gw.hubs.get(instrument)
-        if hub is None or not hub.ready.is_set():
-            self.sent[instrument] = None
-            if hub is not None:
-                hub.parked.add(self)
-            return None
-        self.sent[instrument] = SentState(hub.epoch, hub.seq)
-        self._flushing.pop(instrument, None)
-        return wire.with_send_ts(hub.snapshot_bytes(), time.time_ns())
-
-    def _conflated_for(self, item: Item) -> bytes | None:
-        pending = self._flushing.pop(item.instrument, None)
-        if pending is None or item.instrument not in self.subs:
-            return None
-        state = self.sent.get(item.instrument)
-        verdict = admit(state, pending.epoch, pending.seq, pending.first_prev_seq)
-        if verdict is Admit.GAP:
-            self._writer_gap(item)
-        if verdict is not Admit.SEND:
-            return None
-        msg = pending.message(state.seq)  # type: ignore[union-attr]
-        msg["ts_send_ns"] = time.time_ns()
-        self.sent[item.instrument] = SentState(pending.epoch, pending.seq)
-        return wire.dumps(msg)
-
-    def _writer_gap(self, item: Item) -> None:
-        # The hub only fans out deltas that chain on; reaching here means a bug. Never send a delta the
-        # client cannot apply: resync it instead.
-        log.error("delta not applicable for client peer=%s instrument=%s held=%s got=%s/%d->%d",
-                  self.peer, item.instrument, self.sent.get(item.instrument), item.epoch, item.prev_seq, item.seq)
-        self.resync(item.instrument, ResyncReason.UPSTREAM_GAP)  # type: ignore[arg-type]
+            self.close_request.set_result((close.code, close.reason))
 
 
 class Gateway:
-    """Shared state of one gateway worker: NATS connection, hubs, directory, connections."""
+    """One gateway worker: NATS connection, instrument machines, sessions and the links between them.
 
-    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+    Implements ``feed.gateway.session.Books`` (``known``, ``get``) for its sessions.
+    """
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None, *,
+                 authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.limits = config.limits
         self.snapshot_timeout_s = config.snapshot_timeout_s
         self.registry = registry
         self.metrics = GatewayMetrics(registry, config.instrumented)
+        self.authenticator = authenticator
         self.otlp: Otlp | None = None
-        self._sampler: asyncio.Task | None = None
-        self._heartbeater: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.nc: nats.NATS | None = None
-        self.hubs: dict[str, Hub] = {}
-        self._hub_lock: dict[str, asyncio.Future] = {}
+        self.machines: dict[str, InstrumentMachine] = {}
+        self.links: dict[str, dict[Session, int]] = {}  # instrument -> book subscribers -> conflate_ms
+        self.trade_links: dict[str, set[Session]] = {}
+        self._nats_subs: dict[str, list[Any]] = {}  # instrument -> [delta sub, trade sub?]
+        self._delta_subs: dict[str, Any] = {}
+        self._snapshot_tasks: dict[str, asyncio.Task] = {}
+        self._release_timers: dict[str, asyncio.TimerHandle] = {}
+        self._hops: dict[str, Any] = {}
+        self._held: dict[str, deque[tuple[float, bytes, str | None]]] = {}  # the slow-gateway hook's deltas
         self.directory: dict[str, dict[str, Any]] = {}
         self.connections: set[Connection] = set()
         self.draining = False
 
-    # -- NATS ---------------------------------------------------------------------------------
+    # -- Books (what sessions read) -------------------------------------------------------------------
+    def known(self, instrument: str) -> bool:
+        return instrument in self.directory or instrument in self.machines
+
+    def get(self, instrument: str) -> InstrumentMachine | None:
+        return self.machines.get(instrument)
+
+    @property
+    def hubs(self) -> dict[str, InstrumentMachine]:
+        """The instrument machines by instrument (the name the gateway's hubs had)."""
+        return self.machines
+
+    # -- NATS -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.nc = await nats.connect(
             self.config.nats_url,
@@ -413,33 +293,30 @@ class Gateway:
         await self.nc.flush()
         if self.config.otlp_endpoint and self.config.instrumented:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
-        self._heartbeater = asyncio.get_running_loop().create_task(self._heartbeats())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sample_queues()), loop.create_task(self._ticks())]
 
     async def _sample_queues(self) -> None:
-        """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's connections,
-        and the frames and bytes each connection sent folded into the counters. (Sampled, not set at
-        scrape, so every worker's value is current whichever worker is scraped.)"""
+        """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's sessions,
+        and each session's tally folded into the counters. (Sampled, not set at scrape, so every worker's
+        value is current whichever worker is scraped.)"""
         while True:
             conns = list(self.connections)
             for c in conns:
-                c.fold_metrics()
-            self.metrics.queue_bytes.set(sum(c.queue.queued_bytes for c in conns))
-            self.metrics.queue_items.set(sum(len(c.queue) for c in conns))
+                self.metrics.fold(c.session.tally)
+            self.metrics.queue_bytes.set(sum(c.session.queue.queued_bytes for c in conns))
+            self.metrics.queue_items.set(sum(len(c.session.queue) for c in conns))
             await asyncio.sleep(self.config.queue_sample_interval_s)
 
-    async def _heartbeats(self) -> None:
-        """PROTOCOL.md section 4: a connection that has sent nothing for ``heartbeat_interval_s`` gets a
-        heartbeat. One ticker for the worker, at a quarter of the interval, so a heartbeat goes out
-        1 to 1.25 intervals after the last frame."""
-        interval_s = self.limits.heartbeat_interval_s
-        beat = Item(Kind.HEARTBEAT)
+    async def _ticks(self) -> None:
+        """Session timers (heartbeats, token expiry): one ticker for the worker, at a quarter of the
+        heartbeat interval, so a heartbeat goes out 1 to 1.25 intervals after the last frame."""
+        interval_s = self.limits.heartbeat_interval_s / 4
         while True:
-            await asyncio.sleep(interval_s / 4)
-            now_s = time.monotonic()
-            for conn in self.connections:
-                if not conn.queue.items and not conn.closing and now_s - conn.last_send_s >= interval_s:
-                    conn.push(beat)
+            await asyncio.sleep(interval_s)
+            now_ns = time.time_ns()
+            for conn in list(self.connections):
+                conn.session.tick(now_ns)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -457,35 +334,263 @@ class Gateway:
         try:
             announced = wire.loads(msg.data)
             entries = announced["instruments"]
+            if not isinstance(entries, list):
+                raise TypeError("instruments is not a list")
         except (ValueError, KeyError, TypeError):
             self.metrics.bad_upstream.inc()
             return
+        now_ns = time.time_ns()
         for entry in entries:
-            inst = entry.get("instrument")
+            inst = entry.get("instrument") if isinstance(entry, dict) else None
             if not isinstance(inst, str):
                 continue
             self.directory[inst] = entry
-            hub = self.hubs.get(inst)
-            if hub is not None:
-                hub.on_directory(entry.get("epoch", ""), int(entry.get("seq", 0)))
+            machine = self.machines.get(inst)
+            if machine is None:
+                continue
+            epoch, seq = entry.get("epoch", ""), entry.get("seq", 0)
+            if not isinstance(epoch, str) or not isinstance(seq, int):
+                self.metrics.bad_upstream.inc()
+                continue
+            try:
+                status = Status(entry["status"]) if "status" in entry else None
+            except ValueError:
+                status = None
+            sub = self._delta_subs.get(inst)
+            backlog = len(self._held.get(inst, ())) + (sub.pending_msgs if sub is not None else 0)
+            self._execute(machine, machine.on_directory(epoch, seq, now_ns, backlog=backlog, status=status))
 
-    async def hub(self, instrument: str) -> Hub:
-        """The hub of ``instrument``, created (NATS subscription + snapshot fetch) on first use."""
-        hub = self.hubs.get(instrument)
-        if hub is not None:
-            return hub
-        hub = Hub(self, instrument, self.config.ring_size)
-        self.hubs[instrument] = hub
-        await hub.start()
-        self.metrics.instruments.set(len(self.hubs))
-        return hub
+    # -- instruments ----------------------------------------------------------------------------------
+    def _machine(self, instrument: str) -> InstrumentMachine:
+        """The machine of ``instrument``, created on first use (its NATS subscription and first snapshot
+        request follow in a task)."""
+        machine = self.machines.get(instrument)
+        if machine is not None:
+            return machine
+        machine = InstrumentMachine(instrument, self.config.ring_size)
+        self.machines[instrument] = machine
+        self.links[instrument] = {}
+        self.trade_links[instrument] = set()
+        self._hops[instrument] = self.metrics.hop_nats_gateway(split_instrument(instrument)[0])
+        self.metrics.instruments.set(len(self.machines))
+        asyncio.get_running_loop().create_task(self._start_machine(machine))
+        return machine
+
+    async def hub(self, instrument: str) -> InstrumentMachine:
+        """The machine of ``instrument``, created if needed (kept for callers of the old hub API)."""
+        return self._machine(instrument)
+
+    async def _start_machine(self, machine: InstrumentMachine) -> None:
+        inst = machine.instrument
+
+        async def on_delta(msg) -> None:
+            if self.machines.get(inst) is not machine:
+                return
+            traceparent = msg.headers.get(TRACEPARENT) if msg.headers else None
+            if self.config.fanout_delay_s:
+                self._hold(machine, msg.data, traceparent)
+            else:
+                self._execute(machine, machine.on_message(msg.data, time.time_ns(), traceparent))
+
+        sub = await self.nc.subscribe(delta_subject(inst), cb=on_delta)
+        if self.machines.get(inst) is not machine:  # released while subscribing
+            await _unsubscribe(sub)
+            return
+        self._delta_subs[inst] = sub
+        self._nats_subs[inst] = [sub]
+        if self.trade_links.get(inst):
+            await self._ensure_trades(inst)
+        self._execute(machine, machine.start())
+
+    async def _ensure_trades(self, instrument: str) -> None:
+        subs = self._nats_subs.get(instrument)
+        if subs is None or len(subs) > 1:
+            return  # not subscribed yet (``_start_machine`` comes back here) or already has trades
+        subs.append(None)  # reserve the slot while subscribing
+
+        async def on_trade(msg) -> None:
+            self.metrics.nats_trades.inc()
+            sessions = self.trade_links.get(instrument)
+            if not sessions:
+                return
+            now_ns = time.time_ns()
+            item = Item(Kind.TRADE, instrument, text_frame(wire.with_send_ts(msg.data, now_ns)))
+            for session in sessions:
+                session.push(item, now_ns)
+
+        subs[1] = await self.nc.subscribe(trade_subject(instrument), cb=on_trade)
+
+    def _hold(self, machine: InstrumentMachine, payload: bytes, traceparent: str | None) -> None:
+        """Test hook (a slow gateway): handle the delta ``fanout_delay_s`` later, keeping arrival order."""
+        loop = asyncio.get_running_loop()
+        held = self._held.setdefault(machine.instrument, deque())
+        held.append((loop.time() + self.config.fanout_delay_s, payload, traceparent))
+        if len(held) == 1:
+            loop.call_at(held[0][0], self._release_held, machine)
+
+    def _release_held(self, machine: InstrumentMachine) -> None:
+        loop = asyncio.get_running_loop()
+        held = self._held.get(machine.instrument)
+        while held and held[0][0] <= loop.time():
+            _, payload, traceparent = held.popleft()
+            if self.machines.get(machine.instrument) is machine:
+                self._execute(machine, machine.on_message(payload, time.time_ns(), traceparent))
+        if held:
+            loop.call_at(held[0][0], self._release_held, machine)
+
+    def _execute(self, machine: InstrumentMachine, actions: list[im.Action]) -> None:
+        """Carry out an instrument machine's actions."""
+        inst = machine.instrument
+        for action in actions:
+            kind = type(action)
+            if kind is im.FanOut:
+                self.metrics.nats_deltas.inc()
+                self._fan_out(inst, action)
+            elif kind is im.Resync:
+                self.metrics.gaps.inc()
+                if action.cause is im.BreakCause.CHECKSUM_MISMATCH:
+                    self.metrics.checksum_mismatches.inc()
+                log.warning("%s: fetching snapshot", action.detail)
+                now_ns = time.time_ns()
+                for session in list(self.links.get(inst, ())):
+                    session.resync(inst, action.reason, now_ns)
+            elif kind is im.RequestSnapshot:
+                self._request_snapshot(machine, action.delay_s)
+            elif kind is im.ReleaseParked:
+                now_ns = time.time_ns()
+                for session in list(self.links.get(inst, ())):
+                    session.on_instrument_ready(inst, now_ns)
+            elif kind is im.StatusChanged:
+                self.metrics.nats_in["instrument_status"].inc()
+                log.info("instrument status instrument=%s status=%s", inst, action.status)
+                now_ns = time.time_ns()
+                for session in list(self.links.get(inst, ())):
+                    session.push(action.item, now_ns)
+            elif kind is im.Rejected:
+                self.metrics.bad_upstream.inc()
+                log.warning("rejected message from NATS instrument=%s: %s", inst, action.error)
+            elif kind is im.Ignored:
+                self.metrics.nats_in["unknown"].inc()
+
+    def _fan_out(self, inst: str, action: im.FanOut) -> None:
+        """Queue one delta for every subscriber: shared frame bytes, no awaits."""
+        subs = self.links.get(inst)
+        if not subs:
+            return
+        item = action.item
+        delta = action.delta
+        now_ns = action.ts_send_ns
+        ts_publish_ns = delta.ts_publish_ns
+        if ts_publish_ns:
+            self._hops[inst].observe(max(now_ns - ts_publish_ns, 0) / 1e9)
+            if action.traceparent is not None and self.otlp is not None:
+                self.otlp.hop_span("nats_gateway", action.traceparent, ts_publish_ns, now_ns,
+                                   {"instrument": inst, "seq": delta.seq, "gateway": self.config.name})
+        for session, conflate_ms in subs.items():
+            if conflate_ms:
+                delay_s = session.conflate(inst, delta, conflate_ms, now_ns)
+                if delay_s is not None:
+                    asyncio.get_running_loop().call_later(delay_s, self._flush_window, session, inst)
+            else:
+                session.push(item, now_ns)
+
+    @staticmethod
+    def _flush_window(session: Session, inst: str) -> None:
+        session.flush_window(inst, time.time_ns())
+
+    def _request_snapshot(self, machine: InstrumentMachine, delay_s: float) -> None:
+        task = self._snapshot_tasks.get(machine.instrument)
+        if task is not None and not task.done():
+            task.cancel()
+        self._snapshot_tasks[machine.instrument] = asyncio.get_running_loop().create_task(
+            self._fetch_snapshot(machine, delay_s))
+
+    async def _fetch_snapshot(self, machine: InstrumentMachine, delay_s: float) -> None:
+        inst = machine.instrument
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        try:
+            reply = await self.nc.request(snapshot_subject(inst), b"", timeout=self.snapshot_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: the machine retries with backoff
+            if self.machines.get(inst) is not machine:
+                return
+            self.metrics.snapshot_failures.inc()
+            actions = machine.on_snapshot_failed(time.time_ns())
+            log.warning("snapshot fetch failed instrument=%s: %s (retry in %.2f s)", inst,
+                        exc or type(exc).__name__, actions[0].delay_s if actions else 0)
+            self._snapshot_tasks.pop(inst, None)
+            self._execute(machine, actions)
+            return
+        if self.machines.get(inst) is not machine:
+            return
+        self._snapshot_tasks.pop(inst, None)
+        actions = machine.on_snapshot_reply(reply.data, time.time_ns())
+        if any(type(a) is im.Rejected for a in actions):
+            self.metrics.snapshot_failures.inc()
+        self._execute(machine, actions)
+
+    # -- links ----------------------------------------------------------------------------------------
+    def _apply_links(self, session: Session, actions: list) -> None:
+        for action in actions:
+            inst = action.instrument
+            if type(action) is Link:
+                self._machine(inst)
+                timer = self._release_timers.pop(inst, None)
+                if timer is not None:
+                    timer.cancel()
+                if action.book:
+                    self.links[inst][session] = action.conflate_ms
+                else:
+                    self.links[inst].pop(session, None)
+                if action.trades:
+                    self.trade_links[inst].add(session)
+                    asyncio.get_running_loop().create_task(self._ensure_trades(inst))
+                else:
+                    self.trade_links[inst].discard(session)
+            elif type(action) is Unlink:
+                links = self.links.get(inst)
+                if links is not None:
+                    links.pop(session, None)
+                trade_links = self.trade_links.get(inst)
+                if trade_links is not None:
+                    trade_links.discard(session)
+                if not links and not trade_links and inst in self.machines and inst not in self._release_timers:
+                    self._release_timers[inst] = asyncio.get_running_loop().call_later(
+                        self.config.instrument_linger_s, self._release, inst)
+
+    def _release(self, inst: str) -> None:
+        """Drop an instrument nobody subscribed to for ``instrument_linger_s``."""
+        self._release_timers.pop(inst, None)
+        if self.links.get(inst) or self.trade_links.get(inst) or inst not in self.machines:
+            return
+        self.machines.pop(inst)
+        self.links.pop(inst, None)
+        self.trade_links.pop(inst, None)
+        self._hops.pop(inst, None)
+        self._held.pop(inst, None)
+        self._delta_subs.pop(inst, None)
+        task = self._snapshot_tasks.pop(inst, None)
+        if task is not None:
+            task.cancel()
+        for sub in self._nats_subs.pop(inst, []):
+            if sub is not None:
+                asyncio.get_running_loop().create_task(_unsubscribe(sub))
+        self.metrics.instruments.set(len(self.machines))
+        log.info("instrument released instrument=%s (no subscribers for %.0f s)", inst, self.config.instrument_linger_s)
 
     async def stop(self) -> None:
-        for task in (self._sampler, self._heartbeater):
-            if task is not None:
-                task.cancel()
-        for hub in self.hubs.values():
-            await hub.stop()
+        for task in self._tasks:
+            task.cancel()
+        for timer in self._release_timers.values():
+            timer.cancel()
+        for task in self._snapshot_tasks.values():
+            task.cancel()
+        for subs in self._nats_subs.values():
+            for sub in subs:
+                if sub is not None:
+                    await _unsubscribe(sub)
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
         if self.otlp is not None:
@@ -495,8 +600,20 @@ class Gateway:
     def ready(self) -> bool:
         return self.nc is not None and self.nc.is_connected and not self.draining
 
-    # -- WebSocket ----------------------------------------------------------------------------
+    # -- auth hook ------------------------------------------------------------------------------------
+    async def authorize(self, request: web.Request) -> Authorization | None:
+        """The authenticator's verdict on ``request`` (``None`` when auth is off). Raises the
+        authenticator's ``web.HTTPException`` to refuse."""
+        if self.authenticator is None:
+            return None
+        result = self.authenticator(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    # -- WebSocket ------------------------------------------------------------------------------------
     async def ws_handler(self, request: web.Request) -> web.StreamResponse:
+        authorization = await self.authorize(request)
         ws = web.WebSocketResponse(
             heartbeat=self.config.ws_ping_interval_s,
             max_msg_size=self.limits.max_frame_bytes,
@@ -509,7 +626,8 @@ class Gateway:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf_bytes)
         await ws.prepare(request)
-        conn = Connection(self, ws, request.remote or "?", request.transport)
+        session = Session(self, self.limits, time.time_ns(), authorization=authorization, peer=request.remote or "?")
+        conn = Connection(self, ws, session, request.transport)
         self.connections.add(conn)
         self.metrics.clients.inc()
         loop = asyncio.get_running_loop()
@@ -532,16 +650,23 @@ class Gateway:
             conn.writer.cancel()
             self._drop(conn)
             if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-                self.metrics.closes[CloseCode.MESSAGE_TOO_BIG].inc()
+                self.metrics.closes[int(CloseCode.MESSAGE_TOO_BIG)].inc()
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        session = conn.session
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
-                await self._on_request(conn, msg.data)
+                try:
+                    actions = session.on_text(msg.data, time.time_ns())
+                    self._apply_links(session, actions)
+                except Exception:  # noqa: BLE001 - never let one request take the connection down
+                    log.exception("internal error handling a request from %s", session.peer)
+                    session.internal_error()
+                self.metrics.fold(session.tally)
             elif msg.type is WSMsgType.BINARY:
-                self.metrics.closes[CloseCode.POLICY_VIOLATION].inc()
-                conn.closing = True
+                self.metrics.closes[int(CloseCode.POLICY_VIOLATION)].inc()
+                self._apply_links(session, session.closed())
                 await ws.close(code=CloseCode.POLICY_VIOLATION, message=b"binary frames are not accepted")
                 return
 
@@ -550,140 +675,24 @@ class Gateway:
             return
         self.connections.discard(conn)
         self.metrics.clients.dec()
-        conn.closing = True
-        conn.fold_metrics()
+        self._apply_links(conn.session, conn.session.closed())
+        self.metrics.fold(conn.session.tally)
         conn.dropped.set_result(None)
-        for inst in conn.subs:
-            hub = self.hubs.get(inst)
-            if hub is not None:
-                hub.subscribers.pop(conn, None)
-                hub.trade_subscribers.discard(conn)
-                hub.parked.discard(conn)
 
-    async def _on_request(self, conn: Connection, data: bytes) -> None:
-        verdict = conn.limiter.check(time.monotonic())
-        if verdict is Verdict.CLOSE:
-            self.metrics.errors[ErrorCode.RATE_LIMITED].inc()
-            conn.close(CloseCode.RATE_LIMITED, "too many rate-limited requests")
-            return
-        try:
-            req = proto.parse_request(data, self.limits)
-        except ProtocolError as exc:
-            self.metrics.requests["invalid"].inc()
-            if verdict is Verdict.REJECT:
-                exc = ProtocolError(ErrorCode.RATE_LIMITED, "request rate over limit", exc.request_id)
-            self._error(conn, exc)
-            return
-        if verdict is Verdict.REJECT:
-            self._error(conn, ProtocolError(ErrorCode.RATE_LIMITED, "request rate over limit", req.id))
-            return
-        try:
-            if isinstance(req, proto.Subscribe):
-                self.metrics.requests["subscribe"].inc()
-                await self._subscribe(conn, req)
-            elif isinstance(req, proto.Unsubscribe):
-                self.metrics.requests["unsubscribe"].inc()
-                self._unsubscribe(conn, req)
-            elif isinstance(req, proto.Resync):
-                self.metrics.requests["resync"].inc()
-                self._resync(conn, req)
-            elif isinstance(req, proto.Ping):
-                self.metrics.requests["ping"].inc()
-                conn.push_ctrl(proto.pong(req.id, time.time_ns()))
-        except ProtocolError as exc:
-            self._error(conn, exc)
-        except Exception:  # noqa: BLE001 - never let one request take the connection down
-            log.exception("internal error handling %s from %s", type(req).__name__, conn.peer)
-            self._error(conn, ProtocolError(ErrorCode.INTERNAL, "internal error", req.id))
-
-    def _error(self, conn: Connection, exc: ProtocolError) -> None:
-        self.metrics.errors[exc.code].inc()
-        conn.push_ctrl(proto.error(exc.code, exc.message, exc.request_id))
-
-    def _known(self, instrument: str) -> bool:
-        return instrument in self.directory or instrument in self.hubs
-
-    async def _subscribe(self, conn: Connection, req: proto.Subscribe) -> None:
-        unknown = [i for i in req.instruments if not self._known(i)]
-        if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise ProtocolError(ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown}", req.id)
-        new = [i for i in req.instruments if i not in conn.subs]
-        if len(conn.subs) + len(new) > self.limits.max_instruments_per_connection:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_INSTRUMENTS,
-                f"{len(conn.subs) + len(new)} instruments over the limit of "
-                f"{self.limits.max_instruments_per_connection} per connection",
-                req.id,
-            )
-        book = "book" in req.channels
-        trades = "trades" in req.channels
-        hubs = {i: await self.hub(i) for i in req.instruments}
-        recovered: dict[str, bool] = {}
-        plans: list[tuple[str, list | None]] = []
-        for inst in req.instruments:
-            hub = hubs[inst]
-            ring = None
-            if book and inst in req.resume and inst in new and hub.ready.is_set():
-                epoch, seq = req.resume[inst]
-                ring = hub.ring_since(epoch, seq)
-            recovered[inst] = ring is not None
-            plans.append((inst, ring))
-            conn.subs[inst] = Sub(req.conflate_ms, book, trades)
-            if book:
-                hub.subscribers[conn] = req.conflate_ms
-            else:
-                hub.subscribers.pop(conn, None)
-                conn.sent.pop(inst, None)
-            if trades:
-                hub.trade_subscribers.add(conn)
-                await hub.ensure_trades()
-            else:
-                hub.trade_subscribers.discard(conn)
-        conn.push_ctrl(proto.subscribed(req.id, list(req.instruments), recovered))
-        now_ns = time.time_ns()
-        for inst, ring in plans:
-            if not book:
-                continue
-            if ring is None:
-                conn.push(Item(Kind.SNAP, inst))
-                continue
-            epoch, seq = req.resume[inst]
-            conn.sent[inst] = SentState(epoch, seq)
-            for d_epoch, d_seq, d_prev, payload in ring:
-                conn.push(Item(Kind.DATA, inst, wire.with_send_ts(payload, now_ns), d_epoch, d_seq, d_prev))
-
-    def _unsubscribe(self, conn: Connection, req: proto.Unsubscribe) -> None:
-        for inst in req.instruments:
-            if conn.subs.pop(inst, None) is None:
-                continue
-            conn.sent.pop(inst, None)
-            conn.conflating.pop(inst, None)
-            hub = self.hubs.get(inst)
-            if hub is not None:
-                hub.subscribers.pop(conn, None)
-                hub.trade_subscribers.discard(conn)
-                hub.parked.discard(conn)
-        conn.push_ctrl(proto.unsubscribed(req.id, list(req.instruments)))
-
-    def _resync(self, conn: Connection, req: proto.Resync) -> None:
-        sub = conn.subs.get(req.instrument)
-        if sub is None or not sub.book:
-            code = ErrorCode.UNKNOWN_INSTRUMENT if not self._known(req.instrument) else ErrorCode.BAD_REQUEST
-            raise ProtocolError(code, f"not subscribed to the book of {req.instrument!r}", req.id)
-        conn.push(Item(Kind.SNAP, req.instrument))
-
-    # -- REST ---------------------------------------------------------------------------------
+    # -- REST -----------------------------------------------------------------------------------------
     async def book_handler(self, request: web.Request) -> web.Response:
+        authorization = await self.authorize(request)
         instrument = request.match_info["instrument"]
         try:
             split_instrument(instrument)
         except ValueError:
             return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {instrument!r}")
-        hub = self.hubs.get(instrument)
-        if hub is not None and hub.ready.is_set():
-            body = hub.snapshot_bytes()
-        elif self._known(instrument):
+        if authorization is not None and not authorization.allows(instrument):
+            return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {instrument!r}")
+        machine = self.machines.get(instrument)
+        if machine is not None and machine.serving:
+            body = machine.snapshot_bytes()
+        elif self.known(instrument):
             try:
                 reply = await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)
             except Exception as exc:  # noqa: BLE001 - upstream unavailable
@@ -694,16 +703,18 @@ class Gateway:
         return web.Response(body=wire.with_send_ts(body, time.time_ns()), content_type="application/json")
 
     async def instruments_handler(self, request: web.Request) -> web.Response:
+        await self.authorize(request)
         out = []
-        for inst in sorted(self.directory.keys() | self.hubs.keys()):
-            entry = dict(self.directory.get(inst, {}))
-            hub = self.hubs.get(inst)
-            if hub is not None and hub.ready.is_set():
-                entry["epoch"], entry["seq"] = hub.epoch, hub.seq
-            item = {"instrument": inst, "venue": split_instrument(inst)[0], "epoch": entry.get("epoch", ""),
-                    "seq": entry.get("seq", 0)}
+        for inst in sorted(self.directory.keys() | self.machines.keys()):
+            entry = self.directory.get(inst, {})
+            epoch, seq, status = entry.get("epoch", ""), entry.get("seq", 0), entry.get("status", Status.OK.value)
+            machine = self.machines.get(inst)
+            if machine is not None and machine.serving:
+                epoch, seq, status = machine.epoch, machine.seq, machine.status.value
+            item = {"instrument": inst, "venue": split_instrument(inst)[0], "epoch": epoch, "seq": seq}
             if entry.get("tick_size") is not None:
                 item["tick_size"] = entry["tick_size"]
+            item["status"] = status
             out.append(item)
         return web.Response(body=wire.dumps({"instruments": out}), content_type="application/json")
 
@@ -719,17 +730,28 @@ class Gateway:
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=prom.exposition(self.registry), content_type="text/plain", charset="utf-8")
 
-    # -- shutdown -----------------------------------------------------------------------------
+    # -- shutdown -------------------------------------------------------------------------------------
     async def drain(self) -> None:
         """Send ``shutdown`` to every client, give writers a moment to flush, then close with 1001."""
+        from feed.gateway import protocol as proto
+
         self.draining = True
         notice = proto.shutdown(self.config.shutdown_reconnect_after_ms)
         conns = list(self.connections)
         for conn in conns:
-            conn.push_ctrl(notice)
-            conn.close(CloseCode.GOING_AWAY, "gateway going away")
+            conn.session.push_ctrl(notice)
+            conn.session.close(CloseCode.GOING_AWAY, "gateway going away")
+        for conn in conns:
+            self.metrics.fold(conn.session.tally)
         if conns:
             await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
+
+
+async def _unsubscribe(sub) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # noqa: BLE001 - connection may already be closed
+        pass
 
 
 def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:
@@ -737,17 +759,25 @@ def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:
                         content_type="application/json")
 
 
-def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None) -> web.Application:
-    """An aiohttp application serving one gateway worker (NATS connects on startup)."""
-    gw = Gateway(config, registry)
-    app = web.Application()
-    app["gateway"] = gw
+def add_routes(app: web.Application, gw: Gateway) -> None:
+    """Every route of a gateway worker (PROTOCOL.md section 2), registered in one place."""
     app.router.add_get("/v1/ws", gw.ws_handler)
     app.router.add_get("/v1/book/{instrument}", gw.book_handler)
     app.router.add_get("/v1/instruments", gw.instruments_handler)
     app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_handler)
+
+
+def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None, *,
+               authenticator: Authenticator | None = None) -> web.Application:
+    """An aiohttp application serving one gateway worker (NATS connects on startup).
+
+    ``authenticator``: see ``Authenticator`` (default ``None``: auth off)."""
+    gw = Gateway(config, registry, authenticator=authenticator)
+    app = web.Application()
+    app["gateway"] = gw
+    add_routes(app, gw)
 
     async def on_startup(app: web.Application) -> None:
         await gw.start()

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from feed.book import APPLIED, DUPLICATE, continuity
+
 
 class Kind(enum.IntEnum):
     DATA = 1  # a delta: instrument, epoch, seq, prev_seq, payload (already carries ts_send_ns)
@@ -31,6 +33,7 @@ class Kind(enum.IntEnum):
     RESYNC = 6  # a resync notice for instrument: payload; the client drops its book on receipt
     CLOSE = 7  # close the connection with code (in seq) and reason (in payload)
     HEARTBEAT = 8  # the connection has been quiet: send a heartbeat built when the writer reaches it
+    STATUS = 9  # an instrument_status notice for instrument: payload; sent when subscribed to its book
 
 
 @dataclass(slots=True)
@@ -41,6 +44,7 @@ class Item:
     epoch: str = ""
     seq: int = 0
     prev_seq: int = 0
+    first: bool = False  # SNAP: the subscription's first snapshot (an instrument_status may follow)
 
     @property
     def size_bytes(self) -> int:
@@ -132,19 +136,18 @@ class SentState:
 
 
 def admit(state: SentState | None, epoch: str, seq: int, prev_seq: int) -> Admit:
-    """Decide whether a delta ``(epoch, prev_seq -> seq)`` may go to a client holding ``state``."""
+    """Decide whether a delta ``(epoch, prev_seq -> seq)`` may go to a client holding ``state``.
+
+    ``feed.book.continuity`` with spanning allowed: a conflated delta spanning the client's seq carries
+    absolute final sizes, so applying it on any book inside its span yields the book at ``seq``.
+    """
     if state is None:
         return Admit.SKIP
-    if epoch != state.epoch:
-        return Admit.GAP
-    if seq <= state.seq:
+    verdict = continuity(state.epoch, state.seq, epoch, seq, prev_seq, spanning=True)
+    if verdict is APPLIED:
+        return Admit.SEND
+    if verdict is DUPLICATE:
         return Admit.SKIP
-    if prev_seq == state.seq:
-        return Admit.SEND
-    if prev_seq < state.seq:
-        # A conflated delta spanning the client's seq: its changes are absolute final sizes, so
-        # applying it on top of any book inside its span yields the book at ``seq``.
-        return Admit.SEND
     return Admit.GAP
 
 

@@ -25,67 +25,30 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from feed.errors import InvalidInstrument, RemoteError
 from feed.model import split_instrument
+from feed.wire import (  # noqa: F401 - re-exported: the gateway's protocol vocabulary
+    DEFAULT_CHANNELS,
+    Channel,
+    CloseCode,
+    ErrorCode,
+    Op,
+    Ping,
+    Request,
+    RequestId,
+    ResyncReason,
+    ResyncRequest,
+    Subscribe,
+    Unsubscribe,
+)
 
-RequestId = int | str
-"""A client-chosen request id (PROTOCOL.md section 3). Fields typed ``RequestId | None`` use ``None`` for
-"the request had no id"."""
-
-
-class ErrorCode(enum.StrEnum):
-    """``code`` of an ``error`` reply (PROTOCOL.md section 5)."""
-
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_INSTRUMENT = "unknown_instrument"
-    TOO_MANY_INSTRUMENTS = "too_many_instruments"
-    RATE_LIMITED = "rate_limited"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    INTERNAL = "internal"
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes the gateway uses (PROTOCOL.md section 5)."""
-
-    GOING_AWAY = 1001  # after ``shutdown``
-    POLICY_VIOLATION = 1008  # e.g. a binary frame from the client
-    MESSAGE_TOO_BIG = 1009  # inbound frame over ``max_frame_bytes``
-    UNAUTHORIZED = 4001  # token missing, invalid or expired
-    SLOW_CONSUMER = 4008  # ``max_overflows`` within ``overflow_window_s``
-    RATE_LIMITED = 4029  # ``max_rate_limited_in_a_row`` rate-limited requests in a row
-
-
-class ResyncReason(enum.StrEnum):
-    """``reason`` of a ``resync`` message (PROTOCOL.md section 4)."""
-
-    SLOW_CONSUMER = "slow_consumer"
-    UPSTREAM_GAP = "upstream_gap"
-    EPOCH_CHANGE = "epoch_change"
-
-
-class Op(enum.StrEnum):
-    """``op`` of a client request (PROTOCOL.md section 3)."""
-
-    SUBSCRIBE = "subscribe"
-    UNSUBSCRIBE = "unsubscribe"
-    RESYNC = "resync"
-    PING = "ping"
-
-
-class Channel(enum.StrEnum):
-    """A ``subscribe`` channel (PROTOCOL.md section 3): the book (snapshot + deltas) and trade prints."""
-
-    BOOK = "book"
-    TRADES = "trades"
-
-
-DEFAULT_CHANNELS: frozenset[Channel] = frozenset({Channel.BOOK})
+# The vocabulary and the request types are the wire model's (``feed.wire``); re-exported here.
+Resync = ResyncRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,51 +80,6 @@ class GatewayLimits:
                 raise ValueError(f"GatewayLimits.{name} must be positive, got {getattr(self, name)!r}")
         if self.conflate_ms_max < 0:
             raise ValueError(f"GatewayLimits.conflate_ms_max must be >= 0, got {self.conflate_ms_max!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Requests (PROTOCOL.md section 3)
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """``subscribe``: distinct, syntactically valid ``instruments`` in request order (at least one).
-
-    ``resume`` maps some of those instruments to the ``(epoch, seq)`` the client holds; treat it as
-    read-only. Whether each instrument exists is for the caller to check.
-    """
-
-    id: RequestId | None
-    instruments: tuple[str, ...]
-    channels: frozenset[Channel] = DEFAULT_CHANNELS
-    conflate_ms: int = 0
-    resume: dict[str, tuple[str, int]] = field(default_factory=dict, hash=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """``unsubscribe``: distinct, syntactically valid ``instruments`` in request order (at least one)."""
-
-    id: RequestId | None
-    instruments: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Resync:
-    """``resync``: send a fresh snapshot of one (syntactically valid) ``instrument``."""
-
-    id: RequestId | None
-    instrument: str
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    """``ping``: reply ``pong``."""
-
-    id: RequestId | None
-
-
-Request = Subscribe | Unsubscribe | Resync | Ping
 
 
 class ProtocolError(RemoteError):

@@ -120,6 +120,8 @@ def test_conflated_delta_applied_inside_its_span_gives_the_final_book(stream, he
     (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
 ])
 def test_text_frame_header_follows_rfc6455(length, header):
-    from feed.gateway.app import _text_frame_header
+    from feed.gateway.framing import frame_payload, text_frame
 
-    assert _text_frame_header(length) == header
+    payload = b"x" * length
+    frame = text_frame(payload)
+    assert frame[: len(header)] == header and frame_payload(frame) == payload
