@@ -47,12 +47,12 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from feed import metrics as prom
-from feed import wire
+from feed import natsauth, wire
 from feed.gateway import instrument as im
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
-from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ResyncReason
+from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ResyncReason, shown
 from feed.gateway.session import Authorization, Close, Link, Session, Unlink
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
@@ -159,6 +159,7 @@ class GatewayConfig:
     queue_sample_interval_s: float = 1.0
     instrument_linger_s: float = 30.0  # an instrument without subscribers is released after this long
     fanout_delay_s: float = 0.0  # test hook: hold each delta this long before handling it (a slow gateway)
+    nats_credentials: natsauth.NatsCredentials = field(default_factory=natsauth.NatsCredentials)  # NATS login
 
 
 _DRAIN_POLL_S = (0.001, 0.05)  # writer waiting for the socket to drain: first and longest poll interval
@@ -277,8 +278,9 @@ class Gateway:
 
     # -- NATS -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await nats.connect(
+        self.nc = await natsauth.connect(
             self.config.nats_url,
+            self.config.nats_credentials,
             name=self.config.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=self.config.nats_reconnect_wait_s,
@@ -649,14 +651,19 @@ class Gateway:
             reader.cancel()
             conn.writer.cancel()
             self._drop(conn)
-            if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-                self.metrics.closes[int(CloseCode.MESSAGE_TOO_BIG)].inc()
+            if ws.close_code in _PEER_LEVEL_CLOSES:  # closes aiohttp made itself (the rest are counted as queued)
+                self.metrics.closes[int(ws.close_code)].inc()
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
         session = conn.session
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
+                if not _valid_utf8(msg.data):  # RFC 6455 section 8.1; bad_request stays for text that is not JSON
+                    self.metrics.closes[int(CloseCode.INVALID_PAYLOAD)].inc()
+                    self._apply_links(session, session.closed())
+                    await ws.close(code=CloseCode.INVALID_PAYLOAD, message=b"text frame is not valid UTF-8")
+                    return
                 try:
                     actions = session.on_text(msg.data, time.time_ns())
                     self._apply_links(session, actions)
@@ -686,9 +693,9 @@ class Gateway:
         try:
             split_instrument(instrument)
         except ValueError:
-            return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {instrument!r}")
+            return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {shown(instrument)}")
         if authorization is not None and not authorization.allows(instrument):
-            return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {instrument!r}")
+            return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {shown(instrument)}")
         machine = self.machines.get(instrument)
         if machine is not None and machine.serving:
             body = machine.snapshot_bytes()
@@ -696,16 +703,18 @@ class Gateway:
             try:
                 reply = await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)
             except Exception as exc:  # noqa: BLE001 - upstream unavailable
-                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {instrument!r} unavailable: {type(exc).__name__}")
+                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {shown(instrument)} unavailable: {type(exc).__name__}")
             body = reply.data
         else:
-            return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {instrument!r}")
+            return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown(instrument)}")
         return web.Response(body=wire.with_send_ts(body, time.time_ns()), content_type="application/json")
 
     async def instruments_handler(self, request: web.Request) -> web.Response:
-        await self.authorize(request)
+        authorization = await self.authorize(request)
         out = []
         for inst in sorted(self.directory.keys() | self.machines.keys()):
+            if authorization is not None and not authorization.allows(inst):
+                continue  # REST under the token's patterns too (section 8)
             entry = self.directory.get(inst, {})
             epoch, seq, status = entry.get("epoch", ""), entry.get("seq", 0), entry.get("status", Status.OK.value)
             machine = self.machines.get(inst)
@@ -745,6 +754,20 @@ class Gateway:
             self.metrics.fold(conn.session.tally)
         if conns:
             await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
+
+
+_PEER_LEVEL_CLOSES = frozenset({int(CloseCode.PROTOCOL_ERROR), int(CloseCode.INVALID_PAYLOAD),
+                                int(CloseCode.MESSAGE_TOO_BIG)})
+
+
+def _valid_utf8(data: bytes | str) -> bool:
+    if isinstance(data, str):
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _unsubscribe(sub) -> None:

@@ -7,7 +7,8 @@ What an attacker on the public port can do without a single valid request, and t
 * **Slowloris** (a request head dribbled a byte at a time): answered ``408`` and closed when the head is
   not complete ``handshake_timeout_s`` after its first byte (``handshake_timeout``). The head's size is
   bounded by aiohttp's ``max_line_size``/``max_field_size``/``max_headers`` (``handler_args``).
-* **fd exhaustion**: connections per source address (``per_source_cap``) and in total (``total_cap``,
+* **fd exhaustion**: connections per source address (``per_source_cap``; ``exempt_sources``, by default
+  the loopback addresses of local tools, are exempt) and in total (``total_cap``,
   derived from ``RLIMIT_NOFILE`` minus ``fd_reserve`` for NATS, files and logs) are capped; a connection
   over a cap gets ``HTTP 503`` with the reason in the body and ``X-Bookcast-Reject`` and is closed at
   once. WebSocket upgrades stop ``rest_headroom`` connections short of the total (``websocket_cap``), so
@@ -90,6 +91,9 @@ class HygieneLimits:
     rest_burst: int = 100
     max_tracked_sources: int = 65536  # the REST limiter forgets the least recently seen beyond this
     allowed_origins: tuple[str, ...] = ()  # empty: no Origin check; else exact "scheme://host[:port]" or "*"
+    # Sources the per-source cap and the REST rate limit do not apply to (the total cap and the timers do):
+    # local processes (benchmarks, a proxy on the same host, the operator's tools).
+    exempt_sources: tuple[str, ...] = ("127.0.0.1", "::1")
     reject_log_interval_s: float = 10.0
     max_request_line_bytes: int = 10 * 1024  # room for ?token=<8 KiB JWT>
     max_header_bytes: int = 10 * 1024  # per header: room for Authorization: Bearer <8 KiB JWT>
@@ -124,6 +128,7 @@ class ConnectionTable:
     per_source_cap: int
     total_cap: int
     rest_headroom: int = 0
+    exempt: frozenset[str] = frozenset()
     per_source: dict[str, int] = field(default_factory=dict)
     total: int = 0
     websockets: int = 0
@@ -132,7 +137,7 @@ class ConnectionTable:
         if self.total_cap and self.total >= self.total_cap:
             return RejectReason.TOTAL_CAP
         n = self.per_source.get(source, 0)
-        if self.per_source_cap and n >= self.per_source_cap:
+        if self.per_source_cap and n >= self.per_source_cap and source not in self.exempt:
             return RejectReason.PER_SOURCE_CAP
         self.per_source[source] = n + 1
         self.total += 1
@@ -295,7 +300,8 @@ class Guard:
 
     def __init__(self, limits: HygieneLimits, metrics: GuardMetrics | None = None) -> None:
         self.limits = limits
-        self.table = ConnectionTable(limits.max_connections_per_source, limits.total_cap(), limits.rest_headroom)
+        self.table = ConnectionTable(limits.max_connections_per_source, limits.total_cap(), limits.rest_headroom,
+                                     frozenset(limits.exempt_sources))
         self.rest = SourceRateLimiter(limits.rest_requests_per_s, limits.rest_burst, limits.max_tracked_sources)
         self.reject_log = RejectLog(limits.reject_log_interval_s)
         self.metrics = metrics or GuardMetrics(None)
@@ -317,14 +323,21 @@ class Guard:
 
 
 class GuardMetrics:
-    """The guard's counters, from the catalog (``None`` registry: the default one)."""
+    """The guard's counters, from the catalog (``None`` registry: the default one).
+
+    ``bookcast_gateway_closes_total`` belongs to the gateway: ``bind_closes`` hands the guard the gateway's
+    counter; unbound (a listener without a gateway), the guard builds its own on first use."""
 
     def __init__(self, registry) -> None:
         from feed import metrics as prom
 
+        self._registry = registry
         self._rejected = prom.build("bookcast_gateway_connections_rejected_total", registry)
         self._quiet = prom.build("bookcast_gateway_handshake_failures_total", registry)
-        self._closes = prom.build("bookcast_gateway_closes_total", registry)
+        self._closes = None
+
+    def bind_closes(self, counter) -> None:
+        self._closes = counter
 
     def rejected(self, reason: RejectReason) -> None:
         self._rejected.labels(reason.value).inc()
@@ -333,6 +346,10 @@ class GuardMetrics:
         self._quiet.labels(reason.value).inc()
 
     def close_code(self, code: int) -> None:
+        if self._closes is None:
+            from feed import metrics as prom
+
+            self._closes = prom.build("bookcast_gateway_closes_total", self._registry)
         self._closes.labels(str(code)).inc()
 
 
@@ -522,7 +539,8 @@ def middleware(guard: Guard, *, websocket_path: str = WEBSOCKET_PATH,
         try:
             if public_paths is not None and not public_paths(path):
                 raise web.HTTPNotFound(text="not found\n")
-            if path not in HEALTH_PATHS and not guard.rest.allow(source, guard.now_s()):
+            if (path not in HEALTH_PATHS and source not in guard.table.exempt
+                    and not guard.rest.allow(source, guard.now_s())):
                 guard.rejected(RejectReason.REST_RATE_LIMITED, source)
                 raise web.HTTPTooManyRequests(text="rest_rate_limited\n",
                                               headers={"Retry-After": str(guard.rest.retry_after_s(source))})

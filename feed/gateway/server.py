@@ -20,6 +20,7 @@ import time
 from aiohttp import web
 
 from feed.otlp import endpoint_from
+from feed.gateway import hardening
 from feed.gateway.protocol import GatewayLimits
 from feed.procs import StopSignal, free_port, stop_process
 
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-message metrics and traces; 'off' only to measure their cost (default %(default)s)")
     p.add_argument("--test-fanout-delay-ms", type=float, default=0.0,
                    help="test hook: hold every delta this long before fan-out, a slow gateway (default off)")
+    hardening.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -62,20 +64,27 @@ def config_from_args(args: argparse.Namespace):
                          ws_writer_limit_bytes=args.ws_writer_limit_bytes,
                          socket_sndbuf_bytes=args.socket_sndbuf_bytes or None,
                          otlp_endpoint=args.otlp_endpoint, instrumented=args.instrumentation == "on",
-                         fanout_delay_s=args.test_fanout_delay_ms / 1000)
+                         fanout_delay_s=args.test_fanout_delay_ms / 1000,
+                         nats_credentials=hardening.natsauth.credentials_from_args(args))
 
 
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
     """Serve until SIGTERM/SIGINT, then drain (``shutdown`` to clients, close 1001) and exit 0."""
     from feed.gateway.app import create_app
 
-    app = create_app(config_from_args(args))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    secure = hardening.from_args(args)
+    app = create_app(config_from_args(args), authenticator=secure.authenticator(None))
+    secure.attach(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0, **secure.runner_kwargs())
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_port=reuse_port, backlog=4096)
+    secure.install(runner)
+    site = web.TCPSite(runner, args.host, args.port, reuse_port=reuse_port, backlog=4096,
+                       ssl_context=secure.ssl_context)
     await site.start()
+    ops = await secure.start_ops(app, reuse_port=reuse_port)
     if ready_line:
-        log.info("gateway worker pid=%d serving http://%s:%d (WebSocket /v1/ws)", os.getpid(), args.host, args.port)
+        scheme = "https" if secure.ssl_context is not None else "http"
+        log.info("gateway worker pid=%d serving %s://%s:%d (WebSocket /v1/ws)", os.getpid(), scheme, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,6 +92,8 @@ async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: 
     await stop.wait()
     log.info("gateway worker pid=%d draining", os.getpid())
     await runner.cleanup()
+    if ops is not None:
+        await ops.cleanup()
     return 0
 
 
@@ -90,6 +101,13 @@ def serve(args: argparse.Namespace) -> int:
     """Entry point of ``bookcast gateway``."""
     if args.port == 0:
         args.port = free_port(args.host)
+    if args.ops_port == 0:
+        args.ops_port = free_port(args.ops_host)
+    try:
+        hardening.from_args(args)  # refuse unusable keys, certificates or passwords before any worker starts
+    except (ValueError, OSError) as exc:
+        print(f"bookcast gateway: {exc}", file=sys.stderr)
+        return 2
     if args.workers <= 1:
         return _run(run_worker(args, reuse_port=False))
     return _supervise(args)
@@ -117,6 +135,7 @@ def _supervise(args: argparse.Namespace) -> int:
                "--instrumentation", args.instrumentation, "--test-fanout-delay-ms", str(args.test_fanout_delay_ms)]
         if args.otlp_endpoint:
             cmd += ["--otlp-endpoint", args.otlp_endpoint]
+        cmd += hardening.worker_argv(args)
         procs = [subprocess.Popen(cmd + ["--name", f"{args.name}-{i}"], env=env) for i in range(args.workers)]
         log.info("gateway supervisor pid=%d started %d workers on port %d: %s", os.getpid(), args.workers,
                  args.port, " ".join(str(p.pid) for p in procs))

@@ -33,6 +33,11 @@ def test_connection_table_caps_per_source_and_total_and_keeps_rest_headroom():
     t = ConnectionTable(per_source_cap=2, total_cap=4, rest_headroom=1)
     assert t.open("a") is None and t.open("a") is None
     assert t.open("a") is RejectReason.PER_SOURCE_CAP
+    t.exempt = frozenset({"local"})
+    assert [t.open("local") for _ in range(2)] == [None, None]  # exempt from the per-source cap...
+    assert t.open("local") is RejectReason.TOTAL_CAP  # ...not from the total
+    t.close("local")
+    t.close("local")
     assert t.open("b") is None and t.open("c") is None
     assert t.open("d") is RejectReason.TOTAL_CAP
     t.close("a")
@@ -268,7 +273,8 @@ async def test_wrong_version_426_and_origin_allow_list():
 
 async def test_rest_rate_limit_429_health_exempt():
     async with Listener(HygieneLimits(rest_requests_per_s=1, rest_burst=5)) as srv:
-        async with aiohttp.ClientSession() as s:
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.7", 0))
+        async with aiohttp.ClientSession(connector=connector) as s:
             statuses = []
             for _ in range(8):
                 async with s.get(f"http://127.0.0.1:{srv.port}/v1/instruments") as r:
