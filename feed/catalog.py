@@ -166,6 +166,8 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_gateway_handshake_failures_total", "Connections that failed before or at the upgrade without a "
        "gateway decision, by reason (bad_http, client_vanished, unmasked_frame); each is one DEBUG log line.",
        ("reason",)),
+    _c("bookcast_gateway_conflicting_deltas_total", "Two different deltas from NATS for one (epoch, seq) of an "
+       "instrument: one was forged or replayed (the instrument is resynced)."),
     # chaos drills (issue 14): exported by `bookcast drill run` while it runs
     _g("bookcast_drill_running", "1 while a drill's fault is injected.", labels=("drill",)),
     _g("bookcast_drill_detect_seconds", "Fault onset to first detection in the last run of a drill.", "seconds",

@@ -97,6 +97,7 @@ class GatewayMetrics:
         self.conflated = b("bookcast_gateway_conflated_total")
         self.gaps = b("bookcast_gateway_gaps_total")
         self.checksum_mismatches = b("bookcast_gateway_checksum_mismatches_total")
+        self.conflicting_deltas = b("bookcast_gateway_conflicting_deltas_total")
         self.snapshot_failures = b("bookcast_gateway_snapshot_fetch_failures_total")
         self.bad_upstream = b("bookcast_gateway_bad_upstream_total")
         self._hop_nats_gateway = per_msg("bookcast_hop_nats_gateway_seconds")
@@ -452,6 +453,8 @@ class Gateway:
                 self.metrics.gaps.inc()
                 if action.cause is im.BreakCause.CHECKSUM_MISMATCH:
                     self.metrics.checksum_mismatches.inc()
+                elif action.cause is im.BreakCause.CONFLICTING_DUPLICATE:
+                    self.metrics.conflicting_deltas.inc()
                 log.warning("%s: fetching snapshot", action.detail)
                 now_ns = time.time_ns()
                 for session in list(self.links.get(inst, ())):

@@ -3,7 +3,7 @@
 * ``Authenticator(request)`` is the upgrade path's hook: the request's ``Authorization`` (or ``None``
   with auth off), or an ``HTTPUnauthorized`` (401, RFC 6750 section 3 ``WWW-Authenticate: Bearer``) /
   ``HTTPTooManyRequests`` (429, the token's connection cap) to answer instead of the upgrade.
-* ``rest_middleware`` applies the same rules to REST: 401 without a valid token, 403 ``forbidden`` for a
+* The gateway's REST handlers call the same hook: 401 without a valid token, 403 ``forbidden`` for a
   book outside the token's patterns, and ``/v1/instruments`` lists only what the token allows.
 
 Refusals are counted in ``bookcast_gateway_auth_failures_total{reason}`` and summarised in one log line
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -22,9 +22,6 @@ from aiohttp import web
 from feed.auth import AuthError, Authorization, TokenUsage, TokenVerifier, token_from_request
 
 log = logging.getLogger("bookcast.gateway.auth")
-
-AUTHORIZATION_KEY = web.RequestKey("bookcast_authorization", Authorization)
-
 
 def _error_body(code: str, message: str) -> str:
     return orjson.dumps({"type": "error", "code": code, "message": message}).decode()
@@ -115,34 +112,3 @@ class Authenticator:
                         f" in the last {now_s - self._last_log_s:.0f} s", summary)
             self._pending.clear()
             self._last_log_s = now_s
-
-
-def rest_middleware(authenticator: Authenticator, *, book_prefix: str = "/v1/book/",
-                    listing_path: str = "/v1/instruments"):
-    """REST under the rules of the WebSocket (PROTOCOL.md section 8): 401 without a valid token on
-    ``/v1/book/*`` and ``/v1/instruments``, 403 for a book the token does not grant. The listing handler
-    can read the request's ``Authorization`` at ``request[AUTHORIZATION_KEY]`` to filter itself; this
-    middleware filters the JSON body of a listing when the handler did not."""
-
-    @web.middleware
-    async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-        path = request.path
-        if not authenticator.enabled or not (path.startswith(book_prefix) or path == listing_path):
-            return await handler(request)
-        auth = authenticator.verify(request)
-        request[AUTHORIZATION_KEY] = auth
-        if path.startswith(book_prefix):
-            instrument = request.match_info.get("instrument") or path[len(book_prefix):]
-            if not auth.allows(instrument):
-                raise forbidden(instrument)
-            return await handler(request)
-        response = await handler(request)
-        if isinstance(response, web.Response) and response.status == 200 and response.body is not None:
-            listing = orjson.loads(response.body)
-            if isinstance(listing, dict) and isinstance(listing.get("instruments"), list):
-                listing["instruments"] = [e for e in listing["instruments"]
-                                          if isinstance(e, dict) and auth.allows(str(e.get("instrument", "")))]
-                response.body = orjson.dumps(listing)
-        return response
-
-    return auth_middleware

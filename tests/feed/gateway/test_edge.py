@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from feed.auth import Algorithm, KeySet, TokenLimits, TokenUsage, TokenVerifier, VerificationKey
 from feed.gateway.ops import create_ops_app
-from feed.gateway.security import Authenticator, rest_middleware
+from feed.gateway.security import Authenticator
 from feed.gateway.tls import TlsConfigError, server_ssl_context
 from feed.procs import free_port
 
@@ -41,7 +41,7 @@ class Edge:
         self.port = free_port()
 
     async def __aenter__(self) -> Edge:
-        app = web.Application(middlewares=[rest_middleware(self.auth)])
+        app = web.Application()
 
         async def ws_handler(request: web.Request) -> web.StreamResponse:
             auth = self.auth(request)  # the upgrade hook
@@ -91,24 +91,6 @@ async def test_upgrade_needs_a_valid_token_in_header_or_query():
         async with s.ws_connect(edge.url("/v1/ws"), params={"token": token(sub="viewer")}) as ws:
             assert (await ws.receive_str(timeout=5)) == "viewer"
         assert edge.failed("missing") == 1 and edge.failed("malformed") == 1 and edge.failed("expired") == 1
-
-
-async def test_rest_401_with_challenge_403_outside_patterns_and_a_filtered_listing():
-    good = {"Authorization": f"Bearer {token()}"}
-    async with Edge() as edge, aiohttp.ClientSession() as s:
-        async with s.get(edge.url("/v1/book/polymarket:1")) as r:
-            assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
-            assert (await r.json())["code"] == "unauthorized"
-        async with s.get(edge.url("/v1/book/polymarket:1"), headers={"Authorization": "Bearer a.b.c"}) as r:
-            assert r.status == 401 and 'error="invalid_token"' in r.headers["WWW-Authenticate"]
-            assert "a.b.c" not in await r.text()
-        async with s.get(edge.url("/v1/book/polymarket:1"), headers=good) as r:
-            assert r.status == 200 and (await r.json())["instrument"] == "polymarket:1"
-        async with s.get(edge.url("/v1/book/coinbase:X"), headers=good) as r:
-            body = await r.json()
-            assert r.status == 403 and body["code"] == "forbidden"
-        async with s.get(edge.url("/v1/instruments"), headers=good) as r:
-            assert [e["instrument"] for e in (await r.json())["instruments"]] == ["polymarket:1"]
 
 
 async def test_connections_per_token_capped_with_429_and_released_on_close():
