@@ -127,9 +127,8 @@ SEEDS = {venue: list({(m.get("type") or m.get("event_type")) if isinstance(m, di
 def _check_venue_outcome(venue: str, msg) -> None:
     try:
         result = VENUES[venue](msg)
-    except VenueMessageError as exc:
-        assert len(str(exc)) <= 20_000
-        return
+    except VenueMessageError:
+        return  # the documented refusal (its length: see the xfail finding below)
     assert isinstance(result, ParseResult)
     for event in result.events:
         for value in _decimals(event):
@@ -152,7 +151,7 @@ def _decimals(event):
 def _mutate(value, draw_path, replacement):
     """``value`` with the node at ``draw_path`` (indices into containers) replaced, or deleted if None."""
     if not draw_path or not isinstance(value, (dict, list)) or not value:
-        return replacement
+        return value if replacement is _DELETE else replacement
     step, rest = draw_path[0], draw_path[1:]
     if isinstance(value, dict):
         key = sorted(value)[step % len(value)]
@@ -208,3 +207,77 @@ def test_venue_parsers_accept_every_real_message(venue):
 def test_venue_parsers_refuse_numbers_whose_canonical_form_is_huge(venue, msg):
     with pytest.raises(VenueMessageError):
         VENUES[venue](msg)
+
+
+# -- the wire decoder (what the gateway reads from NATS and the SDK from a gateway) -------------------
+
+WIRE_SEEDS = [
+    {"type": "snapshot", "instrument": "coinbase:BAND-GBP", "epoch": "e", "seq": 4, "bids": [["14.75", "3.1"]],
+     "asks": [["14.8", "1.2"]], "checksum": 1, "ts_ingest_ns": 1, "ts_publish_ns": 2, "status": "ok"},
+    {"type": "delta", "instrument": "coinbase:BAND-GBP", "epoch": "e", "seq": 5, "prev_seq": 4,
+     "changes": [["bid", "14.755", "0"], ["ask", "14.801", "7.5"]], "checksum": 2, "ts_ingest_ns": 1,
+     "ts_publish_ns": 2},
+    {"type": "trade", "instrument": "polymarket:1", "price": "0.45", "size": "10", "side": "buy", "ts_ingest_ns": 1},
+    {"type": "heartbeat", "ts_send_ns": 1, "seqs": {"coinbase:BAND-GBP": ["e", 43]}},
+    {"type": "instrument_status", "instrument": "polymarket:1", "status": "stale", "reason": "upstream_silent",
+     "since_ns": 1, "ts_publish_ns": 2},
+    {"type": "error", "id": 3, "code": "unknown_instrument", "message": "no"},
+    {"type": "resync", "instrument": "x:y", "reason": "slow_consumer"},
+    {"type": "shutdown", "reconnect_after_ms": 500},
+    {"type": "subscribed", "id": 1, "instruments": ["x:y"], "recovered": {"x:y": False}},
+]
+
+
+def _check_wire_outcome(data) -> None:
+    from feed import wire
+    from feed.errors import WireError
+
+    try:
+        msg = wire.decode(data)
+    except WireError:
+        return  # the documented refusal (its length: the same finding as the venue parsers')
+    assert msg is not None
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_wire_decoder_on_raw_bytes(data):
+    _check_wire_outcome(data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_wire_decoder_on_mutated_messages(data):
+    seed = data.draw(st.sampled_from(WIRE_SEEDS))
+    path = data.draw(st.lists(st.integers(0, 20), min_size=1, max_size=3))
+    replacement = data.draw(st.just(_DELETE) | NUMBERISH | JSON)
+    _check_wire_outcome(orjson.dumps(_mutate(seed, path, replacement)))
+
+
+def test_wire_decoder_accepts_the_seeds():
+    from feed import wire
+
+    for seed in WIRE_SEEDS:
+        assert type(wire.decode(orjson.dumps(seed))).__name__ != "Unknown"
+
+
+@pytest.mark.xfail(reason="finding for the venue parsers (feed/venues/*): a refusal quotes the offending value "
+                          "whole (repr of any size), and the ingest logs every refusal at WARNING: a 24 KB value "
+                          "makes a 24 KB log line; quote it truncated, as the gateway does", strict=True)
+def test_venue_refusals_quote_values_truncated():
+    msg = {"type": ["x" * 8000] * 3, "product_id": "X-Y"}
+    with pytest.raises(VenueMessageError) as info:
+        VENUES["coinbase"](msg)
+    assert len(str(info.value)) <= MAX_MESSAGE_CHARS
+
+
+@pytest.mark.xfail(reason="finding for feed.wire.decode (gateway core's file): WireError quotes the offending "
+                          "value whole, so a malformed message from NATS or a gateway makes a log line as long "
+                          "as the value", strict=True)
+def test_wire_refusals_quote_values_truncated():
+    from feed import wire
+    from feed.errors import WireError
+
+    with pytest.raises(WireError) as info:
+        wire.decode(orjson.dumps(dict(WIRE_SEEDS[0], epoch=["x" * 8000])))
+    assert len(str(info.value)) <= MAX_MESSAGE_CHARS
