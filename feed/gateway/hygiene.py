@@ -60,6 +60,7 @@ class RejectReason(enum.StrEnum):
     TOKEN_CAP = "token_cap"  # connections per token (feed.auth.TokenLimits)
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     IDLE_TIMEOUT = "idle_timeout"
+    IDLE_EVICTED = "idle_evicted"  # a silent socket closed at the total cap to make room for a new client
     BAD_VERSION = "bad_version"
     BAD_ORIGIN = "bad_origin"
     REST_RATE_LIMITED = "rest_rate_limited"
@@ -306,6 +307,18 @@ class Guard:
         self.reject_log = RejectLog(limits.reject_log_interval_s)
         self.metrics = metrics or GuardMetrics(None)
         self.quiet = Counter()  # HandshakeFailure -> count (also in the metric)
+        self.idle: OrderedDict = OrderedDict()  # connections that have not sent a request yet, oldest first
+
+    def evict_idle(self) -> bool:
+        """Close the oldest connection that has sent no request (a silent socket), to make room; False
+        when there is none. At the total cap this keeps a flood of silent sockets from locking out new
+        clients and health checks: the flood's own sockets are the ones that go."""
+        while self.idle:
+            handler, _ = self.idle.popitem(last=False)
+            if handler.transport is not None:
+                handler._bc_evicted()
+                return True
+        return False
 
     def now_s(self) -> float:
         return asyncio.get_running_loop().time()
@@ -367,6 +380,8 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_made(transport)
         guard = self._guard
         reason = guard.table.open(self._bc_source)
+        if reason is RejectReason.TOTAL_CAP and guard.evict_idle():
+            reason = guard.table.open(self._bc_source)
         if reason is not None:
             guard.rejected(reason, self._bc_source)
             transport.write(_canned(503, "Service Unavailable", reason))
@@ -376,6 +391,7 @@ class GuardedRequestHandler(RequestHandler):
         self._arm("idle")
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard.idle.pop(self, None)
         if self._bc_timer is not None:
             self._bc_timer.cancel()
             self._bc_timer = None
@@ -404,6 +420,10 @@ class GuardedRequestHandler(RequestHandler):
             self._bc_timer.cancel()
             self._bc_timer = None
         self._bc_phase = phase
+        if phase == "idle" and self._bc_admitted:
+            self._guard.idle[self] = None
+        else:
+            self._guard.idle.pop(self, None)
         limits = self._guard.limits
         delay_s = limits.idle_timeout_s if phase == "idle" else limits.handshake_timeout_s if phase == "head" else 0
         if delay_s > 0:
@@ -411,6 +431,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def _expired(self, phase: str) -> None:
         self._bc_timer = None
+        self._guard.idle.pop(self, None)
         if self._bc_phase != phase or self.transport is None:
             return
         if phase == "head":
@@ -426,6 +447,15 @@ class GuardedRequestHandler(RequestHandler):
             self._bc_timer.cancel()
             self._bc_timer = None
         self._bc_phase = "busy"
+        self._guard.idle.pop(self, None)
+
+    def _bc_evicted(self) -> None:
+        self._guard.rejected(RejectReason.IDLE_EVICTED, self._bc_source)
+        self._bc_phase = "evicted"
+        if self._bc_admitted:  # its slot is free now, not when the close completes
+            self._bc_admitted = False
+            self._guard.table.close(self._bc_source)
+        self.force_close()
 
     def request_finished(self) -> None:
         """A plain (non-WebSocket) request is answered: the connection is idle again (keep-alive)."""

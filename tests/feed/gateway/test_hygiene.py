@@ -236,13 +236,25 @@ async def test_websockets_stop_short_of_the_total_so_rest_and_health_keep_workin
         assert head.status == 101
 
 
-async def test_total_cap_refuses_new_connections_with_503():
-    async with Listener(HygieneLimits(max_connections=2, max_connections_per_source=0, idle_timeout_s=30)) as srv:
-        held = [await srv.connect("127.0.0.4"), await srv.connect("127.0.0.5")]
-        reader, _ = await srv.connect("127.0.0.6")
+async def test_total_cap_evicts_silent_sockets_first_then_refuses_with_503():
+    async with Listener(HygieneLimits(max_connections=2, max_connections_per_source=0, idle_timeout_s=30,
+                                      rest_headroom=0)) as srv:
+        silent_reader, silent = await srv.connect("127.0.0.4")
+        ws_reader, ws_writer, head = await srv.upgrade("127.0.0.5")
+        assert head.status == 101
+        # at the cap: the silent socket makes room for a health check
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.6", 0))) as s:
+            async with s.get(f"http://127.0.0.1:{srv.port}/healthz") as r:
+                assert r.status == 200
+        assert await _closed_within(silent_reader, 5) == b""
+        assert srv.count("idle_evicted") == 1
+        # nothing silent left to evict: the next connection is refused
+        _, w2, head = await srv.upgrade("127.0.0.7")
+        assert head.status == 101
+        reader, _ = await srv.connect("127.0.0.8")
         assert (await _closed_within(reader, 5)).startswith(b"HTTP/1.1 503")
         assert srv.count("total_cap") == 1
-        for _, w in held:
+        for w in (silent, ws_writer, w2):
             w.close()
 
 
