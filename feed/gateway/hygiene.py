@@ -435,6 +435,8 @@ class GuardedRequestHandler(RequestHandler):
         if self._bc_phase != phase or self.transport is None:
             return
         if phase == "head":
+            if self._messages or getattr(self, "_upgraded", False) or getattr(self, "_request_in_progress", False):
+                return  # the head is complete and waits for a busy event loop: not the client's fault
             self._guard.rejected(RejectReason.HANDSHAKE_TIMEOUT, self._bc_source)
             self.transport.write(_canned(408, "Request Timeout", RejectReason.HANDSHAKE_TIMEOUT))
         else:
@@ -474,9 +476,15 @@ class GuardedRequestHandler(RequestHandler):
             self._bc_mask.failed = True
 
     def websocket_finished(self) -> None:
+        """The WebSocket handler returned: the connection is closing, or the upgrade was refused (401, 429)
+        and it is plain HTTP again (keep-alive): no more mask checks, the idle timer again."""
         if getattr(self, "_bc_ws_counted", False):
             self._bc_ws_counted = False
             self._guard.table.websockets -= 1
+        if self._bc_phase == "ws":
+            self._bc_mask = None
+            self._bc_phase = "busy"
+            self.request_finished()
 
     # -- quiet logs -------------------------------------------------------------------------------
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,

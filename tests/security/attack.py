@@ -222,7 +222,7 @@ async def _watch_closed(reader: asyncio.StreamReader, opened_at: float, result: 
 
 
 async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dribble: bytes | None,
-                 byte_interval_s: float, concurrency: int = 256) -> FloodResult:
+                 byte_interval_s: float, concurrency: int = 256, sources: list[str] | None = None) -> FloodResult:
     check_loopback(host)
     result = FloodResult(name, n)
     stop = asyncio.Event()
@@ -230,10 +230,11 @@ async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dri
     gate = asyncio.Semaphore(concurrency)
     writers: list[asyncio.StreamWriter] = []
 
-    async def one() -> None:
+    async def one(source: str | None) -> None:
         async with gate:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+                local = (source, 0) if source else None
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local), 5)
             except (OSError, TimeoutError):
                 result.refused += 1
                 return
@@ -258,7 +259,7 @@ async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dri
         else:
             result.held_at_end += 1
 
-    tasks = [asyncio.ensure_future(one()) for _ in range(n)]
+    tasks = [asyncio.ensure_future(one(sources[i % len(sources)] if sources else None)) for i in range(n)]
     await asyncio.sleep(duration_s)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,15 +272,22 @@ async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dri
     return result
 
 
-async def silent_sockets(host: str, port: int, n: int, duration_s: float) -> FloodResult:
-    """``n`` TCP connections that never send a byte, held for ``duration_s``."""
-    return await _flood("silent_sockets", host, port, n, duration_s, None, 0.0)
+def loopback_sources(first: int, count: int) -> list[str]:
+    """``count`` distinct loopback source addresses 127.0.0.<first>.. (Linux routes all of 127/8 locally)."""
+    return [f"127.0.{(first + i) // 250}.{(first + i) % 250 + 2}" for i in range(count)]
 
 
-async def slowloris(host: str, port: int, n: int, duration_s: float, byte_interval_s: float = 1.0) -> FloodResult:
+async def silent_sockets(host: str, port: int, n: int, duration_s: float,
+                         sources: list[str] | None = None) -> FloodResult:
+    """``n`` TCP connections that never send a byte, held for ``duration_s`` (from ``sources`` in turn)."""
+    return await _flood("silent_sockets", host, port, n, duration_s, None, 0.0, sources=sources)
+
+
+async def slowloris(host: str, port: int, n: int, duration_s: float, byte_interval_s: float = 1.0,
+                    sources: list[str] | None = None) -> FloodResult:
     """``n`` upgrade requests sent one byte every ``byte_interval_s``, never completed."""
     request = handshake_request(host, port)[:-2] + b"X-Padding: " + b"a" * 4096
-    return await _flood("slowloris", host, port, n, duration_s, request, byte_interval_s)
+    return await _flood("slowloris", host, port, n, duration_s, request, byte_interval_s, sources=sources)
 
 
 class IdleWebSocket:
@@ -355,9 +363,13 @@ class CaseResult:
         return True
 
 
-async def _ws_case(host: str, port: int, payload: bytes, extra: dict[str, str] | None = None) -> str:
+async def _ws_case(host: str, port: int, payload: bytes, extra: dict[str, str] | None = None,
+                   token: str | None = None) -> str:
+    headers = dict(extra or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        reader, writer, answer = await open_raw(host, port, extra=extra)
+        reader, writer, answer = await open_raw(host, port, extra=headers)
     except (OSError, TimeoutError):
         return "connect_failed"
     try:
@@ -383,32 +395,37 @@ async def _http_case(host: str, port: int, raw: bytes) -> str:
         close_writer(writer)
 
 
-def fuzz_catalog(host: str, port: int, *, strict: bool = True) -> list[tuple[str, str, Any]]:
+def fuzz_catalog(host: str, port: int, *, strict: bool = True, token: str | None = None
+                 ) -> list[tuple[str, str, Any]]:
     """(case, expected answer prefix, coroutine factory) for every named bad input.
 
     ``strict`` expects the RFC 6455 answers of issue 10 (1002 for unmasked frames, 426 for a wrong
     version, 1007 for invalid UTF-8); without it the expectations are the pre-hardening ones."""
     text = lambda obj: frame(0x1, orjson.dumps(obj))  # noqa: E731
+
+    def ws(payload: bytes, extra: dict[str, str] | None = None):
+        return _ws_case(host, port, payload, extra, token)
+
     big_name = "coinbase:" + "X" * 8192
     cases: list[tuple[str, str, Any]] = [
-        ("not JSON", "error:bad_request", lambda: _ws_case(host, port, frame(0x1, b"hello"))),
-        ("JSON array", "error:bad_request", lambda: _ws_case(host, port, text([1, 2]))),
-        ("unknown op", "error:bad_request", lambda: _ws_case(host, port, text({"op": "nuke"}))),
-        ("huge number", "error:bad_request", lambda: _ws_case(host, port, frame(0x1, b'{"op":"ping","id":' + b"9" * 400 + b"}"))),
-        ("deep nesting", "error:bad_request", lambda: _ws_case(host, port, frame(0x1, b"[" * 5000 + b"]" * 5000))),
+        ("not JSON", "error:bad_request", lambda: ws(frame(0x1, b"hello"))),
+        ("JSON array", "error:bad_request", lambda: ws(text([1, 2]))),
+        ("unknown op", "error:bad_request", lambda: ws(text({"op": "nuke"}))),
+        ("huge number", "error:bad_request", lambda: ws(frame(0x1, b'{"op":"ping","id":' + b"9" * 400 + b"}"))),
+        ("deep nesting", "error:bad_request", lambda: ws(frame(0x1, b"[" * 5000 + b"]" * 5000))),
         ("8 KB instrument name (echo truncated)", "error:unknown_instrument",
-         lambda: _ws_case(host, port, text({"op": "subscribe", "instruments": [big_name]}))),
-        ("binary frame", "close:1008", lambda: _ws_case(host, port, frame(0x2, b"\x00\x01"))),
-        ("oversize frame (70 KB)", "close:1009", lambda: _ws_case(host, port, frame(0x1, b" " * 70_000))),
+         lambda: ws(text({"op": "subscribe", "instruments": [big_name]}))),
+        ("binary frame", "close:1008", lambda: ws(frame(0x2, b"\x00\x01"))),
+        ("oversize frame (70 KB)", "close:1009", lambda: ws(frame(0x1, b" " * 70_000))),
         ("invalid UTF-8 text", "close:1007" if strict else "error:bad_request",
-         lambda: _ws_case(host, port, frame(0x1, b'{"op":"\xff\xfe"}'))),
+         lambda: ws(frame(0x1, b'{"op":"\xff\xfe"}'))),
         ("unmasked client frame", "close:1002" if strict else "pong",
-         lambda: _ws_case(host, port, frame(0x1, b'{"op":"ping"}', mask=False))),
-        ("reserved bit set", "close:1002", lambda: _ws_case(host, port, frame(0x1, b'{"op":"ping"}', rsv=4))),
-        ("unknown opcode", "close:1002", lambda: _ws_case(host, port, frame(0x3, b""))),
-        ("fragmented control frame", "close:1002", lambda: _ws_case(host, port, frame(0x9, b"x", fin=False))),
-        ("continuation without start", "close:1002", lambda: _ws_case(host, port, frame(0x0, b"x"))),
-        ("ping flood then ping request", "pong", lambda: _ws_case(host, port, frame(0x9, b"p") * 200 + text({"op": "ping"}))),
+         lambda: ws(frame(0x1, b'{"op":"ping"}', mask=False))),
+        ("reserved bit set", "close:1002", lambda: ws(frame(0x1, b'{"op":"ping"}', rsv=4))),
+        ("unknown opcode", "close:1002", lambda: ws(frame(0x3, b""))),
+        ("fragmented control frame", "close:1002", lambda: ws(frame(0x9, b"x", fin=False))),
+        ("continuation without start", "close:1002", lambda: ws(frame(0x0, b"x"))),
+        ("ping flood then ping request", "pong", lambda: ws(frame(0x9, b"p") * 200 + text({"op": "ping"}))),
         ("wrong WebSocket version", "http:426" if strict else "http:", lambda: _http_case(
             host, port, handshake_request(host, port, version="8"))),
         ("garbage request line", "http:400", lambda: _http_case(host, port, b"\x16\x03\x01\x02\x00garbage\r\n\r\n")),
@@ -418,20 +435,20 @@ def fuzz_catalog(host: str, port: int, *, strict: bool = True) -> list[tuple[str
     return cases
 
 
-async def fuzz_cases(host: str, port: int, *, strict: bool = True) -> list[CaseResult]:
+async def fuzz_cases(host: str, port: int, *, strict: bool = True, token: str | None = None) -> list[CaseResult]:
     out = []
-    for case, expected, run in fuzz_catalog(host, port, strict=strict):
+    for case, expected, run in fuzz_catalog(host, port, strict=strict, token=token):
         out.append(CaseResult(case, expected, await run()))
     return out
 
 
-async def random_frames(host: str, port: int, n: int, seed: int = 0) -> Counter:
+async def random_frames(host: str, port: int, n: int, seed: int = 0, token: str | None = None) -> Counter:
     """``n`` connections each sending random bytes after a good upgrade; a Counter of the answers."""
     rng = random.Random(seed)
     answers: Counter = Counter()
     for _ in range(n):
         junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))
-        answer = await _ws_case(host, port, junk)
+        answer = await _ws_case(host, port, junk, token=token)
         answers[answer.split(":")[0] + ":" + answer.split(":")[1] if answer.count(":") else answer] += 1
     return answers
 
@@ -662,19 +679,21 @@ async def run_measurement(args: argparse.Namespace, base_url: str, ws_url: str, 
         progress(f"{args.silent} silent sockets for {d} s")
         report["phases"].append(await measure_phase(
             f"{args.silent} silent sockets", base_url, ws_url, instruments, d,
-            lambda: _as_dict(silent_sockets(host, port, args.silent, d)), token))
+            lambda: _as_dict(silent_sockets(host, port, args.silent, d, loopback_sources(0, args.attack_sources))),
+            token))
     if args.slowloris:
         progress(f"{args.slowloris} slowloris upgrades for {d} s")
         report["phases"].append(await measure_phase(
             f"{args.slowloris} slowloris", base_url, ws_url, instruments, d,
-            lambda: _as_dict(slowloris(host, port, args.slowloris, d, args.slowloris_interval_s)), token))
+            lambda: _as_dict(slowloris(host, port, args.slowloris, d, args.slowloris_interval_s,
+                                       loopback_sources(100, args.attack_sources))), token))
     if args.fuzz:
         progress("fuzz cases and random frames")
 
         async def fuzz_attack() -> dict[str, Any]:
-            cases = await fuzz_cases(host, port, strict=not args.lenient)
+            cases = await fuzz_cases(host, port, strict=not args.lenient, token=token)
             report["fuzz"] = [dict(asdict(c), ok=c.ok) for c in cases]
-            report["random_frames"] = dict(await random_frames(host, port, args.fuzz))
+            report["random_frames"] = dict(await random_frames(host, port, args.fuzz, token=token))
             return {"cases": len(cases), "differs": sum(not c.ok for c in cases)}
 
         report["phases"].append(await measure_phase("fuzzing client", base_url, ws_url, instruments, d, fuzz_attack,
@@ -698,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--silent", type=int, default=2000, help="silent TCP sockets (0 = skip)")
     p.add_argument("--slowloris", type=int, default=300, help="slowloris upgrades (0 = skip)")
     p.add_argument("--slowloris-interval-s", type=float, default=1.0, help="seconds between dribbled bytes")
+    p.add_argument("--attack-sources", type=int, default=10,
+                   help="loopback source addresses the floods come from (127.0.0.2 ...; default %(default)s)")
     p.add_argument("--fuzz", type=int, default=100, help="random-frame connections in the fuzz phase (0 = skip)")
     p.add_argument("--lenient", action="store_true", help="expect the pre-hardening answers in the fuzz table")
     p.add_argument("--workers", type=int, default=1, help="gateway workers of the stack started here")

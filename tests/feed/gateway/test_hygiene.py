@@ -116,6 +116,8 @@ class Listener:
         async def ws_handler(request: web.Request) -> web.StreamResponse:
             if request.query.get("slow"):
                 await asyncio.sleep(0.3)  # e.g. checking a token while the client gives up
+            if request.query.get("refuse"):
+                raise web.HTTPUnauthorized(text="no\n")
             ws = web.WebSocketResponse()
             await ws.prepare(request)
             async for msg in ws:
@@ -321,3 +323,16 @@ async def test_malformed_http_and_vanishing_clients_are_one_debug_line_each(capl
     assert not errors, [r.getMessage() for r in errors]
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+async def test_a_refused_upgrade_leaves_a_plain_keep_alive_connection():
+    """An upgrade the handler refuses (a 401 from the token check) leaves plain HTTP: the next request on
+    the same connection is parsed as HTTP, not checked as WebSocket frames."""
+    async with Listener(HygieneLimits()) as srv:
+        reader, writer = await srv.connect()
+        writer.write(handshake_request("127.0.0.1", srv.port, "/v1/ws?refuse=1"))
+        assert (await read_http_head(reader)).status == 401
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_http_head(reader)).status == 200
+        assert srv.guard.table.websockets == 0
+        writer.close()
