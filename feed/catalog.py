@@ -186,6 +186,12 @@ SPECS: tuple[MetricSpec, ...] = (
        "(per_source_cap, total_cap, handshake_timeout, idle_timeout, bad_version, bad_origin).", ("reason",)),
     _c("bookcast_gateway_checksum_mismatches_total", "Deltas from NATS whose checksum does not match the gateway's "
        "own book after applying them (the instrument is resynced)."),
+    # security (issue 10), beyond the names agreed above
+    _c("bookcast_gateway_handshake_failures_total", "Connections that failed before or at the upgrade without a "
+       "gateway decision, by reason (bad_http, client_vanished, unmasked_frame); each is one DEBUG log line.",
+       ("reason",)),
+    _c("bookcast_gateway_conflicting_deltas_total", "Two different deltas from NATS for one (epoch, seq) of an "
+       "instrument: one was forged or replayed (the instrument is resynced)."),
     # chaos drills (issue 14): exported by `bookcast drill run` while it runs
     _g("bookcast_drill_running", "1 while a drill's fault is injected.", labels=("drill",)),
     _g("bookcast_drill_detect_seconds", "Fault onset to first detection in the last run of a drill.", "seconds",

@@ -48,6 +48,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("ingest", "feed.providers.run", "run an ingest reading live providers from a config (hot standby, failover)"),
     ("failover-bench", "feed.providers.bench", "benchmark: fault onset to first delta from the healthy provider, "
                                                "ingest CPU per venue message with 1 and 3 providers"),
+    ("token", "feed.tokencli", "gateway tokens (PROTOCOL.md section 8): issue, verify, keygen"),
 ]
 
 
@@ -157,6 +158,13 @@ def _replay(args: argparse.Namespace) -> int:
     if missing:
         print(f"bookcast replay: capture file not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from feed.natsauth import NatsAuthError, credentials_from_args
+
+    try:
+        credentials_from_args(args)
+    except NatsAuthError as exc:
+        print(f"bookcast replay: {exc}", file=sys.stderr)
+        return 2
     if args.check:
         from feed.capture import CaptureError
         from feed.replaycheck import check_captures
@@ -198,7 +206,9 @@ async def _run_ingest(args: argparse.Namespace) -> int:
             return 1
         why = (f"no answer within {args.connect_timeout_s:g} s" if connecting not in done
                else f"{type(connecting.exception()).__name__}: {connecting.exception()}")
-        print(f"bookcast replay: cannot connect to NATS at {args.nats} ({why}); is nats-server running? "
+        from feed.natsauth import redacted_url
+
+        print(f"bookcast replay: cannot connect to NATS at {redacted_url(args.nats)} ({why}); is nats-server running? "
               f"(--connect-timeout-s sets the wait)", file=sys.stderr)
         return 1
     stopped.cancel()

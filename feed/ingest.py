@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry
 
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
 from feed import metrics as prom
+from feed import natsauth
 from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
@@ -93,6 +94,7 @@ class IngestConfig:
     ingest_delay_ns: int = 0  # test hook: publish each delta this long after receiving it (a slow ingest)
     burst_idle_s: float = 0.25  # a venue burst with no message for this long is over (feed.integrity)
     providers: Any = None  # feed.providers.config.PoolConfig: read live providers instead of captures
+    nats_credentials: natsauth.NatsCredentials = field(default_factory=natsauth.NatsCredentials)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with OTLP on, trace one delta in this many (default %(default)s)")
     p.add_argument("--test-upstream-lag-ms", type=float, default=0.0,
                    help="test hook: move venue event times back by this much, a lagging upstream (default off)")
+    natsauth.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
@@ -111,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     return IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None, loop=args.loop,
                         name=args.name, otlp_endpoint=args.otlp_endpoint,
                         trace_sample_every=max(1, args.trace_sample_every),
-                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
+                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6),
+                        nats_credentials=natsauth.credentials_from_args(args))
 
 
 def _session_or_none(venue: str) -> Any:
@@ -202,9 +206,9 @@ class Ingest:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            self.config.nats_url, name=self.config.name, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-            pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
+        self.nc = await natsauth.connect(
+            self.config.nats_url, self.config.nats_credentials, name=self.config.name, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25, pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
             disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
         )
         await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)

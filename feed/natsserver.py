@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feed.natsauth import NatsUser, authorization_block
 from feed.procs import free_port, port_open, stop_process, wait_until
 
 
@@ -51,6 +52,8 @@ class NatsServer:
     ``cluster_name``/``cluster_port``/``routes`` join servers into a cluster (a region); ``gateway_name``/
     ``gateway_port``/``gateways`` ({name: [url, ...]}) join clusters into a supercluster.
     ``websocket_port`` opens nats-server's own WebSocket listener (the load-test peer).
+    ``users`` turns authentication on (``feed.natsauth``: no anonymous access, permissions per role);
+    the config file is then written with mode 0600.
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +69,7 @@ class NatsServer:
     websocket_port: int | None = None
     max_payload_bytes: int = 8 * 1024 * 1024
     extra_config: str = ""
+    users: list[NatsUser] = field(default_factory=list)
     workdir: str | None = None
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
@@ -121,6 +125,8 @@ class NatsServer:
         if self.websocket_port is not None:
             self.websocket_port = self.websocket_port or free_port(self.host)
             lines += ["websocket {", f"  listen: {self.host}:{self.websocket_port}", "  no_tls: true", "}"]
+        if self.users:
+            lines.append(authorization_block(self.users))
         if self.extra_config:
             lines.append(self.extra_config)
         return "\n".join(lines) + "\n"
@@ -138,7 +144,10 @@ class NatsServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="bookcast-nats-")
             self.workdir = self._tmp.name
         conf = Path(self.workdir) / f"{self.name}.conf"
-        conf.write_text(self.config_text())
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as conf_file:
+            conf_file.write(self.config_text())
+        os.chmod(conf, 0o600)
         log = Path(self.workdir) / f"{self.name}.log"
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(

@@ -92,11 +92,14 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes the gateway uses (section 5)."""
 
     GOING_AWAY = 1001  # after ``shutdown``
+    PROTOCOL_ERROR = 1002  # RFC 6455 framing violation (e.g. an unmasked client frame)
+    INVALID_PAYLOAD = 1007  # a text frame that is not valid UTF-8 (RFC 6455 section 8.1)
     POLICY_VIOLATION = 1008  # e.g. a binary frame from the client
     MESSAGE_TOO_BIG = 1009  # inbound frame over ``max_frame_bytes``
     UNAUTHORIZED = 4001  # token missing, invalid or expired
     SLOW_CONSUMER = 4008  # ``max_overflows`` within ``overflow_window_s``
     RATE_LIMITED = 4029  # ``max_rate_limited_in_a_row`` rate-limited requests in a row
+    INTERNAL_ERROR = 1011  # the gateway failed handling the connection (a bug)
 
 
 class ResyncReason(enum.StrEnum):

@@ -46,14 +46,14 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from feed import metrics as prom
-from feed import wire
+from feed import natsauth, wire
 from feed.gateway import instrument as im
 from feed.gateway import viewer
 from feed.gateway.config import GatewayConfig  # noqa: F401 - re-exported: declared once, in feed.gateway.config
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
-from feed.gateway.protocol import CloseCode, ErrorCode, GatewayLimits, ResyncReason
+from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
 from feed.gateway.session import Authorization, Close, Link, Session, Unlink
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
@@ -98,6 +98,7 @@ class GatewayMetrics:
         self.conflated = b("bookcast_gateway_conflated_total")
         self.gaps = b("bookcast_gateway_gaps_total")
         self.checksum_mismatches = b("bookcast_gateway_checksum_mismatches_total")
+        self.conflicting_deltas = b("bookcast_gateway_conflicting_deltas_total")
         self.snapshot_failures = b("bookcast_gateway_snapshot_fetch_failures_total")
         self.bad_upstream = b("bookcast_gateway_bad_upstream_total")
         self._hop_nats_gateway = per_msg("bookcast_hop_nats_gateway_seconds")
@@ -274,8 +275,9 @@ class Gateway:
 
     # -- NATS -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await nats.connect(
+        self.nc = await natsauth.connect(
             self.config.nats_url,
+            self.config.nats_credentials,
             name=self.config.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=self.config.nats_reconnect_wait_s,
@@ -447,6 +449,8 @@ class Gateway:
                 self.metrics.gaps.inc()
                 if action.cause is im.BreakCause.CHECKSUM_MISMATCH:
                     self.metrics.checksum_mismatches.inc()
+                elif action.cause is im.BreakCause.CONFLICTING_DUPLICATE:
+                    self.metrics.conflicting_deltas.inc()
                 log.warning("%s: fetching snapshot", action.detail)
                 now_ns = time.time_ns()
                 for session in list(self.links.get(inst, ())):
@@ -647,14 +651,19 @@ class Gateway:
             reader.cancel()
             conn.writer.cancel()
             self._drop(conn)
-            if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-                self.metrics.closes[int(CloseCode.MESSAGE_TOO_BIG)].inc()
+            if ws.close_code in _PEER_LEVEL_CLOSES:  # closes aiohttp made itself (the rest are counted as queued)
+                self.metrics.closes[int(ws.close_code)].inc()
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
         session = conn.session
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
+                if not _valid_utf8(msg.data):  # RFC 6455 section 8.1; bad_request stays for text that is not JSON
+                    self.metrics.closes[int(CloseCode.INVALID_PAYLOAD)].inc()
+                    self._apply_links(session, session.closed())
+                    await ws.close(code=CloseCode.INVALID_PAYLOAD, message=b"text frame is not valid UTF-8")
+                    return
                 try:
                     actions = session.on_text(msg.data, time.time_ns())
                     self._apply_links(session, actions)
@@ -684,9 +693,9 @@ class Gateway:
         try:
             split_instrument(instrument)
         except ValueError:
-            return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {instrument!r}")
+            return _json_error(400, ErrorCode.BAD_REQUEST, f"bad instrument id {shown(instrument)}")
         if authorization is not None and not authorization.allows(instrument):
-            return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {instrument!r}")
+            return _json_error(403, ErrorCode.FORBIDDEN, f"token does not allow {shown(instrument)}")
         depth = request.query.get("depth")
         if depth is not None and not (depth.isdigit() and int(depth) >= 1):
             return _json_error(400, ErrorCode.BAD_REQUEST, f"depth must be a positive integer, got {depth!r}")
@@ -697,18 +706,20 @@ class Gateway:
             try:
                 reply = await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)
             except Exception as exc:  # noqa: BLE001 - upstream unavailable
-                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {instrument!r} unavailable: {type(exc).__name__}")
+                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {shown(instrument)} unavailable: {type(exc).__name__}")
             body = reply.data
         else:
-            return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {instrument!r}")
+            return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown(instrument)}")
         if depth is not None:
             body = snapshot_at_depth(body, int(depth))
         return web.Response(body=wire.with_send_ts(body, time.time_ns()), content_type="application/json")
 
     async def instruments_handler(self, request: web.Request) -> web.Response:
-        await self.authorize(request)
+        authorization = await self.authorize(request)
         out = []
         for inst in sorted(self.directory.keys() | self.machines.keys()):
+            if authorization is not None and not authorization.allows(inst):
+                continue  # REST under the token's patterns too (section 8)
             entry = self.directory.get(inst, {})
             epoch, seq, status = entry.get("epoch", ""), entry.get("seq", 0), entry.get("status", Status.OK.value)
             machine = self.machines.get(inst)
@@ -751,6 +762,20 @@ class Gateway:
             self.metrics.fold(conn.session.tally)
         if conns:
             await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
+
+
+_PEER_LEVEL_CLOSES = frozenset({int(CloseCode.PROTOCOL_ERROR), int(CloseCode.INVALID_PAYLOAD),
+                                int(CloseCode.MESSAGE_TOO_BIG)})
+
+
+def _valid_utf8(data: bytes | str) -> bool:
+    if isinstance(data, str):
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _unsubscribe(sub) -> None:

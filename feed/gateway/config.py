@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feed.gateway.protocol import GatewayLimits
+from feed.natsauth import NatsCredentials
 
 
 def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], Any] | None = None,
@@ -84,6 +85,9 @@ class GatewayConfig:
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(
         "--test-fanout-delay-ms", "test hook: hold every delta this long before fan-out, a slow gateway", **_ms))
+    # NATS login (feed.natsauth); its options are declared with the other hardening options in
+    # feed.gateway.hardening, which fills this field in
+    nats_credentials: NatsCredentials = field(default_factory=NatsCredentials)
 
 
 @dataclass

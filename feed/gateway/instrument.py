@@ -22,6 +22,8 @@ AWAITING_SNAPSHOT      snapshot reply                LIVE                 replay
 AWAITING_SNAPSHOT      snapshot failed               AWAITING_SNAPSHOT    RequestSnapshot (backoff)
 LIVE                   delta that applies            LIVE                 FanOut
 LIVE                   duplicate delta               LIVE                 (dropped)
+LIVE                   duplicate seq, other content  RECOVERING           Resync, RequestSnapshot (one of
+                                                                          the two was forged or replayed)
 LIVE                   gap / epoch / bad checksum    RECOVERING           Resync, RequestSnapshot
 LIVE                   directory ahead               SUSPECT              (remember the announced seq)
 LIVE, SUSPECT          snapshot reply or failure     same                 (a late answer: ignored)
@@ -113,6 +115,7 @@ class BreakCause(enum.StrEnum):
     EPOCH_CHANGE = "epoch_change"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     TAIL_LOSS = "tail_loss"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"  # two different deltas for one (epoch, seq)
 
 
 # -- actions ----------------------------------------------------------------------------------------
@@ -273,6 +276,12 @@ class InstrumentMachine:
             item = Item(Kind.DATA, self.instrument, text_frame(stamped), delta.epoch, delta.seq, delta.prev_seq)
             return [FanOut(item, delta, traceparent, now_ns)]
         if verdict is DUPLICATE:
+            held = self._held_payload(delta.epoch, delta.seq)
+            if held is not None and held != payload:
+                detail = (f"conflicting deltas instrument={self.instrument} epoch={delta.epoch} seq={delta.seq}: "
+                          "one of them was forged or replayed")
+                self.ring.clear()  # the ring may hold the forged one: resume falls back to a snapshot
+                return self._break(ResyncReason.UPSTREAM_GAP, BreakCause.CONFLICTING_DUPLICATE, detail)
             self._go(Input.DUPLICATE)
             return []
         self.buffer.append((delta, payload, traceparent))
@@ -281,6 +290,16 @@ class InstrumentMachine:
             return self._break(ResyncReason.EPOCH_CHANGE, BreakCause.EPOCH_CHANGE, detail)
         detail = f"seq gap instrument={self.instrument} expected={book.seq} got={delta.prev_seq} (seq {delta.seq})"
         return self._break(ResyncReason.UPSTREAM_GAP, BreakCause.SEQ_GAP, detail)
+
+    def _held_payload(self, epoch: str, seq: int, look_back: int = 64) -> bytes | None:
+        """The payload this machine applied for ``(epoch, seq)`` among its last ``look_back`` deltas."""
+        for i in range(len(self.ring) - 1, max(-1, len(self.ring) - 1 - look_back), -1):
+            r_epoch, r_seq, _, r_payload = self.ring[i]
+            if r_seq == seq and r_epoch == epoch:
+                return r_payload
+            if r_seq < seq and r_epoch == epoch:
+                return None
+        return None
 
     def _break(self, reason: ResyncReason, cause: BreakCause, detail: str) -> list[Action]:
         self._go(Input.BREAK)
@@ -314,6 +333,7 @@ class InstrumentMachine:
             return [Rejected(error), *self.on_snapshot_failed(now_ns)]
         epoch_changed = bool(self.book.epoch) and snap.epoch != self.book.epoch
         self.book = candidate
+        self._snapshot_cache = None  # same (epoch, seq) need not mean the same book (a forged delta was in it)
         if epoch_changed:
             self.ring.clear()
         self._go(Input.SNAPSHOT)

@@ -23,7 +23,6 @@ Choices where PROTOCOL.md is silent, made additively (section 10):
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,8 +119,8 @@ def parse_request(text: str | bytes, limits: GatewayLimits) -> Request:
     """
     try:
         payload = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "request is not valid UTF-8 JSON") from None
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"request is not JSON: {str(exc)[:120]}") from None
     if not isinstance(payload, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"request must be a JSON object, got {_describe(payload)}")
     request_id = _request_id(payload)
@@ -261,6 +260,12 @@ def _bad(message: str) -> ProtocolError:
 
 
 _SHOWN_CHARS = 64  # longest client string quoted back in an error message
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for an error message, truncated to ``_SHOWN_CHARS`` (an attacker's 8 KB instrument
+    name is never echoed back whole)."""
+    return _describe(text)
 
 
 def _describe(value: object) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from feed.gateway import config as cfg
+from feed.gateway import hardening
 from feed.gateway.config import GatewayConfig, ServerConfig
 from feed.procs import StopSignal, free_port, stop_process
 
@@ -30,13 +31,18 @@ log = logging.getLogger("bookcast.gateway")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``bookcast gateway`` options: one per ``cli`` field of ``feed.gateway.config``."""
+    """The ``bookcast gateway`` options: one per ``cli`` field of ``feed.gateway.config``, then the hardening
+    options of ``feed.gateway.hardening`` (auth keys, NATS login, ops listener, TLS, hygiene)."""
     cfg.add_arguments(p)
+    hardening.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """One worker's ``GatewayConfig`` from the parsed options."""
-    return cfg.config_from_args(args)
+    """One worker's ``GatewayConfig`` from the parsed options (with its NATS login, when given)."""
+    config = cfg.config_from_args(args)
+    if getattr(args, "nats_user", None) is not None or getattr(args, "nats_password_file", None) is not None:
+        config.nats_credentials = hardening.natsauth.credentials_from_args(args)
+    return config
 
 
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
@@ -44,13 +50,21 @@ async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: 
     from feed.gateway.app import create_app
 
     server = cfg.server_config_from_args(args)
-    app = create_app(server.gateway)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    server.gateway = config_from_args(args)
+    secure = hardening.from_args(args)
+    app = create_app(server.gateway, authenticator=secure.authenticator(None))
+    secure.attach(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0, **secure.runner_kwargs())
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port, backlog=4096)
+    secure.install(runner)
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port, backlog=4096,
+                       ssl_context=secure.ssl_context)
     await site.start()
+    ops = await secure.start_ops(app, reuse_port=reuse_port)
     if ready_line:
-        log.info("gateway worker pid=%d serving http://%s:%d (WebSocket /v1/ws)", os.getpid(), server.host, server.port)
+        scheme = "https" if secure.ssl_context is not None else "http"
+        log.info("gateway worker pid=%d serving %s://%s:%d (WebSocket /v1/ws)", os.getpid(), scheme, server.host,
+                 server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,6 +72,8 @@ async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: 
     await stop.wait()
     log.info("gateway worker pid=%d draining", os.getpid())
     await runner.cleanup()
+    if ops is not None:
+        await ops.cleanup()
     return 0
 
 
@@ -65,9 +81,16 @@ def serve(args: argparse.Namespace) -> int:
     """Entry point of ``bookcast gateway``."""
     if args.port == 0:
         args.port = free_port(args.host)
+    if args.ops_port == 0:
+        args.ops_port = free_port(args.ops_host)
+    try:
+        hardening.from_args(args)  # refuse unusable keys, certificates or passwords before any worker starts
+    except (ValueError, OSError) as exc:
+        print(f"bookcast gateway: {exc}", file=sys.stderr)
+        return 2
     if args.workers <= 1:
         return _run(run_worker(args, reuse_port=False))
-    return _supervise(cfg.server_config_from_args(args))
+    return _supervise(cfg.server_config_from_args(args), hardening.worker_argv(args))
 
 
 def _run(coro) -> int:
@@ -109,7 +132,7 @@ class _Slot:
     restart_at_s: float | None = None
 
 
-def _supervise(server: ServerConfig) -> int:
+def _supervise(server: ServerConfig, extra_argv: list[str] = ()) -> int:
     with tempfile.TemporaryDirectory(prefix="bookcast-prom-") as prom_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=prom_dir)
         base = [sys.executable, "-m", "feed.cli", "gateway", "--worker"]
@@ -117,7 +140,7 @@ def _supervise(server: ServerConfig) -> int:
         backoff = RestartBackoff(*server.restart_backoff_s)
 
         def start(slot: _Slot) -> None:
-            argv = base + cfg.worker_argv(server, name=slot.name)
+            argv = base + cfg.worker_argv(server, name=slot.name) + list(extra_argv)
             slot.proc = subprocess.Popen(argv, env=env)
             slot.started_s, slot.restart_at_s = time.monotonic(), None
 

@@ -331,7 +331,7 @@ class Session:
 
     @staticmethod
     def _named(instruments: list[str]) -> str:
-        return ", ".join(repr(i) for i in instruments[:5]) + (" ..." if len(instruments) > 5 else "")
+        return ", ".join(proto.shown(i) for i in instruments[:5]) + (" ..." if len(instruments) > 5 else "")
 
     def _subscribe(self, req: proto.Subscribe, now_ns: int) -> list[Action]:
         unknown = [i for i in req.instruments if not self.books.known(i)]
@@ -348,6 +348,9 @@ class Session:
             raise ProtocolError(ErrorCode.TOO_MANY_INSTRUMENTS,
                                 f"{len(self.subs) + len(new)} instruments over the limit of {limit} per connection",
                                 req.id)
+        reserve = getattr(auth, "try_subscribe", None)  # per-token subscription cap (feed.gateway.hardening)
+        if reserve is not None and new and not reserve(len(new)):
+            raise ProtocolError(ErrorCode.TOO_MANY_INSTRUMENTS, "the token's subscription limit is reached", req.id)
         book = Channel.BOOK in req.channels
         trades = Channel.TRADES in req.channels
         actions: list[Action] = []
@@ -390,6 +393,9 @@ class Session:
             self.conflating.pop(inst, None)
             self._flushing.pop(inst, None)
             actions.append(Unlink(inst))
+        released = getattr(self.authorization, "unsubscribed", None)
+        if released is not None and actions:
+            released(len(actions))
         self.push_ctrl(proto.unsubscribed(req.id, list(req.instruments)))
         return actions
 

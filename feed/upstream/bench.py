@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from feed.capture import CaptureRecord, read_capture
+from feed.capture import read_capture
 from feed.simulator.proc import simulator
 from feed.simulator.world import RENDERERS, World
 from feed.venues import session_for

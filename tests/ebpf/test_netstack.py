@@ -3,7 +3,6 @@ series, and a workload that should not move it does not. Bucket arithmetic as in
 from __future__ import annotations
 
 import socket
-import time
 
 from feed.procs import wait_until
 from tests.ebpf.conftest import Workload, one, series

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from feed.book import L2Book
 from feed.capture import CaptureRecord, read_capture
 from feed.ingest import Ingest, IngestConfig
-from feed.model import BookSnapshot, Side
+from feed.model import BookSnapshot
 from feed.providers.config import VenueConfig
 from feed.providers.link import LinkEvent, ProviderSpec, UpstreamError
 from feed.providers.pool import VenuePool

@@ -52,12 +52,13 @@ def _sub(**fields: object) -> dict[str, object]:
 
 MALFORMED = {
     # not JSON
-    "empty frame": (b"", BAD, None, "not valid UTF-8 JSON"),
-    "truncated": ('{"op":"ping"', BAD, None, "not valid UTF-8 JSON"),
-    "trailing garbage": ('{"op":"ping"} x', BAD, None, "not valid UTF-8 JSON"),
-    "NaN": ('{"op":"ping","id":NaN}', BAD, None, "not valid UTF-8 JSON"),
-    "invalid UTF-8": (b'{"op":"ping","id":"\xff"}', BAD, None, "not valid UTF-8 JSON"),
-    "lone surrogate": ('{"op":"ping","id":"\ud800"}', BAD, None, "not valid UTF-8 JSON"),
+    "empty frame": (b"", BAD, None, "request is not JSON"),
+    "truncated": ('{"op":"ping"', BAD, None, "request is not JSON"),
+    "trailing garbage": ('{"op":"ping"} x', BAD, None, "request is not JSON"),
+    "NaN": ('{"op":"ping","id":NaN}', BAD, None, "request is not JSON"),
+    "invalid UTF-8": (b'{"op":"ping","id":"\xff"}', BAD, None, "request is not JSON"),
+    "lone surrogate": ('{"op":"ping","id":"\ud800"}', BAD, None, "request is not JSON"),
+    "huge number": ('{"op":"ping","id":1e400}', BAD, None, "request is not JSON: number is infinity"),
     # not an object
     "array": ("[1,2]", BAD, None, "must be a JSON object, got an array"),
     "string": ('"str"', BAD, None, "must be a JSON object, got 'str'"),
@@ -402,6 +403,7 @@ def test_codes_are_the_protocol_vocabulary():
     assert {c.name: c.value for c in CloseCode} == {
         "GOING_AWAY": 1001, "POLICY_VIOLATION": 1008, "MESSAGE_TOO_BIG": 1009, "UNAUTHORIZED": 4001,
         "SLOW_CONSUMER": 4008, "RATE_LIMITED": 4029,
+        "PROTOCOL_ERROR": 1002, "INVALID_PAYLOAD": 1007, "INTERNAL_ERROR": 1011,  # RFC 6455 codes (issue 10)
     }
     assert {r.value for r in ResyncReason} == {"slow_consumer", "upstream_gap", "epoch_change"}
 

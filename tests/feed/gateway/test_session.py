@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
-import time
 
-import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa

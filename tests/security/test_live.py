@@ -1,0 +1,245 @@
+"""A hardened stack under attack: NATS users, token auth, the ops listener, connection hygiene, all real.
+
+One stack for the module (nats-server with users, an ingest and a gateway logging in with password files,
+the gateway with a token key, an ops port and short hygiene timeouts), then: what the public port serves,
+auth on upgrade and REST, 4001 on expiry, forged deltas, and a healthy client streaming while 2,000 idle
+connections, floods, slowloris and a fuzzing client hit the gateway.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import nats
+import orjson
+import pytest
+
+from feed.auth import Algorithm, issue_token
+from feed.natsauth import NatsCredentials, NatsRole, NatsUser, write_password_file
+from feed.natsserver import NatsServer
+from feed.procs import free_port, stop_process, wait_until
+from feed.stack import bundled_capture
+from feed.subjects import delta_subject
+from tests.e2e.harness import spawn_cli
+from tests.security import attack
+
+pytestmark = pytest.mark.e2e
+SECRET = b"live-test-secret-live-test-secret-0001"
+
+
+def token(instruments=("coinbase:*",), ttl_s: int = 3600, sub: str = "desk") -> str:
+    return issue_token(sub=sub, instruments=list(instruments), now_s=int(time.time()), ttl_s=ttl_s,
+                       algorithm=Algorithm.HS256, key=SECRET, kid="k1")
+
+
+def get(url: str, tok: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {tok}"} if tok else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return None, b""
+
+
+class Secured:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.users = {r: NatsUser.generate(r) for r in NatsRole}
+        self.nats = NatsServer(name="secured-nats", users=list(self.users.values()), workdir=str(tmp))
+        self.port, self.ops_port, self.ingest_port = free_port(), free_port(), free_port()
+        self.procs = []
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
+
+    def start(self) -> Secured:
+        self.nats.start()
+        secret = self.tmp / "hs.secret"
+        secret.write_bytes(SECRET)
+        gw_pw = write_password_file(self.tmp, self.users[NatsRole.GATEWAY])
+        in_pw = write_password_file(self.tmp, self.users[NatsRole.INGEST])
+        self.gateway = spawn_cli([
+            "gateway", "--nats", self.nats.url, "--port", str(self.port), "--nats-user", "gateway",
+            "--nats-password-file", str(gw_pw), "--auth-hs256-secret-file", f"k1={secret}",
+            "--ops-port", str(self.ops_port), "--idle-timeout-s", "2", "--handshake-timeout-s", "1.5",
+            "--max-connections-per-source", "40", "--max-connections", "2600", "--rest-headroom", "100",
+            "--max-connections-per-token", "2500"], self.tmp / "gateway.log")
+        self.procs.append(self.gateway)
+        wait_until(lambda: get(self.base + "/readyz")[0] == 200, 30, what="gateway /readyz", proc=self.gateway)
+        self.ingest = spawn_cli(["replay", "--nats", self.nats.url, "--nats-user", "ingest", "--nats-password-file",
+                                 str(in_pw), "--speed", "1", "--loop", "--http-port", str(self.ingest_port),
+                                 str(bundled_capture())], self.tmp / "ingest.log")
+        self.procs.append(self.ingest)
+        wait_until(lambda: len(self.instruments(token())) >= 10, 30, what="10 instruments listed", proc=self.ingest)
+        return self
+
+    def instruments(self, tok: str) -> list[str]:
+        status, body = get(self.base + "/v1/instruments", tok)
+        return [i["instrument"] for i in json.loads(body)["instruments"]] if status == 200 else []
+
+    def metric(self, name: str, labels: str = "") -> float:
+        _, body = get(self.ops + "/metrics")
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name + ("{" if labels else "")) and labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+            elif not labels and line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log(self) -> str:
+        return (self.tmp / "gateway.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            stop_process(p, grace_s=10)
+        self.nats.cleanup()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    s = Secured(tmp_path_factory.mktemp("secured"))
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+def test_public_port_serves_no_metrics_when_the_ops_listener_is_on(secured):
+    assert get(secured.base + "/metrics")[0] == 404
+    assert get(secured.base + "/v1/status")[0] == 404
+    status, body = get(secured.ops + "/metrics")
+    assert status == 200 and b"bookcast_gateway_clients" in body
+    status, body = get(secured.ops + "/v1/status")
+    assert status == 200 and json.loads(body)["ready"] is True
+    assert get(secured.base + "/healthz")[0] == 200 and get(secured.base + "/readyz")[0] == 200
+
+
+async def test_auth_on_upgrade_and_rest(secured):
+    granted = secured.instruments(token())
+    inst = granted[0]
+    assert all(i.startswith("coinbase:") for i in granted)
+    assert secured.instruments(token(instruments=[inst])) == [inst]  # the listing follows the patterns
+    assert get(secured.base + f"/v1/book/{inst}")[0] == 401
+    assert get(secured.base + f"/v1/book/{inst}", "not.a.token")[0] == 401
+    assert get(secured.base + f"/v1/book/{inst}", token(instruments=["polymarket:*"]))[0] == 403
+    status, body = get(secured.base + f"/v1/book/{inst}", token())
+    assert status == 200 and json.loads(body)["type"] == "snapshot"
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(secured.base + "/v1/ws")
+        assert info.value.status == 401
+        async with s.ws_connect(secured.base + "/v1/ws", params={"token": token(instruments=[inst])}) as ws:
+            await ws.send_str(orjson.dumps({"op": "subscribe", "id": 1, "instruments": [granted[1]]}).decode())
+            reply = orjson.loads((await ws.receive(timeout=5)).data)
+            assert reply["type"] == "error" and reply["code"] == "forbidden" and reply["id"] == 1
+    assert secured.metric("bookcast_gateway_auth_failures_total", 'reason="missing"') >= 2
+    assert secured.metric("bookcast_gateway_auth_failures_total", 'reason="malformed"') >= 1
+
+
+async def test_a_token_expiring_while_connected_closes_4001(secured):
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(secured.base + "/v1/ws", headers={"Authorization": f"Bearer {token(ttl_s=2)}"}) as ws:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                msg = await ws.receive(timeout=15)
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    break
+            assert ws.close_code == 4001
+
+
+async def test_forged_delta_is_refused_by_nats(secured):
+    """Issue 10's adversarial run, repeated: a delta published with the gateway's own NATS login never
+    reaches the gateway (nats-server refuses it), so nothing conflicts and nothing is resynced."""
+    inst = secured.instruments(token())[0]
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    user = secured.users[NatsRole.GATEWAY]
+    nc = await nats.connect(secured.nats.url, error_cb=on_error, allow_reconnect=False,
+                            **NatsCredentials(user.name, user.password).connect_kwargs())
+    try:
+        _, body = get(secured.base + f"/v1/book/{inst}", token())
+        snap = json.loads(body)
+        forged = {"type": "delta", "instrument": inst, "epoch": snap["epoch"], "seq": snap["seq"] + 1,
+                  "prev_seq": snap["seq"], "changes": [["bid", "0.00000001", "123456"]], "checksum": snap["checksum"],
+                  "ts_ingest_ns": 1, "ts_publish_ns": 2}
+        await nc.publish(delta_subject(inst), orjson.dumps(forged))
+        await nc.flush()
+        await attack_wait(lambda: any("permissions violation" in e.lower() for e in errors), 5)
+    finally:
+        await nc.close()
+    await asyncio.sleep(1.0)  # give a forgery that got through time to show (it must not)
+    _, body = get(secured.base + f"/v1/book/{inst}", token())
+    assert ["0.00000001", "123456"] not in json.loads(body)["bids"]
+    assert secured.metric("bookcast_gateway_conflicting_deltas_total") == 0
+    assert secured.metric("bookcast_gateway_checksum_mismatches_total") == 0
+
+
+async def attack_wait(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_attacks_while_a_healthy_client_streams(secured):
+    """2,000 idle WebSockets, a silent-socket flood from many addresses (past the total cap), slowloris and
+    the fuzzing client, all at once, while a healthy client streams every instrument: 0 gaps, 0 resyncs,
+    /healthz always 200, every attacker cut, every bad input its documented answer, no ERROR logged."""
+    attack.raise_fd_limit()
+    tok = token()
+    instruments = secured.instruments(tok)
+    rss_before = attack.rss_bytes(secured.gateway.pid)
+    idle, failures = await attack.idle_websockets("127.0.0.1", secured.port, 2000, token=tok)
+    assert len(idle) == 2000, failures
+    await asyncio.sleep(0.5)
+    rss_per_conn_kb = (attack.rss_bytes(secured.gateway.pid) - rss_before) / 2000 / 1024
+    stop = asyncio.Event()
+    healthy = attack.HealthyClient(f"ws://127.0.0.1:{secured.port}/v1/ws", instruments, tok)
+    healthy_task = asyncio.ensure_future(healthy.run(stop))
+    health_task = asyncio.ensure_future(attack.health_probe(secured.base + "/healthz", stop, 0.2))
+    host, port = "127.0.0.1", secured.port
+    silent, slow, cases = await asyncio.gather(
+        attack.silent_sockets(host, port, 2800, 6, attack.loopback_sources(0, 70)),
+        attack.slowloris(host, port, 120, 6, 0.2, attack.loopback_sources(200, 3)),
+        attack.fuzz_cases(host, port, token=tok))
+    frames = await attack.random_frames(host, port, 30, token=tok)
+    await asyncio.sleep(1.0)
+    stop.set()
+    stats = await healthy_task
+    statuses = await health_task
+    idle_held = sum(1 for c in idle if not c.closed.is_set())
+    for c in idle:
+        c.close()
+    assert stats.gaps == 0 and stats.resyncs == 0 and stats.disconnects == 0 and stats.deltas > 0, stats.summary()
+    assert set(statuses) == {200}, statuses
+    assert idle_held == 2000  # well-behaved idle clients are kept
+    assert rss_per_conn_kb < 100, rss_per_conn_kb
+    assert silent.held_at_end == 0 and silent.opened + silent.refused == 2800, silent
+    assert slow.held_at_end == 0, slow
+    assert slow.http_answers.get("408", 0) + slow.http_answers.get("503", 0) == slow.opened, slow
+    differs = [(c.case, c.expected, c.answer) for c in cases if not c.ok]
+    assert not differs, differs
+    assert set(frames) <= {"close:1002", "close:1007", "close:1008", "close:1009", "error:bad_request", "reset"}, frames
+    rejected = secured.metric("bookcast_gateway_connections_rejected_total")
+    assert rejected >= 2800 - 70 * 40  # the per-source cap at least
+    assert secured.metric("bookcast_gateway_connections_rejected_total", 'reason="handshake_timeout"') > 0
+    log = secured.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+    refusal_lines = [ln for ln in log.splitlines() if "refused connections" in ln]
+    assert len(refusal_lines) <= 3, refusal_lines  # once per interval, never per connection
