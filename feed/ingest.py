@@ -64,6 +64,7 @@ class IngestConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC traces; None = off
     trace_sample_every: int = 1000  # with OTLP on: trace one delta in this many
     upstream_lag_ns: int = 0  # test hook: event times moved back by this much (a lagging upstream)
+    ha: Any = None  # feed.ha.HaConfig: join the regions' publishing lease; None = always publish
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with OTLP on, trace one delta in this many (default %(default)s)")
     p.add_argument("--test-upstream-lag-ms", type=float, default=0.0,
                    help="test hook: move venue event times back by this much, a lagging upstream (default off)")
+    from feed import ha
+    ha.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
@@ -82,7 +85,12 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     return IngestConfig(nats_url=args.nats, captures=list(args.captures), speed=args.speed or None, loop=args.loop,
                         name=args.name, otlp_endpoint=args.otlp_endpoint,
                         trace_sample_every=max(1, args.trace_sample_every),
-                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6))
+                        upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6), ha=_ha_config(args))
+
+
+def _ha_config(args: argparse.Namespace):
+    from feed import ha
+    return ha.config_from_args(args)
 
 
 class VenueMetrics:
@@ -128,6 +136,7 @@ class Ingest:
         self.sources_done = False
         self.published = 0
         self._tasks: list[asyncio.Task] = []
+        self.ha = None  # feed.ha.HaController when config.ha is set (started in start())
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)
@@ -145,6 +154,10 @@ class Ingest:
         await self.nc.subscribe(f"{PREFIX}.snap.*.*", cb=self._on_snapshot_request)
         await self.nc.subscribe(ANNOUNCE_REQUEST, cb=self._on_announce_request)
         self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
+        if self.config.ha is not None:
+            from feed.ha import HaController
+            self.ha = HaController(self, self.config.ha)
+            await self.ha.start()
         if self.config.otlp_endpoint:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
             log.info("OTLP traces to %s, one delta in %d", self.config.otlp_endpoint, self.config.trace_sample_every)
@@ -183,6 +196,8 @@ class Ingest:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.ha is not None:
+            await self.ha.stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
@@ -242,7 +257,14 @@ class Ingest:
             msg = wire.delta_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=ts_publish_ns)
             if headers is not None:
                 msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
-            await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
+            if self.ha is not None:  # regions: only the lease holder publishes (feed.ha)
+                msgs = self.ha.on_delta(out, msg)
+                for m in msgs:
+                    await self.nc.publish(delta_subject(out.instrument), wire.dumps(m), headers=self.ha.headers(headers))
+                if not msgs:
+                    return
+            else:
+                await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
             if span is not None:
                 span.end(end_time=ts_publish_ns)
             self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
@@ -260,6 +282,8 @@ class Ingest:
             msg = wire.trade_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
             if ts_event_ns is not None:
                 msg["ts_event_ns"] = ts_event_ns
+            if self.ha is not None and not self.ha.serves(out.instrument):
+                return
             await self.nc.publish(trade_subject(out.instrument), wire.dumps(msg))
             vm.trades.inc()
         elif isinstance(out, InstrumentAdded):
@@ -287,6 +311,8 @@ class Ingest:
         _, _, _, venue_token, symbol_token = msg.subject.split(".")
         instrument = f"{unescape_token(venue_token)}:{unescape_token(symbol_token)}"
         snap = self.snapshot(instrument)
+        if self.ha is not None and not self.ha.serves(instrument):
+            return  # a standby's book is in its own numbering: the leader answers
         if snap is None or not msg.reply:
             return  # not ours: another ingest may own it
         self._snap_requests.inc()
@@ -295,7 +321,7 @@ class Ingest:
     def directory(self, venue: str) -> dict[str, Any]:
         entries = []
         for inst in self.engine.instruments:
-            if split_instrument(inst)[0] != venue:
+            if split_instrument(inst)[0] != venue or (self.ha is not None and not self.ha.serves(inst)):
                 continue
             epoch, seq = self.engine.seq_of(inst)
             entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
@@ -318,6 +344,8 @@ class Ingest:
                 venues = set(self.venues)
             self._announce_now.clear()
             self._dirty_venues.clear()
+            if self.ha is not None and not self.ha.publishing():
+                continue  # a standby announces nothing
             for venue in venues:
                 try:
                     await self.nc.publish(directory_subject(venue), wire.dumps(self.directory(venue)))
@@ -326,8 +354,11 @@ class Ingest:
 
     # -- HTTP -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"name": self.config.name, "done": self.sources_done, "published": self.published,
-                "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
+        out = {"name": self.config.name, "done": self.sources_done, "published": self.published,
+               "venues": {v: self.directory(v)["instruments"] for v in self.venues}}
+        if self.ha is not None:
+            out["ha"] = self.ha.status()
+        return out
 
     def http_app(self) -> web.Application:
         """``/metrics``, ``/healthz`` and ``/v1/status`` (directory and replay progress)."""
