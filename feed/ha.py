@@ -70,6 +70,8 @@ class HaConfig:
     snapshot_interval_s: float = 1.0
     takeover_wait_s: float = 1.0
     force_lossy: bool = False  # test hook: take over with a new epoch even when in step
+    acquire_delay_s: float = 0.0  # do not try to take the lease for this long after start (a designated standby)
+    replay_start_at_ns: int | None = None  # replays start at this wall-clock time (ingests in step on one upstream)
 
     def __post_init__(self) -> None:
         if not self.regions:
@@ -88,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lease-ttl-s", type=float, default=HaConfig.lease_ttl_s,
                    help="lease TTL in s: a standby takes over this long after the leader's last renewal "
                         "(default %(default)s)")
+    g.add_argument("--lease-acquire-delay-s", type=float, default=0.0,
+                   help="do not try to take the lease for this long after start: a designated standby (default 0)")
+    g.add_argument("--replay-start-at-ns", type=int,
+                   help="start replaying at this Unix time in ns, so every region's ingest reads the same "
+                        "upstream position at the same time (default: at once)")
     g.add_argument("--test-force-lossy-takeover", action="store_true",
                    help="test hook: on takeover start a new epoch even when in step with the leader")
 
@@ -97,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
         return None
     regions = [r for r in (args.regions or args.region).split(",") if r]
     return HaConfig(args.region, regions, args.lease_region, args.lease_ttl_s,
-                    force_lossy=args.test_force_lossy_takeover)
+                    force_lossy=args.test_force_lossy_takeover, acquire_delay_s=args.lease_acquire_delay_s,
+                    replay_start_at_ns=args.replay_start_at_ns)
 
 
 async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1) -> Any:
@@ -158,6 +166,7 @@ class HaController:
         kv = await bind_bucket(js, LEASE_BUCKET, self.config.lease_region)
         self.lease = KvLease(kv, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
                              on_event=self._on_lease_event)
+        self.lease.not_before_s = time.monotonic() + self.config.acquire_delay_s
         for region in self.config.regions:
             try:
                 self.books_kv[region] = await bind_bucket(js, books_bucket(region), region)
@@ -168,6 +177,14 @@ class HaController:
         self._tasks += [loop.create_task(self.lease.run()), loop.create_task(self._ticker())]
         log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s", self.config.region, LEASE_BUCKET,
                  self.config.lease_region, self.config.lease_ttl_s)
+
+    async def wait_start(self) -> None:
+        """Wait for ``replay_start_at_ns`` (wall clock), if set."""
+        if self.config.replay_start_at_ns is not None:
+            delay_s = (self.config.replay_start_at_ns - time.time_ns()) / 1e9
+            if delay_s > 0:
+                log.info("replay starts in %.2f s", delay_s)
+                await asyncio.sleep(delay_s)
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -176,6 +176,8 @@ class Ingest:
 
     async def run(self) -> None:
         """Replay every configured capture concurrently; returns when all (non-looping) ones end."""
+        if self.ha is not None:
+            await self.ha.wait_start()
         await asyncio.gather(*(self.replay_capture(p) for p in self.config.captures))
         self.sources_done = True
         self._dirty_venues.update(self.venues)

@@ -196,6 +196,7 @@ class KvLease:
         self.poll_s = poll_s if poll_s is not None else min(0.1, ttl_s / 10)
         self.on_event = on_event
         self.now_s = monotonic_s
+        self.not_before_s = 0.0  # no write before this time (a designated standby waits)
 
     @property
     def role(self) -> Role:
@@ -238,7 +239,7 @@ class KvLease:
             except Exception as exc:  # noqa: BLE001 - NATS down or slow: the clocks keep running
                 log.debug("lease read failed: %s", exc)
         action = self.machine.next_action(self.now_s())
-        if action is None:
+        if action is None or self.now_s() < self.not_before_s:
             return
         from nats.js.errors import APIError, KeyWrongLastSequenceError
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,14 +112,20 @@ class RegionsStack:
     def region(self, name: str) -> RegionProcs:
         return next(p for p in self.procs if p.name == name)
 
-    def start(self, timeout_s: float = 60) -> RegionsStack:
+    def start(self, timeout_s: float = 60, replay_delay_s: float = 6.0) -> RegionsStack:
+        """Start everything; every ingest starts replaying ``replay_delay_s`` after its spawn (same instant for
+        all), the first region's at once contending for the lease, the others 2 s later (so it leads)."""
         try:
             self.supercluster.start()
+            start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
             for i, p in enumerate(self.procs):
-                self.start_ingest(p)
-                if i == 0:  # the first region's ingest leads: wait for it before the others contend
-                    wait_until(lambda: p.ha().get("role") == "leader", timeout_s, what=f"{p.name} ingest leads",
-                               proc=p.ingest)
+                self.spawn_ingest(p, ["--replay-start-at-ns", str(start_at_ns)]
+                                  + (["--lease-acquire-delay-s", "2"] if i else []))
+            for p in self.procs:
+                self.wait_ingest(p)
+            first = self.procs[0]
+            wait_until(lambda: first.ha().get("role") == "leader", timeout_s, what=f"{first.name} ingest leads",
+                       proc=first.ingest)
             for i, p in enumerate(self.procs):
                 self.start_gateway(p, self.gateway_ports[i] if i < len(self.gateway_ports) else 0)
             for p in self.procs:
@@ -130,6 +137,13 @@ class RegionsStack:
         return self
 
     def start_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
+        self.spawn_ingest(p, extra)
+        self.wait_ingest(p)
+
+    def wait_ingest(self, p: RegionProcs) -> None:
+        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 30, what=f"{p.name} ingest /healthz", proc=p.ingest)
+
+    def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
         args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
                 "--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
@@ -137,7 +151,6 @@ class RegionsStack:
         if self.loop:
             args.append("--loop")
         p.ingest = spawn_cli(args + [str(c) for c in self.captures], self.tmp / f"ingest-{p.name}.log")
-        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 30, what=f"{p.name} ingest /healthz", proc=p.ingest)
 
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
