@@ -95,6 +95,7 @@ class IngestConfig:
     burst_idle_s: float = 0.25  # a venue burst with no message for this long is over (feed.integrity)
     providers: Any = None  # feed.providers.config.PoolConfig: read live providers instead of captures
     nats_credentials: natsauth.NatsCredentials = field(default_factory=natsauth.NatsCredentials)
+    ha: Any = None  # feed.ha.HaConfig: join the regions' publishing lease; None = always publish
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-upstream-lag-ms", type=float, default=0.0,
                    help="test hook: move venue event times back by this much, a lagging upstream (default off)")
     natsauth.add_arguments(p)
+    from feed import ha
+    ha.add_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
@@ -115,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
                         name=args.name, otlp_endpoint=args.otlp_endpoint,
                         trace_sample_every=max(1, args.trace_sample_every),
                         upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6),
-                        nats_credentials=natsauth.credentials_from_args(args))
+                        nats_credentials=natsauth.credentials_from_args(args), ha=_ha_config(args))
 
 
 def _session_or_none(venue: str) -> Any:
@@ -135,6 +138,11 @@ def shared_metric(built: dict[str, Any], name: str, registry: CollectorRegistry 
     if name not in built:
         built[name] = prom.build(name, registry)
     return built[name]
+
+
+def _ha_config(args: argparse.Namespace):
+    from feed import ha
+    return ha.config_from_args(args)
 
 
 class VenueMetrics:
@@ -197,6 +205,7 @@ class Ingest:
         self.pools: list[Any] = []  # feed.providers.pool.VenuePool, one per configured venue
         self.nats_connected = False
         self.first_pass_done = False  # every capture read through at least once
+        self.ha = None  # feed.ha.HaController when config.ha is set (started in start())
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)
@@ -216,6 +225,10 @@ class Ingest:
         self.nats_connected = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._burst_flusher()))
+        if self.config.ha is not None:
+            from feed.ha import HaController
+            self.ha = HaController(self, self.config.ha)
+            await self.ha.start()
         if self.config.otlp_endpoint:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
             log.info("OTLP traces to %s, one delta in %d", self.config.otlp_endpoint, self.config.trace_sample_every)
@@ -242,6 +255,8 @@ class Ingest:
 
             await run_pools(self, self.config.providers)
             return
+        if self.ha is not None:
+            await self.ha.wait_start()
         await asyncio.gather(*(self.replay_capture(p) for p in self.config.captures))
         self.sources_done = True
         await self._end_of_captures()
@@ -289,6 +304,8 @@ class Ingest:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.ha is not None:
+            await self.ha.stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
@@ -518,7 +535,14 @@ class Ingest:
             msg["venue_hash"] = venue_hash  # additive: the venue's own book hash, passed through
         if headers is not None:
             msg[TRACEPARENT] = headers[TRACEPARENT]  # additive field: lets WebSocket clients join the trace
-        await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
+        if self.ha is not None:  # regions: only the lease holder publishes (feed.ha)
+            msgs = self.ha.on_delta(out, msg)
+            for m in msgs:
+                await self.nc.publish(delta_subject(out.instrument), wire.dumps(m), headers=self.ha.headers(headers))
+            if not msgs:
+                return
+        else:
+            await self.nc.publish(delta_subject(out.instrument), wire.dumps(msg), headers=headers)
         if span is not None:
             span.end(end_time=ts_publish_ns)
         self.last_ts[out.instrument] = (ts_event_ns, ts_ingest_ns, ts_publish_ns)
@@ -540,6 +564,8 @@ class Ingest:
             msg = wire.trade_message(out, ts_ingest_ns=ts_ingest_ns, ts_publish_ns=self.clock_ns())
             if ts_event_ns is not None:
                 msg["ts_event_ns"] = ts_event_ns
+            if self.ha is not None and not self.ha.serves(out.instrument):
+                return
             await self.nc.publish(trade_subject(out.instrument), wire.dumps(msg))
             vm.trades.inc()
         elif isinstance(out, InstrumentAdded):
@@ -571,6 +597,8 @@ class Ingest:
         _, _, _, venue_token, symbol_token = msg.subject.split(".")
         instrument = f"{unescape_token(venue_token)}:{unescape_token(symbol_token)}"
         snap = self.snapshot(instrument)
+        if self.ha is not None and not self.ha.serves(instrument):
+            return  # a standby's book is in its own numbering: the leader answers
         if snap is None or not msg.reply:
             return  # not ours: another ingest may own it
         self._snap_requests.inc()
@@ -579,7 +607,7 @@ class Ingest:
     def directory(self, venue: str) -> dict[str, Any]:
         entries = []
         for inst in self.engine.instruments:
-            if split_instrument(inst)[0] != venue:
+            if split_instrument(inst)[0] != venue or (self.ha is not None and not self.ha.serves(inst)):
                 continue
             epoch, seq = self.engine.seq_of(inst)
             entry = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq, "status": self.status_of(inst)}
@@ -603,6 +631,8 @@ class Ingest:
                 venues = set(self.venues)
             self._announce_now.clear()
             self._dirty_venues.clear()
+            if self.ha is not None and not self.ha.publishing():
+                continue  # a standby announces nothing
             for venue in venues:
                 try:
                     await self.nc.publish(directory_subject(venue), wire.dumps(self.directory(venue)))
@@ -621,6 +651,8 @@ class Ingest:
         }
         if self.pools:
             out["providers"] = {pool.venue: pool.status() for pool in self.pools}
+        if self.ha is not None:
+            out["ha"] = self.ha.status()
         return out
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -67,6 +67,7 @@ class NatsServer:
     gateway_port: int = 0
     gateways: dict[str, list[str]] = field(default_factory=dict)
     websocket_port: int | None = None
+    jetstream: bool = False  # JetStream on, its store under the workdir (KV buckets for lease, snapshots)
     max_payload_bytes: int = 8 * 1024 * 1024
     extra_config: str = ""
     users: list[NatsUser] = field(default_factory=list)
@@ -122,6 +123,10 @@ class NatsServer:
                 "  ]",
                 "}",
             ]
+        if self.jetstream:
+            store = Path(self.workdir or tempfile.gettempdir()) / f"{self.name}-js"
+            lines += ["jetstream {", f'  store_dir: "{store}"', "  max_memory_store: 268435456",
+                      "  max_file_store: 1073741824", "}"]
         if self.websocket_port is not None:
             self.websocket_port = self.websocket_port or free_port(self.host)
             lines += ["websocket {", f"  listen: {self.host}:{self.websocket_port}", "  no_tls: true", "}"]
@@ -131,18 +136,15 @@ class NatsServer:
             lines.append(self.extra_config)
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout_s: float = 10.0) -> NatsServer:
-        """Write the config, start the server, wait for its client port and /healthz.
-
-        Raises:
-            NatsServerNotFound, TimeoutError, RuntimeError (the process exited; its log is in the message).
-        """
+    def start_nowait(self) -> None:
+        """Write the config and spawn the server without waiting for it (``start`` then waits)."""
         if self.proc is not None and self.proc.poll() is None:
-            return self
+            return
         binary = nats_server_binary()
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="bookcast-nats-")
             self.workdir = self._tmp.name
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
         conf = Path(self.workdir) / f"{self.name}.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as conf_file:
@@ -153,6 +155,16 @@ class NatsServer:
             self.proc = subprocess.Popen(
                 [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
+
+    def start(self, timeout_s: float = 10.0) -> NatsServer:
+        """Write the config, start the server, wait for its client port and /healthz.
+
+        Raises:
+            NatsServerNotFound, TimeoutError, RuntimeError (the process exited; its log is in the message).
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            self.start_nowait()
+        log = Path(self.workdir) / f"{self.name}.log"
         try:
             wait_until(lambda: port_open(self.host, self.port) and self._healthy(), timeout_s,
                        what=f"nats-server {self.name} on {self.url}", proc=self.proc)
@@ -181,6 +193,124 @@ class NatsServer:
             self.workdir = None
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+@dataclass
+class Region:
+    """One region of a supercluster: a NATS cluster named ``name`` (``servers``, routed to each other)."""
+
+    name: str
+    servers: list[NatsServer]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        """The region's servers as one comma-separated list (what ``nats.connect`` and ``--nats`` accept)."""
+        return ",".join(self.urls)
+
+    def kill(self) -> None:
+        """SIGKILL every server of the region (the "region's NATS cluster died" fault), by PID."""
+        import signal
+
+        for s in self.servers:
+            if s.proc is not None and s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGKILL)
+                s.proc.wait(timeout=10)
+
+
+class Supercluster:
+    """``len(regions)`` NATS clusters of ``servers_per_region`` servers each, joined by gateway links into one
+    supercluster (https://docs.nats.io/running-a-nats-service/configuration/gateways), JetStream on in every
+    server, all on loopback with free ports, configs and stores in ``workdir`` (a temp dir by default).
+
+    Servers are named ``<region>-<i>``; each cluster's name is its region's (what JetStream placement uses).
+    ``extra_config`` goes into every server's config (e.g. the ``authorization``/``accounts`` block of the
+    security work). Raises what ``NatsServer.start`` raises; a failed start stops what already started.
+
+        with Supercluster(["a", "b"]) as sc:
+            sc.regions[0].url   # nats://127.0.0.1:<port>
+    """
+
+    def __init__(self, regions: list[str], servers_per_region: int = 1, *, workdir: str | None = None,
+                 jetstream: bool = True, extra_config: str = "", host: str = "127.0.0.1") -> None:
+        if not regions or len(set(regions)) != len(regions):
+            raise ValueError(f"need distinct region names, got {regions}")
+        if servers_per_region < 1:
+            raise ValueError(f"servers_per_region must be >= 1, got {servers_per_region}")
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="bookcast-supercluster-")
+        self.workdir = workdir or self._tmp.name
+        ports = {r: [(free_port(host), free_port(host)) for _ in range(servers_per_region)] for r in regions}
+        gw_ports = {r: [free_port(host) for _ in range(servers_per_region)] for r in regions}
+        gateways = {r: [f"nats://{host}:{p}" for p in gw_ports[r]] for r in regions}
+        self.regions: list[Region] = []
+        for r in regions:
+            servers = []
+            for i in range(servers_per_region):
+                # every server lists the whole cluster (itself included: nats-server skips its own URL, and
+                # JetStream in clustered mode needs configured routes even in a one-server cluster)
+                routes = [f"nats://{host}:{cp}" for _, cp in ports[r]]
+                servers.append(NatsServer(
+                    host=host, name=f"{r}-{i}", cluster_name=r, cluster_port=ports[r][i][1], routes=routes,
+                    gateway_name=r, gateway_port=gw_ports[r][i], gateways=gateways, jetstream=jetstream,
+                    extra_config=extra_config, workdir=self.workdir))
+            self.regions.append(Region(r, servers))
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(f"no region {name!r}; have {[r.name for r in self.regions]}")
+
+    @property
+    def servers(self) -> list[NatsServer]:
+        return [s for r in self.regions for s in r.servers]
+
+    def start(self, timeout_s: float = 20.0) -> Supercluster:
+        """Start every server (a cluster's servers wait for their routes, so all start before any wait)."""
+        try:
+            for s in self.servers:
+                s.start_nowait()
+            for s in self.servers:
+                s.start(timeout_s)
+            wait_until(self._linked, timeout_s, what="supercluster gateway links up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _linked(self) -> bool:
+        """Every server has an outbound gateway link to every other region (monitoring ``/gatewayz``)."""
+        import json
+
+        others = len(self.regions) - 1
+        for s in self.servers:
+            try:
+                with urllib.request.urlopen(f"http://{s.host}:{s.monitor_port}/gatewayz", timeout=0.5) as r:
+                    gz = json.loads(r.read())
+            except (OSError, ValueError):
+                return False
+            if len(gz.get("outbound_gateways") or {}) < others:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Supercluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -228,3 +228,13 @@ class BookEngine:
     def seq_of(self, instrument: str) -> tuple[str, int]:
         st = self.sequencer.state(instrument)
         return st.epoch, st.seq
+
+    def rebase(self, instrument: str, epoch: str, seq: int) -> None:
+        """Continue ``instrument``'s book under another history: from now on it is at ``(epoch, seq)``.
+        Used by a standby ingest taking over (``feed.takeover``): its book is provably the leader's at the
+        leader's seq, so it adopts the leader's epoch and seq; or a fresh epoch at seq 0 when it is not."""
+        st = self.sequencer.state(instrument)
+        st.epoch, st.seq = epoch, seq
+        book = self.instruments.get(instrument)
+        if book is not None:
+            book.epoch, book.seq = epoch, seq

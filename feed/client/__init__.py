@@ -4,6 +4,7 @@
 behind ``bookcast tail`` is the submodule ``feed.client.tail`` (not re-exported, so its name stays the
 module's).
 """
+from feed.client.regions import MoveReason, RegionMoved
 from feed.client.sdk import BookClient, ClientEvent, ConnectFailed, Connected, Disconnected
 from feed.client.verify import (
     Action,
@@ -41,7 +42,9 @@ __all__ = [
     "GapDetected",
     "GapReason",
     "LocalBook",
+    "MoveReason",
     "Pong",
+    "RegionMoved",
     "ResyncReceived",
     "SendResync",
     "Shutdown",

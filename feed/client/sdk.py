@@ -16,6 +16,15 @@ Usage::
 
     asyncio.run(main())
 
+Regions: ``BookClient(regions=[["ws://a1/v1/ws", "ws://a2/v1/ws"], ["ws://b1/v1/ws"]], instruments=[...])``
+(preferred region first). Besides disconnects and ``shutdown`` it moves to the next region when nothing (no
+data, no heartbeat) arrived for ``stale_after_s``, when the gateway's ``/readyz`` fails (it lost its NATS;
+polled every ``health_interval_s``), or when the gateway marks a subscribed instrument ``stale``
+(``instrument_status``, section 11); it resumes with the seqs it holds and emits one ``RegionMoved`` per move
+(reason, duration from detection to every book correct again, and the ``recovered`` map). It returns to the
+preferred region only after ``failback_after_s`` away and ``failback_after_s`` of the preferred region being
+ready without a break (``feed.client.regions``).
+
 What it does (PROTOCOL.md sections 3, 4 and 7): connects to ``urls[0]``, subscribes, and feeds every message
 to ``feed.client.verify.VerifiedBooks``, which checks seq, epoch and checksum; on a gap or mismatch it
 drops that one book and the client sends ``resync``. When the connection closes, fails to open, or the
@@ -39,10 +48,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import orjson
 
 from feed import wire
 from feed.book import L2Book
-from feed.client.verify import ClientStats, Event, LocalBook, SendResync, Shutdown, VerifiedBooks
+from feed.client.regions import MoveReason, RegionMoved, RegionPolicy
+from feed.client.verify import (BookUpdated, ClientStats, Event, LocalBook, SendResync, Shutdown, Subscribed,
+                                UpdateKind, VerifiedBooks)
 
 T = TypeVar("T")
 
@@ -71,7 +83,7 @@ class ConnectFailed:
     error: str
 
 
-ClientEvent = Event | Connected | Disconnected | ConnectFailed
+ClientEvent = Event | Connected | Disconnected | ConnectFailed | RegionMoved
 
 _CLOSED = object()  # queue sentinel: the client was closed
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)  # a draining gateway may not answer close
@@ -93,6 +105,11 @@ class BookClient:
         event_queue_size: bound of the event queue (oldest dropped when full).
         ws_heartbeat_s: interval of our WebSocket pings, in s; a missing pong closes the connection.
         max_msg_size_bytes: largest message accepted (snapshots of deep books are large).
+        regions: instead of ``urls``: a list of regions, each a URL or a list of URLs, preferred first.
+        stale_after_s: move when nothing arrived for this long, in s (default 3 with ``regions``, else off).
+        failback_after_s: hysteresis of the move back to the preferred region, in s.
+        health_interval_s: with ``regions``, poll the gateway's ``/readyz`` this often, in s (0: off).
+        move_on_status: ``instrument_status`` values that make the client move region.
 
     Raises:
         ValueError: no URL, no instrument, an unknown channel, or a bad backoff.
@@ -100,9 +117,14 @@ class BookClient:
 
     def __init__(
         self,
-        urls: list[str] | str,
-        instruments: Iterable[str],
+        urls: list[str] | str | None = None,
+        instruments: Iterable[str] = (),
         *,
+        regions: list[list[str] | str] | None = None,
+        stale_after_s: float | None = None,
+        failback_after_s: float = 10.0,
+        health_interval_s: float = 0.25,
+        move_on_status: Iterable[str] = ("stale",),
         channels: Iterable[str] = ("book",),
         conflate_ms: int = 0,
         reconnect_backoff_s: tuple[float, float] = (0.1, 5.0),
@@ -113,10 +135,20 @@ class BookClient:
         ws_heartbeat_s: float = 10.0,
         max_msg_size_bytes: int = 64 * 2**20,
     ) -> None:
-        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if regions is not None:
+            region_urls = [[r] if isinstance(r, str) else list(r) for r in regions]
+        else:
+            region_urls = [[urls] if isinstance(urls, str) else list(urls or [])]
+        self.urls = [u for r in region_urls for u in r]
         self.instruments = list(instruments)
         if not self.urls or not self.instruments:
             raise ValueError(f"need a url and an instrument, got urls={self.urls} instruments={self.instruments}")
+        self._policy = RegionPolicy(region_urls, failback_after_s)  # ValueError on an empty region
+        self._multi_region = len(region_urls) > 1
+        self._stale_after_s = stale_after_s if stale_after_s is not None else (3.0 if self._multi_region else None)
+        self._health_interval_s = health_interval_s if self._multi_region else 0.0
+        self._move_on_status = frozenset(move_on_status)
+        self.moves: list[RegionMoved] = []
         initial_s, max_s = reconnect_backoff_s
         if not 0 < initial_s <= max_s:
             raise ValueError(f"reconnect_backoff_s must be 0 < initial <= max, got {initial_s, max_s}")
@@ -137,6 +169,7 @@ class BookClient:
         self._closed = False
         self._failure: BaseException | None = None
         self.connected_url: str | None = None
+        self.region: int | None = None  # index into regions of the current connection
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -249,8 +282,9 @@ class BookClient:
         assert self._session is not None
         failures = 0
         connected_before = False
-        for attempt in itertools.count():
-            url = self.urls[attempt % len(self.urls)]
+        loop = asyncio.get_running_loop()
+        while True:
+            region, url = self._policy.target()
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
                     ws = await self._session.ws_connect(
@@ -266,18 +300,25 @@ class BookClient:
                 self.stats.connect_failures += 1
                 self._emit(ConnectFailed(url, repr(exc)))
                 self._notify()
-                await asyncio.sleep(self._backoff_delay_s(failures))
+                self._policy.connect_failed(loop.time())
+                if not self._multi_region or failures >= len(self._policy.regions):
+                    await asyncio.sleep(self._backoff_delay_s(failures))
                 continue
             if connected_before:
                 self.stats.reconnects += 1
+            self.region = region
+            self._policy.connected(loop.time())
             try:
-                shutdown_delay_s = await self._serve(ws, url, reconnect=connected_before)
+                shutdown_delay_s, reason = await self._serve(ws, url, reconnect=connected_before)
             except Exception as exc:  # a bug in this module: surface it to the user, never spin
                 self._failure = exc
                 self._emit(_CLOSED)
                 self._notify()
                 return
             failures, connected_before = 0, True
+            self._policy.leave(reason, loop.time())
+            if self._multi_region and reason is not MoveReason.SHUTDOWN:
+                continue  # another region is there now: go at once
             if shutdown_delay_s is None:
                 await asyncio.sleep(self._backoff_delay_s(1))
             else:
@@ -288,12 +329,22 @@ class BookClient:
         delay_s = min(max_s, initial_s * 2 ** min(failures - 1, 32))
         return delay_s * (0.5 + random.random() / 2)
 
-    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, url: str, *, reconnect: bool) -> float | None:
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, url: str, *,
+                     reconnect: bool) -> tuple[float | None, MoveReason]:
         """Read one connection until it ends. Returns the time left to wait (s) before reconnecting when
-        the gateway sent ``shutdown``, else ``None``."""
+        the gateway sent ``shutdown`` (else ``None``) and why the connection ended."""
         loop = asyncio.get_running_loop()
         leave_at: float | None = None  # loop time to leave, set by ``shutdown``
         error: str | None = None
+        reason = MoveReason.DISCONNECT
+        moving = self._policy.move is not None
+        recovered: dict[str, bool] = {}  # the new gateway's answer to our resume
+        awaiting: set[str] = set()  # instruments whose snapshot is still to come after a move
+        health: asyncio.Task | None = None
+        leave = asyncio.Event()  # set by the health task: ready check failed or time to fail back
+        why: list[MoveReason] = []
+        if self._health_interval_s > 0:
+            health = loop.create_task(self._watch_health(url, leave, why))
         resume = {i: pos for i, pos in self._verified.resume_map().items() if i in self.instruments}
         try:
             await _send(ws, wire.Subscribe(next(self._ids), tuple(self.instruments), self._channels,
@@ -302,12 +353,43 @@ class BookClient:
             write_stamp: tuple[int, int] | None = None  # (ts_write_ns, frames it still covers)
             self._emit(Connected(url, reconnect, resume))
             self._notify()
+            receive: asyncio.Task | None = None
             while True:
                 timeout_s = None if leave_at is None else max(0.0, leave_at - loop.time())
-                try:
-                    frame = await ws.receive(timeout=timeout_s)
-                except TimeoutError:
-                    break  # the shutdown delay is over: move on while the gateway drains
+                if self._stale_after_s is not None:
+                    timeout_s = self._stale_after_s if timeout_s is None else min(timeout_s, self._stale_after_s)
+                if health is None:  # one region: the plain read (no tasks per frame)
+                    try:
+                        frame = await ws.receive(timeout=timeout_s)
+                    except TimeoutError:
+                        reason = MoveReason.SHUTDOWN if leave_at is not None else MoveReason.STALE
+                        break  # shutdown delay over (move on while the gateway drains), or stale
+                    receive = None
+                    done = None
+                else:
+                    frame, done = None, None
+                if health is not None and receive is None:
+                    receive = loop.create_task(ws.receive())
+                if receive is not None:
+                    waiter = loop.create_task(leave.wait())
+                    done, _ = await asyncio.wait({receive, waiter}, timeout=timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if leave.is_set():
+                        reason = why[0]
+                        receive.cancel()
+                        break
+                    if receive not in done:
+                        if leave_at is not None and loop.time() >= leave_at:
+                            reason = MoveReason.SHUTDOWN
+                            receive.cancel()
+                            break  # the shutdown delay is over: move on while the gateway drains
+                        if leave_at is None:
+                            reason = MoveReason.STALE  # no data and no heartbeat for stale_after_s
+                            receive.cancel()
+                            break
+                        continue
+                    frame, receive = receive.result(), None
                 if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     if frame.type is aiohttp.WSMsgType.ERROR:
                         error = repr(frame.data)
@@ -320,24 +402,83 @@ class BookClient:
                 elif data.startswith(_WRITE_STAMP_PREFIX):
                     write_stamp = _parse_write_stamp(data)
                     continue
+                if self._multi_region and b'"instrument_status"' in data and self._status_moves(data):
+                    reason = MoveReason.INSTRUMENT_STATUS
+                    break
                 for item in self._verified.on_message(data, recv_ns):
                     if isinstance(item, SendResync):
                         await _send(ws, wire.ResyncRequest(next(self._ids), item.instrument))
                         continue
                     if isinstance(item, Shutdown):
                         leave_at = loop.time() + item.reconnect_after_ms / 1000
+                        reason = MoveReason.SHUTDOWN
+                    if isinstance(item, Subscribed):
+                        recovered.update({i: bool(item.recovered.get(i)) for i in self.instruments})
+                        awaiting = {i for i in self.instruments if not recovered[i]}
+                    elif isinstance(item, BookUpdated) and item.kind is UpdateKind.SNAPSHOT:
+                        awaiting.discard(item.instrument)
                     self._emit(item)
+                if moving and recovered and not awaiting:
+                    moving = False
+                    moved = self._policy.recovered(loop.time(), recovered)
+                    if moved is not None:
+                        self.moves.append(moved)
+                        self._emit(moved)
                 self._notify()
         except (aiohttp.ClientError, ConnectionError) as exc:
             error = repr(exc)
         finally:
+            if health is not None:
+                health.cancel()
             self.connected_url = None
             await ws.close()
             self._verified.on_disconnect()
             if not self._closed:
                 self._emit(Disconnected(url, ws.close_code, error))
             self._notify()
-        return None if leave_at is None else max(0.0, leave_at - loop.time())
+        return (None if leave_at is None else max(0.0, leave_at - loop.time())), reason
+
+    def _status_moves(self, data: bytes) -> bool:
+        """An ``instrument_status`` for a subscribed instrument whose status is one of ``move_on_status``."""
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        return (isinstance(msg, dict) and msg.get("type") == "instrument_status"
+                and msg.get("instrument") in self.instruments and msg.get("status") in self._move_on_status)
+
+    async def _watch_health(self, url: str, leave: asyncio.Event, why: list[MoveReason]) -> None:
+        """Poll the current gateway's ``/readyz`` (twice not ready in a row: leave) and, while away from the
+        preferred region, the preferred region's (for the fail-back hysteresis)."""
+        assert self._session is not None
+        loop = asyncio.get_running_loop()
+        failed = 0
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            ready = await self._ready(url)
+            failed = 0 if ready else failed + 1
+            if failed >= 2:
+                why.append(MoveReason.NOT_READY)
+                leave.set()
+                return
+            if self._policy.away:
+                preferred = self._policy.regions[0]
+                ok = any([await self._ready(u) for u in preferred])
+                self._policy.preferred_health(ok, loop.time())
+                if self._policy.should_fail_back(loop.time()):
+                    why.append(MoveReason.FAILBACK)
+                    leave.set()
+                    return
+
+    async def _ready(self, ws_url: str) -> bool:
+        http = ws_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        http = http.split("/v1/ws", 1)[0] + "/readyz"
+        try:
+            async with self._session.get(http, timeout=aiohttp.ClientTimeout(total=max(0.2, self._health_interval_s * 2)),
+                                         headers=self._headers) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
 
     def _emit(self, event: object) -> None:  # never blocks: drops the oldest event when full
         if self._events.full():

@@ -1,0 +1,365 @@
+"""Ingest high availability across regions: one ingest per region, exactly one publishes.
+
+Adapter around ``feed.lease`` (who publishes) and ``feed.takeover`` (continue the epoch or not). Hooks in
+``feed.ingest``: the ingest asks ``publishing()`` before it publishes trades, announcements and snapshot
+replies, and hands every delta to ``on_delta()``, which returns the messages to publish (none on a
+standby). Every publish carries ``Bookcast-Ingest`` (the ingest's name) and ``Bookcast-Lease-Revision``.
+
+* **Lease**: key ``ingest`` in the KV bucket ``bookcast_lease``, placed in the cluster of ``lease_region``
+  (default: the last region). With two regions the lease lives in one of them: losing that region's NATS
+  also stops the other's ingest from renewing, so the shape for production is three regions (or a lease
+  region apart from the data regions); this is the honest limit of a two-party lease.
+* **Standby in step**: the standby runs its engine on the same upstreams and reads the leader's deltas from
+  NATS (``md.v1.<venue>.<symbol>``), feeding both into a ``StepTracker``.
+* **Takeover** (on ``BecameLeader``), per instrument: ``Continue`` rebases the engine onto the leader's
+  epoch and seq (after republishing the standby's deltas past the leader's last seq), ``WaitFor`` keeps the
+  instrument silent until the standby's engine reaches the leader's last seq (at most ``takeover_wait_s``),
+  ``NewEpoch`` starts a fresh epoch at seq 0 on the standby's book, so gateways resync with one snapshot.
+* **KV books**: the leader writes every changed instrument's snapshot (``snap.<b64url instrument>``) and each
+  venue's directory (``dir.<b64url venue>``) every ``snapshot_interval_s`` into ``bookcast_books_<region>``
+  of every region (each placed in its region's cluster), so a region holds them locally when the other is
+  gone (``read_kv_snapshot``).
+
+Metrics (``feed.catalog``, regions block): ``bookcast_ingest_leader``, ``bookcast_ingest_lease_age_seconds``,
+``bookcast_ingest_takeovers_total``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from feed import metrics as prom
+from feed import wire
+from feed.lease import LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, KvLease, LeaseEvent, LostLease, Role
+from feed.subjects import PREFIX, delta_subject, unescape_token
+from feed.takeover import Continue, NewEpoch, StepTracker, WaitFor, delta_key
+
+if TYPE_CHECKING:
+    from feed.ingest import Ingest
+    from feed.sequencer import SequencedDelta
+
+log = logging.getLogger("bookcast.ha")
+
+LEASE_BUCKET = "bookcast_lease"
+LEASE_KEY = "ingest"
+
+
+def books_bucket(region: str) -> str:
+    return f"bookcast_books_{region}"
+
+
+def kv_key(prefix: str, name: str) -> str:
+    """A KV key for an instrument or venue id (ids may hold characters KV keys forbid): base64url, no padding."""
+    return f"{prefix}.{base64.urlsafe_b64encode(name.encode()).decode().rstrip('=')}"
+
+
+@dataclass
+class HaConfig:
+    """``region``: this ingest's region; ``regions``: every region (KV books go to each);
+    ``lease_region``: the cluster the lease bucket lives in (default the last of ``regions``)."""
+
+    region: str
+    regions: list[str] = field(default_factory=list)
+    lease_region: str | None = None
+    lease_ttl_s: float = 1.5
+    snapshot_interval_s: float = 1.0
+    takeover_wait_s: float = 1.0
+    force_lossy: bool = False  # test hook: take over with a new epoch even when in step
+    acquire_delay_s: float = 0.0  # do not try to take the lease for this long after start (a designated standby)
+    replay_start_at_ns: int | None = None  # replays start at this wall-clock time (ingests in step on one upstream)
+
+    def __post_init__(self) -> None:
+        if not self.regions:
+            self.regions = [self.region]
+        if self.region not in self.regions:
+            raise ValueError(f"region {self.region!r} not in regions {self.regions}")
+        self.lease_region = self.lease_region or self.regions[-1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("high availability (regions)")
+    g.add_argument("--region", help="this ingest's region: join the publishing lease (one ingest per region "
+                                    "publishes at a time); default off (always publish)")
+    g.add_argument("--regions", help="comma-separated regions of the supercluster (default: --region only)")
+    g.add_argument("--lease-region", help="region whose cluster holds the lease bucket (default: the last)")
+    g.add_argument("--lease-ttl-s", type=float, default=HaConfig.lease_ttl_s,
+                   help="lease TTL in s: a standby takes over this long after the leader's last renewal "
+                        "(default %(default)s)")
+    g.add_argument("--lease-acquire-delay-s", type=float, default=0.0,
+                   help="do not try to take the lease for this long after start: a designated standby (default 0)")
+    g.add_argument("--replay-start-at-ns", type=int,
+                   help="start replaying at this Unix time in ns, so every region's ingest reads the same "
+                        "upstream position at the same time (default: at once)")
+    g.add_argument("--test-force-lossy-takeover", action="store_true",
+                   help="test hook: on takeover start a new epoch even when in step with the leader")
+
+
+def config_from_args(args: argparse.Namespace) -> HaConfig | None:
+    if not getattr(args, "region", None):
+        return None
+    regions = [r for r in (args.regions or args.region).split(",") if r]
+    return HaConfig(args.region, regions, args.lease_region, args.lease_ttl_s,
+                    force_lossy=args.test_force_lossy_takeover, acquire_delay_s=args.lease_acquire_delay_s,
+                    replay_start_at_ns=args.replay_start_at_ns)
+
+
+async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1) -> Any:
+    """The KV bucket ``bucket``, created in ``region``'s cluster if missing (a race with another creator is fine)."""
+    from nats.js.api import KeyValueConfig, Placement
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history,
+                                                        placement=Placement(cluster=region)))
+    except Exception:  # noqa: BLE001 - created meanwhile by the other region's ingest
+        return await js.key_value(bucket)
+
+
+async def read_kv_snapshot(nc: Any, region: str, instrument: str) -> dict[str, Any] | None:
+    """The latest snapshot of ``instrument`` kept in ``region``'s KV books, or None."""
+    from nats.js.errors import KeyNotFoundError
+
+    kv = await nc.jetstream().key_value(books_bucket(region))
+    try:
+        return wire.loads((await kv.get(kv_key("snap", instrument))).value)
+    except KeyNotFoundError:
+        return None
+
+
+class HaController:
+    """The ingest's HA state: lease, step tracker, takeover, KV books. One per ingest."""
+
+    def __init__(self, ingest: Ingest, config: HaConfig) -> None:
+        self.ingest = ingest
+        self.config = config
+        self.name = ingest.config.name
+        self.tracker = StepTracker()
+        self.lease: KvLease | None = None
+        self.books_kv: dict[str, Any] = {}
+        self._recent: dict[str, list[tuple[SequencedDelta, dict]]] = {}  # local deltas, for republishing
+        self._waiting: dict[str, tuple[int, float]] = {}  # instrument -> (local seq to reach, deadline)
+        self._continued: dict[str, tuple[str, int]] = {}  # instrument -> (old epoch, offset) for in-flight deltas
+        self._publishing: set[str] = set()  # instruments this leader publishes
+        self._takeovers = 0
+        self._dirty: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.last_takeover: dict[str, Any] = {}
+        reg = ingest.registry
+        self._m_leader = prom.build("bookcast_ingest_leader", reg).labels(config.region)
+        self._m_age = prom.build("bookcast_ingest_lease_age_seconds", reg).labels(config.region)
+        self._m_takeovers = prom.build("bookcast_ingest_takeovers_total", reg)
+        self._m_leader.set(0)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        nc = self.ingest.nc
+        js = nc.jetstream()
+        kv = await bind_bucket(js, LEASE_BUCKET, self.config.lease_region)
+        self.lease = KvLease(kv, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
+                             on_event=self._on_lease_event)
+        self.lease.not_before_s = time.monotonic() + self.config.acquire_delay_s
+        for region in self.config.regions:
+            try:
+                self.books_kv[region] = await bind_bucket(js, books_bucket(region), region)
+            except Exception as exc:  # noqa: BLE001 - that region is down: no KV books there for now
+                log.warning("KV books of region %s unavailable: %s", region, exc)
+        await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self.lease.run()), loop.create_task(self._ticker())]
+        log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s", self.config.region, LEASE_BUCKET,
+                 self.config.lease_region, self.config.lease_ttl_s)
+
+    async def wait_start(self) -> None:
+        """Wait for ``replay_start_at_ns`` (wall clock), if set."""
+        if self.config.replay_start_at_ns is not None:
+            delay_s = (self.config.replay_start_at_ns - time.time_ns()) / 1e9
+            if delay_s > 0:
+                log.info("replay starts in %.2f s", delay_s)
+                await asyncio.sleep(delay_s)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.lease is not None:
+            await self.lease.release()
+
+    # -- what the ingest asks ---------------------------------------------------------------------
+    @property
+    def role(self) -> Role:
+        return self.lease.role if self.lease is not None else Role.STANDBY
+
+    def publishing(self) -> bool:
+        """True while this ingest holds the lease within its fence time and NATS is connected."""
+        nc = self.ingest.nc
+        return self.lease is not None and self.lease.may_publish() and nc is not None and nc.is_connected
+
+    def serves(self, instrument: str) -> bool:
+        """True when this ingest publishes ``instrument`` now: snapshot replies, directory and KV books
+        may name it (a standby's book is in its own numbering; so is one still waiting in a takeover)."""
+        return instrument in self._publishing and self.publishing()
+
+    def headers(self, headers: dict[str, str] | None = None) -> dict[str, str]:
+        out = dict(headers or {})
+        out[LEASE_HOLDER_HEADER] = self.name
+        out[LEASE_REVISION_HEADER] = str(self.lease.revision if self.lease else 0)
+        return out
+
+    def on_delta(self, out: SequencedDelta, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """A delta from our engine: the messages to publish now (none on a standby)."""
+        inst = out.instrument
+        recent = self._recent.setdefault(inst, [])
+        recent.append((out, msg))
+        if len(recent) > 4096:
+            del recent[:1024]
+        if self.role is not Role.LEADER:
+            self.tracker.local(inst, out.seq, delta_key(msg["changes"], out.checksum), out.checksum)
+            return []
+        if inst in self._waiting:
+            self.tracker.local(inst, out.seq, delta_key(msg["changes"], out.checksum), out.checksum)
+            target, _ = self._waiting[inst]
+            if out.seq >= target:
+                del self._waiting[inst]
+                self._take_over(inst, republish=False)
+            return []
+        if inst not in self._publishing:  # first delta since we lead (a new instrument, or a late one)
+            self._take_over(inst, republish=True)
+            return []
+        moved = self._continued.get(inst)
+        if moved is not None and msg["epoch"] == moved[0]:  # produced before the rebase
+            if moved[1] is None:
+                return []  # lossy takeover: the new epoch's snapshot holds it
+            msg = dict(msg, epoch=self.ingest.engine.seq_of(inst)[0], seq=msg["seq"] + moved[1],
+                       prev_seq=msg["prev_seq"] + moved[1])
+        self._dirty.add(inst)
+        return [msg] if self.publishing() else []
+
+    # -- leader's stream --------------------------------------------------------------------------
+    async def _on_leader_msg(self, msg) -> None:
+        hdrs = msg.headers or {}
+        if hdrs.get(LEASE_HOLDER_HEADER) == self.name or self.role is Role.LEADER:
+            return
+        parts = msg.subject.split(".")
+        if len(parts) != 4 or parts[2] in ("snap", "meta", "ctl", "trade"):
+            return
+        try:
+            d = wire.loads(msg.data)
+        except Exception:  # noqa: BLE001 - not ours to judge
+            return
+        if not isinstance(d, dict) or d.get("type") != "delta":
+            return
+        inst = d.get("instrument") or f"{unescape_token(parts[2])}:{unescape_token(parts[3])}"
+        self.tracker.leader(inst, d["epoch"], d["seq"], delta_key(d["changes"], d["checksum"]), d["checksum"])
+
+    # -- takeover ---------------------------------------------------------------------------------
+    def _on_lease_event(self, event: LeaseEvent) -> None:
+        if isinstance(event, BecameLeader):
+            self._m_leader.set(1)
+            self._takeovers += 1
+            self.last_takeover = {"at_ns": time.time_ns(), "revision": event.revision, "instruments": {}}
+            log.warning("took the publishing lease (revision %d): taking over %d instruments", event.revision,
+                        len(self.ingest.engine.instruments))
+            self._publishing.clear()
+            for inst in list(self.ingest.engine.instruments):
+                self._take_over(inst, republish=True)
+            self.ingest._dirty_venues.update(self.ingest.venues)
+            self.ingest._announce_now.set()
+        elif isinstance(event, LostLease):
+            self._m_leader.set(0)
+            log.warning("lost the publishing lease (%s): standby", event.reason)
+            self._publishing.clear()
+            self._waiting.clear()
+            self._continued.clear()
+            self.tracker = StepTracker()
+
+    def _take_over(self, inst: str, *, republish: bool) -> None:
+        engine = self.ingest.engine
+        epoch, local_seq = engine.seq_of(inst)
+        plan = NewEpoch("forced by --test-force-lossy-takeover") if self.config.force_lossy else \
+            self.tracker.plan(inst, local_seq)
+        if isinstance(plan, WaitFor):
+            self._waiting[inst] = (plan.local_seq, time.monotonic() + self.config.takeover_wait_s)
+            log.info("takeover %s: waiting for local seq %d (at %d)", inst, plan.local_seq, local_seq)
+            return
+        if isinstance(plan, Continue):
+            to_republish = [(d, m) for d, m in self._recent.get(inst, []) if m["epoch"] == epoch
+                            and d.seq > plan.from_local_seq]
+            engine.rebase(inst, plan.epoch, local_seq + plan.offset)
+            self._continued[inst] = (epoch, plan.offset)
+            kind = "lossless"
+            if republish and to_republish and self.publishing():
+                for _, m in to_republish:
+                    m2 = dict(m, epoch=plan.epoch, seq=m["seq"] + plan.offset, prev_seq=m["prev_seq"] + plan.offset)
+                    asyncio.get_running_loop().create_task(self._publish_raw(inst, m2))
+            detail = f"continues epoch {plan.epoch} at seq {local_seq + plan.offset}"
+        else:
+            self._takeovers_epoch = getattr(self, "_takeovers_epoch", 0) + 1
+            new_epoch = f"{engine.sequencer.epoch_base}.t{self._takeovers_epoch}"
+            engine.rebase(inst, new_epoch, 0)
+            self._continued[inst] = (epoch, None)
+            kind = "lossy"
+            detail = f"new epoch {new_epoch} ({plan.reason})"
+        self._publishing.add(inst)
+        self._dirty.add(inst)
+        self._m_takeovers.labels(self.config.region, kind).inc()
+        self.last_takeover.setdefault("instruments", {})[inst] = kind
+        log.info("takeover %s: %s", inst, detail)
+
+    async def _publish_raw(self, inst: str, msg: dict[str, Any]) -> None:
+        await self.ingest.nc.publish(delta_subject(inst), wire.dumps(msg), headers=self.headers())
+
+    # -- periodic: waits, metrics, KV books -------------------------------------------------------
+    async def _ticker(self) -> None:
+        next_kv = 0.0
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            for inst, (_, deadline) in list(self._waiting.items()):
+                if now >= deadline and self.role is Role.LEADER:
+                    del self._waiting[inst]
+                    self.tracker.forget(inst)  # plan() now says NewEpoch
+                    self._take_over(inst, republish=False)
+            if self.lease is not None:
+                age = self.lease.machine.age_s(now)
+                self._m_age.set(age if age is not None else 0.0)
+            if now >= next_kv and self.publishing():
+                next_kv = now + self.config.snapshot_interval_s
+                try:
+                    await self._write_kv_books()
+                except Exception as exc:  # noqa: BLE001 - a region's KV down: next round retries
+                    log.debug("KV books write failed: %s", exc)
+
+    async def _write_kv_books(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        venues = set()
+        for inst in dirty:
+            snap = self.ingest.snapshot(inst)
+            if snap is None:
+                continue
+            venues.add(inst.split(":", 1)[0])
+            data = wire.dumps(snap)
+            for kv in self.books_kv.values():
+                try:
+                    await asyncio.wait_for(kv.put(kv_key("snap", inst), data), 1.0)
+                except Exception as exc:  # noqa: BLE001 - that region is unreachable now
+                    log.debug("KV snapshot put failed: %s", exc)
+        for venue in venues:
+            data = wire.dumps(self.ingest.directory(venue))
+            for kv in self.books_kv.values():
+                try:
+                    await asyncio.wait_for(kv.put(kv_key("dir", venue), data), 1.0)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("KV directory put failed: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        return {"region": self.config.region, "role": self.role.value, "lease_revision": self.lease.revision
+                if self.lease else None, "publishing": self.publishing(), "takeovers": self._takeovers,
+                "in_step": self.tracker.in_step(), "last_takeover": self.last_takeover}

@@ -1,0 +1,186 @@
+"""N regions on one machine: a NATS supercluster, one HA ingest and one gateway per region, stopped by PID.
+
+Used by ``bookcast up --regions N``, the region e2e tests and ``bookcast regions-bench``. Region ``i`` is
+named ``r<i>`` unless names are given. Every ingest replays the same captures (its "upstream"), joins the
+publishing lease (``feed.ha``); the first region's ingest starts first, so it leads.
+
+    stack = RegionsStack(tmp_dir, regions=2).start()
+    stack.regions[0].ws_url     # ws://127.0.0.1:<port>/v1/ws
+    stack.stop()
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feed.natsserver import Region, Supercluster
+from feed.procs import free_port, stop_process, wait_until
+
+
+def _http_json(url: str, timeout_s: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return json.loads(r.read())
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen:
+    """``python -m feed.cli ARGS`` in its own session, output to ``log_path``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "feed.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+@dataclass
+class RegionProcs:
+    """One region's processes: its NATS cluster (``nats``), ingest and gateway."""
+
+    name: str
+    nats: Region
+    ingest: subprocess.Popen | None = None
+    gateway: subprocess.Popen | None = None
+    ingest_port: int = 0
+    gateway_port: int = 0
+    host: str = "127.0.0.1"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.gateway_port}/v1/ws"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    def ingest_status(self) -> dict:
+        return _http_json(self.ingest_url + "/v1/status")
+
+    def ha(self) -> dict:
+        try:
+            return self.ingest_status().get("ha") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def instruments(self) -> list[dict]:
+        return _http_json(self.base + "/v1/instruments")["instruments"]
+
+
+@dataclass
+class RegionsStack:
+    tmp: Path
+    regions: int | list[str] = 2
+    nats_per_region: int = 1
+    captures: list[Path] = field(default_factory=list)
+    speed: float = 1.0
+    loop: bool = True
+    workers: int = 1
+    lease_ttl_s: float = 1.5
+    ingest_args: list[str] = field(default_factory=list)
+    gateway_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    gateway_ports: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
+        self.names = names
+        self.tmp = Path(self.tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"))
+        self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
+        if not self.captures:
+            from feed.stack import bundled_capture
+            self.captures = [bundled_capture()]
+
+    def region(self, name: str) -> RegionProcs:
+        return next(p for p in self.procs if p.name == name)
+
+    def start(self, timeout_s: float = 60, replay_delay_s: float = 6.0) -> RegionsStack:
+        """Start everything; every ingest starts replaying ``replay_delay_s`` after its spawn (same instant for
+        all), the first region's at once contending for the lease, the others 2 s later (so it leads)."""
+        try:
+            self.supercluster.start()
+            start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
+            for i, p in enumerate(self.procs):
+                self.spawn_ingest(p, ["--replay-start-at-ns", str(start_at_ns)]
+                                  + (["--lease-acquire-delay-s", "2"] if i else []))
+            for p in self.procs:
+                self.wait_ingest(p)
+            first = self.procs[0]
+            wait_until(lambda: first.ha().get("role") == "leader", timeout_s, what=f"{first.name} ingest leads",
+                       proc=first.ingest)
+            for i, p in enumerate(self.procs):
+                self.start_gateway(p, self.gateway_ports[i] if i < len(self.gateway_ports) else 0)
+            for p in self.procs:
+                wait_until(lambda: len(p.instruments()) > 0, timeout_s, what=f"{p.name} gateway lists instruments",
+                           proc=p.gateway)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
+        self.spawn_ingest(p, extra)
+        self.wait_ingest(p)
+
+    def wait_ingest(self, p: RegionProcs) -> None:
+        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 30, what=f"{p.name} ingest /healthz", proc=p.ingest)
+
+    def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
+        p.ingest_port = free_port()
+        args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
+                "--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
+                "--lease-ttl-s", str(self.lease_ttl_s), *self.ingest_args, *(extra or [])]
+        if self.loop:
+            args.append("--loop")
+        p.ingest = spawn_cli(args + [str(c) for c in self.captures], self.tmp / f"ingest-{p.name}.log")
+
+    def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
+        p.gateway_port = port or free_port(self.host)
+        p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
+                               "--workers", str(self.workers), *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
+        wait_until(lambda: _http_ok(p.base + "/readyz"), 30, what=f"{p.name} gateway /readyz", proc=p.gateway)
+
+    def leader(self) -> RegionProcs | None:
+        for p in self.procs:
+            if p.ingest is not None and p.ingest.poll() is None and p.ha().get("role") == "leader":
+                return p
+        return None
+
+    def pause_gateway(self, p: RegionProcs) -> None:
+        os.killpg(p.gateway.pid, signal.SIGSTOP)
+
+    def resume_gateway(self, p: RegionProcs) -> None:
+        os.killpg(p.gateway.pid, signal.SIGCONT)
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs:
+            for proc in (p.gateway, p.ingest):
+                if proc is not None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGCONT)  # a paused process must see SIGTERM
+                    except OSError:
+                        pass
+                    stop_process(proc, grace_s=10)
+        self.supercluster.stop()
