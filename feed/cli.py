@@ -42,6 +42,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("probe", "exporter.probe", "latency probe: per-hop latency of every message, per region, into Prometheus, ClickHouse, OTLP"),
     ("latency", "exporter.report", "latency tools: 'report' prints per-hop tail latency and who owns it"),
     ("bench", "loadtest.bench", "benchmarks: open-loop fan-out, bookcast vs nats-server's WebSocket"),
+    ("drill", "chaos.cli", "chaos drills (Chaos Toolkit experiments): list, run NAME|FILE|--all, cleanup; reports with proof"),
     ("dashboards", "dashboards.cli", "Grafana dashboards, provisioning and Prometheus SLO rules: build, check against Prometheus"),
     ("why", "exporter.why", "us or the upstream? the current run's latency verdict in one sentence, then the evidence"),
     ("simulate", "feed.simulator.server", "venue simulator: a capture served in Polymarket/Coinbase/Kalshi live protocol, with fault knobs"),

@@ -1,0 +1,259 @@
+"""Drill clients: a faulted and a control group of real SDK clients, and the independent checker.
+
+Adapter module. ``ClientGroups`` runs ``feed.client.BookClient``s in a background thread with its own
+event loop (so chaostoolkit's synchronous activities can read them at any time) and records into a
+``Recorder``:
+
+* every verified delivery: (monotonic s, group, client, instrument, e2e latency s, url);
+* every client-visible event: connected, disconnected, connect failed, gap detected (a resync the client
+  asked for), resync received, instrument status (PROTOCOL.md section 11), with the URL it came on.
+
+The control group (Netflix ChAP's control) subscribes the same instruments on a path no drill faults, so
+"during" p99 of the faulted group is read beside the control's in the same seconds.
+
+``Checker`` is the independent client: it builds its own books straight from NATS (the ingest's deltas
+plus an ingest snapshot, verified by ``feed.client.verify.VerifiedBooks``), never through a gateway. At the
+end of a drill the runner pauses the ingest (SIGSTOP, recorded in the state file), waits until every book
+stops moving, and ``compare`` counts, per client and instrument, books that differ from the checker's at
+the same seq, or are behind it, while the client saw no gap, resync or status for that instrument since
+the fault began: these are the **undetected gaps** (a wrong book the user was never told about).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+
+from feed import wire
+from feed.client.sdk import BookClient, ConnectFailed, Connected, Disconnected
+from feed.client.verify import BookUpdated, GapDetected, ResyncReceived, SendResync, VerifiedBooks
+from feed.subjects import delta_subject, snapshot_subject
+
+log = logging.getLogger("bookcast.chaos.clients")
+
+DETECTION_KINDS = ("disconnected", "connect_failed", "gap_detected", "resync_received", "instrument_status")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    t_s: float            # time.monotonic() at receipt
+    group: str
+    client: int
+    instrument: str
+    e2e_s: float | None   # receipt minus the venue event (or ingest) stamp
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEvent:
+    t_s: float
+    group: str
+    client: int
+    kind: str             # connected, disconnected, connect_failed, gap_detected, resync_received, instrument_status
+    instrument: str | None
+    url: str | None
+    detail: str = ""
+
+
+@dataclass
+class Recorder:
+    """Thread-safe log of deliveries and events (written by the client thread, read by activities)."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    events: list[ClientEvent] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def delivery(self, d: Delivery) -> None:
+        with self.lock:
+            self.deliveries.append(d)
+
+    def event(self, e: ClientEvent) -> None:
+        with self.lock:
+            self.events.append(e)
+
+    def snapshot(self) -> tuple[list[Delivery], list[ClientEvent]]:
+        with self.lock:
+            return list(self.deliveries), list(self.events)
+
+
+class ClientGroups:
+    """``groups``: {name: (urls, n_clients)}; every client subscribes every instrument."""
+
+    def __init__(self, groups: dict[str, tuple[list[str], int]], instruments: list[str], *,
+                 ws_heartbeat_s: float = 1.0) -> None:
+        self.groups = groups
+        self.instruments = instruments
+        self.ws_heartbeat_s = ws_heartbeat_s
+        self.recorder = Recorder()
+        self.clients: dict[tuple[str, int], BookClient] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="drill-clients", daemon=True)
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+
+    async def _start(self) -> None:
+        for group, (urls, n) in self.groups.items():
+            for i in range(n):
+                client = BookClient(urls, self.instruments, reconnect_backoff_s=(0.05, 0.5),
+                                    connect_timeout_s=2.0, ws_heartbeat_s=self.ws_heartbeat_s)
+                self.clients[(group, i)] = client
+                client.start()
+                self._tasks.append(asyncio.create_task(self._consume(group, i, client)))
+
+    async def _consume(self, group: str, i: int, client: BookClient) -> None:
+        rec = self.recorder
+        async for ev in client.events():
+            now = time.monotonic()
+            if isinstance(ev, BookUpdated):
+                e2e = ev.e2e_ns / 1e9 if ev.e2e_ns is not None else None
+                rec.delivery(Delivery(now, group, i, ev.instrument, e2e, client.connected_url or ""))
+            elif isinstance(ev, Connected):
+                rec.event(ClientEvent(now, group, i, "connected", None, ev.url, "resume" if ev.resume else ""))
+            elif isinstance(ev, Disconnected):
+                rec.event(ClientEvent(now, group, i, "disconnected", None, ev.url, f"{ev.close_code} {ev.error or ''}"))
+            elif isinstance(ev, ConnectFailed):
+                rec.event(ClientEvent(now, group, i, "connect_failed", None, ev.url, ev.error[:120]))
+            elif isinstance(ev, GapDetected):
+                rec.event(ClientEvent(now, group, i, "gap_detected", ev.instrument, client.connected_url,
+                                      f"{ev.reason} {ev.detail}"[:160]))
+            elif isinstance(ev, ResyncReceived):
+                rec.event(ClientEvent(now, group, i, "resync_received", ev.instrument, client.connected_url))
+            elif type(ev).__name__ == "InstrumentStatus":
+                rec.event(ClientEvent(now, group, i, "instrument_status", getattr(ev, "instrument", None),
+                                      client.connected_url, str(getattr(ev, "status", ""))))
+
+    def books(self) -> dict[tuple[str, int], dict[str, tuple[int, Any]]]:
+        """{(group, client): {instrument: (seq, book copy)}} taken on the client thread."""
+        async def take():
+            out = {}
+            for key, c in self.clients.items():
+                out[key] = {}
+                for inst in self.instruments:
+                    lb = c.local_book(inst)
+                    if lb is not None:
+                        out[key][inst] = (lb.seq, lb.book.copy())
+            return out
+        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
+
+    def stop(self) -> None:
+        async def close():
+            for c in self.clients.values():
+                await c.close()
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+class Checker:
+    """Independent books from NATS (ingest deltas + ingest snapshots), in its own thread and loop."""
+
+    def __init__(self, nats_url: str, instruments: list[str]) -> None:
+        self.nats_url = nats_url
+        self.instruments = instruments
+        self.verified = VerifiedBooks()
+        self.resyncs = 0
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="drill-checker", daemon=True)
+        self._nc = None
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+
+    async def _start(self) -> None:
+        self._nc = await nats.connect(self.nats_url, name="drill-checker", max_reconnect_attempts=-1)
+        for inst in self.instruments:
+            await self._nc.subscribe(delta_subject(inst), cb=self._on_msg)
+        for inst in self.instruments:
+            await self._snapshot(inst)
+
+    async def _snapshot(self, inst: str) -> None:
+        try:
+            reply = await self._nc.request(snapshot_subject(inst), b"", timeout=5)
+        except Exception as exc:  # noqa: BLE001 - the ingest may be the thing being faulted
+            log.info("checker: snapshot of %s failed: %s", inst, exc)
+            return
+        self._apply(reply.data)
+
+    async def _on_msg(self, msg) -> None:
+        self._apply(msg.data)
+
+    def _apply(self, data: bytes) -> None:
+        for out in self.verified.on_message(data, time.time_ns()):
+            if isinstance(out, SendResync):
+                self.resyncs += 1
+                self.loop.create_task(self._snapshot(out.instrument))
+
+    def books(self) -> dict[str, tuple[int, Any]]:
+        async def take():
+            out = {}
+            for inst in self.instruments:
+                lb = self.verified.books.get(inst)
+                if lb is not None:
+                    out[inst] = (lb.seq, lb.book.copy())
+            return out
+        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
+
+    def resnapshot(self) -> None:
+        async def again():
+            for inst in self.instruments:
+                await self._snapshot(inst)
+        asyncio.run_coroutine_threadsafe(again(), self.loop).result(60)
+
+    def stop(self) -> None:
+        async def close():
+            if self._nc is not None:
+                await self._nc.close()
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+def compare(reference: dict[str, tuple[int, Any]], clients: dict[tuple[str, int], dict[str, tuple[int, Any]]],
+            told: set[tuple[str, int, str]]) -> dict[str, Any]:
+    """Pure: compare every client book with the checker's. ``told``: (group, client, instrument) that saw a
+    gap, resync or status after the fault began (a wrong book they were told about is detected).
+
+    Returns {"compared", "equal", "undetected": [..], "detected_wrong": [..], "missing": [..]}."""
+    out: dict[str, Any] = {"compared": 0, "equal": 0, "undetected": [], "detected_wrong": [], "missing": []}
+    for (group, i), books in sorted(clients.items()):
+        for inst, (ref_seq, ref_book) in sorted(reference.items()):
+            key = f"{group}#{i} {inst}"
+            if inst not in books:
+                out["missing"].append(key)
+                continue
+            seq, book = books[inst]
+            out["compared"] += 1
+            if seq == ref_seq and book == ref_book:
+                out["equal"] += 1
+                continue
+            why = f"{key}: client seq={seq} checker seq={ref_seq}" + ("" if seq != ref_seq else " books differ")
+            (out["detected_wrong"] if (group, i, inst) in told else out["undetected"]).append(why)
+    return out
+
+
+def group_counts(events: list[ClientEvent], since_s: float) -> dict[str, dict[str, int]]:
+    """{group: {kind: count}} of events at or after ``since_s``."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        if e.t_s >= since_s:
+            out[e.group][e.kind] += 1
+    return {g: dict(k) for g, k in out.items()}
