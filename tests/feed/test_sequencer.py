@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from feed.book import L2Book
+from feed.errors import CrossedBook, LocalError
 from feed.model import BookDelta, BookSnapshot, LevelChange, Side, Trade, AggressorSide
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta, Sequencer
 
@@ -75,6 +77,31 @@ def test_crossed_book_from_venue_is_counted():
     eng.apply(snap("c:x", [("1", "1")], [("2", "1")]))
     eng.apply(BookDelta("c:x", (LevelChange(Side.BID, D(3), D(1)),)))
     assert eng.crossed == 1
+
+
+def test_crossed_book_built_by_our_engine_raises_crossed_book(monkeypatch):
+    """Diffing towards an uncrossed venue snapshot must give an uncrossed book; when our own diff is wrong
+    (here: it forgets the removals) the engine raises ``CrossedBook``, a ``LocalError``, naming the prices."""
+    eng = BookEngine("e")
+    eng.apply(snap("p:x", [("0.5", "10")], [("0.6", "1")]))
+    # the venue moves the whole book up: bid 0.5 -> 0.7, ask 0.6 -> 0.8 (uncrossed)
+    good = eng.apply(snap("p:x", [("0.7", "1")], [("0.8", "1")]))
+    assert len(good) == 1 and not eng.instruments["p:x"].book.is_crossed()
+    real_diff = L2Book.diff
+
+    def forgets_removals(self, bids, asks):
+        return [c for c in real_diff(self, bids, asks) if c.size != 0]
+
+    monkeypatch.setattr(L2Book, "diff", forgets_removals)
+    with pytest.raises(CrossedBook) as info:  # bid 0.9 added, ask 0.8 not removed: crossed by our bug
+        eng.apply(snap("p:x", [("0.9", "1")], [("1.0", "1")]))
+    assert isinstance(info.value, LocalError)
+    assert "instrument=p:x" in str(info.value) and "best_bid=0.9 best_ask=0.8" in str(info.value)
+    # a crossed venue snapshot is the venue's fault: counted, never raised
+    monkeypatch.setattr(L2Book, "diff", real_diff)
+    crossed_before = eng.crossed
+    eng.apply(snap("p:x", [("0.9", "1")], [("0.85", "1")]))
+    assert eng.crossed == crossed_before + 1
 
 
 def test_engine_reset_forgets_book_and_changes_epoch():
