@@ -84,10 +84,11 @@ class BookUpdated:
     """A snapshot or delta was applied and verified.
 
     ``book`` is the live local book: later messages keep mutating it (``book.copy()`` to keep this
-    state). Latencies are ``recv_ns`` minus the message's timestamp, in ns, ``None`` when the message
-    lacks that timestamp: ``latency_ns`` from ``ts_send_ns`` (gateway -> client), ``publish_latency_ns``
-    from ``ts_publish_ns``, ``e2e_ns`` from ``ts_event_ns`` (or ``ts_ingest_ns`` when the venue gives no
-    event time). Clocks of different hosts may disagree, so these can be negative.
+    state). ``hops`` is every hop of ``feed.hops`` the message's stamps give (signed ns); the three
+    latency fields are views of it, ``None`` when a stamp is missing: ``latency_ns`` is ``Hop.CLIENT``
+    (``recv_ns - ts_send_ns``), ``publish_latency_ns`` is ``Hop.NATS_GATEWAY + Hop.CLIENT``
+    (``recv_ns - ts_publish_ns``), ``e2e_ns`` is ``Hop.E2E`` (from ``ts_event_ns``, or ``ts_ingest_ns``
+    when the venue gives no event time). Clocks of different hosts may disagree, so these can be negative.
     """
 
     instrument: str
@@ -343,11 +344,12 @@ class VerifiedBooks:
         self, local: LocalBook, kind: UpdateKind, msg: wire.Snapshot | wire.Delta, recv_ns: int
     ) -> list[Action | Event]:
         hops = hops_of(msg.raw, recv_ns)
-        publish = msg.ts_publish_ns
         local.last_recv_ns = recv_ns
         local.hops = hops
-        local.latency_ns = hops.get(Hop.CLIENT)
-        local.publish_latency_ns = None if publish is None else recv_ns - publish
+        # the three latency fields are views of ``hops`` (one vocabulary, feed.hops), kept for callers
+        client, nats_gateway = hops.get(Hop.CLIENT), hops.get(Hop.NATS_GATEWAY)
+        local.latency_ns = client
+        local.publish_latency_ns = None if client is None or nats_gateway is None else nats_gateway + client
         local.e2e_ns = hops.get(Hop.E2E)
         local.updates += 1
         out: list[Action | Event] = [

@@ -27,6 +27,7 @@ from feed.client.verify import (
     UpdateKind,
     VerifiedBooks,
 )
+from feed.hops import Hop
 from feed.model import AggressorSide, Side
 
 I = "coinbase:BAND-GBP"
@@ -229,6 +230,9 @@ def test_book_updated_carries_latencies() -> None:
     [snap] = verified.on_message(s.snapshot(**ts), recv_ns=10_000)
     assert isinstance(snap, BookUpdated) and snap.kind is UpdateKind.SNAPSHOT
     assert (snap.latency_ns, snap.publish_latency_ns, snap.e2e_ns) == (6_000, 7_000, 9_000)
+    # the latency fields are views of the one hop vocabulary (feed.hops)
+    assert snap.latency_ns == snap.hops[Hop.CLIENT] and snap.e2e_ns == snap.hops[Hop.E2E]
+    assert snap.publish_latency_ns == snap.hops[Hop.NATS_GATEWAY] + snap.hops[Hop.CLIENT]
     no_event_time = {k: v for k, v in ts.items() if k != "ts_event_ns"}
     [delta] = verified.on_message(s.delta(("bid", "0.51", "1"), **no_event_time), recv_ns=10_000)
     assert isinstance(delta, BookUpdated) and delta.kind is UpdateKind.DELTA and delta.seq == 1
