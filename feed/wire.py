@@ -55,6 +55,7 @@ class MsgType(enum.StrEnum):
     ERROR = "error"
     SHUTDOWN = "shutdown"
     INSTRUMENT_STATUS = "instrument_status"
+    WRITE_STAMP = "write_stamp"  # additive, only on ``?write_stamps=1`` (docs/protocol-notes.md)
 
 
 class Op(enum.StrEnum):
@@ -260,6 +261,18 @@ class InstrumentStatus:
 
 
 @dataclass(slots=True)
+class WriteStamp:
+    """``write_stamp`` (additive, docs/protocol-notes.md; only to a WebSocket opened with
+    ``?write_stamps=1``): the ``frames`` (>= 1) frames after this notice went to the socket in one write
+    at ``ts_write_ns`` (ns since the Unix epoch). The notice itself is not one of them."""
+
+    ts_write_ns: int
+    frames: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    type = MsgType.WRITE_STAMP
+
+
+@dataclass(slots=True)
 class Unknown:
     """A message of a type this version does not know (section 10: ignore it)."""
 
@@ -269,7 +282,7 @@ class Unknown:
 
 ServerMessage = (
     Snapshot | Delta | TradeMsg | Heartbeat | ResyncMsg | Subscribed | Unsubscribed | Pong | ErrorMsg
-    | ShutdownMsg | InstrumentStatus | Unknown
+    | ShutdownMsg | InstrumentStatus | WriteStamp | Unknown
 )
 DataMessage = Snapshot | Delta
 
@@ -437,10 +450,19 @@ def _instrument_status(f: _Fields) -> InstrumentStatus:
                             f.ts("since_ns"), f.ts("ts_publish_ns"), f.ts("ts_send_ns"), f.raw)
 
 
+def _write_stamp(f: _Fields) -> WriteStamp:
+    ts_write_ns, frames = f.raw.get("ts_write_ns"), f.raw.get("frames")
+    if not _is_int(ts_write_ns) or ts_write_ns <= 0:
+        raise f.error("ts_write_ns", f"ts_write_ns must be a positive integer, got {ts_write_ns!r}")
+    if not _is_int(frames) or frames < 1:
+        raise f.error("frames", f"frames must be an integer >= 1, got {frames!r}")
+    return WriteStamp(ts_write_ns, frames, f.raw)
+
+
 _DECODERS = {
     "snapshot": _snapshot, "delta": _delta, "trade": _trade, "heartbeat": _heartbeat, "resync": _resync,
     "subscribed": _subscribed, "unsubscribed": _unsubscribed, "pong": _pong, "error": _error,
-    "shutdown": _shutdown, "instrument_status": _instrument_status,
+    "shutdown": _shutdown, "instrument_status": _instrument_status, "write_stamp": _write_stamp,
 }
 
 
@@ -536,6 +558,8 @@ def to_dict(msg: ServerMessage) -> dict[str, Any]:
         if msg.ts_send_ns is not None:
             out["ts_send_ns"] = msg.ts_send_ns
         return out
+    if isinstance(msg, WriteStamp):
+        return {"type": "write_stamp", "ts_write_ns": msg.ts_write_ns, "frames": msg.frames}
     raise TypeError(f"not a wire message: {msg!r}")
 
 
@@ -621,6 +645,26 @@ def with_send_ts(encoded: bytes, ts_send_ns: int) -> bytes:
     if encoded == b"{}":
         return b'{"ts_send_ns":%d}' % ts_send_ns
     return b'%s,"ts_send_ns":%d}' % (encoded[:-1], ts_send_ns)
+
+
+def with_write_ts(encoded: bytes, ts_write_ns: int) -> bytes:
+    """Append ``"ts_write_ns": N`` (a ``WriteStamp``'s time) to an encoded JSON object, without
+    re-encoding it; bytes that are not an object (``b'{...}'``) come back unchanged."""
+    if encoded[-1:] != b"}" or encoded[:1] != b"{":
+        return encoded
+    if encoded == b"{}":
+        return b'{"ts_write_ns":%d}' % ts_write_ns
+    return b'%s,"ts_write_ns":%d}' % (encoded[:-1], ts_write_ns)
+
+
+WRITE_STAMP_PREFIX = b'{"type":"write_stamp"'
+"""How every ``write_stamp_notice`` begins: a reader may test frames with ``startswith`` before decoding."""
+
+
+def write_stamp_notice(ts_write_ns: int, frames: int) -> bytes:
+    """The encoded ``write_stamp`` notice (``WriteStamp``; starts with ``WRITE_STAMP_PREFIX``), built
+    without a JSON encoder: the gateway writes one per socket write."""
+    return b'{"type":"write_stamp","ts_write_ns":%d,"frames":%d}' % (ts_write_ns, frames)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-import orjson
 
 from feed import wire
 from feed.book import L2Book
 from feed.client.regions import MoveReason, RegionMoved, RegionPolicy
-from feed.client.verify import (BookUpdated, ClientStats, Event, LocalBook, SendResync, Shutdown, Subscribed,
-                                UpdateKind, VerifiedBooks)
+from feed.client.verify import (BookUpdated, ClientStats, Event, LocalBook, SendResync, Shutdown, StatusReceived,
+                                Subscribed, UpdateKind, VerifiedBooks)
+from feed.errors import WireError
 
 T = TypeVar("T")
 
@@ -397,15 +397,17 @@ class BookClient:
                 recv_ns = self._clock_ns()
                 data = frame.data
                 if write_stamp is not None:  # ?write_stamps=1: this frame went out at the notice's time
-                    data = data[:-1] + b',"ts_write_ns":%d}' % write_stamp[0] if data[-1:] == b"}" else data
+                    data = wire.with_write_ts(data, write_stamp[0])
                     write_stamp = (write_stamp[0], write_stamp[1] - 1) if write_stamp[1] > 1 else None
-                elif data.startswith(_WRITE_STAMP_PREFIX):
+                elif data.startswith(wire.WRITE_STAMP_PREFIX):
                     write_stamp = _parse_write_stamp(data)
                     continue
-                if self._multi_region and b'"instrument_status"' in data and self._status_moves(data):
+                items = self._verified.on_message(data, recv_ns)
+                if self._multi_region and items and isinstance(items[0], StatusReceived) and self._status_moves(items[0]):
                     reason = MoveReason.INSTRUMENT_STATUS
+                    self._emit(items[0])
                     break
-                for item in self._verified.on_message(data, recv_ns):
+                for item in items:
                     if isinstance(item, SendResync):
                         await _send(ws, wire.ResyncRequest(next(self._ids), item.instrument))
                         continue
@@ -438,14 +440,9 @@ class BookClient:
             self._notify()
         return (None if leave_at is None else max(0.0, leave_at - loop.time())), reason
 
-    def _status_moves(self, data: bytes) -> bool:
+    def _status_moves(self, status: StatusReceived) -> bool:
         """An ``instrument_status`` for a subscribed instrument whose status is one of ``move_on_status``."""
-        try:
-            msg = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return False
-        return (isinstance(msg, dict) and msg.get("type") == "instrument_status"
-                and msg.get("instrument") in self.instruments and msg.get("status") in self._move_on_status)
+        return status.instrument in self.instruments and status.status in self._move_on_status
 
     async def _watch_health(self, url: str, leave: asyncio.Event, why: list[MoveReason]) -> None:
         """Poll the current gateway's ``/readyz`` (twice not ready in a row: leave) and, while away from the
@@ -495,14 +492,11 @@ async def _send(ws: aiohttp.ClientWebSocketResponse, request: wire.Request) -> N
     await ws.send_str(wire.encode_request(request).decode())  # section 2: text frames
 
 
-_WRITE_STAMP_PREFIX = b'{"type":"write_stamp"'
-
-
 def _parse_write_stamp(data: bytes) -> tuple[int, int] | None:
-    """``(ts_write_ns, frames)`` of a gateway ``write_stamp`` notice (docs/protocol-notes.md), None if odd."""
+    """``(ts_write_ns, frames)`` of a gateway ``write_stamp`` notice (``feed.wire.WriteStamp``), None if
+    malformed (the frames after it are then taken as unstamped)."""
     try:
-        msg = wire.loads(data)
-        ts, frames = msg["ts_write_ns"], msg["frames"]
-    except (ValueError, KeyError, TypeError):
+        msg = wire.decode(data)
+    except WireError:
         return None
-    return (ts, frames) if isinstance(ts, int) and isinstance(frames, int) and frames > 0 else None
+    return (msg.ts_write_ns, msg.frames) if isinstance(msg, wire.WriteStamp) else None

@@ -181,6 +181,18 @@ class ErrorReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusReceived:
+    """An ``instrument_status`` (PROTOCOL.md section 11): the gateway's view of ``instrument`` changed to
+    ``status`` (``ok``, ``stale``, ``crossed``, ``resyncing``, ``halted``, ``resolved``, or a newer one)
+    at ``since_ns`` (ns since the Unix epoch, None when not given). The book is not changed by it."""
+
+    instrument: str
+    status: str
+    reason: str
+    since_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """The gateway is draining: reconnect (elsewhere) after ``reconnect_after_ms`` and resume."""
 
@@ -189,7 +201,7 @@ class Shutdown:
 
 Event = (
     BookUpdated | BookCrossed | GapDetected | ResyncReceived | TradeEvent | Subscribed | Unsubscribed
-    | Pong | ErrorReceived | Shutdown
+    | Pong | ErrorReceived | Shutdown | StatusReceived
 )
 
 
@@ -261,6 +273,7 @@ class VerifiedBooks:
             wire.Pong: self._on_pong,
             wire.ErrorMsg: self._on_error,
             wire.ShutdownMsg: self._on_shutdown,
+            wire.InstrumentStatus: self._on_status,
         }
 
     def book(self, instrument: str) -> L2Book | None:
@@ -439,3 +452,6 @@ class VerifiedBooks:
 
     def _on_shutdown(self, msg: wire.ShutdownMsg, recv_ns: int) -> list[Action | Event]:
         return [Shutdown(msg.reconnect_after_ms)]
+
+    def _on_status(self, msg: wire.InstrumentStatus, recv_ns: int) -> list[Action | Event]:
+        return [StatusReceived(msg.instrument, str(msg.status), msg.reason, msg.since_ns)]

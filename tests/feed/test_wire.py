@@ -32,6 +32,7 @@ SAMPLES = [
     {"type": "shutdown", "reconnect_after_ms": 500},
     {"type": "instrument_status", "instrument": I, "status": "stale", "reason": "upstream_silent", "since_ns": 7,
      "ts_send_ns": 8},
+    {"type": "write_stamp", "ts_write_ns": 9, "frames": 3},
 ]
 
 
@@ -82,6 +83,22 @@ def test_requests_encode_to_what_the_gateway_parses():
 def test_send_ts_splice():
     assert wire.with_send_ts(b'{"a":1}', 9) == b'{"a":1,"ts_send_ns":9}'
     assert wire.with_send_ts(b"{}", 9) == b'{"ts_send_ns":9}'
+
+
+def test_write_stamp_notice_and_splice():
+    notice = wire.write_stamp_notice(1_700_000_000_000_000_123, 2)
+    assert notice.startswith(wire.WRITE_STAMP_PREFIX)
+    decoded = wire.decode(notice)
+    assert isinstance(decoded, wire.WriteStamp) and (decoded.ts_write_ns, decoded.frames) == (1_700_000_000_000_000_123, 2)
+    assert wire.encode(decoded) == notice
+    for bad, field in ((b'{"type":"write_stamp","ts_write_ns":5,"frames":0}', "frames"),
+                       (b'{"type":"write_stamp","ts_write_ns":"5","frames":1}', "ts_write_ns")):
+        with pytest.raises(WireError) as info:
+            wire.decode(bad)
+        assert info.value.field == field and f"field '{field}'" in str(info.value)
+    spliced = wire.with_write_ts(wire.with_send_ts(b'{"type":"delta"}', 4), 5)
+    assert orjson.loads(spliced) == {"type": "delta", "ts_send_ns": 4, "ts_write_ns": 5}
+    assert wire.with_write_ts(b"not json", 5) == b"not json"
 
 
 # -- the sequenced book ------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from feed.book import L2Book
-from feed.client import BookClient, BookUpdated, ConnectFailed, Connected, GapDetected, GapReason
+from feed.client import (BookClient, BookUpdated, ConnectFailed, Connected, GapDetected, GapReason, MoveReason,
+                         RegionMoved, StatusReceived)
 from feed.client.tail import TailState, add_arguments, main_async, render, render_line, tail
 from feed.model import Side
 
@@ -273,6 +274,35 @@ async def test_failover_to_other_region_resumes(
         await ingest.publish()  # live again, through B
         await client.wait_for(lambda: in_sync(client, ingest), DEADLINE_S)
         assert client.books == {I: ingest.book}
+
+
+async def test_instrument_status_stale_moves_to_the_next_region(regions: tuple[Ingest, Gateway, Gateway]) -> None:
+    """A gateway marking a subscribed instrument ``stale`` (section 11) sends a multi-region client to the
+    next region; the status arrives as a ``StatusReceived`` event decoded by the one wire model."""
+    ingest, a, b = regions
+    quiet = {"stale_after_s": 60.0, "health_interval_s": 60.0}  # only the status may move it
+    async with BookClient(regions=[[a.url], [b.url]], instruments=[I], **FAST, **quiet) as client:
+        await ingest.publish()
+        await client.wait_for(lambda: client.connected_url == a.url and in_sync(client, ingest), DEADLINE_S)
+        for ws in list(a.clients):  # "ok" and another instrument's "stale" move nothing
+            await _send(ws, {"type": "instrument_status", "instrument": I, "status": "ok", "reason": "", "since_ns": 1})
+            await _send(ws, {"type": "instrument_status", "instrument": "coinbase:OTHER-USD", "status": "stale",
+                             "reason": "upstream_silent", "since_ns": 1})
+            await _send(ws, {"type": "instrument_status", "instrument": I, "status": "stale",
+                             "reason": "upstream_silent", "since_ns": 2})
+        seen: list[StatusReceived] = []
+        moved = None
+        async with asyncio.timeout(DEADLINE_S):
+            async for event in client:
+                if isinstance(event, StatusReceived):
+                    seen.append(event)
+                if isinstance(event, RegionMoved):
+                    moved = event
+                    break
+        assert [(e.instrument, e.status) for e in seen] == [(I, "ok"), ("coinbase:OTHER-USD", "stale"), (I, "stale")]
+        assert seen[-1].reason == "upstream_silent" and seen[-1].since_ns == 2
+        assert moved is not None and moved.reason is MoveReason.INSTRUMENT_STATUS and (moved.from_region, moved.to_region) == (0, 1)
+        await client.wait_for(lambda: client.connected_url == b.url and in_sync(client, ingest), DEADLINE_S)
 
 
 async def test_unreachable_url_is_skipped(regions: tuple[Ingest, Gateway, Gateway]) -> None:
