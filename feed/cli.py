@@ -58,10 +58,33 @@ def _tail_module():
     return importlib.import_module("feed.client.tail")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from feed.gateway import server
-    from feed import stack
+# The pyproject extra that installs each third-party module a command needs (`pip install bookcast` alone is
+# the SDK: `tail` works, the others say which extra to add instead of a traceback).
+_EXTRA_OF = {
+    "nats": "server", "prometheus_client": "server", "uvloop": "server", "wsproto": "server", "jwt": "server",
+    "cryptography": "server", "opentelemetry": "server", "hdrh": "probe", "chdb": "probe",
+    "clickhouse_driver": "probe", "locust": "bench", "matplotlib": "bench",
+}
+_EXTRA_OF_COMMAND = {  # a command's own extra wins: it brings everything the command needs
+    "probe": "probe", "latency": "probe", "why": "probe", "bench": "bench", "failover-bench": "bench",
+    "drill": "ops", "dashboards": "ops",
+}
+_OWN_PACKAGES = ("feed", "exporter", "loadtest", "ebpf", "chaos", "dashboards")
 
+
+def _guarded(parser: argparse.ArgumentParser, build) -> None:
+    """``build(parser)``; when it needs a third-party module that is not installed, the command still parses
+    (any arguments) and ``main`` prints one line naming the module and the extra that brings it."""
+    try:
+        build(parser)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if not root or root in _OWN_PACKAGES:
+            raise
+        parser.set_defaults(missing_module=(root,))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bookcast",
         description="bookcast: order books from venue feeds through NATS to WebSocket clients, with measured latency.",
@@ -76,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    stack.add_arguments(cmd("up", "start the whole stack on embedded defaults"))
+    _guarded(cmd("up", "start the whole stack on embedded defaults"),
+             lambda up: importlib.import_module("feed.stack").add_arguments(up))
     _tail_module().add_arguments(cmd("tail", "show the live top of book of one instrument"))
 
     r = cmd("replay", "run an ingest that replays capture files as its upstream")
@@ -89,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default="ingest", help="name shown to NATS and in logs")
     r.add_argument("--connect-timeout-s", type=float, default=10.0,
                    help="give up (exit 1) when NATS does not answer within this many seconds (default %(default)s)")
-    importlib.import_module("feed.ingest").add_arguments(r)
+    _guarded(r, lambda r: importlib.import_module("feed.ingest").add_arguments(r))
 
     rec = cmd("record", "record a live venue WebSocket into a capture file")
     rec.add_argument("--venue", required=True, choices=["coinbase", "polymarket"])
@@ -100,18 +124,44 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-messages", type=int, help="stop after this many messages")
 
     g = cmd("gateway", "run a gateway (WebSocket + REST) fed from NATS")
-    server.add_arguments(g)
     g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _guarded(g, lambda g: importlib.import_module("feed.gateway.server").add_arguments(g))
 
-    for name, module_name, help in EXTENSIONS:
+    def extension(parser: argparse.ArgumentParser, name: str, module_name: str) -> None:
         module = importlib.import_module(module_name)
         EXAMPLES[name] = module.EXAMPLES
-        module.add_arguments(cmd(name, help))
+        parser.epilog = module.EXAMPLES
+        module.add_arguments(parser)
+
+    for name, module_name, help in EXTENSIONS:
+        _guarded(cmd(name, help), lambda parser, n=name, m=module_name: extension(parser, n, m))
     return p
 
 
+def _missing_module(command: str, module: str) -> int:
+    extra = _EXTRA_OF_COMMAND.get(command) or _EXTRA_OF.get(module, "ops")
+    print(f"bookcast {command}: needs the Python package {module!r}, which is not installed; "
+          f"install it with: pip install 'bookcast[{extra}]' (./dev up installs everything)", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "missing_module", None):
+        return _missing_module(args.command, args.missing_module[0])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _run(args)
+    except ModuleNotFoundError as exc:  # a command's lazily imported dependency (an SDK-only install)
+        root = (exc.name or "").split(".")[0]
+        if not root or root in _OWN_PACKAGES:
+            raise
+        return _missing_module(args.command, root)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

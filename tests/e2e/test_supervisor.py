@@ -29,16 +29,16 @@ def test_sigkilled_worker_is_restarted_and_the_gateway_keeps_serving(make_stack)
     stack.start_nats()
     stack.start_gateway()
     sup = stack.gateway.pid
-    wait_until(lambda: len(_children(sup)) == 2, 20, what="2 workers", proc=stack.gateway)
+    wait_until(lambda: len(_children(sup)) == 2, 60, what="2 workers", proc=stack.gateway)
     before = _children(sup)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: victim not in _children(sup), 10, what="killed worker reaped", proc=stack.gateway)
-    wait_until(lambda: http_ok(stack.base + "/readyz"), 10, what="the port still served", proc=stack.gateway)
-    wait_until(lambda: len(_children(sup)) == 2, 20, what="worker restarted", proc=stack.gateway)
+    wait_until(lambda: victim not in _children(sup), 30, what="killed worker reaped", proc=stack.gateway)
+    wait_until(lambda: http_ok(stack.base + "/readyz"), 60, what="the port still served", proc=stack.gateway)
+    wait_until(lambda: len(_children(sup)) == 2, 60, what="worker restarted", proc=stack.gateway)
     replacement = _children(sup) - before
     assert len(replacement) == 1 and stack.gateway.poll() is None
-    wait_until(lambda: http_ok(stack.base + "/readyz"), 20, what="gateway ready again", proc=stack.gateway)
+    wait_until(lambda: http_ok(stack.base + "/readyz"), 60, what="gateway ready again", proc=stack.gateway)
     assert "restarting in" in stack.log("gateway") and "restarted pid=" in stack.log("gateway")
     assert stop_process(stack.gateway, grace_s=15) == 0
     stack.gateway = None
