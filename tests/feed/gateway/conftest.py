@@ -13,7 +13,7 @@ from feed.gateway.framing import frame_payload
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import GatewayLimits
 from feed.gateway.session import Link, Session, Unlink
-from feed.model import Side
+from feed.model import Side, canonical
 
 INST = "test:x"
 
@@ -32,7 +32,9 @@ class Ingest:
         prev_seq, self.seq = self.seq, self.seq + 1
         self.ts_ns += 1_000
         return {"type": "delta", "instrument": self.instrument, "epoch": self.epoch, "seq": self.seq,
-                "prev_seq": prev_seq, "changes": [list(c) for c in changes], "checksum": self.book.checksum(),
+                "prev_seq": prev_seq, "checksum": self.book.checksum(),
+                # canonical decimals, as the real ingest publishes them (PROTOCOL.md section 6)
+                "changes": [[side, canonical(Decimal(price)), canonical(Decimal(size))] for side, price, size in changes],
                 "ts_ingest_ns": self.ts_ns, "ts_publish_ns": self.ts_ns + 10}
 
     def delta(self, *changes: tuple[str, str, str]) -> bytes:

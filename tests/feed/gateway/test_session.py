@@ -3,6 +3,7 @@ property: for any interleaving of deltas, gaps, duplicates, snapshot replies and
 session sends is a stream a PROTOCOL-following client applies with matching checksums."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import orjson
@@ -14,7 +15,8 @@ from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import GatewayLimits
 from feed.gateway.session import PARKED, TRANSITIONS, Close, SessionInput, SessionState
 from feed.wire import Status
-from tests.feed.gateway.conftest import INST, Ingest, Links, messages
+from tests.feed.gateway.conftest import INST, Ingest, Links, book_levels, messages
+from tests.feed.gateway.reference_client import ReferenceClient
 
 T0 = 1_700_000_000_000_000_000
 S = 1_000_000_000
@@ -221,6 +223,7 @@ step = st.one_of(
     st.tuples(st.just("flush"), st.just(None)),  # conflation windows end
     st.tuples(st.just("restart"), st.just(None)),  # a new epoch
     st.tuples(st.just("status"), st.sampled_from(list(Status))),
+    st.tuples(st.just("reconnect"), st.integers(min_value=0, max_value=3)),  # client i comes back with resume
 )
 
 
@@ -232,19 +235,28 @@ def test_every_session_stream_is_applicable(steps, join_at) -> None:
     links = Links(machine)
     links.execute(machine.start(), T0)
     limits = GatewayLimits(max_queue_bytes=2_000, max_overflows=10_000)
-    sessions, clients = [], []
+    sessions, clients, references = [], [], []  # per session: our SDK and a PROTOCOL.md-only client
+    gone: set[int] = set()  # sessions whose client reconnected (it lives on in a later session)
     last_payload = None
     now = T0
 
-    def join(conflate_ms: int, resume: dict | None = None) -> None:
-        req = {"conflate_ms": conflate_ms} | ({"resume": resume} if resume else {})
+    def join(conflate_ms: int, resume_from: int | None = None) -> None:
+        req: dict = {"conflate_ms": conflate_ms}
+        client, reference = VerifiedBooks(), ReferenceClient()
+        if resume_from is not None:  # the same client reconnecting: it keeps its book and asks to resume
+            client = copy.deepcopy(clients[resume_from])
+            reference = ReferenceClient(references[resume_from].books)
+            req["resume"] = client.resume_map()
+        reference.subscribe([INST], req.get("resume"))
         sessions.append(subscribe(links, now, session_kw={"limits": limits}, **req))
-        clients.append(VerifiedBooks())
+        clients.append(client)
+        references.append(reference)
 
     def read(i: int, max_bytes: int) -> None:
         frames, close = sessions[i].pull(now, max_bytes)
         assert close is None
         for msg in messages(frames):
+            references[i].on_message(msg)  # raises ProtocolViolation
             for event in clients[i].on_message(msg, now):
                 assert not isinstance(event, GapDetected), (i, event, msg)
 
@@ -270,6 +282,12 @@ def test_every_session_stream_is_applicable(steps, join_at) -> None:
             links.flush_windows(now)
         elif kind == "restart":
             ing.restart(f"r{n}")
+        elif kind == "reconnect" and arg < len(sessions) and arg not in gone:
+            read(arg, 1 << 30)  # what it had already received, then the old connection is gone
+            if INST in clients[arg].books:
+                links.link(sessions[arg], sessions[arg].closed())
+                gone.add(arg)
+                join(0, resume_from=arg)
         elif kind == "status":
             msg = {"type": "instrument_status", "instrument": INST, "status": arg.value, "reason": "", "since_ns": now}
             links.execute(machine.on_message(orjson.dumps(msg), now), now)
@@ -278,17 +296,29 @@ def test_every_session_stream_is_applicable(steps, join_at) -> None:
         links.execute(machine.on_snapshot_reply(ing.snapshot(), now), now)
     now += 1
     links.flush_windows(now)
-    last_payload = ing.delta(("bid", "0.41", "7"))  # one more delta so every window/ring is current
-    links.execute(machine.on_message(last_payload, now), now)
-    if links.snapshot_requested:
-        links.execute(machine.on_snapshot_reply(ing.snapshot(), now), now)
+    live = [i for i in range(len(sessions)) if i not in gone]
+    for i in live:  # every session has its snapshot now: what follows must reach it as applicable deltas
+        read(i, 1 << 30)
+    for size in ("7", "8", "0"):  # more deltas so every window/ring is current
+        now += 1
+        last_payload = ing.delta(("bid", "0.41", size), ("ask", "0.57", size))
+        links.execute(machine.on_message(last_payload, now), now)
+        if links.snapshot_requested:
+            links.execute(machine.on_snapshot_reply(ing.snapshot(), now), now)
     links.flush_windows(now + 1)
     join(0)
-    for i in range(len(sessions)):
+    live.append(len(sessions) - 1)
+    for i in live:
         read(i, 1 << 30)
     assert machine.serving and (machine.seq, machine.book.checksum()) == (ing.seq, ing.book.checksum())
-    for i, client in enumerate(clients):
+    for i in live:
+        client = clients[i]
         local = client.books.get(INST)
         assert local is not None, f"client {i} holds no book"
         assert (local.epoch, local.seq) == (ing.epoch, ing.seq), i
         assert local.book == ing.book and local.book.checksum() == ing.book.checksum()
+    bids, asks = book_levels(ing.book)
+    for i in live:
+        held = references[i].books.get(INST)
+        assert held is not None and INST not in references[i].awaiting, f"reference client {i} holds no book"
+        assert (held.epoch, held.seq) == (ing.epoch, ing.seq) and held.levels() == (bids, asks), i
