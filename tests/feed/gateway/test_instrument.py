@@ -105,6 +105,47 @@ def test_every_transition_in_the_table(state: State, event: Input) -> None:
         assert kinds(out) == [im.FanOut] and m.seq == ing.seq and m.book.checksum() == ing.book.checksum()
 
 
+# -- the rows of the module's table outside TRANSITIONS: same state (or a BREAK), named actions ----------
+
+
+@pytest.mark.parametrize("state", [State.LIVE, State.SUSPECT], ids=lambda s: s.value)
+def test_conflicting_duplicate_resyncs_and_clears_the_ring(state: State) -> None:
+    m, ing = start_in(state)
+    real = ing.delta_dict(("ask", "0.57", "3"))
+    assert kinds(m.on_message(orjson.dumps(real), T0)) == [im.FanOut]
+    forged = real | {"changes": [["ask", "0.57", "9"]]}  # same (epoch, seq), other content
+    out = m.on_message(orjson.dumps(forged), T0 + 1)
+    assert kinds(out) == [im.Resync, im.RequestSnapshot] and m.state is State.RECOVERING
+    assert out[0].cause is im.BreakCause.CONFLICTING_DUPLICATE and out[0].reason is ResyncReason.UPSTREAM_GAP
+    assert f"instrument={INST}" in out[0].detail and f"seq={real['seq']}" in out[0].detail
+    assert not m.ring and m.ring_since(ing.epoch, real["seq"] - 1) is None  # resume falls back to a snapshot
+
+
+@pytest.mark.parametrize("state", [State.LIVE, State.SUSPECT], ids=lambda s: s.value)
+@pytest.mark.parametrize("late", ["reply", "failure"])
+def test_late_snapshot_answer_while_serving_is_ignored(state: State, late: str) -> None:
+    m, ing = start_in(state)
+    ing.delta(("bid", "0.49", "5"))  # the ingest moved on: the late reply is not the book the machine holds
+    before = (m.seq, m.book.checksum(), len(m.ring))
+    out = m.on_snapshot_reply(ing.snapshot(), T0) if late == "reply" else m.on_snapshot_failed(T0)
+    assert out == [] and m.state is state and (m.seq, m.book.checksum(), len(m.ring)) == before
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+def test_status_malformed_and_unknown_inputs_keep_every_state(state: State) -> None:
+    m, ing = start_in(state)
+    seq, checksum = m.seq, m.book.checksum()
+    status = {"type": "instrument_status", "instrument": INST, "status": "halted", "reason": "venue", "since_ns": 5}
+    out = m.on_message(orjson.dumps(status), T0)
+    assert kinds(out) == [im.StatusChanged] and m.state is state and m.status is Status.HALTED
+    assert m.on_message(orjson.dumps(status), T0) == []  # unchanged: nothing
+    out = m.on_message(b'{"type":"delta","instrument":"test:x","epoch":"e1"}', T0)
+    assert kinds(out) == [im.Rejected] and out[0].error.msg_type == "delta" and m.state is state
+    out = m.on_message(b'{"type":"venue_news"}', T0)
+    assert kinds(out) == [im.Ignored] and m.state is state
+    assert (m.seq, m.book.checksum()) == (seq, checksum)
+
+
 def test_delta_while_awaiting_is_buffered_then_replayed_after_the_snapshot() -> None:
     ing = Ingest()
     m = InstrumentMachine(INST)
