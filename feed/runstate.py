@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from feed.errors import FeedError
+
 STATE_FILE = "run.json"
 VERSION = 1
 DEFAULT_RETENTION_S = 7 * 86_400
@@ -51,7 +53,7 @@ def parse_duration_s(text: str) -> float:
     return float(m.group(1)) * _UNITS_S[m.group(2) or "s"]
 
 
-class RunStateError(Exception):
+class RunStateError(FeedError):
     """No state file, or one that cannot be read; the message says which file and what to do."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feed.errors import FeedError
 from feed.providers.link import ProviderSpec
 from feed.providers.scoring import ScoringPolicy
 from feed.venues import VENUES
@@ -46,7 +47,7 @@ from feed.venues import VENUES
 DEFAULT_STALE_AFTER_S = {"coinbase": 5.0, "polymarket": 30.0, "kalshi": 30.0}
 
 
-class ConfigError(ValueError):
+class ConfigError(FeedError, ValueError):
     """A provider config that cannot be used; the message names the file and key."""
 
 

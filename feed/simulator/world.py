@@ -29,6 +29,7 @@ from typing import Any
 
 from feed.book import L2Book
 from feed.capture import CaptureRecord
+from feed.errors import FeedError
 from feed.model import (
     AggressorSide,
     BookDelta,
@@ -44,7 +45,7 @@ TARGET_VENUES = ("polymarket", "coinbase", "kalshi")
 ONE = Decimal(1)
 
 
-class WorldError(ValueError):
+class WorldError(FeedError, ValueError):
     """A capture that cannot feed the requested venue (the message says why, e.g. prices outside (0, 1))."""
 
 
