@@ -30,7 +30,7 @@ from feed.venues import parser_for
 def check_captures(paths: list[Path], out=None) -> int:
     import sys
 
-    out = out or sys.stdout
+    out = sys.stdout if out is None else out  # an empty writer is still the writer
     engine = BookEngine("check")
     counts: Counter[str] = Counter()
     no_snapshot: Counter[str] = Counter()
