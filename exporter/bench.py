@@ -30,6 +30,7 @@ from urllib.request import urlopen
 import aiohttp
 from hdrh.histogram import HdrHistogram
 
+from feed import wire
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
 from feed.stack import bundled_capture, spawn
@@ -74,7 +75,7 @@ def _publish_ns(frame: bytes) -> int | None:
 
 async def _reader(session: aiohttp.ClientSession, peer: Peer, instruments: list[str], stop: asyncio.Event) -> None:
     async with session.ws_connect(f"ws://127.0.0.1:{peer.port}/v1/ws", max_msg_size=0) as ws:
-        await ws.send_str(json.dumps({"op": "subscribe", "instruments": instruments}))
+        await ws.send_str(wire.encode_request(wire.Subscribe(None, tuple(instruments))).decode())
         while not stop.is_set():
             msg = await ws.receive()
             if msg.type is not aiohttp.WSMsgType.TEXT:
