@@ -30,16 +30,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from feed.model import VenueSeqKind
+from feed.wire import Status  # the instrument statuses of PROTOCOL.md section 11, declared once
+
 Top = tuple[Decimal | None, Decimal | None]  # (best bid price, best ask price); None = empty side
 
-
-class Status(enum.StrEnum):
-    OK = "ok"
-    STALE = "stale"
-    CROSSED = "crossed"
-    RESYNCING = "resyncing"
-    HALTED = "halted"
-    RESOLVED = "resolved"
+# The ``bookcast_ingest_integrity_faults_total`` kind of each venue seq fault (``feed.venues.seqcheck``).
+SEQ_FAULT_KINDS: dict[VenueSeqKind, str] = {VenueSeqKind.GAP: "seq_gap", VenueSeqKind.DUPLICATE: "duplicate",
+                                            VenueSeqKind.RESET: "reset"}
 
 
 PRECEDENCE: tuple[Status, ...] = (Status.RESOLVED, Status.HALTED, Status.RESYNCING, Status.CROSSED, Status.STALE)
@@ -79,6 +77,13 @@ class BurstEnd:
 
 def _s(d: Decimal | None) -> str:
     return "none" if d is None else format(d.normalize(), "f")
+
+
+def book_top(book: Any) -> Top:
+    """(best bid price, best ask price) of a ``feed.book.L2Book`` (anything with ``best_bid()`` and
+    ``best_ask()`` returning ``(price, size)`` or None)."""
+    bid, ask = book.best_bid(), book.best_ask()
+    return (bid[0] if bid else None, ask[0] if ask else None)
 
 
 def judge(top: Top, venue_top: Top | None) -> Verdict:

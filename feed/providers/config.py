@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feed.providers.link import ProviderSpec
+from feed.upstream import ProviderSpec
 from feed.providers.scoring import ScoringPolicy
 from feed.venues import VENUES
 

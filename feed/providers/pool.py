@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from decimal import Decimal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,43 +53,16 @@ from sortedcontainers import SortedDict
 
 from feed.capture import CaptureRecord
 from feed.errors import RemoteError
-from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
-from decimal import Decimal
-
-import feed.model as _model
-from feed.model import (BookDelta, BookSnapshot, LevelChange, Side, TickSizeChange, Trade, VenueEvent, instrument_id,
-                        split_instrument)
+from feed.integrity import SEQ_FAULT_KINDS, VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
+from feed.model import (BestBidAsk, BookDelta, BookIncrement, BookSnapshot, MarketResolved, Side,
+                        TickSizeChange, Trade, VenueEvent, VenueSeqFault, instrument_id, split_instrument)
 from feed.providers.config import PoolConfig, VenueConfig
-from feed.providers.link import Link, LinkEvent, ProviderSpec, UpstreamError, open_link
 from feed.providers.scoring import Decision, Fault, Scorer
-from feed.venues import parser_for
+from feed.sequencer import NegativeLevel, absolute_changes
+from feed.upstream import Link, LinkEvent, ProviderSpec, UpstreamError, open_link
+from feed.venues import VenueSession, parser_for, session_for
 
 log = logging.getLogger("bookcast.providers")
-
-# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
-BookIncrement: Any = getattr(_model, "BookIncrement", ())
-BestBidAsk: Any = getattr(_model, "BestBidAsk", ())
-MarketResolved: Any = getattr(_model, "MarketResolved", ())
-VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
-
-
-class _PlainSession:
-    """Stands in for ``feed.venues.VenueSession`` (parser + venue seq checks) where it is not available."""
-
-    def __init__(self, venue: str) -> None:
-        self.parse = parser_for(venue)
-
-    def reset(self) -> None:
-        pass
-
-
-def _session(venue: str) -> Any:
-    try:
-        from feed.venues import session_for  # issue 16 part A
-    except ImportError:
-        return _PlainSession(venue)
-    return session_for(venue)
-
 
 class ShadowBook:
     """A provider's own book of one instrument: exact ``Decimal`` levels only (no wire strings, no checksum),
@@ -142,7 +116,7 @@ class Provider:
     queue: asyncio.Queue
     shadows: dict[str, Shadow] = field(default_factory=dict)
     checker: BurstChecker = field(default_factory=BurstChecker)
-    session: Any = None  # feed.venues.VenueSession: parser + venue seq checks of this provider's connection
+    session: VenueSession | None = None  # parser + venue seq checks of this provider's connection
     last_heard_ns: int | None = None  # data or heartbeat
     connected: bool = False
     dropped: int = 0
@@ -165,17 +139,10 @@ def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
     if isinstance(ev, BookDelta):
         sh.book.apply_changes(ev.changes)
         return True
-    sizes: dict[tuple, Any] = {}
-    changes = []
-    for inc in ev.changes:
-        key = (inc.side, inc.price)
-        held = sizes[key] if key in sizes else sh.book.size_at(inc.side, inc.price)
-        size = held + inc.delta
-        if size < 0:
-            return False
-        sizes[key] = size
-        changes.append(LevelChange(inc.side, inc.price, size))
-    sh.book.apply_changes(changes)
+    try:
+        sh.book.apply_changes(absolute_changes(ev, sh.book.size_at))
+    except NegativeLevel:
+        return False
     return True
 
 
@@ -216,7 +183,7 @@ class VenuePool:
             link = links[spec.name] if links is not None else open_link(spec)
             self.providers[spec.name] = Provider(spec, link, asyncio.Queue(max_queue),
                                                  checker=BurstChecker(ingest.config.burst_idle_s),
-                                                 session=_session(vcfg.venue))
+                                                 session=session_for(vcfg.venue))
         self.lock = asyncio.Lock()
         self.record_position_ns: int | None = None  # newest venue event time forwarded to the books of record
         self.record_bad: set[str] = set()  # books of record known wrong: repaired in a new epoch
@@ -456,7 +423,7 @@ class VenuePool:
 
     async def _seq_fault(self, p: Provider, fault: Any, now_ns: int) -> None:
         """A venue seq gap, duplicate or reset on one of ``p``'s streams (``feed.venues.seqcheck``)."""
-        kind = {"gap": "seq_gap", "duplicate": "duplicate", "reset": "reset"}.get(str(fault.kind), str(fault.kind))
+        kind = SEQ_FAULT_KINDS[fault.kind]
         detail = f"stream {fault.stream} expected seq {fault.expected} got {fault.got}"
         if kind == "duplicate":  # the session dropped it: nothing reached any book
             self._error(p, "duplicate", now_ns)

@@ -23,14 +23,14 @@ from feed.model import Side
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
 from feed.providers.config import PoolConfig, VenueConfig, toml_text
-from feed.providers.link import ProviderSpec
 from feed.providers.scoring import ScoringPolicy
+from feed.simulator import server as simulator
+from feed.upstream import ProviderSpec
 from tests.e2e.harness import http_ok, ingest_snapshot, spawn_cli
 
 pytestmark = pytest.mark.e2e
 
-simulator = pytest.importorskip("feed.simulator.server", reason="the venue simulator (issue 16 part A) is needed")
-from tests.feed.upstream.test_links_sim import capture_books  # noqa: E402
+from tests.feed.upstream.test_links_sim import capture_books
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SOURCES = {  # venue -> (capture, speed): each pass lasts a few seconds
