@@ -61,8 +61,8 @@ from feed import natsauth
 from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
-from feed.integrity import (SEQ_FAULT_KINDS, VENUE_TOPS, BurstChecker, BurstEnd, Status, StatusChange,
-                            StatusTracker, Top, book_top)
+from feed.integrity import (SEQ_FAULT_KINDS, BurstChecker, BurstEnd, Status, StatusChange, StatusTracker, Top,
+                            book_top, venue_top)
 from feed.model import (VENUE_INFO_EVENTS, BookSnapshot, MarketResolved, TickSizeChange, Trade, VenueEvent,
                         VenueSeqFault, canonical, split_instrument)
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta
@@ -319,15 +319,14 @@ class Ingest:
         if not result.events:
             vm.ignored.inc()
             return
-        tops_of = VENUE_TOPS.get(record.venue)
         await self.apply_events(record.venue, result.events, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns,
-                                tops=tops_of(record.msg) if tops_of is not None else None, check_bursts=True)
+                                check_bursts=True)
 
     async def apply_events(self, venue: str, events: Iterable[VenueEvent], ts_ingest_ns: int, shift_ns: int = 0, *,
-                           tops: dict[str, Top] | None = None, check_bursts: bool = False) -> None:
+                           check_bursts: bool = False) -> None:
         """Apply parsed venue events to the books of record and publish what they produce. ``check_bursts``:
-        judge each book at its bursts' ends (``feed.integrity``); ``tops`` is the venue's own top of book
-        per instrument from the same message (Polymarket ``best_bid``/``best_ask``)."""
+        judge each book at its bursts' ends (``feed.integrity``), against the venue's own top of book where an
+        event carries it (``feed.integrity.venue_top``: Polymarket ``best_bid``/``best_ask``)."""
         vm = self._venue(venue)
         for event in events:
             if isinstance(event, VENUE_INFO_EVENTS):
@@ -362,8 +361,7 @@ class Ingest:
             for out in outputs:
                 await self._publish(out, vm, ts_ingest_ns, shift_ns)
             if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
-                self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(),
-                                        tops.get(inst) if tops else None)
+                self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(), venue_top(event))
 
     async def _venue_info(self, venue: str, event: Any) -> None:
         """Venue events that change no book: a resolved market, a venue seq fault (from a capture: counted

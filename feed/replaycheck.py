@@ -21,7 +21,7 @@ from pathlib import Path
 
 from feed.capture import read_capture
 from feed.errors import RemoteError
-from feed.integrity import SEQ_FAULT_KINDS, VENUE_TOPS, BurstChecker, Top, book_top
+from feed.integrity import SEQ_FAULT_KINDS, BurstChecker, Top, book_top, venue_top
 from feed.model import VENUE_INFO_EVENTS, Side, Trade, VenueSeqFault
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, SequencedDelta
 from feed.streamcheck import StreamCheck
@@ -70,8 +70,6 @@ def check_captures(paths: list[Path], out=None) -> int:
                 continue
             if not result.events:
                 counts["ignored"] += 1
-            tops_of = VENUE_TOPS.get(record.venue)
-            tops = tops_of(record.msg) if tops_of is not None else {}
             for event in result.events:
                 if isinstance(event, VenueSeqFault):
                     faults[SEQ_FAULT_KINDS[event.kind]] += 1
@@ -93,7 +91,7 @@ def check_captures(paths: list[Path], out=None) -> int:
                     print(f"{path}:{n}: {exc}", file=out)
                     continue
                 if not isinstance(event, Trade) and inst in engine.instruments:
-                    bursts.end_message(inst, event.ts_event_ns, record.recv_ts_ns, tops.get(inst))
+                    bursts.end_message(inst, event.ts_event_ns, record.recv_ts_ns, venue_top(event))
                 for o in outputs:
                     if isinstance(o, SequencedDelta):
                         counts["deltas"] += 1

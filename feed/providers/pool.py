@@ -53,7 +53,7 @@ from sortedcontainers import SortedDict
 
 from feed.capture import CaptureRecord
 from feed.errors import RemoteError
-from feed.integrity import SEQ_FAULT_KINDS, VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
+from feed.integrity import SEQ_FAULT_KINDS, BurstChecker, BurstEnd, Status, Top, venue_top
 from feed.model import (BestBidAsk, BookDelta, BookIncrement, BookSnapshot, MarketResolved, Side,
                         TickSizeChange, Trade, VenueEvent, VenueSeqFault, instrument_id, split_instrument)
 from feed.providers.config import PoolConfig, VenueConfig
@@ -146,14 +146,6 @@ def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
     return True
 
 
-def _venue_top(ev: Any, tops: dict | None) -> Top | None:
-    """The venue's own top of book after this delta: Polymarket's ``best_bid``/``best_ask``."""
-    bid, ask = getattr(ev, "venue_best_bid", None), getattr(ev, "venue_best_ask", None)
-    if bid is not None or ask is not None:
-        return (bid, ask)
-    return tops.get(ev.instrument) if tops else None
-
-
 def _snapshot_of(instrument: str, sh: Shadow) -> BookSnapshot:
     assert sh.book is not None
     return BookSnapshot(instrument, tuple(sh.book.depth(Side.BID)), tuple(sh.book.depth(Side.ASK)), sh.ts_event_ns)
@@ -171,7 +163,6 @@ class VenuePool:
         self.venue = vcfg.venue
         self.clock_ns = clock_ns or ingest.clock_ns
         self.parser = parser_for(vcfg.venue)
-        self.tops = VENUE_TOPS.get(vcfg.venue)
         self.instruments = {instrument_id(vcfg.venue, s) for s in vcfg.symbols}
         self.evaluate_interval_s = evaluate_interval_s
         self.catchup_max_ns = int(catchup_max_s * 1e9)
@@ -352,7 +343,6 @@ class VenuePool:
             vm.ignored.inc()
             self.scorer.alive(p.name, recv_ns)
             return
-        tops = self.tops(record.msg) if self.tops is not None else None
         forward: list[VenueEvent] = []
         newest: int | None = None
         known = 0
@@ -377,7 +367,7 @@ class VenuePool:
             if isinstance(ev, BestBidAsk):  # the venue's own top of book: judged at the burst's end
                 if sh.valid:
                     await self._judge(p, p.checker.begin(inst, ts, p.top(inst)))
-                    p.checker.end_message(inst, ts, recv_ns, (ev.best_bid, ev.best_ask))
+                    p.checker.end_message(inst, ts, recv_ns, venue_top(ev))
                 continue
             if isinstance(ev, BookSnapshot):
                 if sh.valid and sh.book is not None:
@@ -387,7 +377,7 @@ class VenuePool:
                 sh.valid = True
                 sh.ts_event_ns = ts
                 sh.pending.clear()
-                p.checker.end_message(inst, ts, recv_ns, tops.get(inst) if tops else None)
+                p.checker.end_message(inst, ts, recv_ns, None)  # a snapshot carries no venue top
                 forward.append(ev)
                 if sh.fetch is not None:
                     sh.fetch.cancel()
@@ -409,7 +399,7 @@ class VenuePool:
                 await self._book_fault(p, inst, "negative_level", f"{inst}: a signed delta takes a level below zero")
                 continue
             sh.ts_event_ns = ts
-            p.checker.end_message(inst, ts, recv_ns, _venue_top(ev, tops))
+            p.checker.end_message(inst, ts, recv_ns, venue_top(ev))
             forward.append(ev)
         if not known:
             return
@@ -419,7 +409,7 @@ class VenuePool:
             if p.name == self.scorer.selected:
                 return  # completing the switch just published this provider's books, this message included
         if p.name == self.scorer.selected:
-            await self._forward(p, forward, recv_ns, tops)
+            await self._forward(p, forward, recv_ns)
 
     async def _seq_fault(self, p: Provider, fault: Any, now_ns: int) -> None:
         """A venue seq gap, duplicate or reset on one of ``p``'s streams (``feed.venues.seqcheck``)."""
@@ -434,7 +424,7 @@ class VenuePool:
             if inst in self.instruments:
                 await self._book_fault(p, inst, kind, detail)
 
-    async def _forward(self, p: Provider, events: list[VenueEvent], recv_ns: int, tops: dict | None) -> None:
+    async def _forward(self, p: Provider, events: list[VenueEvent], recv_ns: int) -> None:
         if self.catching_up is not None:
             name, deadline_ns = self.catching_up
             pos = self.scorer.position_ns(name)
