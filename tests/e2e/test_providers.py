@@ -214,6 +214,21 @@ async def clients_equal_ingest(stack: PoolStack, clients, instruments, timeout_s
         await asyncio.sleep(0.2)
 
 
+async def books_settle(stack: PoolStack, instruments: list[str], quiet_s: float = 3.0, timeout_s: float = 90) -> None:
+    """Wait until the ingest's books of record keep one (epoch, seq) each for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        snaps = await books_of_record(stack, instruments)
+        now = {i: (s["epoch"], s["seq"]) for i, s in snaps.items()}
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"the books of record never settled: last {last}")
+
+
 @pytest.mark.parametrize("venue", ["polymarket", "coinbase", "kalshi"])
 async def test_three_simulated_providers_clients_equal_ingest_and_capture(pool_stack, venue, shared_data):
     capture, speed = SOURCES[venue]
@@ -344,9 +359,16 @@ async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_
                        30, "refused reconnects counted")
         await asyncio.to_thread(stack.fault, faulty, refuse_connections=False)
 
-        # the end: every client book equals the ingest's, and no delta ever failed its checksum
+        # the end: the venue goes quiet (every provider stalls: heartbeats on, data stopped) so the books of
+        # record stop moving; then every client book equals the ingest's, no delta ever failed its checksum,
+        # and the client never found a gap itself: every break it had was a resync the gateway sent
+        for name in stack.names:
+            await asyncio.to_thread(stack.fault, name, stall=True)
+        await books_settle(stack, instruments)
         await clients_equal_ingest(stack, [client], instruments, timeout_s=60)
         assert client.stats.checksum_mismatches == 0, client.stats
+        assert client.stats.gaps == 0, client.stats
+        assert sum(client.stats.resyncs_received.values()) >= 1, client.stats  # the lossy repairs were announced
         assert "Traceback" not in stack.log("ingest"), stack.log("ingest")[-3000:]
 
 
