@@ -461,7 +461,7 @@ def _knob(text: str) -> tuple[str, str]:
 
 
 async def _serve(sim: Simulator, host: str, port: int) -> int:
-    import signal
+    from feed.procs import run_until_signalled
 
     runner = web.AppRunner(sim.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
@@ -477,19 +477,7 @@ async def _serve(sim: Simulator, host: str, port: int) -> int:
     print(f"simulating {sim.venue} ({len(sim.instruments)} instruments, {len(sim.records)} records) "
           f"ws://{base}{WS_PATHS[sim.venue]}  rest http://{base}  control http://{base}/sim/status",
           file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    world = asyncio.ensure_future(sim.run_world())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({world, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if world.done() and world.exception() is not None:
-        log.error("simulator failed: %s", world.exception())
-        code = 1
-    world.cancel()
-    stopper.cancel()
+    code = await run_until_signalled(sim.run_world(), "simulator", log)
     for conn in list(sim.connections):
         await conn.ws.close(code=1001, message=b"simulator stopping")
     await runner.cleanup()
