@@ -151,7 +151,7 @@ def _wait_for_instruments(base: str, ingest_url: str, stopping: StopSignal, chil
         return False
 
     try:
-        wait_until(ready, 30, what="gateway listing instruments", proc=children[-1][1])
+        wait_until(ready, 90, what="gateway listing instruments", proc=children[-1][1])  # generous: a loaded host
     except TimeoutError:
         why = no_snapshot_cause(_ingest_status(ingest_url))
         if why:

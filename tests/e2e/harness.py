@@ -87,7 +87,7 @@ class Stack:
         self.gateway_port = free_port()
         self.gateway = spawn_cli(["gateway", "--nats", self.nats.url, "--port", str(self.gateway_port),
                                   "--workers", str(self.workers), *self.gateway_args], self.tmp / "gateway.log")
-        wait_until(lambda: http_ok(self.base + "/readyz"), 20, what="gateway /readyz", proc=self.gateway)
+        wait_until(lambda: http_ok(self.base + "/readyz"), 90, what="gateway /readyz", proc=self.gateway)
 
     def start_ingest(self, captures: list[Path], *, speed: float, loop: bool = False) -> None:
         self.ingest_http_port = free_port()
