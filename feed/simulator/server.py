@@ -180,6 +180,11 @@ class Simulator:
         yielded = time.monotonic()
         while True:
             for i, record in enumerate(self.records):
+                while self.faults.quiet:  # a quiet venue: its clock stands still, so it resumes where it was
+                    self._one_shots()
+                    paused_ns = time.time_ns()
+                    await asyncio.sleep(0.05)
+                    self.start_at_ns += time.time_ns() - paused_ns
                 due_ns = self.start_at_ns + round((record.recv_ts_ns - first_ns + self.pass_index * period_ns) / self.speed)
                 wait_ns = due_ns - time.time_ns()
                 if wait_ns > 0:

@@ -359,11 +359,11 @@ async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_
                        30, "refused reconnects counted")
         await asyncio.to_thread(stack.fault, faulty, refuse_connections=False)
 
-        # the end: the venue goes quiet (every provider stalls: heartbeats on, data stopped) so the books of
-        # record stop moving; then every client book equals the ingest's, no delta ever failed its checksum,
-        # and the client never found a gap itself: every break it had was a resync the gateway sent
+        # the end: the venue goes quiet (no event at any provider; heartbeats go on) so the books of record
+        # stop moving; then every client book equals the ingest's, no delta ever failed its checksum, and the
+        # client never found a gap itself: every break it had was a resync the gateway sent
         for name in stack.names:
-            await asyncio.to_thread(stack.fault, name, stall=True)
+            await asyncio.to_thread(stack.fault, name, quiet=True)
         await books_settle(stack, instruments)
         await clients_equal_ingest(stack, [client], instruments, timeout_s=60)
         assert client.stats.checksum_mismatches == 0, client.stats
