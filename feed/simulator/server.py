@@ -62,7 +62,8 @@ fault knobs (--fault KNOB=VALUE at start, or POST /sim/faults at run time):
   rest_429, refuse_connections      REST answers 429 / handshakes answered 503
   drop_next, duplicate_next, reorder_next   drop / send twice / swap the next N data messages
   crossed, reset_seq, disconnect    one-shot: a locked book / venue seq reset with new snapshots / close all
-  bad_next, flood_next              one-shot: N bad frames (not JSON, wrong type, unlisted instrument) / N unlisted deltas"""
+  bad_next, flood_next              one-shot: N bad frames (not JSON, wrong type, unlisted instrument) / N unlisted deltas
+  quiet                             not a fault: the venue goes quiet (its clock stops; heartbeats go on, no seq used)"""
 
 WS_PATHS = {"polymarket": "/ws/market", "coinbase": "/", "kalshi": vp.KALSHI_WS_PATH}
 

@@ -131,7 +131,7 @@ async def ingest_snapshot(nats_url: str, instrument: str) -> dict:
     """The ingest's book of record for ``instrument`` (NATS request/reply, as the gateway asks)."""
     nc = await nats.connect(nats_url)
     try:
-        reply = await nc.request(snapshot_subject(instrument), b"", timeout=5)
+        reply = await nc.request(snapshot_subject(instrument), b"", timeout=20)  # generous: a loaded host
         return wire.loads(reply.data)
     finally:
         await nc.close()
