@@ -61,23 +61,18 @@ from feed import natsauth
 from feed import wire
 from feed.capture import CaptureRecord, replay
 from feed.errors import RemoteError
-from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, StatusChange, StatusTracker, Top
-import feed.model as _model
-from feed.model import BookSnapshot, TickSizeChange, Trade, VenueEvent, canonical, split_instrument
+from feed.integrity import (SEQ_FAULT_KINDS, BurstChecker, BurstEnd, Status, StatusChange, StatusTracker, Top,
+                            book_top, venue_top)
+from feed.model import (VENUE_INFO_EVENTS, BookSnapshot, MarketResolved, TickSizeChange, Trade, VenueEvent,
+                        VenueSeqFault, canonical, split_instrument)
 from feed.sequencer import BookEngine, DeltaBeforeSnapshot, InstrumentAdded, SequencedDelta
 from feed.subjects import ANNOUNCE_REQUEST, PREFIX, delta_subject, directory_subject, trade_subject, unescape_token
-from feed.venues import parser_for
+from feed.venues import UnknownVenue, VenueSession, parser_for, session_for
 
 log = logging.getLogger("bookcast.ingest")
 
 # Instrument metadata fields a venue message may carry, passed through to the directory and /v1/instruments.
 VENUE_METADATA = ("market", "min_order_size", "question", "outcome")
-
-# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
-_MarketResolved: Any = getattr(_model, "MarketResolved", ())
-_VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
-_VENUE_INFO: tuple = getattr(_model, "VENUE_INFO_EVENTS", ())
-
 
 @dataclass
 class IngestConfig:
@@ -119,18 +114,6 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
                         trace_sample_every=max(1, args.trace_sample_every),
                         upstream_lag_ns=int(args.test_upstream_lag_ms * 1e6),
                         nats_credentials=natsauth.credentials_from_args(args), ha=_ha_config(args))
-
-
-def _session_or_none(venue: str) -> Any:
-    """A ``feed.venues.VenueSession`` for ``venue`` (issue 16 part A), or None where there is none."""
-    try:
-        from feed.venues import session_for
-    except ImportError:
-        return None
-    try:
-        return session_for(venue)
-    except RemoteError:
-        return None
 
 
 def shared_metric(built: dict[str, Any], name: str, registry: CollectorRegistry | None) -> Any:
@@ -277,7 +260,7 @@ class Ingest:
         log.info("replaying %s speed=%s loop=%s", path, self.config.speed or "max", self.config.loop)
         up = self._provider_up.labels(f"replay:{path.name}")
         up.set(1)
-        sessions: dict[str, Any] = {}  # venue -> VenueSession: venue seq checks along the capture
+        sessions: dict[str, VenueSession | None] = {}  # venue -> its seq checks along the capture; None: unknown
         pass_index = 0
         try:
             async for item in replay(path, speed=self.config.speed, loop=self.config.loop):
@@ -289,7 +272,10 @@ class Ingest:
                         self._first_pass_over()
                 venue = item.record.venue
                 if venue not in sessions:
-                    sessions[venue] = _session_or_none(venue)
+                    try:
+                        sessions[venue] = session_for(venue)
+                    except UnknownVenue:
+                        sessions[venue] = None  # on_record counts and logs each of its records
                 await self.on_record(item.record, item.shift_ns, session=sessions[venue])
         finally:
             up.set(0)
@@ -316,7 +302,8 @@ class Ingest:
             await asyncio.get_running_loop().run_in_executor(None, self.otlp.shutdown)
 
     # -- data path ------------------------------------------------------------------------------
-    async def on_record(self, record: CaptureRecord, shift_ns: int = 0, *, session: Any = None) -> None:
+    async def on_record(self, record: CaptureRecord, shift_ns: int = 0, *,
+                        session: VenueSession | None = None) -> None:
         """Handle one raw venue message received at ``clock_ns()``; ``shift_ns`` rebases venue times (and
         the ``upstream_lag_ns`` test hook moves them back)."""
         ts_ingest_ns = self.clock_ns()
@@ -332,18 +319,17 @@ class Ingest:
         if not result.events:
             vm.ignored.inc()
             return
-        tops_of = VENUE_TOPS.get(record.venue)
         await self.apply_events(record.venue, result.events, ts_ingest_ns, shift_ns - self.config.upstream_lag_ns,
-                                tops=tops_of(record.msg) if tops_of is not None else None, check_bursts=True)
+                                check_bursts=True)
 
     async def apply_events(self, venue: str, events: Iterable[VenueEvent], ts_ingest_ns: int, shift_ns: int = 0, *,
-                           tops: dict[str, Top] | None = None, check_bursts: bool = False) -> None:
+                           check_bursts: bool = False) -> None:
         """Apply parsed venue events to the books of record and publish what they produce. ``check_bursts``:
-        judge each book at its bursts' ends (``feed.integrity``); ``tops`` is the venue's own top of book
-        per instrument from the same message (Polymarket ``best_bid``/``best_ask``)."""
+        judge each book at its bursts' ends (``feed.integrity``), against the venue's own top of book where an
+        event carries it (``feed.integrity.venue_top``: Polymarket ``best_bid``/``best_ask``)."""
         vm = self._venue(venue)
         for event in events:
-            if isinstance(event, _VENUE_INFO):
+            if isinstance(event, VENUE_INFO_EVENTS):
                 await self._venue_info(venue, event)
                 continue
             crossed_before = self.engine.crossed
@@ -375,18 +361,17 @@ class Ingest:
             for out in outputs:
                 await self._publish(out, vm, ts_ingest_ns, shift_ns)
             if check_bursts and not isinstance(event, Trade) and inst in self.engine.instruments:
-                self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(),
-                                        tops.get(inst) if tops else None)
+                self.bursts.end_message(inst, event.ts_event_ns, self.clock_ns(), venue_top(event))
 
     async def _venue_info(self, venue: str, event: Any) -> None:
         """Venue events that change no book: a resolved market, a venue seq fault (from a capture: counted
         and logged; a live provider's are handled by its pool), a venue top of book, a new market."""
-        if isinstance(event, _MarketResolved):
+        if isinstance(event, MarketResolved):
             if event.instrument in self.engine.instruments:
                 winner = {True: " (winner)", False: " (not the winner)"}.get(event.winner, "")
                 await self.set_condition(event.instrument, Status.RESOLVED, True, f"market_resolved{winner}")
-        elif isinstance(event, _VenueSeqFault):
-            kind = {"gap": "seq_gap"}.get(str(event.kind), str(event.kind))
+        elif isinstance(event, VenueSeqFault):
+            kind = SEQ_FAULT_KINDS[event.kind]
             self._venue(venue).fault(kind)
             log.warning("venue %s %s on stream %s: expected seq %d got %d (instruments %s)", venue, kind,
                         event.stream, event.expected, event.got, ", ".join(event.instruments[:5]) or "-")
@@ -394,10 +379,7 @@ class Ingest:
     def top_of(self, instrument: str) -> Top | None:
         """(best bid price, best ask price) of a book of record; None if there is no such book."""
         st = self.engine.instruments.get(instrument)
-        if st is None:
-            return None
-        bid, ask = st.book.best_bid(), st.book.best_ask()
-        return (bid[0] if bid else None, ask[0] if ask else None)
+        return None if st is None else book_top(st.book)
 
     async def _burst_ended(self, end: BurstEnd) -> None:
         kind = end.fault_kind

@@ -11,7 +11,7 @@ venue timestamp arrives for that instrument (``BurstChecker.begin``), or when it
 * ``crossed``: best bid > best ask; ``locked``: best bid == best ask (both count as integrity kind
   ``crossed``, status ``crossed``);
 * ``top_mismatch``: the venue said what its top of book is after the burst (Polymarket's ``best_bid`` /
-  ``best_ask`` on each ``price_change`` entry) and ours differs. A venue bid of 0 or an ask of 1 or more
+  ``best_ask`` on each ``price_change`` entry, or its ``best_bid_ask``; ``venue_top``) and ours differs. A venue bid of 0 or an ask of 1 or more
   (Polymarket's prices live in (0, 1)) means that side is empty.
 
 **Status** (PROTOCOL.md section 11). An instrument's status is the first condition that holds, in the order of
@@ -25,21 +25,19 @@ venue timestamp arrives for that instrument (``BurstChecker.begin``), or when it
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from feed.model import BestBidAsk, VenueSeqKind
+from feed.wire import Status  # the instrument statuses of PROTOCOL.md section 11, declared once
+
 Top = tuple[Decimal | None, Decimal | None]  # (best bid price, best ask price); None = empty side
 
-
-class Status(enum.StrEnum):
-    OK = "ok"
-    STALE = "stale"
-    CROSSED = "crossed"
-    RESYNCING = "resyncing"
-    HALTED = "halted"
-    RESOLVED = "resolved"
+# The ``bookcast_ingest_integrity_faults_total`` kind of each venue seq fault (``feed.venues.seqcheck``).
+SEQ_FAULT_KINDS: dict[VenueSeqKind, str] = {VenueSeqKind.GAP: "seq_gap", VenueSeqKind.DUPLICATE: "duplicate",
+                                            VenueSeqKind.RESET: "reset"}
 
 
 PRECEDENCE: tuple[Status, ...] = (Status.RESOLVED, Status.HALTED, Status.RESYNCING, Status.CROSSED, Status.STALE)
@@ -79,6 +77,13 @@ class BurstEnd:
 
 def _s(d: Decimal | None) -> str:
     return "none" if d is None else format(d.normalize(), "f")
+
+
+def book_top(book: Any) -> Top:
+    """(best bid price, best ask price) of a ``feed.book.L2Book`` (anything with ``best_bid()`` and
+    ``best_ask()`` returning ``(price, size)`` or None)."""
+    bid, ask = book.best_bid(), book.best_ask()
+    return (bid[0] if bid else None, ask[0] if ask else None)
 
 
 def judge(top: Top, venue_top: Top | None) -> Verdict:
@@ -159,36 +164,16 @@ class BurstChecker:
         return out
 
 
-def polymarket_tops(msg: Any) -> dict[str, Top]:
-    """Polymarket's own top of book after a ``price_change``: ``{instrument: (best_bid, best_ask)}`` from the
-    last ``price_changes[]`` entry of each asset that carries both ``best_bid`` and ``best_ask``. Other
-    messages (and malformed fields, which the parser reports) give ``{}``. Source: docs.polymarket.com,
-    market channel, ``price_change``."""
-    if isinstance(msg, list):
-        out: dict[str, Top] = {}
-        for item in msg:
-            out.update(polymarket_tops(item))
-        return out
-    if not isinstance(msg, dict) or msg.get("event_type") != "price_change":
-        return {}
-    entries = msg.get("price_changes")
-    if not isinstance(entries, list):
-        return {}
-    out = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        asset, bid, ask = entry.get("asset_id"), entry.get("best_bid"), entry.get("best_ask")
-        if not (isinstance(asset, str) and asset and isinstance(bid, str) and isinstance(ask, str)):
-            continue
-        try:
-            out[f"polymarket:{asset}"] = (Decimal(bid) if bid else None, Decimal(ask) if ask else None)
-        except ArithmeticError:
-            continue
-    return out
-
-
-VENUE_TOPS: Mapping[str, Callable[[Any], dict[str, Top]]] = {"polymarket": polymarket_tops}
+def venue_top(event: Any) -> Top | None:
+    """The venue's own top of book that a parsed event carries, or None: a Polymarket ``price_change``
+    delta's ``venue_best_bid``/``venue_best_ask`` (its asset's last ``price_changes[]`` entry, parsed by
+    ``feed.venues.polymarket``) or a ``best_bid_ask`` (``BestBidAsk``). One side None means the venue
+    said that side is empty; a delta carrying neither (the legacy ``changes`` schema, other venues) has
+    none. Source: docs.polymarket.com, market channel, ``price_change`` and ``best_bid_ask``."""
+    if isinstance(event, BestBidAsk):
+        return (event.best_bid, event.best_ask)
+    bid, ask = getattr(event, "venue_best_bid", None), getattr(event, "venue_best_ask", None)
+    return (bid, ask) if bid is not None or ask is not None else None
 
 
 # -- instrument status ---------------------------------------------------------------------------------

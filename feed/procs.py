@@ -5,12 +5,15 @@ period, then SIGKILL of its whole process group.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,3 +92,28 @@ class StopSignal:
 
     def __bool__(self) -> bool:
         return self.received is not None
+
+
+async def run_until_signalled(work: Awaitable[Any], what: str, log: logging.Logger) -> int:
+    """Run ``work`` (a long-running coroutine) until SIGINT/SIGTERM or until it ends, in a service's asyncio
+    main. Returns the exit code: 0 on a signal or a clean end, 1 (logged as "``what`` failed: ...") when
+    ``work`` raised. ``work`` is cancelled and awaited before returning; the caller then cleans up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    code = 0
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.error("%s failed: %r", what, task.exception())
+        code = 1
+    task.cancel()
+    stopper.cancel()
+    await asyncio.gather(task, stopper, return_exceptions=True)
+    return code

@@ -16,12 +16,14 @@ Pure: no I/O, no clock, no environment. The caller passes the epoch base and eve
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
 from feed.book import L2Book, SequencedBook
 from feed.errors import RemoteError
-from feed.model import BookDelta, BookSnapshot, LevelChange, TickSizeChange, Trade, VenueEvent, split_instrument
+from feed.model import (BookDelta, BookSnapshot, LevelChange, Side, TickSizeChange, Trade, VenueEvent,
+                        split_instrument)
 from feed.model import VENUE_INFO_EVENTS, BookIncrement  # issue 16
 
 
@@ -39,6 +41,27 @@ class NegativeLevel(RemoteError):
     def __init__(self, instrument: str, side, price: Decimal, held: Decimal, delta: Decimal) -> None:
         self.instrument = instrument
         super().__init__(f"negative level instrument={instrument} side={side} price={price} held={held} delta={delta}")
+
+
+def absolute_changes(event: BookIncrement, size_at: Callable[[Side, Decimal], Decimal]) -> list[LevelChange]:
+    """A venue's signed size changes (Kalshi ``orderbook_delta``) as absolute ones, summed exactly in
+    ``Decimal`` against ``size_at(side, price)`` (the book's size now; 0 for no level); several changes of
+    one level accumulate.
+
+    Raises:
+        NegativeLevel: a level would go below zero (the venue and our book disagree; nothing to apply).
+    """
+    sizes: dict[tuple, Decimal] = {}
+    changes = []
+    for inc in event.changes:
+        key = (inc.side, inc.price)
+        held = sizes[key] if key in sizes else size_at(inc.side, inc.price)
+        size = held + inc.delta
+        if size < 0:
+            raise NegativeLevel(event.instrument, inc.side, inc.price, held, inc.delta)
+        sizes[key] = size
+        changes.append(LevelChange(inc.side, inc.price, size))
+    return changes
 
 
 class SeqState:
@@ -195,17 +218,7 @@ class BookEngine:
         st = self.instruments.get(event.instrument)
         if st is None:
             raise DeltaBeforeSnapshot(event.instrument)
-        sizes: dict[tuple, Decimal] = {}
-        changes = []
-        for inc in event.changes:
-            key = (inc.side, inc.price)
-            held = sizes[key] if key in sizes else st.book.size_at(inc.side, inc.price)
-            size = held + inc.delta
-            if size < 0:
-                raise NegativeLevel(event.instrument, inc.side, inc.price, held, inc.delta)
-            sizes[key] = size
-            changes.append(LevelChange(inc.side, inc.price, size))
-        return self._publish(st, event.instrument, changes, event.ts_event_ns)
+        return self._publish(st, event.instrument, absolute_changes(event, st.book.size_at), event.ts_event_ns)
 
     def _publish(self, st: InstrumentState, instrument: str, changes, ts_event_ns: int | None) -> list[EngineOutput]:
         epoch, seq = self.seq_of(instrument)

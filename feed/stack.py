@@ -220,7 +220,7 @@ def start_simulators(args: argparse.Namespace, captures: list[Path], children: l
     shared start time) and write the provider config that reads them; returns its path."""
     from feed.capture import read_capture
     from feed.providers.config import DEFAULT_STALE_AFTER_S, PoolConfig, VenueConfig, toml_text
-    from feed.providers.link import ProviderSpec
+    from feed.upstream import ProviderSpec
 
     start_at_ns = time.time_ns() + 3_000_000_000  # every simulator loads its capture first
     started: list[tuple[str, Path, list[tuple[int, subprocess.Popen]]]] = []

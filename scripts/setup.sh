@@ -395,6 +395,11 @@ if [ "$MODE" != system ]; then
 fi
 if [ "$MODE" = python ]; then
     log "system parts: skipped (--python-only)"
+    # uv sync drops the bcc symlink (not in uv.lock): put it back when Debian's bcc is already installed,
+    # so a python-only resync does not quietly turn the eBPF tests into skips
+    if [ -d "$DEBIAN_BCC_DIR" ]; then
+        link_bcc_into_venv || warn "bcc: could not relink into .venv (see above); run: sudo ./dev setup --ebpf-only"
+    fi
 elif [ "$IS_ROOT" -eq 1 ]; then
     system_setup_root
 else

@@ -82,7 +82,7 @@ def _rig(n_providers: int, symbols: list[str]):
 
     from feed.ingest import Ingest, IngestConfig
     from feed.providers.config import VenueConfig
-    from feed.providers.link import ProviderSpec
+    from feed.upstream import ProviderSpec
     from feed.providers.memory import MemoryLink
     from feed.providers.pool import VenuePool
     from feed.providers.scoring import ScoringPolicy

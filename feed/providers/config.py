@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from feed.errors import FeedError
-from feed.providers.link import ProviderSpec
+from feed.upstream import ProviderSpec
 from feed.providers.scoring import ScoringPolicy
 from feed.venues import VENUES
 

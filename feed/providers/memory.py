@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from feed.capture import CaptureRecord
-from feed.providers.link import LinkEvent, ProviderSpec, UpstreamError
+from feed.upstream import LinkEvent, ProviderSpec, UpstreamError
 
 
 class MemoryLink:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from decimal import Decimal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,43 +53,16 @@ from sortedcontainers import SortedDict
 
 from feed.capture import CaptureRecord
 from feed.errors import RemoteError
-from feed.integrity import VENUE_TOPS, BurstChecker, BurstEnd, Status, Top
-from decimal import Decimal
-
-import feed.model as _model
-from feed.model import (BookDelta, BookSnapshot, LevelChange, Side, TickSizeChange, Trade, VenueEvent, instrument_id,
-                        split_instrument)
+from feed.integrity import SEQ_FAULT_KINDS, BurstChecker, BurstEnd, Status, Top, venue_top
+from feed.model import (BestBidAsk, BookDelta, BookIncrement, BookSnapshot, MarketResolved, Side,
+                        TickSizeChange, Trade, VenueEvent, VenueSeqFault, instrument_id, split_instrument)
 from feed.providers.config import PoolConfig, VenueConfig
-from feed.providers.link import Link, LinkEvent, ProviderSpec, UpstreamError, open_link
 from feed.providers.scoring import Decision, Fault, Scorer
-from feed.venues import parser_for
+from feed.sequencer import NegativeLevel, absolute_changes
+from feed.upstream import Link, LinkEvent, ProviderSpec, UpstreamError, open_link
+from feed.venues import VenueSession, parser_for, session_for
 
 log = logging.getLogger("bookcast.providers")
-
-# Event kinds of issue 16 part A (feed.model); ``()`` never matches while that part has not landed.
-BookIncrement: Any = getattr(_model, "BookIncrement", ())
-BestBidAsk: Any = getattr(_model, "BestBidAsk", ())
-MarketResolved: Any = getattr(_model, "MarketResolved", ())
-VenueSeqFault: Any = getattr(_model, "VenueSeqFault", ())
-
-
-class _PlainSession:
-    """Stands in for ``feed.venues.VenueSession`` (parser + venue seq checks) where it is not available."""
-
-    def __init__(self, venue: str) -> None:
-        self.parse = parser_for(venue)
-
-    def reset(self) -> None:
-        pass
-
-
-def _session(venue: str) -> Any:
-    try:
-        from feed.venues import session_for  # issue 16 part A
-    except ImportError:
-        return _PlainSession(venue)
-    return session_for(venue)
-
 
 class ShadowBook:
     """A provider's own book of one instrument: exact ``Decimal`` levels only (no wire strings, no checksum),
@@ -142,7 +116,7 @@ class Provider:
     queue: asyncio.Queue
     shadows: dict[str, Shadow] = field(default_factory=dict)
     checker: BurstChecker = field(default_factory=BurstChecker)
-    session: Any = None  # feed.venues.VenueSession: parser + venue seq checks of this provider's connection
+    session: VenueSession | None = None  # parser + venue seq checks of this provider's connection
     last_heard_ns: int | None = None  # data or heartbeat
     connected: bool = False
     dropped: int = 0
@@ -165,26 +139,11 @@ def _apply_to_shadow(sh: Shadow, ev: Any) -> bool:
     if isinstance(ev, BookDelta):
         sh.book.apply_changes(ev.changes)
         return True
-    sizes: dict[tuple, Any] = {}
-    changes = []
-    for inc in ev.changes:
-        key = (inc.side, inc.price)
-        held = sizes[key] if key in sizes else sh.book.size_at(inc.side, inc.price)
-        size = held + inc.delta
-        if size < 0:
-            return False
-        sizes[key] = size
-        changes.append(LevelChange(inc.side, inc.price, size))
-    sh.book.apply_changes(changes)
+    try:
+        sh.book.apply_changes(absolute_changes(ev, sh.book.size_at))
+    except NegativeLevel:
+        return False
     return True
-
-
-def _venue_top(ev: Any, tops: dict | None) -> Top | None:
-    """The venue's own top of book after this delta: Polymarket's ``best_bid``/``best_ask``."""
-    bid, ask = getattr(ev, "venue_best_bid", None), getattr(ev, "venue_best_ask", None)
-    if bid is not None or ask is not None:
-        return (bid, ask)
-    return tops.get(ev.instrument) if tops else None
 
 
 def _snapshot_of(instrument: str, sh: Shadow) -> BookSnapshot:
@@ -204,7 +163,6 @@ class VenuePool:
         self.venue = vcfg.venue
         self.clock_ns = clock_ns or ingest.clock_ns
         self.parser = parser_for(vcfg.venue)
-        self.tops = VENUE_TOPS.get(vcfg.venue)
         self.instruments = {instrument_id(vcfg.venue, s) for s in vcfg.symbols}
         self.evaluate_interval_s = evaluate_interval_s
         self.catchup_max_ns = int(catchup_max_s * 1e9)
@@ -216,7 +174,7 @@ class VenuePool:
             link = links[spec.name] if links is not None else open_link(spec)
             self.providers[spec.name] = Provider(spec, link, asyncio.Queue(max_queue),
                                                  checker=BurstChecker(ingest.config.burst_idle_s),
-                                                 session=_session(vcfg.venue))
+                                                 session=session_for(vcfg.venue))
         self.lock = asyncio.Lock()
         self.record_position_ns: int | None = None  # newest venue event time forwarded to the books of record
         self.record_bad: set[str] = set()  # books of record known wrong: repaired in a new epoch
@@ -385,7 +343,6 @@ class VenuePool:
             vm.ignored.inc()
             self.scorer.alive(p.name, recv_ns)
             return
-        tops = self.tops(record.msg) if self.tops is not None else None
         forward: list[VenueEvent] = []
         newest: int | None = None
         known = 0
@@ -410,7 +367,7 @@ class VenuePool:
             if isinstance(ev, BestBidAsk):  # the venue's own top of book: judged at the burst's end
                 if sh.valid:
                     await self._judge(p, p.checker.begin(inst, ts, p.top(inst)))
-                    p.checker.end_message(inst, ts, recv_ns, (ev.best_bid, ev.best_ask))
+                    p.checker.end_message(inst, ts, recv_ns, venue_top(ev))
                 continue
             if isinstance(ev, BookSnapshot):
                 if sh.valid and sh.book is not None:
@@ -420,7 +377,7 @@ class VenuePool:
                 sh.valid = True
                 sh.ts_event_ns = ts
                 sh.pending.clear()
-                p.checker.end_message(inst, ts, recv_ns, tops.get(inst) if tops else None)
+                p.checker.end_message(inst, ts, recv_ns, None)  # a snapshot carries no venue top
                 forward.append(ev)
                 if sh.fetch is not None:
                     sh.fetch.cancel()
@@ -442,7 +399,7 @@ class VenuePool:
                 await self._book_fault(p, inst, "negative_level", f"{inst}: a signed delta takes a level below zero")
                 continue
             sh.ts_event_ns = ts
-            p.checker.end_message(inst, ts, recv_ns, _venue_top(ev, tops))
+            p.checker.end_message(inst, ts, recv_ns, venue_top(ev))
             forward.append(ev)
         if not known:
             return
@@ -452,11 +409,11 @@ class VenuePool:
             if p.name == self.scorer.selected:
                 return  # completing the switch just published this provider's books, this message included
         if p.name == self.scorer.selected:
-            await self._forward(p, forward, recv_ns, tops)
+            await self._forward(p, forward, recv_ns)
 
     async def _seq_fault(self, p: Provider, fault: Any, now_ns: int) -> None:
         """A venue seq gap, duplicate or reset on one of ``p``'s streams (``feed.venues.seqcheck``)."""
-        kind = {"gap": "seq_gap", "duplicate": "duplicate", "reset": "reset"}.get(str(fault.kind), str(fault.kind))
+        kind = SEQ_FAULT_KINDS[fault.kind]
         detail = f"stream {fault.stream} expected seq {fault.expected} got {fault.got}"
         if kind == "duplicate":  # the session dropped it: nothing reached any book
             self._error(p, "duplicate", now_ns)
@@ -467,7 +424,7 @@ class VenuePool:
             if inst in self.instruments:
                 await self._book_fault(p, inst, kind, detail)
 
-    async def _forward(self, p: Provider, events: list[VenueEvent], recv_ns: int, tops: dict | None) -> None:
+    async def _forward(self, p: Provider, events: list[VenueEvent], recv_ns: int) -> None:
         if self.catching_up is not None:
             name, deadline_ns = self.catching_up
             pos = self.scorer.position_ns(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -58,13 +57,10 @@ async def _run(args: argparse.Namespace, config) -> int:
     from aiohttp import web
 
     from feed.ingest import Ingest, IngestConfig
+    from feed.procs import run_until_signalled
 
     ingest = Ingest(IngestConfig(nats_url=args.nats, name=args.name, providers=config,
                                  otlp_endpoint=args.otlp_endpoint, trace_sample_every=max(1, args.trace_sample_every)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await ingest.start()
     except Exception as exc:  # noqa: BLE001 - a clear reason and a non-zero code
@@ -76,16 +72,7 @@ async def _run(args: argparse.Namespace, config) -> int:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", args.http_port).start()
     log.info("ingest %s reading providers from %s", args.name, args.config)
-    pools = loop.create_task(ingest.run())
-    stopper = loop.create_task(stop.wait())
-    await asyncio.wait({pools, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if pools.done() and not pools.cancelled() and pools.exception() is not None:
-        log.error("provider pool failed: %r", pools.exception())
-        code = 1
-    pools.cancel()
-    stopper.cancel()
-    await asyncio.gather(pools, return_exceptions=True)
+    code = await run_until_signalled(ingest.run(), "provider pool", log)
     if runner is not None:
         await runner.cleanup()
     await ingest.stop()

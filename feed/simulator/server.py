@@ -62,7 +62,8 @@ fault knobs (--fault KNOB=VALUE at start, or POST /sim/faults at run time):
   rest_429, refuse_connections      REST answers 429 / handshakes answered 503
   drop_next, duplicate_next, reorder_next   drop / send twice / swap the next N data messages
   crossed, reset_seq, disconnect    one-shot: a locked book / venue seq reset with new snapshots / close all
-  bad_next, flood_next              one-shot: N bad frames (not JSON, wrong type, unlisted instrument) / N unlisted deltas"""
+  bad_next, flood_next              one-shot: N bad frames (not JSON, wrong type, unlisted instrument) / N unlisted deltas
+  quiet                             not a fault: the venue goes quiet (its clock stops; heartbeats go on, no seq used)"""
 
 WS_PATHS = {"polymarket": "/ws/market", "coinbase": "/", "kalshi": vp.KALSHI_WS_PATH}
 
@@ -180,6 +181,11 @@ class Simulator:
         yielded = time.monotonic()
         while True:
             for i, record in enumerate(self.records):
+                while self.faults.quiet:  # a quiet venue: its clock stands still, so it resumes where it was
+                    self._one_shots()
+                    paused_ns = time.time_ns()
+                    await asyncio.sleep(0.05)
+                    self.start_at_ns += time.time_ns() - paused_ns
                 due_ns = self.start_at_ns + round((record.recv_ts_ns - first_ns + self.pass_index * period_ns) / self.speed)
                 wait_ns = due_ns - time.time_ns()
                 if wait_ns > 0:
@@ -461,7 +467,7 @@ def _knob(text: str) -> tuple[str, str]:
 
 
 async def _serve(sim: Simulator, host: str, port: int) -> int:
-    import signal
+    from feed.procs import run_until_signalled
 
     runner = web.AppRunner(sim.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
@@ -477,19 +483,7 @@ async def _serve(sim: Simulator, host: str, port: int) -> int:
     print(f"simulating {sim.venue} ({len(sim.instruments)} instruments, {len(sim.records)} records) "
           f"ws://{base}{WS_PATHS[sim.venue]}  rest http://{base}  control http://{base}/sim/status",
           file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    world = asyncio.ensure_future(sim.run_world())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({world, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if world.done() and world.exception() is not None:
-        log.error("simulator failed: %s", world.exception())
-        code = 1
-    world.cancel()
-    stopper.cancel()
+    code = await run_until_signalled(sim.run_world(), "simulator", log)
     for conn in list(sim.connections):
         await conn.ws.close(code=1001, message=b"simulator stopping")
     await runner.cleanup()

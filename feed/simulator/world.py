@@ -559,6 +559,8 @@ class Faults:
     disconnect: bool = False
     bad_next: int = 0             # N bad frames: not JSON, a wrong field type, an unlisted instrument
     flood_next: int = 0           # N well-formed deltas for an unlisted instrument, at once
+    quiet: bool = False           # not a fault: the venue itself goes quiet (its clock stops, no event, no seq
+    #                               used; pings and heartbeats go on, REST serves the same book); resumes in step
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``{knob: value}``. Raises ``ValueError`` naming a wrong knob or value (nothing changes)."""

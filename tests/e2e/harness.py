@@ -87,7 +87,7 @@ class Stack:
         self.gateway_port = free_port()
         self.gateway = spawn_cli(["gateway", "--nats", self.nats.url, "--port", str(self.gateway_port),
                                   "--workers", str(self.workers), *self.gateway_args], self.tmp / "gateway.log")
-        wait_until(lambda: http_ok(self.base + "/readyz"), 60, what="gateway /readyz", proc=self.gateway)
+        wait_until(lambda: http_ok(self.base + "/readyz"), 90, what="gateway /readyz", proc=self.gateway)
 
     def start_ingest(self, captures: list[Path], *, speed: float, loop: bool = False) -> None:
         self.ingest_http_port = free_port()
@@ -131,7 +131,7 @@ async def ingest_snapshot(nats_url: str, instrument: str) -> dict:
     """The ingest's book of record for ``instrument`` (NATS request/reply, as the gateway asks)."""
     nc = await nats.connect(nats_url)
     try:
-        reply = await nc.request(snapshot_subject(instrument), b"", timeout=5)
+        reply = await nc.request(snapshot_subject(instrument), b"", timeout=20)  # generous: a loaded host
         return wire.loads(reply.data)
     finally:
         await nc.close()

@@ -12,7 +12,7 @@ from feed.integrity import (
     StatusTracker,
     Verdict,
     judge,
-    polymarket_tops,
+    venue_top,
 )
 from feed.venues import polymarket
 
@@ -34,7 +34,6 @@ def run(messages, *, idle_flush_at_ns: int | None = None):
     ends = []
     mid_burst_crossed = False
     for recv_ns, msg in messages:
-        tops = polymarket_tops(msg)
         for event in polymarket.parse(msg).events:
             top = (book.best_bid() or (None,))[0], (book.best_ask() or (None,))[0]
             end = checker.begin(event.instrument, event.ts_event_ns, top)
@@ -42,7 +41,7 @@ def run(messages, *, idle_flush_at_ns: int | None = None):
                 ends.append(end)
             book.apply_changes(event.changes)
             mid_burst_crossed |= book.is_crossed()
-            checker.end_message(event.instrument, event.ts_event_ns, recv_ns, tops.get(event.instrument))
+            checker.end_message(event.instrument, event.ts_event_ns, recv_ns, venue_top(event))
     top_of = lambda _i: ((book.best_bid() or (None,))[0], (book.best_ask() or (None,))[0])  # noqa: E731
     if idle_flush_at_ns is not None:
         ends += checker.flush(idle_flush_at_ns, top_of)
@@ -113,8 +112,15 @@ def test_status_precedence_and_changes():
         tr.set(INST, Status.OK, True, "", 60)
 
 
-def test_polymarket_tops_ignores_other_messages():
-    assert polymarket_tops({"event_type": "book", "asset_id": "x"}) == {}
-    assert polymarket_tops("PONG") == {}
+def test_venue_top_is_the_last_entry_of_each_asset_and_only_where_the_venue_sent_one():
     msg = price_change(1, ("BUY", "0.4", "1"), ("BUY", "0.41", "1"), best_bid="0.41", best_ask="0.42")
-    assert polymarket_tops(msg) == {INST: (D("0.41"), D("0.42"))}
+    (delta,) = polymarket.parse(msg).events
+    assert venue_top(delta) == (D("0.41"), D("0.42"))
+    book = {"event_type": "book", "asset_id": "tok", "market": "0xm", "timestamp": "1", "bids": [], "asks": []}
+    assert venue_top(polymarket.parse(book).events[0]) is None
+    legacy = {"event_type": "price_change", "asset_id": "tok", "market": "0xm", "timestamp": "1",
+              "changes": [{"price": "0.4", "size": "1", "side": "BUY"}]}
+    assert venue_top(polymarket.parse(legacy).events[0]) is None
+    bba = {"event_type": "best_bid_ask", "asset_id": "tok", "market": "0xm", "best_bid": "0.73", "best_ask": "",
+           "spread": "0", "timestamp": "1"}
+    assert venue_top(polymarket.parse(bba).events[0]) == (D("0.73"), None)  # an empty ask side

@@ -18,7 +18,7 @@ from feed.capture import CaptureRecord, read_capture
 from feed.ingest import Ingest, IngestConfig
 from feed.model import BookSnapshot
 from feed.providers.config import VenueConfig
-from feed.providers.link import LinkEvent, ProviderSpec, UpstreamError
+from feed.upstream import LinkEvent, ProviderSpec, UpstreamError
 from feed.providers.pool import VenuePool
 from feed.providers.scoring import ScoringPolicy
 from feed.sequencer import BookEngine

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import orjson
-import pytest
 from prometheus_client import CollectorRegistry
 
 from feed.ingest import Ingest, IngestConfig
@@ -106,10 +105,6 @@ async def test_replayed_capture_left_crossed_after_a_burst_is_announced_then_cle
 
 async def test_polymarket_hash_travels_as_venue_hash_on_snapshots_and_deltas(tmp_path, shared_data):
     """Real Polymarket ``book`` messages with ``hash`` (passed through, never verified), then a price_change."""
-    import feed.model
-
-    if "venue_hash" not in feed.model.BookSnapshot.__dataclass_fields__:
-        pytest.skip("the Polymarket parser does not pass hash through yet (issue 16 part A)")
     books = [orjson.loads(line) for line in (shared_data / "polymarket" / "ws-book-with-hash-20260212.jsonl")
              .read_bytes().splitlines() if line.strip()]
     first = books[0]

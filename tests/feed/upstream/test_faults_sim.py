@@ -169,6 +169,32 @@ async def test_coinbase_heartbeats_prove_alive_during_stall(shared_data):
                 await task
 
 
+async def test_a_quiet_venue_sends_heartbeats_and_no_data_and_resumes_without_a_gap(shared_data):
+    """``quiet`` is the venue's own silence (no fault): heartbeats go on with no seq used, so no gap is seen,
+    the REST book stays put, and data resumes where the venue stopped."""
+    with simulator("coinbase", shared_data / "coinbase/coinbase-level2-20210417.jsonl",
+                   extra=["--speed", "2", "--heartbeat-interval-s", "0.2"]) as sim:
+        link = VenueLink(ProviderSpec("sim-c", "coinbase", sim.ws_url, rest_url=sim.base), ping_interval_s=60)
+        got = Recorder("coinbase")
+        task = asyncio.create_task(link.run(sim.status()["instruments"], got.on_message, got.on_event))
+        try:
+            await wait_for(lambda: got.data_messages > 20, 30, "data before the quiet")
+            sim.faults(quiet=True)
+            position = sim.status()["position"]
+            beats = sum(1 for e, d in got.details if e is LinkEvent.ALIVE and d == "heartbeats")
+            await wait_for(lambda: sum(1 for e, d in got.details if e is LinkEvent.ALIVE and d == "heartbeats")
+                           >= beats + 5, 30, "heartbeats while quiet")
+            assert sim.status()["position"] == position  # the venue's clock stood still
+            sim.faults(quiet=False)
+            data = got.data_messages
+            await wait_for(lambda: got.data_messages > data + 5, 30, "data after the quiet")
+            assert VenueSeqKind.GAP not in got.kinds(), got.faults
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def _write_key(path, key) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
