@@ -19,12 +19,34 @@ Every error is raised where it is detected, and its message names the fields, e.
 from __future__ import annotations
 
 
+MAX_MESSAGE_CHARS = 300
+"""Longest error message a peer's input can produce: a ``RemoteError`` quoting an attacker's 24 KB value
+is cut here (with the number of characters cut), so a log line never grows with the input."""
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to at most ``limit`` characters, ending ``... [N chars cut]`` when it was cut."""
+    if len(message) <= limit:
+        return message
+    keep = max(limit - len(f"... [{len(message)} chars cut]"), 0)  # the count shown is at most len(message)
+    return message[:keep] + f"... [{len(message) - keep} chars cut]"
+
+
 class FeedError(Exception):
     """Root of every error raised by the ``feed`` package."""
 
 
 class RemoteError(FeedError):
-    """Something a peer sent was malformed or inconsistent."""
+    """Something a peer sent was malformed or inconsistent.
+
+    A message (the single ``str`` argument) is cut to ``MAX_MESSAGE_CHARS`` (``bounded``): it may quote
+    the peer's value, and a huge value must never make a huge log line or error reply.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (bounded(args[0]),)
+        super().__init__(*args)
 
 
 class LocalError(FeedError):

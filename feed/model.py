@@ -16,6 +16,9 @@ from decimal import Context, Decimal, InvalidOperation
 from feed.errors import InvalidDecimal, InvalidInstrument
 
 ZERO = Decimal(0)
+MAX_DECIMAL_EXPONENT = 64
+"""Largest ``abs(adjusted exponent)`` a price or size may have: ``1e999999999`` is a finite Decimal, but
+its canonical form (PROTOCOL.md section 6) is a gigabyte of digits; real venue numbers are far inside."""
 
 
 class Side(enum.StrEnum):
@@ -39,7 +42,8 @@ def parse_decimal(text: object, *, what: str = "value") -> Decimal:
     they cannot carry an exact price.
 
     Raises:
-        InvalidDecimal: not a string/int, not a number, NaN/Infinity, or negative.
+        InvalidDecimal: not a string/int, not a number, NaN/Infinity, negative, or (not zero and) outside
+            ``1e-64 .. 1e64`` (``MAX_DECIMAL_EXPONENT``: its canonical string would be huge).
     """
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise InvalidDecimal(f"{what} must be a decimal string, got {type(text).__name__} {text!r}")
@@ -51,6 +55,8 @@ def parse_decimal(text: object, *, what: str = "value") -> Decimal:
         raise InvalidDecimal(f"{what} is not finite: {text!r}")
     if value < 0:
         raise InvalidDecimal(f"{what} is negative: {text!r}")
+    if value and abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+        raise InvalidDecimal(f"{what} is out of range (exponent beyond +-{MAX_DECIMAL_EXPONENT}): {text!r}")
     return value
 
 

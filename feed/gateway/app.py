@@ -651,8 +651,6 @@ class Gateway:
             reader.cancel()
             conn.writer.cancel()
             self._drop(conn)
-            if ws.close_code in _PEER_LEVEL_CLOSES:  # closes aiohttp made itself (the rest are counted as queued)
-                self.metrics.closes[int(ws.close_code)].inc()
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
@@ -671,6 +669,12 @@ class Gateway:
                     log.exception("internal error handling a request from %s", session.peer)
                     session.internal_error()
                 self.metrics.fold(session.tally)
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp closed with the error's code itself (1002 bad framing, 1009 oversize, 1007); count
+                # it here: ws.close_code ends as the client's answer (or 1006 when it just drops)
+                code = getattr(msg.data, "code", None)
+                if code in _PEER_LEVEL_CLOSES:
+                    self.metrics.closes[int(code)].inc()
             elif msg.type is WSMsgType.BINARY:
                 self.metrics.closes[int(CloseCode.POLICY_VIOLATION)].inc()
                 self._apply_links(session, session.closed())

@@ -412,7 +412,12 @@ class GuardedRequestHandler(RequestHandler):
                 self.transport.write(_CLOSE_1002)
             self.force_close()
             return
+        parsed_before = self._request_count
         super().data_received(data)
+        if self._bc_phase == "head" and self._request_count != parsed_before:
+            # aiohttp's parser has the whole head: the client has done its part, whatever the event loop's
+            # delay before the handler runs (on Python 3.11 a new task, after the queue is already empty)
+            self.request_started()
 
     # -- timers -----------------------------------------------------------------------------------
     def _arm(self, phase: str) -> None:
@@ -434,8 +439,10 @@ class GuardedRequestHandler(RequestHandler):
         self._guard.idle.pop(self, None)
         if self._bc_phase != phase or self.transport is None:
             return
+        if self._messages:
+            return  # a complete request waits for a busy event loop: not the client's fault
         if phase == "head":
-            if self._messages or getattr(self, "_upgraded", False) or getattr(self, "_request_in_progress", False):
+            if getattr(self, "_upgraded", False) or getattr(self, "_request_in_progress", False):
                 return  # the head is complete and waits for a busy event loop: not the client's fault
             self._guard.rejected(RejectReason.HANDSHAKE_TIMEOUT, self._bc_source)
             self.transport.write(_canned(408, "Request Timeout", RejectReason.HANDSHAKE_TIMEOUT))

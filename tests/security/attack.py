@@ -32,6 +32,8 @@ import resource
 import struct
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -105,8 +107,10 @@ class HttpAnswer:
 async def read_http_head(reader: asyncio.StreamReader, timeout_s: float = 5.0) -> HttpAnswer:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, TimeoutError):
-        return HttpAnswer(None)
+    except TimeoutError:
+        return HttpAnswer(None, {"x-attack-outcome": "timeout"})
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        return HttpAnswer(None, {"x-attack-outcome": "closed"})
     lines = head.decode("latin-1").split("\r\n")
     try:
         status = int(lines[0].split()[1])
@@ -221,7 +225,8 @@ async def _watch_closed(reader: asyncio.StreamReader, opened_at: float, result: 
 
 
 async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dribble: bytes | None,
-                 byte_interval_s: float, concurrency: int = 256, sources: list[str] | None = None) -> FloodResult:
+                 byte_interval_s: float, concurrency: int = 256, sources: list[str] | None = None,
+                 grace_s: float = 0.0) -> FloodResult:
     check_loopback(host)
     result = FloodResult(name, n)
     stop = asyncio.Event()
@@ -260,6 +265,9 @@ async def _flood(name: str, host: str, port: int, n: int, duration_s: float, dri
 
     tasks = [asyncio.ensure_future(one(sources[i % len(sources)] if sources else None)) for i in range(n)]
     await asyncio.sleep(duration_s)
+    if grace_s > 0:  # the server's timers get this long to cut the connections opened last
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), grace_s)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     for w in writers:
@@ -277,16 +285,18 @@ def loopback_sources(first: int, count: int) -> list[str]:
 
 
 async def silent_sockets(host: str, port: int, n: int, duration_s: float,
-                         sources: list[str] | None = None) -> FloodResult:
-    """``n`` TCP connections that never send a byte, held for ``duration_s`` (from ``sources`` in turn)."""
-    return await _flood("silent_sockets", host, port, n, duration_s, None, 0.0, sources=sources)
+                         sources: list[str] | None = None, grace_s: float = 0.0) -> FloodResult:
+    """``n`` TCP connections that never send a byte, held for ``duration_s`` (from ``sources`` in turn);
+    ``grace_s`` more for the server to cut those still open (``held_at_end``: open after both)."""
+    return await _flood("silent_sockets", host, port, n, duration_s, None, 0.0, sources=sources, grace_s=grace_s)
 
 
 async def slowloris(host: str, port: int, n: int, duration_s: float, byte_interval_s: float = 1.0,
-                    sources: list[str] | None = None) -> FloodResult:
+                    sources: list[str] | None = None, grace_s: float = 0.0) -> FloodResult:
     """``n`` upgrade requests sent one byte every ``byte_interval_s``, never completed."""
     request = handshake_request(host, port)[:-2] + b"X-Padding: " + b"a" * 4096
-    return await _flood("slowloris", host, port, n, duration_s, request, byte_interval_s, sources=sources)
+    return await _flood("slowloris", host, port, n, duration_s, request, byte_interval_s, sources=sources,
+                        grace_s=grace_s)
 
 
 class IdleWebSocket:
@@ -317,9 +327,10 @@ class IdleWebSocket:
         close_writer(self.writer)
 
 
-async def idle_websockets(host: str, port: int, n: int, *, token: str | None = None,
-                          concurrency: int = 128) -> tuple[list[IdleWebSocket], Counter]:
-    """Open ``n`` idle WebSocket connections; returns them and a Counter of failed handshakes by answer."""
+async def idle_websockets(host: str, port: int, n: int, *, token: str | None = None, concurrency: int = 128,
+                          timeout_s: float = 5.0) -> tuple[list[IdleWebSocket], Counter]:
+    """Open ``n`` idle WebSocket connections, ``concurrency`` handshakes at a time, each given ``timeout_s``;
+    returns them and a Counter of failed handshakes by answer (HTTP status, ``timeout`` or ``closed``)."""
     gate = asyncio.Semaphore(concurrency)
     failures: Counter = Counter()
     conns: list[IdleWebSocket] = []
@@ -328,12 +339,12 @@ async def idle_websockets(host: str, port: int, n: int, *, token: str | None = N
     async def one() -> None:
         async with gate:
             try:
-                reader, writer, answer = await open_raw(host, port, path=path)
+                reader, writer, answer = await open_raw(host, port, path=path, timeout_s=timeout_s)
             except (OSError, TimeoutError) as exc:
                 failures[type(exc).__name__] += 1
                 return
             if answer.status != 101:
-                failures[str(answer.status)] += 1
+                failures[str(answer.status or answer.headers.get("x-attack-outcome"))] += 1
                 close_writer(writer)
                 return
             conns.append(IdleWebSocket(reader, writer))
@@ -343,6 +354,7 @@ async def idle_websockets(host: str, port: int, n: int, *, token: str | None = N
 
 
 MAX_ERROR_MESSAGE_CHARS = 400
+CASE_TIMEOUT_S = 20.0  # every case has a prompt answer; this long only so a starved machine is not a finding
 
 
 @dataclass
@@ -368,14 +380,14 @@ async def _ws_case(host: str, port: int, payload: bytes, extra: dict[str, str] |
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        reader, writer, answer = await open_raw(host, port, extra=headers)
+        reader, writer, answer = await open_raw(host, port, extra=headers, timeout_s=CASE_TIMEOUT_S)
     except (OSError, TimeoutError):
         return "connect_failed"
     try:
         if answer.status != 101:
             return f"http:{answer.status}"
         writer.write(payload)
-        return await next_answer(reader, writer)
+        return await next_answer(reader, writer, CASE_TIMEOUT_S)
     finally:
         close_writer(writer)
 
@@ -383,12 +395,12 @@ async def _ws_case(host: str, port: int, payload: bytes, extra: dict[str, str] |
 async def _http_case(host: str, port: int, raw: bytes) -> str:
     check_loopback(host)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CASE_TIMEOUT_S)
     except (OSError, TimeoutError):
         return "connect_failed"
     try:
         writer.write(raw)
-        answer = await read_http_head(reader)
+        answer = await read_http_head(reader, CASE_TIMEOUT_S)
         return f"http:{answer.status}" if answer.status is not None else "reset"
     finally:
         close_writer(writer)
@@ -463,6 +475,7 @@ class HealthyStats:
     resyncs: int = 0
     disconnects: int = 0
     latencies_ns: list[int] = field(default_factory=list, repr=False)
+    disconnect_reasons: list[str] = field(default_factory=list)
 
     def quantile_ms(self, q: float) -> float | None:
         if not self.latencies_ns:
@@ -472,7 +485,8 @@ class HealthyStats:
 
     def summary(self) -> dict[str, Any]:
         return {"deltas": self.deltas, "snapshots": self.snapshots, "gaps": self.gaps, "resyncs": self.resyncs,
-                "disconnects": self.disconnects, "p50_ms": self.quantile_ms(0.5), "p99_ms": self.quantile_ms(0.99)}
+                "disconnects": self.disconnects, "disconnect_reasons": self.disconnect_reasons,
+                "p50_ms": self.quantile_ms(0.5), "p99_ms": self.quantile_ms(0.99)}
 
 
 class HealthyClient:
@@ -498,6 +512,8 @@ class HealthyClient:
                     now_ns = time.time_ns()
                     if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         self.stats.disconnects += 1
+                        self.stats.disconnect_reasons.append(f"{msg.type.name} code={ws.close_code} "
+                                                             f"data={msg.data!r} extra={msg.extra!r}"[:200])
                         break
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         continue
@@ -565,25 +581,141 @@ def open_fds(pid: int) -> int:
     return total
 
 
-def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+def http_status(url: str, timeout_s: float = 2.0) -> int | str:
+    """The HTTP status of GET ``url``, or why there was none: ``timeout``, ``reset``, ``refused``, ``error``."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
-    except OSError:
-        return None
+    except TimeoutError:
+        return "timeout"
+    except urllib.error.URLError as exc:
+        return _no_answer(exc.reason)
+    except OSError as exc:
+        return _no_answer(exc)
 
 
-async def health_probe(url: str, stop: asyncio.Event, interval_s: float = 0.25) -> Counter:
-    """GET ``url`` every ``interval_s`` until ``stop``; a Counter of the statuses (None: no answer)."""
+def _no_answer(exc: object) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionError):  # http.client.RemoteDisconnected is one
+        return "reset"
+    return "error"
+
+
+async def http_status_async(url: str, timeout_s: float = 2.0) -> int | str:
+    """``http_status`` on this event loop (no thread): GET ``url`` on a new connection."""
+    parts = urllib.parse.urlsplit(url)
+    check_loopback(parts.hostname or "")
+    writer = None
+    try:
+        async def get() -> int | str:
+            nonlocal writer
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
+                         .encode())
+            line = await reader.readline()
+            if not line:
+                return "reset"
+            try:
+                return int(line.split()[1])
+            except (IndexError, ValueError):
+                return "error"
+        return await asyncio.wait_for(get(), timeout_s)
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return _no_answer(exc)
+    finally:
+        if writer is not None:
+            close_writer(writer)
+
+
+async def health_probe(url: str, stop: asyncio.Event, interval_s: float = 0.25, timeout_s: float = 2.0,
+                       latencies_s: list[float] | None = None) -> Counter:
+    """GET ``url`` every ``interval_s`` until ``stop``; a Counter of the answers (``http_status``); each
+    answer's latency appended to ``latencies_s`` when given."""
     seen: Counter = Counter()
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        seen[await loop.run_in_executor(None, http_status, url)] += 1
+        started = loop.time()
+        seen[await http_status_async(url, timeout_s)] += 1
+        if latencies_s is not None:
+            latencies_s.append(round(loop.time() - started, 3))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
     return seen
+
+
+class ControlProcess:
+    """The healthy client and the ``/healthz`` probe in a process of their own, as a real client is on
+    another machine: the attack tools' CPU (thousands of sockets in this process) never delays the control,
+    so what it sees is the gateway's doing. ``start()``, then ``await stop()`` -> (HealthyStats, Counter).
+    """
+
+    def __init__(self, ws_url: str, instruments: list[str], token: str | None, health_url: str, *,
+                 probe_interval_s: float = 0.25, probe_timeout_s: float = 2.0) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._ready = ctx.Event()
+        self._out = ctx.Queue()
+        self.health_latencies_s: list[float] = []
+        self.proc = ctx.Process(target=_control_main, daemon=True, args=(
+            ws_url, instruments, token, health_url, probe_interval_s, probe_timeout_s, self._stop, self._ready,
+            self._out))
+
+    def start(self) -> ControlProcess:
+        self.proc.start()
+        return self
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the healthy client has its first snapshot (it is streaming)."""
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._ready.wait, timeout_s):
+            raise TimeoutError(f"the control client had no snapshot within {timeout_s} s")
+
+    async def stop(self, timeout_s: float = 60.0) -> tuple[HealthyStats, Counter]:
+        """Stop the control and return what it saw (``health_latencies_s`` keeps each probe's latency); the
+        process is gone (by PID) when this returns."""
+        self._stop.set()
+        loop = asyncio.get_running_loop()
+        try:
+            stats, statuses, self.health_latencies_s = await loop.run_in_executor(None, self._out.get, True, timeout_s)
+            return stats, statuses
+        finally:
+            await loop.run_in_executor(None, self.proc.join, 10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+
+
+def _control_main(ws_url, instruments, token, health_url, probe_interval_s, probe_timeout_s, stop_flag, ready_flag,
+                  out) -> None:
+    async def main() -> tuple[HealthyStats, Counter, list[float]]:
+        stop = asyncio.Event()
+        client = HealthyClient(ws_url, instruments, token)
+
+        async def watch() -> None:
+            while not stop_flag.is_set():
+                if client.stats.snapshots and not ready_flag.is_set():
+                    ready_flag.set()
+                await asyncio.sleep(0.05)
+            stop.set()
+
+        watcher = asyncio.ensure_future(watch())
+        latencies_s: list[float] = []
+        probe = asyncio.ensure_future(health_probe(health_url, stop, probe_interval_s, probe_timeout_s, latencies_s))
+        stats = await client.run(stop)
+        await stop.wait()  # a client that was disconnected early still probes until the end
+        watcher.cancel()
+        return stats, await probe, latencies_s
+
+    out.put(asyncio.run(main()))
 
 
 # -- the measurement command ----------------------------------------------------------------------
@@ -593,10 +725,8 @@ async def measure_phase(name: str, base_url: str, ws_url: str, instruments: list
                         attack=None, token: str | None = None) -> dict[str, Any]:
     """Run the healthy client and a /healthz probe for ``duration_s`` while ``attack()`` (a coroutine
     factory returning a JSON-able result) runs; returns the phase's figures."""
-    stop = asyncio.Event()
-    client = HealthyClient(ws_url, instruments, token)
-    healthy = asyncio.ensure_future(client.run(stop))
-    health = asyncio.ensure_future(health_probe(base_url + "/healthz", stop))
+    control = ControlProcess(ws_url, instruments, token, base_url + "/healthz").start()
+    await control.ready()
     attack_result = None
     started = time.monotonic()
     if attack is not None:
@@ -604,9 +734,7 @@ async def measure_phase(name: str, base_url: str, ws_url: str, instruments: list
     remaining = duration_s - (time.monotonic() - started)
     if remaining > 0:
         await asyncio.sleep(remaining)
-    stop.set()
-    stats = await healthy
-    statuses = await health
+    stats, statuses = await control.stop()
     return {"phase": name, "healthy": stats.summary(), "healthz": {str(k): v for k, v in statuses.items()},
             "attack": attack_result}
 
@@ -629,7 +757,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if idle:
         lines += [f"Idle WebSocket connections: {idle['held']} held of {idle['attempted']} "
                   f"(handshake failures {idle['failures']}); gateway RSS {idle['rss_before_mb']} MB -> "
-                  f"{idle['rss_after_mb']} MB = {idle['rss_per_connection_kb']} KB per connection.", ""]
+                  f"{idle['rss_after_mb']} MB = {idle['rss_per_connection_kb']} KB per connection; opened at "
+                  f"{idle['handshakes_per_s']} handshakes/s (load average {idle['load_average']:.1f}).", ""]
     if report.get("fuzz"):
         lines += ["| bad input | expected | answer |", "|---|---|---|"]
         lines += [f"| {c['case']} | {c['expected']} | {c['answer']}{'' if c['ok'] else '  **(differs)**'} |"
@@ -656,13 +785,16 @@ async def run_measurement(args: argparse.Namespace, base_url: str, ws_url: str, 
     if args.idle:
         rss_before = rss_bytes(pid) if pid else 0
         progress(f"opening {args.idle} idle WebSocket connections")
-        conns, failures = await idle_websockets(host, port, args.idle, token=token)
+        opened_at = time.monotonic()
+        conns, failures = await idle_websockets(host, port, args.idle, token=token, concurrency=32, timeout_s=30.0)
+        open_s = time.monotonic() - opened_at
         await asyncio.sleep(1.0)  # let the gateway's allocations settle before reading RSS
         rss_after = rss_bytes(pid) if pid else 0
         held = sum(1 for c in conns if not c.closed.is_set())
         report["idle"] = {"attempted": args.idle, "held": held, "failures": dict(failures),
                           "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
-                          "rss_per_connection_kb": round((rss_after - rss_before) / max(1, held) / 1024, 1)}
+                          "rss_per_connection_kb": round((rss_after - rss_before) / max(1, held) / 1024, 1),
+                          "handshakes_per_s": round(len(conns) / open_s, 1), "load_average": os.getloadavg()[0]}
         progress(f"idle: {report['idle']}")
 
         async def idle_attack() -> dict[str, Any]:

@@ -128,7 +128,7 @@ def _check_venue_outcome(venue: str, msg) -> None:
     try:
         result = VENUES[venue](msg)
     except VenueMessageError:
-        return  # the documented refusal (its length: see the xfail finding below)
+        return  # the documented refusal (bounded: test_venue_refusals_quote_values_truncated)
     assert isinstance(result, ParseResult)
     for event in result.events:
         for value in _decimals(event):
@@ -198,9 +198,6 @@ def test_venue_parsers_accept_every_real_message(venue):
         assert isinstance(VENUES[venue](msg), ParseResult)
 
 
-@pytest.mark.xfail(reason="finding for feed.model.parse_decimal (gateway core's file): an upstream size like "
-                          "'1e999999999' is accepted as finite, and canonical() then builds a 1 GB string; "
-                          "the exponent needs a bound", strict=True)
 @pytest.mark.parametrize("venue,msg", [
     ("coinbase", {"type": "snapshot", "product_id": "X-Y", "bids": [["1", "1e999999999"]], "asks": []}),
 ])
@@ -261,9 +258,6 @@ def test_wire_decoder_accepts_the_seeds():
         assert type(wire.decode(orjson.dumps(seed))).__name__ != "Unknown"
 
 
-@pytest.mark.xfail(reason="finding for the venue parsers (feed/venues/*): a refusal quotes the offending value "
-                          "whole (repr of any size), and the ingest logs every refusal at WARNING: a 24 KB value "
-                          "makes a 24 KB log line; quote it truncated, as the gateway does", strict=True)
 def test_venue_refusals_quote_values_truncated():
     msg = {"type": ["x" * 8000] * 3, "product_id": "X-Y"}
     with pytest.raises(VenueMessageError) as info:
@@ -271,9 +265,6 @@ def test_venue_refusals_quote_values_truncated():
     assert len(str(info.value)) <= MAX_MESSAGE_CHARS
 
 
-@pytest.mark.xfail(reason="finding for feed.wire.decode (gateway core's file): WireError quotes the offending "
-                          "value whole, so a malformed message from NATS or a gateway makes a log line as long "
-                          "as the value", strict=True)
 def test_wire_refusals_quote_values_truncated():
     from feed import wire
     from feed.errors import WireError

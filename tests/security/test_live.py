@@ -49,9 +49,13 @@ def get(url: str, tok: str | None = None) -> tuple[int, bytes]:
 
 
 class Secured:
-    def __init__(self, tmp: Path) -> None:
+    """nats-server, a looping replay and a gateway with an ops port and short hygiene timeouts; with
+    ``locked`` (the default) NATS has users (ingest and gateway log in) and the gateway checks tokens."""
+
+    def __init__(self, tmp: Path, *, locked: bool = True) -> None:
         self.tmp = tmp
-        self.users = {r: NatsUser.generate(r) for r in NatsRole}
+        self.locked = locked
+        self.users = {r: NatsUser.generate(r) for r in NatsRole} if locked else {}
         self.nats = NatsServer(name="secured-nats", users=list(self.users.values()), workdir=str(tmp))
         self.port, self.ops_port, self.ingest_port = free_port(), free_port(), free_port()
         self.procs = []
@@ -64,28 +68,39 @@ class Secured:
     def ops(self) -> str:
         return f"http://127.0.0.1:{self.ops_port}"
 
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
     def start(self) -> Secured:
         self.nats.start()
-        secret = self.tmp / "hs.secret"
-        secret.write_bytes(SECRET)
-        gw_pw = write_password_file(self.tmp, self.users[NatsRole.GATEWAY])
-        in_pw = write_password_file(self.tmp, self.users[NatsRole.INGEST])
+        gateway_login = ingest_login = auth = []
+        if self.locked:
+            secret = self.tmp / "hs.secret"
+            secret.write_bytes(SECRET)
+            gateway_login = ["--nats-user", "gateway", "--nats-password-file",
+                             str(write_password_file(self.tmp, self.users[NatsRole.GATEWAY]))]
+            ingest_login = ["--nats-user", "ingest", "--nats-password-file",
+                            str(write_password_file(self.tmp, self.users[NatsRole.INGEST]))]
+            auth = ["--auth-hs256-secret-file", f"k1={secret}", "--max-connections-per-token", "2500"]
+        # the total cap sits 300 above the 2,000 idle WebSockets of the attack test, so a few hundred silent
+        # sockets reach it (fd exhaustion in small)
         self.gateway = spawn_cli([
-            "gateway", "--nats", self.nats.url, "--port", str(self.port), "--nats-user", "gateway",
-            "--nats-password-file", str(gw_pw), "--auth-hs256-secret-file", f"k1={secret}",
+            "gateway", "--nats", self.nats.url, "--port", str(self.port), *gateway_login, *auth,
             "--ops-port", str(self.ops_port), "--idle-timeout-s", "2", "--handshake-timeout-s", "1.5",
-            "--max-connections-per-source", "40", "--max-connections", "2600", "--rest-headroom", "100",
-            "--max-connections-per-token", "2500"], self.tmp / "gateway.log")
+            "--max-connections-per-source", "40", "--max-connections", "2300", "--rest-headroom", "100"],
+            self.tmp / "gateway.log")
         self.procs.append(self.gateway)
-        wait_until(lambda: get(self.base + "/readyz")[0] == 200, 30, what="gateway /readyz", proc=self.gateway)
-        self.ingest = spawn_cli(["replay", "--nats", self.nats.url, "--nats-user", "ingest", "--nats-password-file",
-                                 str(in_pw), "--speed", "1", "--loop", "--http-port", str(self.ingest_port),
-                                 str(bundled_capture())], self.tmp / "ingest.log")
+        wait_until(lambda: get(self.base + "/readyz")[0] == 200, 60, what="gateway /readyz", proc=self.gateway)
+        self.ingest = spawn_cli(["replay", "--nats", self.nats.url, *ingest_login, "--speed", "1", "--loop",
+                                 "--http-port", str(self.ingest_port), str(bundled_capture())],
+                                self.tmp / "ingest.log")
         self.procs.append(self.ingest)
-        wait_until(lambda: len(self.instruments(token())) >= 10, 30, what="10 instruments listed", proc=self.ingest)
+        tok = token() if self.locked else None
+        wait_until(lambda: len(self.instruments(tok)) >= 10, 60, what="10 instruments listed", proc=self.ingest)
         return self
 
-    def instruments(self, tok: str) -> list[str]:
+    def instruments(self, tok: str | None) -> list[str]:
         status, body = get(self.base + "/v1/instruments", tok)
         return [i["instrument"] for i in json.loads(body)["instruments"]] if status == 200 else []
 
@@ -205,41 +220,132 @@ async def test_attacks_while_a_healthy_client_streams(secured):
     tok = token()
     instruments = secured.instruments(tok)
     rss_before = attack.rss_bytes(secured.gateway.pid)
-    idle, failures = await attack.idle_websockets("127.0.0.1", secured.port, 2000, token=tok)
+    # a few handshakes at a time, each given long: on a loaded 2-core machine the point is that every
+    # well-behaved client is let in and kept, not how fast (the measurement command times it)
+    idle, failures = await attack.idle_websockets("127.0.0.1", secured.port, 2000, token=tok, concurrency=32,
+                                                  timeout_s=30.0)
     assert len(idle) == 2000, failures
     await asyncio.sleep(0.5)
     rss_per_conn_kb = (attack.rss_bytes(secured.gateway.pid) - rss_before) / 2000 / 1024
-    stop = asyncio.Event()
-    healthy = attack.HealthyClient(f"ws://127.0.0.1:{secured.port}/v1/ws", instruments, tok)
-    healthy_task = asyncio.ensure_future(healthy.run(stop))
-    health_task = asyncio.ensure_future(attack.health_probe(secured.base + "/healthz", stop, 0.2))
+    # the control (healthy client + /healthz probe) in its own process, as a real client would be. A probe
+    # has 30 s: on this shared 2-core machine (load 15 seen) the gateway's loop can lag seconds behind
+    # under the attack; a late answer is its CPU share, a refusal or no answer would be the finding
+    control = attack.ControlProcess(f"ws://127.0.0.1:{secured.port}/v1/ws", instruments, tok,
+                                    secured.base + "/healthz", probe_interval_s=0.2, probe_timeout_s=30.0).start()
+    await control.ready()
     host, port = "127.0.0.1", secured.port
     silent, slow, cases = await asyncio.gather(
-        attack.silent_sockets(host, port, 2800, 6, attack.loopback_sources(0, 70)),
-        attack.slowloris(host, port, 120, 6, 0.2, attack.loopback_sources(200, 3)),
+        attack.silent_sockets(host, port, 900, 6, attack.loopback_sources(0, 20), grace_s=15),
+        attack.slowloris(host, port, 120, 6, 0.2, attack.loopback_sources(200, 3), grace_s=15),
         attack.fuzz_cases(host, port, token=tok))
     frames = await attack.random_frames(host, port, 30, token=tok)
     await asyncio.sleep(1.0)
-    stop.set()
-    stats = await healthy_task
-    statuses = await health_task
+    stats, statuses = await control.stop()
     idle_held = sum(1 for c in idle if not c.closed.is_set())
     for c in idle:
         c.close()
     assert stats.gaps == 0 and stats.resyncs == 0 and stats.disconnects == 0 and stats.deltas > 0, stats.summary()
-    assert set(statuses) == {200}, statuses
+    assert set(statuses) == {200}, (statuses, control.health_latencies_s)
     assert idle_held == 2000  # well-behaved idle clients are kept
     assert rss_per_conn_kb < 100, rss_per_conn_kb
-    assert silent.held_at_end == 0 and silent.opened + silent.refused == 2800, silent
+    assert silent.held_at_end == 0 and silent.opened + silent.refused == 900, silent
     assert slow.held_at_end == 0, slow
     assert slow.http_answers.get("408", 0) + slow.http_answers.get("503", 0) == slow.opened, slow
     differs = [(c.case, c.expected, c.answer) for c in cases if not c.ok]
     assert not differs, differs
     assert set(frames) <= {"close:1002", "close:1007", "close:1008", "close:1009", "error:bad_request", "reset"}, frames
-    rejected = secured.metric("bookcast_gateway_connections_rejected_total")
-    assert rejected >= 2800 - 70 * 40  # the per-source cap at least
+    for code in ("1002", "1007", "1008", "1009"):  # every close the fuzz cases caused is counted
+        assert secured.metric("bookcast_gateway_closes_total", f'code="{code}"') > 0, code
+    # every silent socket the server closed was counted under one of these (none is held at the end)
+    cut = sum(secured.metric("bookcast_gateway_connections_rejected_total", f'reason="{r}"')
+              for r in ("idle_timeout", "idle_evicted", "per_source_cap", "total_cap"))
+    assert cut >= silent.opened, (cut, silent)
     assert secured.metric("bookcast_gateway_connections_rejected_total", 'reason="handshake_timeout"') > 0
     log = secured.log()
     assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
     refusal_lines = [ln for ln in log.splitlines() if "refused connections" in ln]
     assert len(refusal_lines) <= 3, refusal_lines  # once per interval, never per connection
+
+
+async def test_forged_deltas_without_nats_auth_are_caught_by_the_gateway(tmp_path):
+    """The same forgeries on a stack whose NATS has no users (anyone may publish): a delta with a wrong
+    checksum is a checksum mismatch, a level hidden below the checksummed top 10 is a conflicting delta
+    when the ingest's own delta for that seq arrives; either way the instrument resyncs and the fake level
+    never stays in REST or in a snapshot."""
+    from decimal import Decimal
+
+    from feed.book import L2Book
+
+    stack = Secured(tmp_path, locked=False)
+    try:
+        stack.start()
+        books = {i: json.loads(get(stack.base + f"/v1/book/{i}")[1]) for i in stack.instruments(None)}
+        inst = max(books, key=lambda i: len(books[i]["bids"]))  # the deepest book: room below the top 10
+        assert len(books[inst]["bids"]) > 11, "the bundled capture has a book deeper than 10 levels"
+        nc = await nats.connect(stack.nats.url, allow_reconnect=False)
+        # a subscriber, so the gateway keeps this instrument's book (as in the adversarial run)
+        watcher_session = aiohttp.ClientSession()
+        watcher = await watcher_session.ws_connect(stack.ws_url, max_msg_size=0)
+        await watcher.send_str(orjson.dumps({"op": "subscribe", "id": 1, "instruments": [inst]}).decode())
+        while orjson.loads((await watcher.receive(timeout=15)).data)["type"] != "snapshot":
+            pass
+
+        async def drain() -> None:
+            async for _ in watcher:
+                pass
+
+        draining = asyncio.ensure_future(drain())
+
+        async def forge(changes, *, right_checksum: bool) -> dict:
+            snap = json.loads(get(stack.base + f"/v1/book/{inst}")[1])
+            book = L2Book(inst)
+            book.apply_snapshot([(Decimal(p), Decimal(q)) for p, q in snap["bids"]],
+                                [(Decimal(p), Decimal(q)) for p, q in snap["asks"]])
+            book.apply_wire_changes(changes)
+            checksum = book.checksum() if right_checksum else book.checksum() ^ 1
+            forged = {"type": "delta", "instrument": inst, "epoch": snap["epoch"], "seq": snap["seq"] + 1,
+                      "prev_seq": snap["seq"], "changes": changes, "checksum": checksum, "ts_ingest_ns": 1,
+                      "ts_publish_ns": 2}
+            await nc.publish(delta_subject(inst), orjson.dumps(forged))
+            await nc.flush()
+            return forged
+
+        def fake_gone(level) -> bool:
+            status, body = get(stack.base + f"/v1/book/{inst}")
+            return status == 200 and level not in json.loads(body)["bids"]
+
+        try:
+            # 1. a wrong checksum: caught on arrival (tried again if the ingest's delta for that seq came first)
+            fake = ["0.00000001", "123456"]
+            for _ in range(5):
+                conflicts = stack.metric("bookcast_gateway_conflicting_deltas_total")
+                await forge([["bid", *fake]], right_checksum=False)
+                await attack_wait(lambda: stack.metric("bookcast_gateway_checksum_mismatches_total") > 0
+                                  or stack.metric("bookcast_gateway_conflicting_deltas_total") > conflicts, 15)
+                if stack.metric("bookcast_gateway_checksum_mismatches_total") > 0:
+                    break
+                await attack_wait(lambda: fake_gone(fake), 15)  # resynced: try again on the fresh book
+            assert stack.metric("bookcast_gateway_checksum_mismatches_total") > 0
+            await attack_wait(lambda: fake_gone(fake), 15)
+            # 2. a level hidden below the top 10 with the right checksum: caught as a conflicting delta
+            conflicts = stack.metric("bookcast_gateway_conflicting_deltas_total")
+            snap = json.loads(get(stack.base + f"/v1/book/{inst}")[1])
+            deep = [format(Decimal(snap["bids"][-1][0]) / 2, "f"), "5000"]  # below the lowest bid
+            await forge([["bid", *deep]], right_checksum=True)
+            await attack_wait(lambda: stack.metric("bookcast_gateway_conflicting_deltas_total")
+                              > conflicts, 30)
+            await attack_wait(lambda: fake_gone(deep), 15)
+        finally:
+            await nc.close()
+            draining.cancel()
+            await watcher.close()
+            await watcher_session.close()
+        async with aiohttp.ClientSession() as s, s.ws_connect(stack.ws_url) as ws:
+            await ws.send_str(orjson.dumps({"op": "subscribe", "id": 1, "instruments": [inst]}).decode())
+            while True:
+                msg = orjson.loads((await ws.receive(timeout=10)).data)
+                if msg["type"] == "snapshot":
+                    break
+            assert fake not in msg["bids"] and deep not in msg["bids"]
+    finally:
+        stack.stop()
