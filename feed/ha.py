@@ -108,20 +108,41 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
                     replay_start_at_ns=args.replay_start_at_ns)
 
 
-async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1) -> Any:
-    """The KV bucket ``bucket``, created in ``region``'s cluster if missing (a race with another creator is fine)."""
-    from nats.js.api import KeyValueConfig, Placement
+async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1) -> Any:
+    """The KV bucket ``bucket``, its stream created in ``region``'s cluster if missing (a race with another
+    creator is fine).
+
+    nats-py's ``create_key_value`` drops ``KeyValueConfig.placement`` (nats-py 2.x builds the stream config
+    without it), so a bucket would land in the cluster of whoever created it first: the lease and every
+    region's books then die with that region. So the KV stream is created here with ``add_stream`` and the
+    stream settings a KV bucket has (ADR-8: ``KV_<bucket>``, subjects ``$KV.<bucket>.>``, rollup headers,
+    deny delete, discard new, history as max msgs per subject, direct get), plus the placement.
+
+    Raises:
+        RuntimeError: the bucket exists but in another cluster than ``region`` (a stale store from an older
+        layout: remove it, or delete the bucket).
+    """
+    from nats.js.api import DiscardPolicy, Placement, StreamConfig
     from nats.js.errors import BucketNotFoundError
 
+    stream = f"KV_{bucket}"
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history,
-                                                        placement=Placement(cluster=region)))
-    except Exception:  # noqa: BLE001 - created meanwhile by the other region's ingest
-        return await js.key_value(bucket)
+        try:
+            await js.add_stream(StreamConfig(
+                name=stream, subjects=[f"$KV.{bucket}.>"], allow_direct=True, allow_rollup_hdrs=True,
+                deny_delete=True, discard=DiscardPolicy.NEW, duplicate_window=120.0, max_consumers=-1,
+                max_msgs=-1, max_msgs_per_subject=history, num_replicas=replicas,
+                placement=Placement(cluster=region)))
+        except Exception as exc:  # noqa: BLE001 - created meanwhile by the other region's ingest
+            log.debug("KV bucket %s create: %s (bound as it is)", bucket, exc)
+        kv = await js.key_value(bucket)
+    info = await js.stream_info(stream)
+    placed = getattr(info.cluster, "name", None) if info.cluster is not None else None
+    if placed is not None and placed != region:
+        raise RuntimeError(f"KV bucket {bucket} lives in cluster {placed!r}, not {region!r}")
+    return kv
 
 
 async def read_kv_snapshot(nc: Any, region: str, instrument: str) -> dict[str, Any] | None:

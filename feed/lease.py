@@ -56,6 +56,33 @@ class Role(enum.StrEnum):
     LEADER = "leader"
 
 
+class Input(enum.StrEnum):
+    OBSERVE = "observe"                   # a read of the entry that names us, nobody, or the same revision
+    OBSERVE_TAKEN = "observe_taken"       # a read shows a newer revision written by another holder
+    WRITE_OK = "write_ok"                 # our conditional write landed
+    WRITE_CONFLICT = "write_conflict"     # our conditional write lost: the revision moved on
+    WRITE_UNREACHABLE = "write_unreachable"  # our write got no answer (NATS down, timeout)
+    RELEASE = "release"                   # we give the lease up
+
+
+_R, _IN = Role, Input
+TRANSITIONS: dict[tuple[Role, Input], Role] = {
+    (_R.STANDBY, _IN.OBSERVE): _R.STANDBY,
+    (_R.STANDBY, _IN.OBSERVE_TAKEN): _R.STANDBY,
+    (_R.STANDBY, _IN.WRITE_OK): _R.LEADER,
+    (_R.STANDBY, _IN.WRITE_CONFLICT): _R.STANDBY,
+    (_R.STANDBY, _IN.WRITE_UNREACHABLE): _R.STANDBY,
+    (_R.STANDBY, _IN.RELEASE): _R.STANDBY,
+    (_R.LEADER, _IN.OBSERVE): _R.LEADER,
+    (_R.LEADER, _IN.OBSERVE_TAKEN): _R.STANDBY,
+    (_R.LEADER, _IN.WRITE_OK): _R.LEADER,
+    (_R.LEADER, _IN.WRITE_CONFLICT): _R.STANDBY,
+    (_R.LEADER, _IN.WRITE_UNREACHABLE): _R.LEADER,  # the fence (may_publish) runs out on its own
+    (_R.LEADER, _IN.RELEASE): _R.STANDBY,
+}
+"""Every (role, input) pair and the next role. Writes (``Acquire``/``Renew``) come from ``next_action``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Acquire:
     """Write the lease: ``create`` when ``expected_revision`` is None, else ``update(last=expected_revision)``."""
@@ -107,12 +134,17 @@ class LeaseMachine:
 
     # -- inputs ----------------------------------------------------------------------------------
     def observe(self, revision: int | None, holder: str | None, now_s: float) -> list[LeaseEvent]:
-        """A read of the lease entry: its revision and holder, or (None, None) when there is no entry."""
+        """A read of the lease entry: its revision and holder, or (None, None) when there is no entry.
+        A revision older than the one known is a stale read and ignored, and so is "no entry" on a leader
+        (its renewal finds out: an update of a missing key is a conflict)."""
         events: list[LeaseEvent] = []
+        if self.revision is not None and (revision is not None and revision < self.revision
+                                          or revision is None and self.role is Role.LEADER):
+            return events  # a stale read (revisions only grow; our entry exists): it tells nothing new
         if revision != self.revision or self.seen_at_s is None:
+            taken = revision is not None and holder != self.holder
             self.revision, self.entry_holder, self.seen_at_s = revision, holder, now_s
-            if self.role is Role.LEADER and revision is not None and holder != self.holder:
-                self.role = Role.STANDBY
+            if self._go(Input.OBSERVE_TAKEN if taken else Input.OBSERVE):
                 events.append(LostLease("taken"))
         return events
 
@@ -122,25 +154,26 @@ class LeaseMachine:
     def write_ok(self, revision: int, sent_at_s: float) -> list[LeaseEvent]:
         """Our conditional write (sent at ``sent_at_s``) succeeded with ``revision``."""
         self._in_flight = False
-        was = self.role
-        self.role = Role.LEADER
+        changed = self._go(Input.WRITE_OK)
         self.revision, self.entry_holder, self.sent_at_s = revision, self.holder, sent_at_s
         self.seen_at_s = sent_at_s
-        return [BecameLeader(revision)] if was is Role.STANDBY else []
+        return [BecameLeader(revision)] if changed else []
 
     def write_failed(self, conflict: bool, now_s: float) -> list[LeaseEvent]:
         """Our write failed: ``conflict`` when the revision moved (someone else wrote), else unreachable."""
         self._in_flight = False
-        if conflict and self.role is Role.LEADER:
-            self.role = Role.STANDBY
+        if self._go(Input.WRITE_CONFLICT if conflict else Input.WRITE_UNREACHABLE):
             return [LostLease("conflict")]
         return []
 
     def release(self) -> list[LeaseEvent]:
-        if self.role is Role.LEADER:
-            self.role = Role.STANDBY
-            return [LostLease("released")]
-        return []
+        return [LostLease("released")] if self._go(Input.RELEASE) else []
+
+    def _go(self, event: Input) -> bool:
+        """Apply ``TRANSITIONS``; True when the role changed."""
+        was = self.role
+        self.role = TRANSITIONS[(was, event)]
+        return self.role is not was
 
     # -- outputs ---------------------------------------------------------------------------------
     def next_action(self, now_s: float) -> LeaseAction | None:

@@ -93,6 +93,7 @@ class RegionsStack:
     loop: bool = True
     workers: int = 1
     lease_ttl_s: float = 1.5
+    lease_servers: int = 1
     ingest_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -103,7 +104,8 @@ class RegionsStack:
         self.names = names
         self.tmp = Path(self.tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"))
+        self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
+                                         lease_servers=self.lease_servers)
         self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
         if not self.captures:
             from feed.stack import bundled_capture
@@ -147,6 +149,7 @@ class RegionsStack:
         p.ingest_port = free_port()
         args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
                 "--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
+                "--lease-region", self.supercluster.lease_region,
                 "--lease-ttl-s", str(self.lease_ttl_s), *self.ingest_args, *(extra or [])]
         if self.loop:
             args.append("--loop")
