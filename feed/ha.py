@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from feed import metrics as prom
 from feed import wire
-from feed.lease import LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, KvLease, LeaseEvent, LostLease, Role
+from feed.lease import (LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread,
+                        LostLease, Role)
 from feed.subjects import PREFIX, delta_subject, unescape_token
 from feed.takeover import Continue, NewEpoch, StepTracker, WaitFor, delta_key
 
@@ -164,7 +165,8 @@ class HaController:
         self.config = config
         self.name = ingest.config.name
         self.tracker = StepTracker()
-        self.lease: KvLease | None = None
+        self.lease: LeaseThread | None = None
+        self._leading = False  # the ingest loop's view: set when BecameLeader reaches it
         self.books_kv: dict[str, Any] = {}
         self._recent: dict[str, list[tuple[SequencedDelta, dict]]] = {}  # local deltas, for republishing
         self._waiting: dict[str, tuple[int, float]] = {}  # instrument -> (local seq to reach, deadline)
@@ -182,22 +184,33 @@ class HaController:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        from feed import natsauth
+
         nc = self.ingest.nc
         js = nc.jetstream()
-        kv = await bind_bucket(js, LEASE_BUCKET, self.config.lease_region)
-        self.lease = KvLease(kv, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
-                             on_event=self._on_lease_event)
-        self.lease.not_before_s = time.monotonic() + self.config.acquire_delay_s
+        loop = asyncio.get_running_loop()
+        cfg = self.ingest.config
+
+        async def connect():
+            return await natsauth.connect(cfg.nats_url, cfg.nats_credentials, name=f"{self.name}-lease",
+                                          max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+
+        async def bind(lease_nc):
+            return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region)
+
+        self.lease = LeaseThread(connect, bind, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
+                                 on_event=lambda e: loop.call_soon_threadsafe(self._on_lease_event, e),
+                                 not_before_s=time.monotonic() + self.config.acquire_delay_s)
         for region in self.config.regions:
             try:
                 self.books_kv[region] = await bind_bucket(js, books_bucket(region), region)
             except Exception as exc:  # noqa: BLE001 - that region is down: no KV books there for now
                 log.warning("KV books of region %s unavailable: %s", region, exc)
         await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
-        loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self.lease.run()), loop.create_task(self._ticker())]
-        log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s", self.config.region, LEASE_BUCKET,
-                 self.config.lease_region, self.config.lease_ttl_s)
+        await asyncio.to_thread(self.lease.start)
+        self._tasks.append(loop.create_task(self._ticker()))
+        log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s (lease on its own thread and connection)",
+                 self.config.region, LEASE_BUCKET, self.config.lease_region, self.config.lease_ttl_s)
 
     async def wait_start(self) -> None:
         """Wait for ``replay_start_at_ns`` (wall clock), if set."""
@@ -211,17 +224,20 @@ class HaController:
         for t in self._tasks:
             t.cancel()
         if self.lease is not None:
-            await self.lease.release()
+            await asyncio.to_thread(self.lease.stop)
 
     # -- what the ingest asks ---------------------------------------------------------------------
     @property
     def role(self) -> Role:
-        return self.lease.role if self.lease is not None else Role.STANDBY
+        """This ingest's role as the ingest loop has taken it in (the lease thread's role changes first; the
+        takeover runs when its event reaches this loop)."""
+        return Role.LEADER if self._leading else Role.STANDBY
 
     def publishing(self) -> bool:
         """True while this ingest holds the lease within its fence time and NATS is connected."""
         nc = self.ingest.nc
-        return self.lease is not None and self.lease.may_publish() and nc is not None and nc.is_connected
+        return (self._leading and self.lease is not None and self.lease.may_publish() and nc is not None
+                and nc.is_connected)
 
     def serves(self, instrument: str) -> bool:
         """True when this ingest publishes ``instrument`` now: snapshot replies, directory and KV books
@@ -283,6 +299,9 @@ class HaController:
     # -- takeover ---------------------------------------------------------------------------------
     def _on_lease_event(self, event: LeaseEvent) -> None:
         if isinstance(event, BecameLeader):
+            if self._leading:
+                return
+            self._leading = True
             self._m_leader.set(1)
             self._takeovers += 1
             self.last_takeover = {"at_ns": time.time_ns(), "revision": event.revision, "instruments": {}}
@@ -294,6 +313,9 @@ class HaController:
             self.ingest._dirty_venues.update(self.ingest.venues)
             self.ingest._announce_now.set()
         elif isinstance(event, LostLease):
+            if not self._leading:
+                return
+            self._leading = False
             self._m_leader.set(0)
             log.warning("lost the publishing lease (%s): standby", event.reason)
             self._publishing.clear()

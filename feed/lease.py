@@ -310,3 +310,101 @@ class KvLease:
                 await self.kv.delete(self.key, last=rev)
             except Exception as exc:  # noqa: BLE001 - best effort: the TTL covers it
                 log.debug("lease release failed: %s", exc)
+
+
+class LeaseThread:
+    """A ``KvLease`` on its own thread, event loop and NATS connection, so renewals are not starved by a busy
+    ingest loop (a CPU burst longer than the TTL, e.g. building every book at the start of a replay on a
+    loaded host, would otherwise hand the lease to the standby and back).
+
+    ``connect()`` (a coroutine function) returns a connected nats-py client; ``bind(nc)`` returns the KV
+    bucket. Both run on the lease thread. ``on_event`` is called **on the lease thread**: hand events to
+    another loop with ``loop.call_soon_threadsafe``. ``may_publish()``, ``role``, ``revision`` and
+    ``machine`` are read from any thread (plain attribute reads of the machine).
+
+    Raises (from ``start``): whatever ``connect``/``bind`` raise, TimeoutError when they take longer than
+    ``timeout_s``.
+    """
+
+    def __init__(self, connect: Callable[[], Any], bind: Callable[[Any], Any], key: str, holder: str,
+                 region: str, ttl_s: float, *, on_event: Callable[[LeaseEvent], None] = lambda e: None,
+                 not_before_s: float = 0.0, poll_s: float | None = None) -> None:
+        import threading
+
+        self._connect, self._bind = connect, bind
+        self._args = (key, holder, region, ttl_s)
+        self._on_event, self._not_before_s, self._poll_s = on_event, not_before_s, poll_s
+        self.machine = LeaseMachine(holder, ttl_s)
+        self.lease: KvLease | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nc: Any = None
+        self._task: asyncio.Task | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"lease-{holder}", daemon=True)
+
+    @property
+    def role(self) -> Role:
+        return self.machine.role
+
+    @property
+    def revision(self) -> int | None:
+        return self.machine.revision
+
+    def may_publish(self) -> bool:
+        return self.machine.may_publish(time.monotonic())
+
+    def start(self, timeout_s: float = 15.0) -> LeaseThread:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"lease: NATS connection and bucket not ready within {timeout_s:g} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._setup())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    async def _setup(self) -> None:
+        self._nc = await self._connect()
+        kv = await self._bind(self._nc)
+        key, holder, region, ttl_s = self._args
+        self.lease = KvLease(kv, key, holder, region, ttl_s, on_event=self._on_event, poll_s=self._poll_s)
+        self.lease.machine = self.machine
+        self.lease.not_before_s = self._not_before_s
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.lease.run()
+        except asyncio.CancelledError:
+            await self.lease.release()  # clean stop: the standby takes over without waiting for the TTL
+            try:
+                await asyncio.wait_for(self._nc.close(), 2.0)
+            except Exception as exc:  # noqa: BLE001 - closing a dead connection
+                log.debug("lease connection close: %s", exc)
+            raise
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Release the lease (when held), close the connection, end the thread. Safe to call twice."""
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

@@ -1,12 +1,30 @@
 """N regions on one machine: a NATS supercluster, one HA ingest and one gateway per region, stopped by PID.
 
-Used by ``bookcast up --regions N``, the region e2e tests and ``bookcast regions-bench``. Region ``i`` is
-named ``r<i>`` unless names are given. Every ingest replays the same captures (its "upstream"), joins the
-publishing lease (``feed.ha``); the first region's ingest starts first, so it leads.
+Used by ``bookcast up --regions N``, the region e2e tests, ``bookcast regions-bench`` and the chaos drills.
+Region ``i`` is named ``r<i>`` unless names are given. Every ingest reads the same upstream (the same captures
+replayed from one shared start time, or the same provider config: ``bookcast up --regions 2 --simulate 2``)
+and joins the publishing lease (``feed.ha``), whose bucket lives in the supercluster's lease cluster
+(``feed.natsserver.Supercluster``); the first region's ingest contends at once, the others 2 s later, so
+region 0 leads.
 
-    stack = RegionsStack(tmp_dir, regions=2).start()
-    stack.regions[0].ws_url     # ws://127.0.0.1:<port>/v1/ws
-    stack.stop()
+Stable API (the chaos drills build on it):
+
+    stack = RegionsStack(tmp_dir, regions=["a", "b"], lease_ttl_s=1.5).start()
+    a, b = stack.procs                  # RegionProcs, in region order; stack.region("a") by name
+    a.ws_url, a.base, a.ingest_url      # ws://127.0.0.1:<port>/v1/ws, gateway http://..., ingest http://...
+    a.nats                              # feed.natsserver.Region: .url, .servers, .pids, .gateway_ports, .kill()
+    a.ingest, a.gateway                 # subprocess.Popen, each in its own session (signal its group)
+    a.ha()                              # the ingest's /v1/status "ha": role, lease_revision, in_step, last_takeover
+    stack.leader()                      # the RegionProcs whose ingest leads, or None
+    stack.kill_nats(a)                  # SIGKILL every server of a's NATS cluster
+    stack.pause_gateway(a); stack.resume_gateway(a)   # SIGSTOP / SIGCONT the gateway's process group
+    stack.start_ingest(a, [extra args]) # (re)start a region's ingest (after a kill); waits for /healthz
+    stack.supercluster.lease            # the lease cluster (a Region); .lease_region is its name
+    stack.log("ingest-a")               # a process's log (ingest-<r>, gateway-<r>; NATS logs under tmp/nats)
+    stack.stop()                        # everything, by PID; safe after any fault, safe twice
+
+Raises from ``start``: TimeoutError (a process did not come up; its log is under ``tmp``), RuntimeError (one
+exited); what started is stopped first. Partitions between regions: ``feed.partition``.
 """
 from __future__ import annotations
 
@@ -75,7 +93,7 @@ class RegionProcs:
 
     def ha(self) -> dict:
         try:
-            return self.ingest_status().get("ha") or {}
+            return _http_json(self.ingest_url + "/v1/status", timeout_s=5.0).get("ha") or {}
         except (OSError, ValueError):
             return {}
 
@@ -98,6 +116,7 @@ class RegionsStack:
     gateway_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     gateway_ports: list[int] = field(default_factory=list)
+    provider_config: Path | None = None  # every ingest reads these providers (bookcast ingest --config) instead
 
     def __post_init__(self) -> None:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
@@ -121,8 +140,8 @@ class RegionsStack:
             self.supercluster.start()
             start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
             for i, p in enumerate(self.procs):
-                self.spawn_ingest(p, ["--replay-start-at-ns", str(start_at_ns)]
-                                  + (["--lease-acquire-delay-s", "2"] if i else []))
+                replay = [] if self.provider_config else ["--replay-start-at-ns", str(start_at_ns)]
+                self.spawn_ingest(p, replay + (["--lease-acquire-delay-s", "2"] if i else []))
             for p in self.procs:
                 self.wait_ingest(p)
             first = self.procs[0]
@@ -147,13 +166,18 @@ class RegionsStack:
 
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
-        args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
-                "--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
-                "--lease-region", self.supercluster.lease_region,
-                "--lease-ttl-s", str(self.lease_ttl_s), *self.ingest_args, *(extra or [])]
-        if self.loop:
-            args.append("--loop")
-        p.ingest = spawn_cli(args + [str(c) for c in self.captures], self.tmp / f"ingest-{p.name}.log")
+        ha = ["--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
+              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s)]
+        if self.provider_config is not None:
+            args = ["ingest", "--config", str(self.provider_config), "--nats", p.nats.url,
+                    "--http-port", str(p.ingest_port), *ha, *self.ingest_args, *(extra or [])]
+        else:
+            args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
+                    *ha, *self.ingest_args, *(extra or [])]
+            if self.loop:
+                args.append("--loop")
+            args += [str(c) for c in self.captures]
+        p.ingest = spawn_cli(args, self.tmp / f"ingest-{p.name}.log")
 
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
@@ -166,6 +190,10 @@ class RegionsStack:
             if p.ingest is not None and p.ingest.poll() is None and p.ha().get("role") == "leader":
                 return p
         return None
+
+    def kill_nats(self, p: RegionProcs) -> None:
+        """SIGKILL every nats-server of ``p``'s region (its clients see the connection drop at once)."""
+        p.nats.kill()
 
     def pause_gateway(self, p: RegionProcs) -> None:
         os.killpg(p.gateway.pid, signal.SIGSTOP)

@@ -139,9 +139,14 @@ async def _exact(client, region_procs, instruments, timeout_s=30):
         await asyncio.sleep(0.2)
 
 
+# The lease TTL of the tests: on this shared 2-core machine (load often 10+) a 1.5 s lease flaps when a
+# process gets no CPU for that long; failover figures with the default 1.5 s come from `bookcast regions-bench`.
+TTL_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def regions(tmp_path_factory):
-    stack = RegionsStack(tmp_path_factory.mktemp("regions"), regions=["a", "b"], lease_ttl_s=1.5)
+    stack = RegionsStack(tmp_path_factory.mktemp("regions"), regions=["a", "b"], lease_ttl_s=TTL_S)
     try:
         yield stack.start()
     finally:
@@ -203,7 +208,7 @@ async def test_paused_gateway_clients_move_on_stale_heartbeats_and_come_back_aft
 
 async def test_killing_the_leading_ingest_standby_takes_over_within_ttl_same_epoch_no_resync(regions):
     a, b = regions.procs
-    wait_until(lambda: all(b.ha().get("in_step", {0: False}).values()), 30, what="standby in step")
+    wait_until(lambda: all(b.ha().get("in_step", {0: False}).values()), 60, what="standby in step")
     instruments = _names(b)
     guard = PublishLog()
     await guard.start(b.nats.url)
@@ -221,7 +226,7 @@ async def test_killing_the_leading_ingest_standby_takes_over_within_ttl_same_epo
             kinds = set(ha["last_takeover"]["instruments"].values())
             assert kinds == {"lossless"}, ha["last_takeover"]
             # generous bound on a loaded machine: TTL plus polling and status latency; figures: regions-bench
-            assert took_s < 1.5 + 10, took_s
+            assert took_s < TTL_S + 10, took_s
             await client.wait_for(lambda: client.stats.deltas > 0 and all(
                 (lb := client.local_book(i)) is not None and lb.epoch == before[i] for i in instruments), 30)
             n = client.stats.deltas
@@ -258,14 +263,12 @@ async def test_forced_lossy_takeover_gives_a_new_epoch_and_one_snapshot_per_inst
         assert client.stats.checksum_mismatches == 0
 
 
-@pytest.mark.skip(reason="known failure, not yet fixed: after SIGKILL of region A's only server the standby in B "
-                         "never sees the lease revision move on (stays standby), so nobody publishes; see report")
 async def test_killing_region_a_nats_cluster_moves_its_clients_to_b_with_exact_books(tmp_path):
-    stack = RegionsStack(tmp_path / "kill-nats", regions=["a", "b"], lease_ttl_s=1.5)
+    stack = RegionsStack(tmp_path / "kill-nats", regions=["a", "b"], lease_ttl_s=TTL_S)
     stack.start()
     try:
         a, b = stack.procs
-        wait_until(lambda: all(b.ha().get("in_step", {0: False}).values()), 30, what="standby in step")
+        wait_until(lambda: all(b.ha().get("in_step", {0: False}).values()), 60, what="standby in step")
         instruments = _names(a)
         async with BookClient(regions=[[a.ws_url], [b.ws_url]], instruments=instruments,
                               failback_after_s=60) as client:
