@@ -258,6 +258,8 @@ class Gateway:
         self._hops: dict[str, Any] = {}
         self._held: dict[str, deque[tuple[float, bytes, str | None]]] = {}  # the slow-gateway hook's deltas
         self.directory: dict[str, dict[str, Any]] = {}
+        self._last_directory_s: float | None = None  # monotonic time of the last directory announcement
+        self._subscribed_s: float | None = None      # when the directory subscription was made
         self.connections: set[Connection] = set()
         self.draining = False
 
@@ -288,6 +290,7 @@ class Gateway:
             reconnected_cb=self._nats_reconnected,
         )
         await self.nc.subscribe(DIRECTORY_WILDCARD, cb=self._on_directory)
+        self._subscribed_s = time.monotonic()
         await self.nc.publish(ANNOUNCE_REQUEST, b"")
         await self.nc.flush()
         if self.config.otlp_endpoint and self.config.instrumented:
@@ -330,6 +333,7 @@ class Gateway:
         await self.nc.publish(ANNOUNCE_REQUEST, b"")
 
     async def _on_directory(self, msg) -> None:
+        self._last_directory_s = time.monotonic()
         try:
             announced = wire.loads(msg.data)
             entries = announced["instruments"]
@@ -599,7 +603,14 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.nc is not None and self.nc.is_connected and not self.draining
+        return self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
+
+    def directory_silent(self) -> bool:
+        """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
+        (counted from the NATS subscription when none came yet)."""
+        limit_s = self.config.ready_needs_directory_s
+        last_s = self._last_directory_s if self._last_directory_s is not None else self._subscribed_s
+        return bool(limit_s) and last_s is not None and time.monotonic() - last_s > limit_s
 
     # -- auth hook ------------------------------------------------------------------------------------
     async def authorize(self, request: web.Request) -> Authorization | None:
@@ -741,7 +752,8 @@ class Gateway:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready:
             return web.Response(text="ready\n")
-        why = "draining" if self.draining else "not connected to NATS"
+        why = ("draining" if self.draining else f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
+               if self.directory_silent() else "not connected to NATS")
         return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
