@@ -111,6 +111,11 @@ class Partition:
         self.applied = True
         return self
 
+    def exists(self) -> bool:
+        """True while our table is in the kernel."""
+        r = subprocess.run(["nft", "list", "table", "inet", self.table], capture_output=True, timeout=10)
+        return r.returncode == 0
+
     def heal(self) -> None:
         """Delete our table (safe to call twice, and when ``apply`` failed)."""
         if self.applied:
