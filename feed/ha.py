@@ -5,10 +5,12 @@ Adapter around ``feed.lease`` (who publishes) and ``feed.takeover`` (continue th
 replies, and hands every delta to ``on_delta()``, which returns the messages to publish (none on a
 standby). Every publish carries ``Bookcast-Ingest`` (the ingest's name) and ``Bookcast-Lease-Revision``.
 
-* **Lease**: key ``ingest`` in the KV bucket ``bookcast_lease``, placed in the cluster of ``lease_region``
-  (default: the last region). With two regions the lease lives in one of them: losing that region's NATS
-  also stops the other's ingest from renewing, so the shape for production is three regions (or a lease
-  region apart from the data regions); this is the honest limit of a two-party lease.
+* **Lease**: key ``ingest`` in the KV bucket ``md_lease``, placed in the cluster ``lease_region``: the
+  supercluster's lease cluster (``feed.natsserver.Supercluster``, a witness apart from the data regions, so
+  losing any one data region leaves the lease and a JetStream meta quorum; default without one: the last
+  region, which then takes the lease down with it). The lease runs on its own thread and NATS connection
+  (``feed.lease.LeaseThread``) so a busy ingest loop does not miss renewals; the ingest loop takes the role
+  in when the event reaches it (``role``), and publishes only while the lease's fence allows it.
 * **Standby in step**: the standby runs its engine on the same upstreams and reads the leader's deltas from
   NATS (``md.v1.<venue>.<symbol>``), feeding both into a ``StepTracker``.
 * **Takeover** (on ``BecameLeader``), per instrument: ``Continue`` rebases the engine onto the leader's
@@ -16,7 +18,7 @@ standby). Every publish carries ``Bookcast-Ingest`` (the ingest's name) and ``Bo
   instrument silent until the standby's engine reaches the leader's last seq (at most ``takeover_wait_s``),
   ``NewEpoch`` starts a fresh epoch at seq 0 on the standby's book, so gateways resync with one snapshot.
 * **KV books**: the leader writes every changed instrument's snapshot (``snap.<b64url instrument>``) and each
-  venue's directory (``dir.<b64url venue>``) every ``snapshot_interval_s`` into ``bookcast_books_<region>``
+  venue's directory (``dir.<b64url venue>``) every ``snapshot_interval_s`` into ``md_books_<region>``
   of every region (each placed in its region's cluster), so a region holds them locally when the other is
   gone (``read_kv_snapshot``).
 
@@ -46,12 +48,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bookcast.ha")
 
-LEASE_BUCKET = "bookcast_lease"
+LEASE_BUCKET = "md_lease"
 LEASE_KEY = "ingest"
 
 
 def books_bucket(region: str) -> str:
-    return f"bookcast_books_{region}"
+    return f"md_books_{region}"
 
 
 def kv_key(prefix: str, name: str) -> str:

@@ -1,7 +1,7 @@
 """Partition one region of a supercluster from the others with nftables: its NATS gateway links are cut.
 
 Adapter (root, ``nft``). Everything runs on loopback, so a region is cut by **ports**, in a table of our own
-(``inet bookcast_part_<random hex>``) that ``heal()`` deletes, and ``with Partition(...)`` always deletes:
+(``inet bcpart_<random hex>``) that ``heal()`` deletes, and ``with Partition(...)`` always deletes:
 
 * every packet to or from the region's gateway listen ports (the links the other clusters dialled in),
 * every packet to or from the local ports of the region's own outbound gateway links (found with ``ss``
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from feed.natsserver import Supercluster
 
-TABLE_PREFIX = "bookcast_part_"
+TABLE_PREFIX = "bcpart_"
 
 
 class PartitionUnavailable(RuntimeError):
@@ -51,7 +51,7 @@ def _nft(script: str) -> None:
 
 
 def cleanup_stale() -> list[str]:
-    """Delete every ``bookcast_part_*`` table (left by a run that was killed); returns their names."""
+    """Delete every ``bcpart_*`` table (left by a run that was killed); returns their names."""
     r = subprocess.run(["nft", "list", "tables"], text=True, capture_output=True, timeout=10)
     names = re.findall(rf"table inet ({TABLE_PREFIX}[0-9a-f]+)", r.stdout)
     for name in names:

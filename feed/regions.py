@@ -91,11 +91,17 @@ class RegionProcs:
     def ingest_status(self) -> dict:
         return _http_json(self.ingest_url + "/v1/status")
 
-    def ha(self) -> dict:
-        try:
-            return _http_json(self.ingest_url + "/v1/status", timeout_s=5.0).get("ha") or {}
-        except (OSError, ValueError):
-            return {}
+    def ha(self, retry_s: float = 10.0) -> dict:
+        """The ingest's HA status (``/v1/status`` "ha"); {} when it does not answer within ``retry_s`` (a
+        loaded host can keep one status request waiting for seconds; a dead ingest answers nothing)."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                return _http_json(self.ingest_url + "/v1/status", timeout_s=5.0).get("ha") or {}
+            except (OSError, ValueError):
+                if time.monotonic() >= deadline or self.ingest is None or self.ingest.poll() is not None:
+                    return {}
+                time.sleep(0.2)
 
     def instruments(self) -> list[dict]:
         return _http_json(self.base + "/v1/instruments")["instruments"]
@@ -186,6 +192,7 @@ class RegionsStack:
         ready_s = self.lease_ttl_s + 2.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
+                               "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
         wait_until(lambda: _http_ok(p.base + "/readyz"), 30, what=f"{p.name} gateway /readyz", proc=p.gateway)
 

@@ -71,10 +71,11 @@ class GatewayMetrics:
     """Label children resolved once; nothing on the hot path looks a label up. With ``instrumented=False``
     the per-message metrics (hop histogram, frames and bytes sent, NATS messages in) do nothing."""
 
-    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True, region: str | None = None) -> None:
         b = lambda name: prom.build(name, registry)  # noqa: E731
         per_msg = b if instrumented else (lambda name: prom.NULL)  # noqa: E731
         self.clients = b("bookcast_gateway_clients")
+        self.region_clients = b("bookcast_gateway_region_clients").labels(region) if region else prom.NULL
         self.instruments = b("bookcast_gateway_instruments")
         self.queue_bytes = b("bookcast_gateway_queue_bytes")
         self.queue_items = b("bookcast_gateway_queue_items")
@@ -243,7 +244,7 @@ class Gateway:
         self.limits = config.limits
         self.snapshot_timeout_s = config.snapshot_timeout_s
         self.registry = registry
-        self.metrics = GatewayMetrics(registry, config.instrumented)
+        self.metrics = GatewayMetrics(registry, config.instrumented, config.region)
         self.authenticator = authenticator
         self.otlp: Otlp | None = None
         self._tasks: list[asyncio.Task] = []
@@ -643,6 +644,7 @@ class Gateway:
         conn.write_stamps = request.query.get("write_stamps") in ("1", "true")
         self.connections.add(conn)
         self.metrics.clients.inc()
+        self.metrics.region_clients.inc()
         loop = asyncio.get_running_loop()
         conn.writer = loop.create_task(conn.run_writer())
         reader = loop.create_task(self._read_requests(conn, ws))
@@ -693,6 +695,7 @@ class Gateway:
             return
         self.connections.discard(conn)
         self.metrics.clients.dec()
+        self.metrics.region_clients.dec()
         self._apply_links(conn.session, conn.session.closed())
         self.metrics.fold(conn.session.tally)
         conn.dropped.set_result(None)
