@@ -296,6 +296,21 @@ async def test_killing_region_a_nats_cluster_moves_its_clients_to_b_with_exact_b
             await _exact(client, b, instruments)
             st = client.stats
             assert st.checksum_mismatches == 0, st
+            # region b holds the books in its own KV (written by whichever ingest led), readable with region a dead
+            from feed.ha import read_kv_snapshot
+
+            nc = await _nats.connect(b.nats.url)
+            try:
+                first = {i: await read_kv_snapshot(nc, "b", i) for i in instruments}
+                assert all(snap is not None and snap["type"] == "snapshot" and snap["instrument"] == i
+                           for i, snap in first.items()), first
+                busiest = max(instruments, key=lambda i: client.local_book(i).seq)
+                deadline = _time.monotonic() + 30
+                while (await read_kv_snapshot(nc, "b", busiest))["seq"] == first[busiest]["seq"]:
+                    assert _time.monotonic() < deadline, "region b's KV books are not being written"
+                    await asyncio.sleep(0.5)
+            finally:
+                await nc.close()
             # no undetected gap: any gap was detected (counted) and repaired by a snapshot; exact books above
             if set(b.ha()["last_takeover"]["instruments"].values()) == {"lossless"}:
                 assert st.gaps == 0 and all(move.recovered.values()), (st, move)
