@@ -170,6 +170,7 @@ class HaController:
         self.lease: LeaseThread | None = None
         self._leading = False  # the ingest loop's view: set when BecameLeader reaches it
         self.books_kv: dict[str, Any] = {}
+        self._kv_down_until: dict[str, float] = {}  # region -> monotonic time its KV books are tried again
         self._recent: dict[str, list[tuple[SequencedDelta, dict]]] = {}  # local deltas, for republishing
         self._waiting: dict[str, tuple[int, float]] = {}  # instrument -> (local seq to reach, deadline)
         self._continued: dict[str, tuple[str, int]] = {}  # instrument -> (old epoch, offset) for in-flight deltas
@@ -210,7 +211,7 @@ class HaController:
                 log.warning("KV books of region %s unavailable: %s", region, exc)
         await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
         await asyncio.to_thread(self.lease.start)
-        self._tasks.append(loop.create_task(self._ticker()))
+        self._tasks += [loop.create_task(self._ticker()), loop.create_task(self._kv_writer())]
         log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s (lease on its own thread and connection)",
                  self.config.region, LEASE_BUCKET, self.config.lease_region, self.config.lease_ttl_s)
 
@@ -363,7 +364,6 @@ class HaController:
 
     # -- periodic: waits, metrics, KV books -------------------------------------------------------
     async def _ticker(self) -> None:
-        next_kv = 0.0
         while True:
             await asyncio.sleep(0.05)
             now = time.monotonic()
@@ -375,34 +375,50 @@ class HaController:
             if self.lease is not None:
                 age = self.lease.machine.age_s(now)
                 self._m_age.set(age if age is not None else 0.0)
-            if now >= next_kv and self.publishing():
-                next_kv = now + self.config.snapshot_interval_s
+
+    async def _kv_writer(self) -> None:
+        """Every ``snapshot_interval_s`` while publishing: the changed books and their venues' directories into
+        every region's KV books (its own task: a dead region's puts time out without delaying the ticker)."""
+        while True:
+            await asyncio.sleep(self.config.snapshot_interval_s)
+            if self.publishing():
                 try:
                     await self._write_kv_books()
                 except Exception as exc:  # noqa: BLE001 - a region's KV down: next round retries
                     log.debug("KV books write failed: %s", exc)
 
     async def _write_kv_books(self) -> None:
+        """Puts into each region's bucket; a region whose put fails is skipped for 5 s (and its bucket bound
+        again when it was down at start)."""
         dirty, self._dirty = self._dirty, set()
+        now = time.monotonic()
+        regions = [r for r in self.config.regions if self._kv_down_until.get(r, 0.0) <= now]
+        for region in regions:
+            if region not in self.books_kv:
+                try:
+                    self.books_kv[region] = await asyncio.wait_for(
+                        bind_bucket(self.ingest.nc.jetstream(), books_bucket(region), region), 2.0)
+                except Exception as exc:  # noqa: BLE001 - still down
+                    self._kv_down_until[region] = now + 5.0
+                    log.debug("KV books of region %s still unavailable: %s", region, exc)
+        entries: list[tuple[str, bytes]] = []
         venues = set()
         for inst in dirty:
             snap = self.ingest.snapshot(inst)
-            if snap is None:
+            if snap is not None:
+                venues.add(inst.split(":", 1)[0])
+                entries.append((kv_key("snap", inst), wire.dumps(snap)))
+        entries += [(kv_key("dir", venue), wire.dumps(self.ingest.directory(venue))) for venue in venues]
+        for region in regions:
+            kv = self.books_kv.get(region)
+            if kv is None:
                 continue
-            venues.add(inst.split(":", 1)[0])
-            data = wire.dumps(snap)
-            for kv in self.books_kv.values():
-                try:
-                    await asyncio.wait_for(kv.put(kv_key("snap", inst), data), 1.0)
-                except Exception as exc:  # noqa: BLE001 - that region is unreachable now
-                    log.debug("KV snapshot put failed: %s", exc)
-        for venue in venues:
-            data = wire.dumps(self.ingest.directory(venue))
-            for kv in self.books_kv.values():
-                try:
-                    await asyncio.wait_for(kv.put(kv_key("dir", venue), data), 1.0)
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("KV directory put failed: %s", exc)
+            try:
+                for key, data in entries:
+                    await asyncio.wait_for(kv.put(key, data), 1.0)
+            except Exception as exc:  # noqa: BLE001 - that region is unreachable now
+                self._kv_down_until[region] = time.monotonic() + 5.0
+                log.debug("KV books put to region %s failed: %s", region, exc)
 
     def status(self) -> dict[str, Any]:
         return {"region": self.config.region, "role": self.role.value, "lease_revision": self.lease.revision

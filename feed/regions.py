@@ -4,7 +4,7 @@ Used by ``bookcast up --regions N``, the region e2e tests, ``bookcast regions-be
 Region ``i`` is named ``r<i>`` unless names are given. Every ingest reads the same upstream (the same captures
 replayed from one shared start time, or the same provider config: ``bookcast up --regions 2 --simulate 2``)
 and joins the publishing lease (``feed.ha``), whose bucket lives in the supercluster's lease cluster
-(``feed.natsserver.Supercluster``); the first region's ingest contends at once, the others 2 s later, so
+(``feed.natsserver.Supercluster``); the first region's ingest contends at once, the others once the replay runs, so
 region 0 leads.
 
 Stable API (the chaos drills build on it):
@@ -141,13 +141,17 @@ class RegionsStack:
 
     def start(self, timeout_s: float = 60, replay_delay_s: float = 6.0) -> RegionsStack:
         """Start everything; every ingest starts replaying ``replay_delay_s`` after its spawn (same instant for
-        all), the first region's at once contending for the lease, the others 2 s later (so it leads)."""
+        all), the first region's at once contending for the lease, the others only after the replay started and
+        two TTLs more (so region 0 leads)."""
         try:
             self.supercluster.start()
             start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
+            # the others hold back until the replay starts and two TTLs more: on a loaded host region 0's
+            # ingest may come up seconds after theirs, and it must still lead
+            hold_s = f"{replay_delay_s + 2 * self.lease_ttl_s + 2:g}"
             for i, p in enumerate(self.procs):
                 replay = [] if self.provider_config else ["--replay-start-at-ns", str(start_at_ns)]
-                self.spawn_ingest(p, replay + (["--lease-acquire-delay-s", "2"] if i else []))
+                self.spawn_ingest(p, replay + (["--lease-acquire-delay-s", hold_s] if i else []))
             for p in self.procs:
                 self.wait_ingest(p)
             first = self.procs[0]
