@@ -343,7 +343,8 @@ class HaController:
             kind = "lossless"
             if republish and to_republish and self.publishing():
                 for _, m in to_republish:
-                    m2 = dict(m, epoch=plan.epoch, seq=m["seq"] + plan.offset, prev_seq=m["prev_seq"] + plan.offset)
+                    m2 = dict(m, epoch=plan.epoch, seq=m["seq"] + plan.offset, prev_seq=m["prev_seq"] + plan.offset,
+                              ts_publish_ns=time.time_ns())  # published now, by us
                     asyncio.get_running_loop().create_task(self._publish_raw(inst, m2))
             detail = f"continues epoch {plan.epoch} at seq {local_seq + plan.offset}"
         else:

@@ -89,7 +89,9 @@ class PublishLog:
             if d.get("type") != "delta":
                 return
             h = msg.headers or {}
-            self.rows.append((_time.monotonic(), d["instrument"], h.get(LEASE_HOLDER_HEADER, "?"),
+            # the ingest's own publish stamp (one host, one wall clock): observers' delivery delays do not count
+            at_s = d["ts_publish_ns"] / 1e9 if isinstance(d.get("ts_publish_ns"), int) else _time.time()
+            self.rows.append((at_s, d["instrument"], h.get(LEASE_HOLDER_HEADER, "?"),
                               int(h.get(LEASE_REVISION_HEADER, 0)), d["epoch"], d["seq"], d["checksum"]))
 
         await self.nc.subscribe("md.v1.*.*", cb=on_msg)
