@@ -77,3 +77,13 @@ def test_leader_seq_out_of_the_ring_is_a_new_epoch() -> None:
         t.local(I, k, delta_key(changes, checksum), checksum)
     plan = t.plan(I, 12)
     assert isinstance(plan, NewEpoch) and "ring" in plan.reason, plan
+
+
+def test_find_in_a_ring_with_holes_and_outside_it() -> None:
+    from collections import deque
+
+    ring = deque((s, s * 10, s) for s in (3, 4, 7, 9, 10, 15))
+    assert StepTracker._find(ring, 9) == (9, 90, 9) and StepTracker._find(ring, 3) == (3, 30, 3)
+    assert StepTracker._find(ring, 15) == (15, 150, 15)
+    assert all(StepTracker._find(ring, s) is None for s in (0, 2, 5, 8, 11, 16, 10 ** 9))
+    assert StepTracker._find(deque(), 1) is None
