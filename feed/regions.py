@@ -204,8 +204,9 @@ class RegionsStack:
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
         # not ready when no leader's directory reaches this region for longer than a takeover takes (TTL, the
-        # lease poll, one announce interval): a region cut off from the publishing ingest sends its clients away
-        ready_s = self.lease_ttl_s + 2.0
+        # lease poll, one announce interval, with room for a loaded host): a region cut off from the publishing
+        # ingest sends its clients away
+        ready_s = 2 * self.lease_ttl_s + 3.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
                                "--region", p.name,
