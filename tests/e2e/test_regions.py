@@ -289,8 +289,11 @@ async def test_killing_region_a_nats_cluster_moves_its_clients_to_b_with_exact_b
         a, b = stack.procs
         _wait_in_step(b)
         instruments = _names(a)
-        async with BookClient(regions=[[a.ws_url], [b.ws_url]], instruments=instruments,
-                              failback_after_s=60) as client:
+        # region b's gateway carries these instruments already (another client there): its ring can serve
+        # the resume; a gateway subscribes to an instrument only while someone in its region wants it
+        async with BookClient([b.ws_url], instruments) as resident, \
+                BookClient(regions=[[a.ws_url], [b.ws_url]], instruments=instruments, failback_after_s=60) as client:
+            await resident.wait_for(lambda: all(resident.book(i) for i in instruments), 30)
             await client.wait_for(lambda: client.region == 0 and all(client.book(i) for i in instruments)
                                   and client.stats.deltas > 20, 30)
             a.nats.kill()  # SIGKILL every server of region A
