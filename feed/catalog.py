@@ -179,6 +179,9 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_ingest_takeovers_total", "Lease takeovers by this ingest, by kind (lossless: same epoch; lossy: "
        "new epoch).", ("region", "kind")),
     _c("bookcast_probe_failovers_total", "Region moves of the probe's SDK client, by reason.", ("region", "reason")),
+    # regions (issue 9), beyond the names agreed above
+    _g("bookcast_gateway_region_clients", "Open WebSocket connections of a region's gateway (gateway --region).",
+       labels=("region",)),
     # security and integrity on the gateway (issue 10)
     _c("bookcast_gateway_auth_failures_total", "Rejected tokens and upgrades, by reason (never the token).",
        ("reason",)),

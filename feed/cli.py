@@ -17,7 +17,8 @@ EXAMPLES = {
     "up": """examples:
   bookcast up                              # nats-server + ingest (bundled Coinbase recording, looping) + gateway on :8080
   bookcast up --port 0 --workers 1         # a free port, one gateway worker
-  bookcast up --capture ../shared/data/polymarket/btc-1h-20251211.jsonl --speed 10""",
+  bookcast up --capture ../shared/data/polymarket/btc-1h-20251211.jsonl --speed 10
+  bookcast up --regions 2 --port 0 --workers 1   # 2 regions: NATS supercluster, ingest per region (one leads), gateways""",
     "tail": """examples:
   bookcast tail coinbase:SKL-USD                         # live top of book from ws://127.0.0.1:8080/v1/ws
   bookcast tail coinbase:BAND-GBP --depth 10 --url ws://127.0.0.1:8080/v1/ws --url ws://127.0.0.1:8081/v1/ws
@@ -50,6 +51,8 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("failover-bench", "feed.providers.bench", "benchmark: fault onset to first delta from the healthy provider, "
                                                "ingest CPU per venue message with 1 and 3 providers"),
     ("token", "feed.tokencli", "gateway tokens (PROTOCOL.md section 8): issue, verify, keygen"),
+    ("regions-bench", "feed.regionsbench", "benchmark: region failover time per fault at an SDK client "
+                                           "(NATS cluster killed, gateway killed/paused, partition), ingest takeover"),
 ]
 
 

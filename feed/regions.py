@@ -1,12 +1,30 @@
 """N regions on one machine: a NATS supercluster, one HA ingest and one gateway per region, stopped by PID.
 
-Used by ``bookcast up --regions N``, the region e2e tests and ``bookcast regions-bench``. Region ``i`` is
-named ``r<i>`` unless names are given. Every ingest replays the same captures (its "upstream"), joins the
-publishing lease (``feed.ha``); the first region's ingest starts first, so it leads.
+Used by ``bookcast up --regions N``, the region e2e tests, ``bookcast regions-bench`` and the chaos drills.
+Region ``i`` is named ``r<i>`` unless names are given. Every ingest reads the same upstream (the same captures
+replayed from one shared start time, or the same provider config: ``bookcast up --regions 2 --simulate 2``)
+and joins the publishing lease (``feed.ha``), whose bucket lives in the supercluster's lease cluster
+(``feed.natsserver.Supercluster``); the first region's ingest contends at once, the others once the replay runs, so
+region 0 leads.
 
-    stack = RegionsStack(tmp_dir, regions=2).start()
-    stack.regions[0].ws_url     # ws://127.0.0.1:<port>/v1/ws
-    stack.stop()
+Stable API (the chaos drills build on it):
+
+    stack = RegionsStack(tmp_dir, regions=["a", "b"], lease_ttl_s=1.5).start()
+    a, b = stack.procs                  # RegionProcs, in region order; stack.region("a") by name
+    a.ws_url, a.base, a.ingest_url      # ws://127.0.0.1:<port>/v1/ws, gateway http://..., ingest http://...
+    a.nats                              # feed.natsserver.Region: .url, .servers, .pids, .gateway_ports, .kill()
+    a.ingest, a.gateway                 # subprocess.Popen, each in its own session (signal its group)
+    a.ha()                              # the ingest's /v1/status "ha": role, lease_revision, in_step, last_takeover
+    stack.leader()                      # the RegionProcs whose ingest leads, or None
+    stack.kill_nats(a)                  # SIGKILL every server of a's NATS cluster
+    stack.pause_gateway(a); stack.resume_gateway(a)   # SIGSTOP / SIGCONT the gateway's process group
+    stack.start_ingest(a, [extra args]) # (re)start a region's ingest (after a kill); waits for /healthz
+    stack.supercluster.lease            # the lease cluster (a Region); .lease_region is its name
+    stack.log("ingest-a")               # a process's log (ingest-<r>, gateway-<r>; NATS logs under tmp/nats)
+    stack.stop()                        # everything, by PID; safe after any fault, safe twice
+
+Raises from ``start``: TimeoutError (a process did not come up; its log is under ``tmp``), RuntimeError (one
+exited); what started is stopped first. Partitions between regions: ``feed.partition``.
 """
 from __future__ import annotations
 
@@ -37,13 +55,25 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG), so a killed test run or
+    benchmark leaves no region behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen:
-    """``python -m feed.cli ARGS`` in its own session, output to ``log_path``."""
+    """``python -m feed.cli ARGS`` in its own session, output to ``log_path``; it dies with its parent."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "feed.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=Path(__file__).resolve().parents[1])
+                                start_new_session=True, env=env, cwd=Path(__file__).resolve().parents[1],
+                                preexec_fn=die_with_parent)
 
 
 @dataclass
@@ -73,11 +103,17 @@ class RegionProcs:
     def ingest_status(self) -> dict:
         return _http_json(self.ingest_url + "/v1/status")
 
-    def ha(self) -> dict:
-        try:
-            return self.ingest_status().get("ha") or {}
-        except (OSError, ValueError):
-            return {}
+    def ha(self, retry_s: float = 10.0) -> dict:
+        """The ingest's HA status (``/v1/status`` "ha"); {} when it does not answer within ``retry_s`` (a
+        loaded host can keep one status request waiting for seconds; a dead ingest answers nothing)."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                return _http_json(self.ingest_url + "/v1/status", timeout_s=5.0).get("ha") or {}
+            except (OSError, ValueError):
+                if time.monotonic() >= deadline or self.ingest is None or self.ingest.poll() is not None:
+                    return {}
+                time.sleep(0.2)
 
     def instruments(self) -> list[dict]:
         return _http_json(self.base + "/v1/instruments")["instruments"]
@@ -93,17 +129,20 @@ class RegionsStack:
     loop: bool = True
     workers: int = 1
     lease_ttl_s: float = 1.5
+    lease_servers: int = 1
     ingest_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     gateway_ports: list[int] = field(default_factory=list)
+    provider_config: Path | None = None  # every ingest reads these providers (bookcast ingest --config) instead
 
     def __post_init__(self) -> None:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
         self.names = names
         self.tmp = Path(self.tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"))
+        self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
+                                         lease_servers=self.lease_servers)
         self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
         if not self.captures:
             from feed.stack import bundled_capture
@@ -114,13 +153,17 @@ class RegionsStack:
 
     def start(self, timeout_s: float = 60, replay_delay_s: float = 6.0) -> RegionsStack:
         """Start everything; every ingest starts replaying ``replay_delay_s`` after its spawn (same instant for
-        all), the first region's at once contending for the lease, the others 2 s later (so it leads)."""
+        all), the first region's at once contending for the lease, the others only after the replay started and
+        two TTLs more (so region 0 leads)."""
         try:
             self.supercluster.start()
             start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
+            # the others hold back until the replay starts and two TTLs more: on a loaded host region 0's
+            # ingest may come up seconds after theirs, and it must still lead
+            hold_s = f"{replay_delay_s + 2 * self.lease_ttl_s + 2:g}"
             for i, p in enumerate(self.procs):
-                self.spawn_ingest(p, ["--replay-start-at-ns", str(start_at_ns)]
-                                  + (["--lease-acquire-delay-s", "2"] if i else []))
+                replay = [] if self.provider_config else ["--replay-start-at-ns", str(start_at_ns)]
+                self.spawn_ingest(p, replay + (["--lease-acquire-delay-s", hold_s] if i else []))
             for p in self.procs:
                 self.wait_ingest(p)
             first = self.procs[0]
@@ -145,17 +188,29 @@ class RegionsStack:
 
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
-        args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
-                "--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
-                "--lease-ttl-s", str(self.lease_ttl_s), *self.ingest_args, *(extra or [])]
-        if self.loop:
-            args.append("--loop")
-        p.ingest = spawn_cli(args + [str(c) for c in self.captures], self.tmp / f"ingest-{p.name}.log")
+        ha = ["--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
+              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s)]
+        if self.provider_config is not None:
+            args = ["ingest", "--config", str(self.provider_config), "--nats", p.nats.url,
+                    "--http-port", str(p.ingest_port), *ha, *self.ingest_args, *(extra or [])]
+        else:
+            args = ["replay", "--nats", p.nats.url, "--speed", str(self.speed), "--http-port", str(p.ingest_port),
+                    *ha, *self.ingest_args, *(extra or [])]
+            if self.loop:
+                args.append("--loop")
+            args += [str(c) for c in self.captures]
+        p.ingest = spawn_cli(args, self.tmp / f"ingest-{p.name}.log")
 
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
+        # not ready when no leader's directory reaches this region for longer than a takeover takes (TTL, the
+        # lease poll, one announce interval, with room for a loaded host): a region cut off from the publishing
+        # ingest sends its clients away
+        ready_s = 2 * self.lease_ttl_s + 3.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
-                               "--workers", str(self.workers), *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
+                               "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
+                               "--region", p.name,
+                               *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
         wait_until(lambda: _http_ok(p.base + "/readyz"), 30, what=f"{p.name} gateway /readyz", proc=p.gateway)
 
     def leader(self) -> RegionProcs | None:
@@ -163,6 +218,10 @@ class RegionsStack:
             if p.ingest is not None and p.ingest.poll() is None and p.ha().get("role") == "leader":
                 return p
         return None
+
+    def kill_nats(self, p: RegionProcs) -> None:
+        """SIGKILL every nats-server of ``p``'s region (its clients see the connection drop at once)."""
+        p.nats.kill()
 
     def pause_gateway(self, p: RegionProcs) -> None:
         os.killpg(p.gateway.pid, signal.SIGSTOP)

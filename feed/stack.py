@@ -191,6 +191,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate", type=int, default=0, metavar="N",
                    help="run N venue simulators per capture (bookcast simulate) as the upstream providers, "
                         "read through the provider pool")
+    # issue 9, regions (engineer regions): up_regions below
+    p.add_argument("--regions", type=int, default=0, metavar="N",
+                   help="N regions: a NATS cluster per region joined into one supercluster (plus a lease cluster), "
+                        "an ingest per region (one publishes, by lease) and a gateway per region; also "
+                        "[regions] count = N in the --config file (default: one region, no supercluster)")
+    p.add_argument("--nats-per-region", type=int, default=0, metavar="M",
+                   help="with --regions: nats-servers per region cluster (default 1 on a small machine; the "
+                        "production shape is 3)")
+    p.add_argument("--lease-ttl-s", type=float, default=0.0,
+                   help="with --regions: publishing lease TTL in s (default 1.5)")
 
 
 def _upstream_line(args: argparse.Namespace, captures: list[Path]) -> str:
@@ -258,6 +268,9 @@ def start_simulators(args: argparse.Namespace, captures: list[Path], children: l
 
 def up(args: argparse.Namespace) -> int:
     from feed.runstate import parse_duration_s
+
+    if getattr(args, "regions", 0) or _config_regions(args.config).get("count"):
+        return up_regions(args)
 
     if args.port and port_in_use(args.host, args.port):
         print(f"bookcast up: port {args.port} on {args.host} is already in use; "
@@ -437,3 +450,117 @@ def _start_prometheus(args: argparse.Namespace, gateway_port: int, ingest_port: 
                         f"rules and configs in {workdir})\n"
                         f"  alerts     {monitoring.alertmanager_url} (Alertmanager"
                         f"{', to ' + args.alert_webhook if args.alert_webhook else ', no receiver: --alert-webhook URL'})\n")
+
+
+def _config_regions(config: Path | None) -> dict:
+    """The ``[regions]`` table of the provider config (``count``, ``nats_per_region``, ``lease_ttl_s``), or {}."""
+    if config is None or not config.is_file():
+        return {}
+    import tomllib
+
+    try:
+        table = tomllib.loads(config.read_text()).get("regions") or {}
+    except (tomllib.TOMLDecodeError, OSError):
+        return {}  # up() reports the config's own error
+    return table if isinstance(table, dict) else {}
+
+
+def up_regions(args: argparse.Namespace) -> int:
+    """``bookcast up --regions N``: ``feed.regions.RegionsStack`` in the foreground, each region's endpoints
+    printed like the single region's; Ctrl-C (SIGINT/SIGTERM) stops everything by PID. The upstream is the
+    captures (replayed in step by every region's ingest), ``--simulate N`` simulators shared by all regions, or
+    the ``--config`` providers. Exit codes: 0 stopped by a signal, 1 a process failed, 2 a usage error."""
+    import tempfile
+
+    from feed.regions import RegionsStack
+
+    table = _config_regions(args.config)
+    count = args.regions or int(table.get("count", 0))
+    per_region = args.nats_per_region or int(table.get("nats_per_region", 1))
+    ttl_s = args.lease_ttl_s or float(table.get("lease_ttl_s", 1.5))
+    captures = args.capture or [bundled_capture()]
+    problems = [text for bad, text in [
+        (count < 2, f"--regions needs 2 or more regions, got {count}"),
+        (per_region < 1, f"--nats-per-region must be 1 or more, got {per_region}"),
+        (ttl_s <= 0, f"--lease-ttl-s must be > 0, got {ttl_s}"),
+        (args.config is not None and not args.config.is_file(), f"provider config not found: {args.config}"),
+        (args.config is not None and args.simulate > 0, "give --config or --simulate, not both"),
+        (args.simulate < 0, "--simulate needs a number of providers per venue (1 or more)"),
+        (args.ebpf or args.prometheus, "--ebpf and --prometheus run with one region only (for now)"),
+    ] + [(not c.is_file(), f"capture file not found: {c}") for c in captures] if bad]
+    ports = [args.port + i for i in range(count)] if args.port else []
+    problems += [f"port {p} on {args.host} is already in use; use --port 0 for free ones" for p in ports
+                 if port_in_use(args.host, p)]
+    provider_config = args.config if args.config is not None and "venues" in _config_text_keys(args.config) else None
+    if provider_config is not None and not problems:
+        from feed.providers.config import ConfigError, load_config
+
+        try:
+            load_config(provider_config)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        print(f"bookcast up: {problems[0]}", file=sys.stderr)
+        return 2
+    stopping = StopSignal()
+    stack = None
+    tmp = tempfile.TemporaryDirectory(prefix="bookcast-regions-")
+    children: list = []
+    try:
+        if args.simulate:
+            provider_config = start_simulators(args, captures, children, tmp.name)
+        stack = RegionsStack(Path(tmp.name), regions=count, nats_per_region=per_region, captures=captures,
+                             speed=args.speed, loop=not args.no_loop, workers=args.workers, lease_ttl_s=ttl_s,
+                             host=args.host, gateway_ports=ports, provider_config=provider_config)
+        log.info("starting %d regions (%d nats-server each, lease cluster of %d), logs in %s", count, per_region,
+                 stack.lease_servers, tmp.name)
+        stack.start()
+        lines = [f"\nbookcast is up: {count} regions (Ctrl-C stops everything)"]
+        for p in stack.procs:
+            role = p.ha().get("role", "?")
+            example = _first_instrument(p.base) or "coinbase:SKL-USD"
+            lines += [f"  region {p.name} (ingest {role})",
+                      f"    viewer     {p.base}/?instrument={example}",
+                      f"    WebSocket  {p.ws_url}",
+                      f"    REST       {p.base}/v1/instruments   {p.base}/v1/book/{example}",
+                      f"    metrics    {p.base}/metrics (gateway)   {p.ingest_url}/metrics (ingest)   "
+                      f"{p.ingest_url}/v1/status (lease)",
+                      f"    NATS       {p.nats.url}"]
+        lease = stack.supercluster.lease
+        lines += [f"  lease      cluster {stack.supercluster.lease_region}"
+                  + (f" at {lease.url}" if lease is not None else "") + f", TTL {ttl_s:g} s",
+                  f"  upstream   {_upstream_line(args, captures)}",
+                  f"  SDK        BookClient(regions=[{', '.join(repr([p.ws_url]) for p in stack.procs)}], "
+                  f"instruments=[...])",
+                  f"  logs       {tmp.name}\n"]
+        print("\n".join(lines), flush=True)
+        while not stopping:
+            for p in stack.procs:
+                for name, proc in ((f"ingest {p.name}", p.ingest), (f"gateway {p.name}", p.gateway)):
+                    if proc is not None and proc.poll() is not None:
+                        log.error("%s pid=%d exited with code %s; stopping the stack", name, proc.pid,
+                                  proc.returncode)
+                        return 1
+            time.sleep(0.2)
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        log.error("%s (logs in %s)", exc, tmp.name)
+        return 1
+    finally:
+        if stack is not None:
+            stack.stop()
+            stack.supercluster.cleanup()
+        for name, proc in reversed(children):
+            stop_process(proc, grace_s=10.0)
+            log.info("stopped %s pid=%d (exit %s)", name, proc.pid, proc.returncode)
+        tmp.cleanup()
+        log.info("stopped %d regions; bye", count)
+
+
+def _config_text_keys(config: Path) -> set[str]:
+    import tomllib
+
+    try:
+        return set(tomllib.loads(config.read_text()))
+    except (tomllib.TOMLDecodeError, OSError):
+        return set()

@@ -113,15 +113,24 @@ class StepTracker:
 
     @staticmethod
     def _find(ring: deque, seq: int) -> tuple[int, int, int] | None:
-        if not ring:
+        """The entry of ``seq`` in ``ring`` (seqs ascending), or None: O(1) when the seqs are contiguous (the
+        usual case), else a binary search; a seq outside the ring's range (the other side is not there yet,
+        or it fell out) is answered without a scan."""
+        if not ring or seq < ring[0][0] or seq > ring[-1][0]:
             return None
-        first = ring[0][0]
-        i = seq - first
-        if 0 <= i < len(ring) and ring[i][0] == seq:  # contiguous (the usual case)
+        i = seq - ring[0][0]
+        if i < len(ring) and ring[i][0] == seq:
             return ring[i]
-        for item in ring:
-            if item[0] == seq:
-                return item
+        lo, hi = 0, len(ring) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            at = ring[mid][0]
+            if at == seq:
+                return ring[mid]
+            if at < seq:
+                lo = mid + 1
+            else:
+                hi = mid - 1
         return None
 
     def _check(self, st: _Instrument, *, local: tuple[int, int] | None = None,

@@ -425,6 +425,9 @@ class BookClient:
                     moved = self._policy.recovered(loop.time(), recovered)
                     if moved is not None:
                         self.moves.append(moved)
+                        self.stats.failovers[moved.reason.value] += 1
+                        self.stats.failover_seconds_total += moved.duration_s
+                        self.stats.failover_seconds_max = max(self.stats.failover_seconds_max, moved.duration_s)
                         self._emit(moved)
                 self._notify()
         except (aiohttp.ClientError, ConnectionError) as exc:

@@ -213,7 +213,8 @@ class ClientStats:
     """Counters since the client started. ``gaps`` counts every broken history the client detected
     (``seq_gap`` + ``epoch_change`` + ``stale_heartbeat``); checksum mismatches are counted apart.
     ``epoch_changes`` counts each time an instrument's epoch differed from the last one seen.
-    ``reconnects``, ``connect_failures`` and ``events_dropped`` are kept by the adapter."""
+    ``reconnects``, ``connect_failures``, ``events_dropped`` and the region moves (``failovers`` by reason,
+    their summed and longest ``duration_s`` in s) are kept by the adapter."""
 
     messages: int = 0
     snapshots: int = 0
@@ -232,6 +233,9 @@ class ClientStats:
     reconnects: int = 0
     connect_failures: int = 0
     events_dropped: int = 0
+    failovers: Counter[str] = field(default_factory=Counter)  # region moves by reason (feed.client.regions)
+    failover_seconds_total: float = 0.0  # summed RegionMoved.duration_s
+    failover_seconds_max: float = 0.0
 
 
 class LocalBook(SequencedBook):

@@ -71,10 +71,11 @@ class GatewayMetrics:
     """Label children resolved once; nothing on the hot path looks a label up. With ``instrumented=False``
     the per-message metrics (hop histogram, frames and bytes sent, NATS messages in) do nothing."""
 
-    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True, region: str | None = None) -> None:
         b = lambda name: prom.build(name, registry)  # noqa: E731
         per_msg = b if instrumented else (lambda name: prom.NULL)  # noqa: E731
         self.clients = b("bookcast_gateway_clients")
+        self.region_clients = b("bookcast_gateway_region_clients").labels(region) if region else prom.NULL
         self.instruments = b("bookcast_gateway_instruments")
         self.queue_bytes = b("bookcast_gateway_queue_bytes")
         self.queue_items = b("bookcast_gateway_queue_items")
@@ -243,7 +244,7 @@ class Gateway:
         self.limits = config.limits
         self.snapshot_timeout_s = config.snapshot_timeout_s
         self.registry = registry
-        self.metrics = GatewayMetrics(registry, config.instrumented)
+        self.metrics = GatewayMetrics(registry, config.instrumented, config.region)
         self.authenticator = authenticator
         self.otlp: Otlp | None = None
         self._tasks: list[asyncio.Task] = []
@@ -258,6 +259,8 @@ class Gateway:
         self._hops: dict[str, Any] = {}
         self._held: dict[str, deque[tuple[float, bytes, str | None]]] = {}  # the slow-gateway hook's deltas
         self.directory: dict[str, dict[str, Any]] = {}
+        self._last_directory_s: float | None = None  # monotonic time of the last directory announcement
+        self._subscribed_s: float | None = None      # when the directory subscription was made
         self.connections: set[Connection] = set()
         self.draining = False
 
@@ -288,6 +291,7 @@ class Gateway:
             reconnected_cb=self._nats_reconnected,
         )
         await self.nc.subscribe(DIRECTORY_WILDCARD, cb=self._on_directory)
+        self._subscribed_s = time.monotonic()
         await self.nc.publish(ANNOUNCE_REQUEST, b"")
         await self.nc.flush()
         if self.config.otlp_endpoint and self.config.instrumented:
@@ -330,6 +334,7 @@ class Gateway:
         await self.nc.publish(ANNOUNCE_REQUEST, b"")
 
     async def _on_directory(self, msg) -> None:
+        self._last_directory_s = time.monotonic()
         try:
             announced = wire.loads(msg.data)
             entries = announced["instruments"]
@@ -599,7 +604,14 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.nc is not None and self.nc.is_connected and not self.draining
+        return self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
+
+    def directory_silent(self) -> bool:
+        """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
+        (counted from the NATS subscription when none came yet)."""
+        limit_s = self.config.ready_needs_directory_s
+        last_s = self._last_directory_s if self._last_directory_s is not None else self._subscribed_s
+        return bool(limit_s) and last_s is not None and time.monotonic() - last_s > limit_s
 
     # -- auth hook ------------------------------------------------------------------------------------
     async def authorize(self, request: web.Request) -> Authorization | None:
@@ -632,6 +644,7 @@ class Gateway:
         conn.write_stamps = request.query.get("write_stamps") in ("1", "true")
         self.connections.add(conn)
         self.metrics.clients.inc()
+        self.metrics.region_clients.inc()
         loop = asyncio.get_running_loop()
         conn.writer = loop.create_task(conn.run_writer())
         reader = loop.create_task(self._read_requests(conn, ws))
@@ -686,6 +699,7 @@ class Gateway:
             return
         self.connections.discard(conn)
         self.metrics.clients.dec()
+        self.metrics.region_clients.dec()
         self._apply_links(conn.session, conn.session.closed())
         self.metrics.fold(conn.session.tally)
         conn.dropped.set_result(None)
@@ -745,7 +759,8 @@ class Gateway:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready:
             return web.Response(text="ready\n")
-        why = "draining" if self.draining else "not connected to NATS"
+        why = ("draining" if self.draining else f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
+               if self.directory_silent() else "not connected to NATS")
         return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def metrics_handler(self, request: web.Request) -> web.Response:

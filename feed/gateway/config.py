@@ -85,6 +85,14 @@ class GatewayConfig:
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(
         "--test-fanout-delay-ms", "test hook: hold every delta this long before fan-out, a slow gateway", **_ms))
+    # regions (issue 9): a region whose NATS is cut off from every publishing ingest stops being ready, so
+    # multi-region SDK clients (which poll /readyz) move; the leading ingest announces its directory every 1 s
+    region: str | None = field(default=None, metadata=cli(
+        "--region", "this gateway's region: its client count is also bookcast_gateway_region_clients{region}",
+        to_cli=lambda v: v or "", from_cli=lambda v: v or None))
+    ready_needs_directory_s: float = field(default=0.0, metadata=cli(
+        "--ready-needs-directory-s", "not ready when no ingest directory announcement arrived for this long "
+        "(a region cut off from the publishing ingest); 0 = off"))
     # NATS login (feed.natsauth); its options are declared with the other hardening options in
     # feed.gateway.hardening, which fills this field in
     nats_credentials: NatsCredentials = field(default_factory=NatsCredentials)

@@ -103,7 +103,7 @@ def _str(table: Mapping, key: str, where: str, *, required: bool = True) -> str 
 
 def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> PoolConfig:
     """``PoolConfig`` from decoded TOML. Raises ``ConfigError``."""
-    unknown = set(data) - {"scoring", "venues"}
+    unknown = set(data) - {"scoring", "venues", "regions"}  # [regions]: read by `bookcast up` (feed.stack)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected [scoring], [venues.*]")
     base = _policy(ScoringPolicy(), data.get("scoring"), f"{source}: scoring")

@@ -59,8 +59,11 @@ async def _run(args: argparse.Namespace, config) -> int:
     from feed.ingest import Ingest, IngestConfig
     from feed.procs import run_until_signalled
 
+    from feed import ha
+
     ingest = Ingest(IngestConfig(nats_url=args.nats, name=args.name, providers=config,
-                                 otlp_endpoint=args.otlp_endpoint, trace_sample_every=max(1, args.trace_sample_every)))
+                                 otlp_endpoint=args.otlp_endpoint, trace_sample_every=max(1, args.trace_sample_every),
+                                 ha=ha.config_from_args(args)))  # --region: join the publishing lease (issue 9)
     try:
         await ingest.start()
     except Exception as exc:  # noqa: BLE001 - a clear reason and a non-zero code
