@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"bookcast drill run: {exc}", file=sys.stderr)
         return 2
     from chaos.report import drill_row, table
+
+    def _terminate(signum, frame):   # SIGTERM rolls back like Ctrl-C (the runner's finally undoes everything)
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _terminate)
 
     rows, code = [], 0
     for n in names:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.clients import Checker, ClientGroups
+from chaos.clients import ClientGroups, GroupCheckers
 from chaos.stack import DrillStack
 from chaos.state import StateFile
 
@@ -37,7 +37,7 @@ class Drill:
     name: str
     stack: DrillStack
     groups: ClientGroups
-    checker: Checker
+    checker: GroupCheckers
     state: StateFile
     fault_limit_s: float
     started_s: float = field(default_factory=time.monotonic)
