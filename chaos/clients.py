@@ -189,6 +189,8 @@ class Checker:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="drill-checker", daemon=True)
         self._nc = None
+        self._repair: asyncio.Task | None = None
+        self.paused = False      # set while the runner holds the ingest paused (no snapshot can be answered)
 
     def start(self) -> None:
         self._thread.start()
@@ -200,6 +202,18 @@ class Checker:
             await self._nc.subscribe(delta_subject(inst), cb=self._on_msg)
         for inst in self.instruments:
             await self._snapshot(inst)
+        self._repair = self.loop.create_task(self._repair_missing())
+
+    async def _repair_missing(self, interval_s: float = 1.0) -> None:
+        """Ask again for the snapshot of any instrument the checker holds no book of (a timed-out request,
+        a gap whose resync failed) while the ingest can answer."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.paused:
+                continue
+            for inst in self.instruments:
+                if self.verified.books.get(inst) is None:
+                    await self._snapshot(inst)
 
     async def _snapshot(self, inst: str) -> None:
         try:
@@ -241,6 +255,8 @@ class Checker:
 
     def stop(self) -> None:
         async def close():
+            if self._repair is not None:
+                self._repair.cancel()
             if self._nc is not None:
                 await self._nc.close()
         try:
@@ -305,6 +321,14 @@ class GroupCheckers:
     def resnapshot(self) -> None:
         for c in self.checkers.values():
             c.resnapshot()
+
+    def complete(self) -> bool:
+        """Every checker holds a book of every instrument."""
+        return all(len(c.seqs()) == len(c.instruments) for c in self.checkers.values())
+
+    def pause(self, paused: bool) -> None:
+        for c in self.checkers.values():
+            c.paused = paused
 
     @property
     def resyncs(self) -> int:

@@ -42,7 +42,7 @@ class RegionDrillStack:
     failover: bool = True
     speed: float = 1.0
     faulted_region: str = "a"
-    lease_ttl_s: float = 1.5
+    lease_ttl_s: float = 4.0         # RegionsStack uses 1.5 s; a drill machine under load loses such a lease
     instruments_wanted: int = 3
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bookcast-drill-regions-")))
     captures: list[Path] = field(default_factory=list)

@@ -8,7 +8,7 @@
 * time to fail over: onset to the first faulted-group delivery that came over another path than the
   faulted one (a URL other than the group's first).
 * time to recover: onset to the moment every faulted client had again received every instrument after
-  its last detection (every book served and verified again).
+  its last detection and after the system's failover (every book served and verified again).
 * outage: the longest time any faulted client went without a delivery between onset and the end.
 
 * the system's own view (``system_detect`` / ``system_failover`` timeline entries, e.g. the ingest's
@@ -66,7 +66,7 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
                 last_detect[e.client] = e.t_s
         worst = onset
         for c in range(n_faulted):
-            since = last_detect.get(c, onset)
+            since = max(last_detect.get(c, onset), sys_failover or onset)
             for inst in instruments:
                 t = next((d.t_s for d in faulted_d if d.client == c and d.instrument == inst and d.t_s > since), None)
                 if t is None:

@@ -129,6 +129,8 @@ class SystemWatcher(threading.Thread):
                 view = {"error": str(exc)[:120]}
             if view is None:
                 return
+            if "error" in view:       # the status endpoint did not answer in time: no news
+                continue
             if last is not None and view != last:
                 onset = self.drill.first("fault_onset")
                 if onset is not None:
@@ -207,7 +209,7 @@ def _wait_steady(drill: Drill, experiment: dict[str, Any], timeout_s: float) -> 
             n = drill.groups.groups[group][1]
             r = evaluate(deliveries, list(range(n)), drill.stack.instruments, group, now,
                          window_s=float(args.get("window_s", 3.0)), max_stale_s=float(args.get("max_stale_s", 3.0)),
-                         max_p99_s=e2e_objective_s() * float(args.get("p99_factor", 1.0)))
+                         max_p99_s=e2e_objective_s() * float(args.get("p99_factor", 1.0)) * drill.p99_scale)
             ok = ok and r["ok"]
         if ok:
             return time.monotonic() - t0
@@ -229,6 +231,11 @@ def _quiesce_and_check(drill: Drill, onset_s: float | None) -> dict[str, Any] | 
     import signal
 
     stack, state = drill.stack, drill.state
+    try:   # the checker's books first, while the ingest can still answer snapshot requests
+        _wait(drill.checker.complete, 30, "the checker holding every book", interval_s=0.25)
+    except DrillError as exc:
+        log.warning("%s", exc)
+    drill.checker.pause(True)
     sids = []
     for role in stack.quiesce_roles():
         proc = stack.procs.get(role)
@@ -241,7 +248,6 @@ def _quiesce_and_check(drill: Drill, onset_s: float | None) -> dict[str, Any] | 
         def settled() -> bool:
             refs = {g: drill.checker.seqs(g) for g in drill.groups.groups}
             if any(len(ref) < len(stack.instruments) for ref in refs.values()):
-                drill.checker.resnapshot()
                 return False
             seqs = drill.groups.seqs()
             return all(seqs[k].get(i) == refs[k[0]][i] for k in seqs for i in refs[k[0]])
@@ -261,18 +267,22 @@ def _quiesce_and_check(drill: Drill, onset_s: float | None) -> dict[str, Any] | 
     finally:
         for sid in sids:
             state.undo(sid)
+        drill.checker.pause(False)
 
 
 def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir: Path | None = None,
               state_path: Path | None = None, failover: bool = True, faulted_via_proxy: bool = True,
-              chdb_path: Path | None = None, progress=print, stack: Any = None) -> dict[str, Any]:
+              chdb_path: Path | None = None, progress=print, stack: Any = None,
+              metrics: Any = None, p99_scale: float = 1.0) -> dict[str, Any]:
     """Run one drill end to end; returns the report dict (``verdict`` in it). Raises ``DrillError`` for a
     drill that cannot start (bad file, stack failed).
 
     ``stack``: an already started drill stack of the experiment's kind to run on (its ``failover`` and
     ``faulted_via_proxy`` are set from the arguments; it is left running, and only the drill's injections
     are undone before and after: the test suite runs several short drills on one stack). ``state_path``
-    is then ignored (the stack's state file is used)."""
+    is then ignored (the stack's state file is used). ``metrics``: a ``chaos.metrics.DrillMetrics`` to
+    export the drill's figures to (``bookcast_drill_*``). ``p99_scale`` multiplies every steady-state
+    probe's ``p99_factor`` (a loaded shared machine: the suite uses it; production-like stacks keep 1)."""
     from chaoslib.run import Runner
     from chaoslib.types import Strategy
 
@@ -304,6 +314,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         stack = make_stack(str(config.get("stack", "gateways")), state, config, failover=failover,
                            faulted_via_proxy=faulted_via_proxy, speed=float(config.get("speed", 1.0)), **extra)
     watcher = None
+    experiment_end_s = None
     start_failed = False
     groups = checker = drill = safeguard = None
     run_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -326,6 +337,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         groups.start()
         drill = Drill(name, stack, groups, checker, state,
                       fault_limit_s=float(config.get("fault_limit_s", hold_s + 30)))
+        drill.metrics = metrics
+        drill.p99_scale = p99_scale
         set_current(drill)
         watcher = SystemWatcher(drill)
         watcher.start()
@@ -342,6 +355,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         safeguard.start()
         settings = {"runtime": {"rollbacks": {"strategy": "always"}, "hypothesis": {"strategy": "default"}}}
         journal = Runner(Strategy.DEFAULT).run(experiment, settings=settings)
+        experiment_end_s = time.monotonic()
         safeguard.stopped.set()
         drill.note("note", f"experiment ended: {journal.get('status')}")
         progress(f"drill {name}: experiment {journal.get('status')}; checking books against the checker")
@@ -361,7 +375,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
             safeguard.stopped.set()
         if watcher is not None:
             watcher.stopped.set()
-        end_s = time.monotonic()
+        end_s = experiment_end_s or time.monotonic()   # the quiesce (ingest paused) is not an outage
         deliveries, events = groups.recorder.snapshot() if groups is not None else ([], [])
         for part in (groups, checker):
             if part is not None:
@@ -398,6 +412,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
     result["left_behind"] = left + [{"kind": "process alive", "what": a} for a in alive]
     result["stack"] = stack.describe()
     result["run_at"] = run_at
+    if metrics is not None:
+        metrics.finished(result)
     if report_dir is not None:
         out = report_dir / name
         write_report(result, deliveries, drill.started_s, out)

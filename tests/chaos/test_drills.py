@@ -26,6 +26,9 @@ from chaos.state import StateFile, start_ticks
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = os.environ.get("BOOKCAST_DRILLS") == "all"
+# the e2e p99 bound of the steady state, times this: the suite runs on a shared 2-core machine whose load
+# (often 10+) puts seconds on every hop; production-like runs of `bookcast drill run` keep 1
+P99 = 10.0
 
 
 def _alive(pid: int) -> bool:
@@ -62,7 +65,8 @@ def gateway_stack(tmp_path_factory):
 
 
 def test_gateway_killed_drill_passes_with_figures_and_undoes_everything(gateway_stack, tmp_path):
-    r = run_drill("gateway-killed", duration_s=2, stack=gateway_stack, report_dir=tmp_path, progress=lambda _: None)
+    r = run_drill("gateway-killed", duration_s=2, stack=gateway_stack, report_dir=tmp_path, progress=lambda _: None,
+                  p99_scale=P99)
     assert r["verdict"] == "passed", r["reasons"]
     assert all(p["took_effect"] for p in r["proofs"]) and r["proofs"]
     # the figures are there and ordered: detect <= fail over <= recover, within the outage budget
@@ -80,7 +84,8 @@ def test_gateway_killed_drill_passes_with_figures_and_undoes_everything(gateway_
 
 
 def test_stall_drill_with_failover_disabled_fails_with_the_outage_named(gateway_stack):
-    r = run_drill("gateway-path-stall", duration_s=5, stack=gateway_stack, failover=False, progress=lambda _: None)
+    r = run_drill("gateway-path-stall", duration_s=5, stack=gateway_stack, failover=False, progress=lambda _: None,
+                  p99_scale=P99)
     assert r["verdict"] == "failed", r
     assert any("outage" in why for why in r["reasons"]), r["reasons"]
     assert r["failover_s"] is None
@@ -90,7 +95,7 @@ def test_stall_drill_with_failover_disabled_fails_with_the_outage_named(gateway_
 
 def test_a_toxic_off_the_data_path_is_reported_not_injected(gateway_stack):
     r = run_drill("gateway-path-slow", duration_s=1, stack=gateway_stack, faulted_via_proxy=False,
-                  progress=lambda _: None)
+                  progress=lambda _: None, p99_scale=P99)
     assert r["verdict"] == "not injected", r
     assert any("no proof it took effect" in why for why in r["reasons"]), r["reasons"]
     assert r["proofs"][0]["evidence"]["toxic_hits"] == 0
@@ -103,7 +108,7 @@ def test_a_steady_state_that_does_not_hold_is_a_deviation_not_a_pass(gateway_sta
         probe["provider"]["arguments"]["p99_factor"] = 1e-6      # an e2e p99 under 0.25 us: never true
     path = tmp_path / "impossible-steady-state.json"
     path.write_text(json.dumps(experiment))
-    r = run_drill(str(path), stack=gateway_stack, progress=lambda _: None)
+    r = run_drill(str(path), stack=gateway_stack, progress=lambda _: None, p99_scale=P99)
     assert r["verdict"] == "failed", r
     assert any("steady state not met before" in why for why in r["reasons"]), r["reasons"]
     assert r["journal_status"] == "failed"
@@ -139,7 +144,7 @@ def test_analyse_counts_the_pools_own_failover_and_keeps_verdict_order():
 
 def test_provider_stall_drill_fails_over_in_the_pool_with_no_undetected_gap(tmp_path):
     r = run_drill("provider-stall", duration_s=4, state_path=tmp_path / "state.json", report_dir=tmp_path,
-                  progress=lambda _: None)
+                  progress=lambda _: None, p99_scale=P99)
     assert r["verdict"] == "passed", (r["reasons"], r["timeline"])
     proof = r["proofs"][0]
     assert proof["took_effect"] and proof["evidence"]["stalled_total"] > 0     # the simulator dropped data
@@ -153,7 +158,7 @@ def test_provider_stall_drill_fails_over_in_the_pool_with_no_undetected_gap(tmp_
 def test_a_drill_killed_mid_fault_is_cleaned_up_by_the_next_run(tmp_path):
     state_path = tmp_path / "state.json"
     runner = subprocess.Popen([sys.executable, "-m", "feed.cli", "drill", "run", "gateway-path-stall", "--duration-s",
-                               "60", "--state", str(state_path)], cwd=REPO, start_new_session=True,
+                               "60", "--p99-factor", str(P99), "--state", str(state_path)], cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "drill.log", "wb"))
     try:
         state = StateFile(state_path)
@@ -190,10 +195,12 @@ def test_every_shipped_drill_passes_and_fails_without_failover(name, tmp_path):
     config = json.loads((REPO / "chaos/experiments" / f"{name}.json").read_text())["configuration"]
     if config.get("requires_root") and os.geteuid() != 0:
         pytest.skip("needs root (nftables)")
-    r = run_drill(name, duration_s=4, state_path=tmp_path / "s.json", report_dir=tmp_path, progress=lambda _: None)
+    r = run_drill(name, duration_s=4, state_path=tmp_path / "s.json", report_dir=tmp_path, progress=lambda _: None,
+                  p99_scale=P99)
     assert r["verdict"] == "passed", r["reasons"]
     assert r["left_behind"] == [] and r["gaps"]["faulted"]["undetected"] == 0
     if config.get("expect_failover", True):
-        r = run_drill(name, duration_s=4, state_path=tmp_path / "s.json", failover=False, progress=lambda _: None)
+        r = run_drill(name, duration_s=4, state_path=tmp_path / "s.json", failover=False, progress=lambda _: None,
+                      p99_scale=P99)
         assert r["verdict"] == "failed", r
         assert r["left_behind"] == []
