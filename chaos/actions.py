@@ -329,7 +329,7 @@ def partition_regions(region: str = "b", other: str = "a") -> dict:
         raise PermissionError("partition_regions needs root (nftables)")
     drill = current()
     ports = sorted({drill.stack.region_ports(region)["gateway"], drill.stack.region_ports(other)["gateway"]})
-    table = f"bookcast_drill_{os.getpid()}"
+    table = f"chaos_drill_{os.getpid()}"
     ruleset = (f"table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n"
                f"    tcp dport {{ {', '.join(map(str, ports))} }} counter drop\n"
                f"    tcp sport {{ {', '.join(map(str, ports))} }} counter drop\n  }}\n}}\n")

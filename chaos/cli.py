@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--state", type=Path, help="state file of injections (default $BOOKCAST_CHAOS_STATE or "
                                               "run/chaos/state.json)")
     r.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve the bookcast_drill_* metrics on 127.0.0.1:PORT while the drills run (0: a free port); "
+                   help="serve the drill metrics (feed.catalog, chaos drills block) on 127.0.0.1:PORT while the drills run (0: a free port); "
                         "they are also written to REPORT/drills.prom")
     r.add_argument("--p99-factor", type=float, default=1.0, metavar="X",
                    help="multiply every steady-state e2e p99 bound by X (a loaded shared machine; default 1)")

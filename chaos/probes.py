@@ -3,7 +3,7 @@
 Steady state (``steady_state``) for a client group over the last ``window_s``:
 
 * e2e p99 of its deliveries <= the e2e objective (``dashboards.slo.RuleConfig.e2e_objective_s``, the
-  objective of the ``bookcast_probe_e2e`` SLI and its burn-rate alerts) times ``p99_factor``;
+  objective of the probe e2e latency SLI and its burn-rate alerts) times ``p99_factor``;
 * every instrument fresh: each client received each instrument within ``max_stale_s``;
 * 0 undetected gaps: checked after the drill by the independent checker (``chaos.clients.compare``).
 

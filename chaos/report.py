@@ -192,7 +192,7 @@ def timeline_png(r: dict[str, Any], deliveries: list[Delivery], t0_s: float, pat
     plt.close(fig)
 
 
-CHDB_TABLE = "bookcast_drills"
+CHDB_TABLE = "chaos_drills"
 
 
 def drill_row(r: dict[str, Any], run_at: str) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def drill_row(r: dict[str, Any], run_at: str) -> dict[str, Any]:
 
 
 def write_chdb(rows: list[dict[str, Any]], path: Path) -> None:
-    """Append rows to ``bookcast_drills`` in the chDB store at ``path`` (created when missing)."""
+    """Append rows to ``CHDB_TABLE`` in the chDB store at ``path`` (created when missing)."""
     from chdb.session import Session
 
     path.mkdir(parents=True, exist_ok=True)

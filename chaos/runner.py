@@ -281,7 +281,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
     ``faulted_via_proxy`` are set from the arguments; it is left running, and only the drill's injections
     are undone before and after: the test suite runs several short drills on one stack). ``state_path``
     is then ignored (the stack's state file is used). ``metrics``: a ``chaos.metrics.DrillMetrics`` to
-    export the drill's figures to (``bookcast_drill_*``). ``p99_scale`` multiplies every steady-state
+    export the drill's figures to (the catalog's drill metrics). ``p99_scale`` multiplies every steady-state
     probe's ``p99_factor`` (a loaded shared machine: the suite uses it; production-like stacks keep 1)."""
     from chaoslib.run import Runner
     from chaoslib.types import Strategy
