@@ -21,7 +21,9 @@ or ``bookcast drill cleanup``):
 Experiment ``configuration`` keys the runner reads (all optional): ``duration_s`` (fault hold, overridden
 by ``--duration-s``), ``max_outage_s`` (budget for the verdict), ``safeguard_outage_s``, ``fault_limit_s``
 (hard limit of any single fault), ``faulted_clients``, ``control_clients``, ``expect_failover``,
-``warmup_s``, ``speed``.
+``warmup_s``, ``speed``, ``stack`` (gateways, providers, regions), ``capture`` (relative to the repository),
+``faulted_region``, ``requires_root``, ``ws_heartbeat_s`` (the drill clients' WebSocket ping interval,
+default 2 s: a stalled path is detected by it), ``steady_timeout_s``.
 """
 from __future__ import annotations
 
@@ -333,7 +335,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         urls = stack.group_urls()
         groups = ClientGroups({"faulted": (urls["faulted"], int(config.get("faulted_clients", 2))),
                                "control": (urls["control"], int(config.get("control_clients", 1)))},
-                              stack.instruments)
+                              stack.instruments, ws_heartbeat_s=float(config.get("ws_heartbeat_s", 2.0)))
         groups.start()
         drill = Drill(name, stack, groups, checker, state,
                       fault_limit_s=float(config.get("fault_limit_s", hold_s + 30)))
