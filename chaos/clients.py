@@ -181,8 +181,9 @@ class ClientGroups:
 class Checker:
     """Independent books from NATS (ingest deltas + ingest snapshots), in its own thread and loop."""
 
-    def __init__(self, nats_url: str, instruments: list[str]) -> None:
+    def __init__(self, nats_url: str, instruments: list[str], kv_region: str | None = None) -> None:
         self.nats_url = nats_url
+        self.kv_region = kv_region   # regions: fall back on the region's KV books (feed.ha) for a snapshot
         self.instruments = instruments
         self.verified = VerifiedBooks()
         self.resyncs = 0
@@ -219,6 +220,16 @@ class Checker:
         try:
             reply = await self._nc.request(snapshot_subject(inst), b"", timeout=5)
         except Exception as exc:  # noqa: BLE001 - the ingest may be the thing being faulted
+            if self.kv_region is not None:
+                from feed.ha import read_kv_snapshot
+
+                try:
+                    snap = await read_kv_snapshot(self._nc, self.kv_region, inst)
+                except Exception as kv_exc:  # noqa: BLE001
+                    snap, exc = None, kv_exc
+                if snap is not None:
+                    self._apply(wire.dumps(snap))
+                    return
             log.info("checker: snapshot of %s failed: %s", inst, exc)
             return
         self._apply(reply.data)
@@ -304,9 +315,9 @@ class GroupCheckers:
     """One independent ``Checker`` per distinct NATS URL, each group compared with its own (the provider
     drills' control group reads another ingest and NATS than the faulted group)."""
 
-    def __init__(self, urls: dict[str, str], instruments: list[str]) -> None:
+    def __init__(self, urls: dict[str, str], instruments: list[str], kv_region: str | None = None) -> None:
         self.urls = urls
-        self.checkers = {u: Checker(u, instruments) for u in dict.fromkeys(urls.values())}
+        self.checkers = {u: Checker(u, instruments, kv_region) for u in dict.fromkeys(urls.values())}
 
     def start(self) -> None:
         for c in self.checkers.values():

@@ -146,6 +146,11 @@ class RegionDrillStack:
 
     # -- what the runner reads ---------------------------------------------------------------------
     @property
+    def checker_kv_region(self) -> str:
+        """The checker's region: its KV books (``feed.ha``) stand in when a snapshot request goes unanswered."""
+        return self._other().name
+
+    @property
     def checker_url(self) -> str:
         return self._other().nats.url
 

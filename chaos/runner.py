@@ -330,7 +330,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         except (TimeoutError, RuntimeError, OSError) as exc:
             start_failed = True
             raise DrillError(f"drill stack failed to start: {exc} (logs kept in {stack.workdir})") from None
-        checker = GroupCheckers(stack.checker_urls(), stack.instruments)
+        checker = GroupCheckers(stack.checker_urls(), stack.instruments, getattr(stack, "checker_kv_region", None))
         checker.start()
         urls = stack.group_urls()
         groups = ClientGroups({"faulted": (urls["faulted"], int(config.get("faulted_clients", 2))),
