@@ -176,6 +176,26 @@ def make_stack(kind: str, state: StateFile, config: dict[str, Any], **kw: Any):
     raise DrillError(f"unknown drill stack {kind!r}: gateways, providers or regions")
 
 
+class _Shield:
+    """Ignore SIGINT and SIGTERM (main thread only) until ``release``: while the runner rolls back and stops
+    its stack, another signal would leave processes behind (the state file would still list them)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.saved: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, signal.SIG_IGN)
+
+    def release(self) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved = {}
+
+
 def undo_injections(state: StateFile) -> list[str]:
     """Undo every listed injection but the stack's own processes (a shared stack keeps running)."""
     done = []
@@ -373,6 +393,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         if drill is not None:
             drill.aborted = drill.aborted or "interrupted (Ctrl-C)"
     finally:
+        shield = _Shield()       # a second Ctrl-C / SIGTERM must not cut the rollback short
         if safeguard is not None:
             safeguard.stopped.set()
         if watcher is not None:
@@ -393,6 +414,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         if rest:
             log.warning("rollback after the drill undid: %s", "; ".join(rest))
         set_current(None)
+        shield.release()
         if not shared_stack and not start_failed:
             stack.cleanup_workdir(report_dir / name / "logs" if report_dir is not None else None)
     left = [e for e in state.entries() if not shared_stack or e["kind"] != "process"]
