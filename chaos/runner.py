@@ -366,7 +366,10 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         watcher.start()
 
         def warm() -> bool:
-            return all(len(b) == len(stack.instruments) for b in groups.seqs().values())
+            try:
+                return all(len(b) == len(stack.instruments) for b in groups.seqs().values())
+            except TimeoutError:     # the clients' loop busy for 30 s (a loaded machine): ask again
+                return False
         _wait(warm, 90, "every drill client holding every book", interval_s=0.2)
         steady_wait_s = _wait_steady(drill, experiment, float(config.get("steady_timeout_s", 60.0)))
         progress(f"drill {name}: steady state reached {steady_wait_s:.1f} s after warm-up" if steady_wait_s is not None
