@@ -73,7 +73,8 @@ class ProviderDrillStack(DrillStack):
         api_port_file = self.workdir / "proxy-api"
         proxy = Proc("proxy", ["-m", "chaos.proxy", "--port-file", str(api_port_file)], None)
         self._spawn(proxy, python_module=True)
-        wait_until(api_port_file.exists, 60, what="fault proxy API", proc=proxy.popen)
+        wait_until(lambda: api_port_file.exists() and api_port_file.read_text().strip(), 60, what="fault proxy API",
+                   proc=proxy.popen)
         self.proxy_api = api_port_file.read_text().strip()
         self.proxy_ports = {}
         for role in PROVIDERS:

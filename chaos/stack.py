@@ -83,7 +83,8 @@ class DrillStack:
         api_port_file = self.workdir / "proxy-api"
         proxy = Proc("proxy", ["-m", "chaos.proxy", "--port-file", str(api_port_file)], None)
         self._spawn(proxy, python_module=True)
-        wait_until(api_port_file.exists, 20, what="fault proxy API", proc=proxy.popen)
+        wait_until(lambda: api_port_file.exists() and api_port_file.read_text().strip(), 60, what="fault proxy API",
+                   proc=proxy.popen)
         self.proxy_api = api_port_file.read_text().strip()
         created = http_json(f"{self.proxy_api}/proxies", {"name": "gateway-a", "listen": "127.0.0.1:0",
                                                           "upstream": f"127.0.0.1:{self.procs['gateway-a'].port}"})
