@@ -41,6 +41,7 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
         body["name"] = name
     toxic = validate_toxic(body)          # ToxicError before anything is recorded
     api = drill.stack.proxy_api
+    selected = _selected_at_onset(proxy)
     before = _proxy_stats(proxy)
     sid = drill.state.add("toxic", api=api, proxy=proxy, toxic=toxic.name)
     http_json(f"{api}/proxies/{proxy}/toxics", {**body, "name": toxic.name})
@@ -54,13 +55,24 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
             break
         time.sleep(0.05)
     hits = after["toxic_hits"].get(toxic.name, 0)
-    proof = Proof(f"toxic {toxic.name}", hits > 0,
-                  {"toxic_hits": hits, "connections_active": after["connections_active"],
-                   "bytes_downstream_at_onset": before["bytes_downstream"],
-                   "bytes_downstream_at_proof": after["bytes_downstream"]})
+    evidence = {"toxic_hits": hits, "connections_active": after["connections_active"],
+                "bytes_downstream_at_onset": before["bytes_downstream"],
+                "bytes_downstream_at_proof": after["bytes_downstream"]}
+    if selected is not None:
+        evidence["provider_read_at_onset"] = selected
+    proof = Proof(f"toxic {toxic.name}", hits > 0 and selected in (None, proxy), evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if proof.took_effect else 'NOT injected'}", **proof.evidence)
     return {"took_effect": proof.took_effect, **proof.evidence}
+
+
+def _selected_at_onset(provider: str) -> str | None:
+    """On the providers stack: the provider the pooled ingest reads now ("" when unknown), so a fault on a
+    standby provider is proved *not on the data path*; None on other stacks (or another proxy)."""
+    stack = current().stack
+    if not hasattr(stack, "selected") or not provider.startswith("provider-"):
+        return None
+    return stack.selected() or ""
 
 
 def remove_toxics(proxy: str = "gateway-a") -> dict:
@@ -215,6 +227,7 @@ def set_sim_faults(knobs: dict, provider: str = "provider-1") -> dict:
     defaults = Faults().as_dict()
     reset = {k: defaults[k] for k in knobs}
     url = f"{drill.stack.sim_url(provider)}/sim/faults"
+    selected = _selected_at_onset(provider)
     before = _sim_status(provider)["counters"]
     sid = drill.state.add("http_post", url=url, body=reset, what=f"reset {', '.join(knobs)} on {provider}")
     http_json(url, knobs)
@@ -243,6 +256,9 @@ def set_sim_faults(knobs: dict, provider: str = "provider-1") -> dict:
         took = bool(checks) and all(checks)
         if not took:
             time.sleep(0.1)
+    if selected is not None:
+        evidence["provider_read_at_onset"] = selected
+        took = took and selected == provider
     proof = Proof(f"simulator {provider} {','.join(knobs)}", took, evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if took else 'NOT injected'}", **evidence)

@@ -112,7 +112,8 @@ class ProviderDrillStack(DrillStack):
 
         port = self.proxy_ports[role] if via_proxy else self.sim_ports[role]
         ws_url, rest_url = simulator_urls(self.venue, port)
-        return ProviderSpec(role, self.venue, ws_url, rest_url)
+        # provider-1 (the one drills fault) is preferred: the pool reads it until it is degraded
+        return ProviderSpec(role, self.venue, ws_url, rest_url, weight=2.0 if role == "provider-1" else 1.0)
 
     def _write_config(self, name: str, symbols: list[str], specs: list) -> None:
         from feed.providers.config import PoolConfig, VenueConfig, toml_text
@@ -161,6 +162,25 @@ class ProviderDrillStack(DrillStack):
         me = next((p for p in pool["providers"] if p["name"] == sel), None)
         return {"selected": sel, "healthy": bool(me and me["health"] in ("healthy", "probation")
                                                and me["connected"] and not me["fault"])}
+
+    def before_experiment(self, timeout_s: float = 60.0) -> None:
+        """Wait until the faulted ingest reads provider-1 (the provider every drill faults): a fault on a
+        standby provider is not on the data path (the fault's proof then says "not injected")."""
+        def reading() -> bool:
+            try:
+                return self.system_view().get("selected") == "provider-1"
+            except (OSError, ValueError, KeyError):
+                return False
+        try:
+            wait_until(reading, timeout_s, what="the pooled ingest reading provider-1", interval_s=0.2)
+        except TimeoutError as exc:
+            log.warning("%s", exc)
+
+    def selected(self) -> str | None:
+        try:
+            return self.system_view().get("selected")
+        except (OSError, ValueError, KeyError):
+            return None
 
     def sim_url(self, role: str) -> str:
         return f"http://127.0.0.1:{self.sim_ports[role]}"

@@ -371,6 +371,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
             except TimeoutError:     # the clients' loop busy for 30 s (a loaded machine): ask again
                 return False
         _wait(warm, 90, "every drill client holding every book", interval_s=0.2)
+        if hasattr(stack, "before_experiment"):
+            stack.before_experiment()
         steady_wait_s = _wait_steady(drill, experiment, float(config.get("steady_timeout_s", 60.0)))
         progress(f"drill {name}: steady state reached {steady_wait_s:.1f} s after warm-up" if steady_wait_s is not None
                  else f"drill {name}: steady state NOT reached before the experiment (the hypothesis will say)")
