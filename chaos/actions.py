@@ -32,9 +32,10 @@ def _proxy_stats(proxy: str) -> dict:
 
 
 def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downstream", toxicity: float = 1.0,
-                 proxy: str = "gateway-a", name: str | None = None) -> dict:
+                 proxy: str = "gateway-a", name: str | None = None, require_read: bool = True) -> dict:
     """Add a Toxiproxy-style toxic on ``proxy`` (chaos.proxy). Proof: the proxy counts the toxic acting on
-    the traffic (``stats.toxic_hits[name] > 0``) within ``PROOF_TIMEOUT_S``. Returns the proof."""
+    the traffic (``stats.toxic_hits[name] > 0``) within ``PROOF_TIMEOUT_S``, and on the providers stack
+    (``require_read``) the pooled ingest was reading that provider at onset. Returns the proof."""
     drill = current()
     body = {"type": type, "stream": stream, "toxicity": toxicity, "attributes": attributes or {}}
     if name:
@@ -60,7 +61,7 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
                 "bytes_downstream_at_proof": after["bytes_downstream"]}
     if selected is not None:
         evidence["provider_read_at_onset"] = selected
-    proof = Proof(f"toxic {toxic.name}", hits > 0 and selected in (None, proxy), evidence)
+    proof = Proof(f"toxic {toxic.name}", hits > 0 and (not require_read or selected in (None, proxy)), evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if proof.took_effect else 'NOT injected'}", **proof.evidence)
     return {"took_effect": proof.took_effect, **proof.evidence}
@@ -283,7 +284,7 @@ def flap_toxic(proxy: str = "provider-1", cycles: int = 3, down_s: float = 1.0, 
     drill = current()
     hits = []
     for cycle in range(int(cycles)):
-        r = inject_toxic("down", {}, proxy=proxy, name=f"flap-{cycle}")
+        r = inject_toxic("down", {}, proxy=proxy, name=f"flap-{cycle}", require_read=cycle == 0)
         hits.append(r["toxic_hits"])
         time.sleep(float(down_s))
         remove_toxics(proxy)
