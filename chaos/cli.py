@@ -96,10 +96,18 @@ def main(args: argparse.Namespace) -> int:
             print(f"bookcast drill run {n}: {exc}", file=sys.stderr)
             code = 1
             continue
+        except KeyboardInterrupt:
+            _progress(f"drill {n}: interrupted while starting (rolled back); not running the rest")
+            code = 1
+            break
         except Exception as exc:  # noqa: BLE001 - one broken drill must not stop --all (it rolled back)
             print(f"bookcast drill run {n}: runtime failure: {exc!r}", file=sys.stderr)
             code = 1
             continue
+        if r["journal_status"] == "interrupted":
+            _progress(f"drill {n}: interrupted (rolled back); not running the rest")
+            code = 1
+            break
         rows.append(drill_row(r, r["run_at"]))
         reasons = f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""
         _progress(f"drill {n}: {r['verdict'].upper()}{reasons}"

@@ -426,6 +426,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
     alive = [] if shared_stack else [f"{role} pid={pid}" for role, pid in stack.describe().get("pids", {}).items()
                                      if start_ticks(pid) is not None and not _zombie(pid)]
     if drill is None:
+        if journal.get("status") == "interrupted":
+            raise KeyboardInterrupt(f"drill {name} interrupted while starting (rolled back)")
         raise DrillError(f"drill {name} did not start")
     before_ok = (journal.get("steady_states") or {}).get("before", {}) or {}
     after_ok = (journal.get("steady_states") or {}).get("after", {}) or {}
