@@ -20,6 +20,7 @@ from chaos.stack import DrillStack
 from chaos.state import StateFile
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
 # the e2e p99 bound of the steady state, times this: the suite runs on a shared 2-core machine whose load
 # (15-19 seen) puts seconds on every hop, so here the steady state holds freshness (every book moving) and the
 # verdict holds outage, failover, recovery and gaps, while p99 is reported; `bookcast drill run` keeps 1

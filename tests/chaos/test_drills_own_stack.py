@@ -17,6 +17,7 @@ from chaos.runner import experiment_files, run_drill
 from chaos.state import StateFile, start_ticks
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
 ALL = os.environ.get("BOOKCAST_DRILLS") == "all"
 # the e2e p99 bound of the steady state, times this: the suite runs on a shared 2-core machine whose load
 # (15-19 seen) puts seconds on every hop, so here the steady state holds freshness (every book moving) and the
