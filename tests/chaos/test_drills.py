@@ -81,7 +81,7 @@ def test_gateway_killed_drill_passes_with_figures_and_undoes_everything(gateway_
 
 
 def test_stall_drill_with_failover_disabled_fails_with_the_outage_named(gateway_stack):
-    r = run_drill("gateway-path-stall", duration_s=5, stack=gateway_stack, failover=False, progress=lambda _: None,
+    r = run_drill("gateway-path-stall", duration_s=8, stack=gateway_stack, failover=False, progress=lambda _: None,
                   p99_scale=P99)
     assert r["verdict"] == "failed", r
     assert any("outage" in why for why in r["reasons"]), r["reasons"]
