@@ -267,11 +267,22 @@ def _quiesce_and_check(drill: Drill, onset_s: float | None) -> dict[str, Any] | 
         sids.append(state.add("sigstop", pid=pid, start_ticks=start_ticks(pid), what=f"{role} (quiesce)"))
         os.kill(pid, signal.SIGSTOP)
     try:
+        stable: list = []
+
         def settled() -> bool:
+            """Every client at the checker's seq, and nothing moved for 1 s (messages still in flight when
+            the ingest was paused would otherwise land between this check and the comparison)."""
             refs = {g: drill.checker.seqs(g) for g in drill.groups.groups}
+            seqs = drill.groups.seqs()
+            now = (refs, seqs)
+            if not stable or stable[-1] != now:
+                stable[:] = [now]
+                return False
+            stable.append(now)
+            if len(stable) < 5:
+                return False
             if any(len(ref) < len(stack.instruments) for ref in refs.values()):
                 return False
-            seqs = drill.groups.seqs()
             return all(seqs[k].get(i) == refs[k[0]][i] for k in seqs for i in refs[k[0]])
         try:
             _wait(settled, 20, "every client book at the checker's seq", interval_s=0.25)
