@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"bookcast drill run {n}: runtime failure: {exc!r}", file=sys.stderr)
             code = 1
             continue
-        if r["journal_status"] == "interrupted":
+        if r.get("user_interrupt"):
             _progress(f"drill {n}: interrupted (rolled back); not running the rest")
             code = 1
             break

@@ -347,6 +347,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         stack = make_stack(str(config.get("stack", "gateways")), state, config, failover=failover,
                            faulted_via_proxy=faulted_via_proxy, speed=float(config.get("speed", 1.0)), **extra)
     watcher = None
+    user_interrupt = False    # Ctrl-C / SIGTERM (chaostoolkit also says "interrupted" for a safeguard abort)
     experiment_end_s = None
     start_failed = False
     groups = checker = drill = safeguard = None
@@ -405,6 +406,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
             log.warning("%s", exc)
         check = _quiesce_and_check(drill, onset)
     except KeyboardInterrupt:
+        user_interrupt = True
         journal["status"] = "interrupted"
         if drill is not None:
             drill.aborted = drill.aborted or "interrupted (Ctrl-C)"
@@ -437,7 +439,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
     alive = [] if shared_stack else [f"{role} pid={pid}" for role, pid in stack.describe().get("pids", {}).items()
                                      if start_ticks(pid) is not None and not _zombie(pid)]
     if drill is None:
-        if journal.get("status") == "interrupted":
+        if user_interrupt:
             raise KeyboardInterrupt(f"drill {name} interrupted while starting (rolled back)")
         raise DrillError(f"drill {name} did not start")
     before_ok = (journal.get("steady_states") or {}).get("before", {}) or {}
@@ -451,6 +453,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
                      journal_status=journal.get("status", "?"),
                      before_ok=before_ok.get("steady_state_met") if before_ok else None,
                      after_ok=after_ok.get("steady_state_met") if after_ok else None, aborted=drill.aborted)
+    result["user_interrupt"] = user_interrupt
     result["left_behind"] = left + [{"kind": "process alive", "what": a} for a in alive]
     result["stack"] = stack.describe()
     result["run_at"] = run_at
