@@ -136,7 +136,10 @@ class SystemWatcher(threading.Thread):
             if last is not None and view != last:
                 onset = self.drill.first("fault_onset")
                 if onset is not None:
-                    if view.get("selected") != last.get("selected"):
+                    if view.get("selected") != last.get("selected") and not view.get("selected"):
+                        # nobody selected / leading: the system saw the fault, it has not failed over yet
+                        self.drill.note("system_detect", f"selected {last.get('selected')} -> none", **view)
+                    elif view.get("selected") != last.get("selected"):
                         self.drill.note("system_failover", f"selected {last.get('selected')} -> {view.get('selected')}",
                                         **view)
                     elif last.get("healthy") and not view.get("healthy"):
