@@ -32,15 +32,17 @@ def _proxy_stats(proxy: str) -> dict:
 
 
 def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downstream", toxicity: float = 1.0,
-                 proxy: str = "gateway-a", name: str | None = None) -> dict:
+                 proxy: str = "gateway-a", name: str | None = None, require_read: bool = True) -> dict:
     """Add a Toxiproxy-style toxic on ``proxy`` (chaos.proxy). Proof: the proxy counts the toxic acting on
-    the traffic (``stats.toxic_hits[name] > 0``) within ``PROOF_TIMEOUT_S``. Returns the proof."""
+    the traffic (``stats.toxic_hits[name] > 0``) within ``PROOF_TIMEOUT_S``, and on the providers stack
+    (``require_read``) the pooled ingest was reading that provider at onset. Returns the proof."""
     drill = current()
     body = {"type": type, "stream": stream, "toxicity": toxicity, "attributes": attributes or {}}
     if name:
         body["name"] = name
     toxic = validate_toxic(body)          # ToxicError before anything is recorded
     api = drill.stack.proxy_api
+    selected = _selected_at_onset(proxy)
     before = _proxy_stats(proxy)
     sid = drill.state.add("toxic", api=api, proxy=proxy, toxic=toxic.name)
     http_json(f"{api}/proxies/{proxy}/toxics", {**body, "name": toxic.name})
@@ -54,13 +56,24 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
             break
         time.sleep(0.05)
     hits = after["toxic_hits"].get(toxic.name, 0)
-    proof = Proof(f"toxic {toxic.name}", hits > 0,
-                  {"toxic_hits": hits, "connections_active": after["connections_active"],
-                   "bytes_downstream_at_onset": before["bytes_downstream"],
-                   "bytes_downstream_at_proof": after["bytes_downstream"]})
+    evidence = {"toxic_hits": hits, "connections_active": after["connections_active"],
+                "bytes_downstream_at_onset": before["bytes_downstream"],
+                "bytes_downstream_at_proof": after["bytes_downstream"]}
+    if selected is not None:
+        evidence["provider_read_at_onset"] = selected
+    proof = Proof(f"toxic {toxic.name}", hits > 0 and (not require_read or selected in (None, proxy)), evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if proof.took_effect else 'NOT injected'}", **proof.evidence)
     return {"took_effect": proof.took_effect, **proof.evidence}
+
+
+def _selected_at_onset(provider: str) -> str | None:
+    """On the providers stack: the provider the pooled ingest reads now ("" when unknown), so a fault on a
+    standby provider is proved *not on the data path*; None on other stacks (or another proxy)."""
+    stack = current().stack
+    if not hasattr(stack, "selected") or not provider.startswith("provider-"):
+        return None
+    return stack.selected() or ""
 
 
 def remove_toxics(proxy: str = "gateway-a") -> dict:
@@ -174,3 +187,196 @@ def rollback_all() -> list[str]:
     if done:
         drill.note("rollback", f"undid {len(done)} injection(s)")
     return [e["kind"] for e in done]
+
+
+# -- upstream providers (chaos.provider_stack): the venue simulators' fault knobs ------------------------
+
+# knob -> the simulator counters (GET /sim/status) that move when the knob acts on the data
+SIM_PROOF_COUNTERS = {
+    "stall": ("stalled_total",), "error_rate": ("handshakes_refused_total", "rest_errors_total"),
+    "refuse_connections": ("handshakes_refused_total",), "rest_429": ("rest_errors_total",),
+    "crossed": ("crossed_total",), "reset_seq": ("resets_total",), "disconnect": ("disconnects_total",),
+    "drop_next": ("dropped_total",), "duplicate_next": ("duplicated_total",), "reorder_next": ("reordered_total",),
+    "bad_next": ("bad_frames_total",), "flood_next": ("bad_frames_total",),
+}
+# knobs without a counter: proved by the faulted ingest's own view of the provider (/v1/status)
+SIM_PROOF_POOL = {"lag_s": "lag_s", "latency_ms": "latency_s", "jitter_ms": "latency_s"}
+
+
+def _sim_status(provider: str) -> dict:
+    return http_json(f"{current().stack.sim_url(provider)}/sim/status")
+
+
+def _pool_provider(provider: str) -> dict:
+    stack = current().stack
+    pool = stack.ingest_status()["providers"][stack.venue]
+    return next(p for p in pool["providers"] if p["name"] == provider)
+
+
+def set_sim_faults(knobs: dict, provider: str = "provider-1") -> dict:
+    """Set fault knobs on a provider's venue simulator (``POST /sim/faults``, ``feed.simulator.world.Faults``:
+    stall, lag_s, latency_ms, error_rate, refuse_connections, drop_next, duplicate_next, crossed, reset_seq,
+    disconnect, ...). The reset (every given knob back to its default) is recorded first. Proof: the
+    simulator's own counters for each knob moved (``SIM_PROOF_COUNTERS``), or for lag and latency the
+    faulted ingest measured it on that provider (``lag_s`` / ``latency_s`` in its ``/v1/status``).
+    Raises ``ValueError`` for an unknown knob (before anything is recorded)."""
+    from feed.simulator.world import Faults
+
+    drill = current()
+    probe = Faults()
+    probe.update(knobs)                     # ValueError naming the knob, nothing recorded
+    defaults = Faults().as_dict()
+    reset = {k: defaults[k] for k in knobs}
+    url = f"{drill.stack.sim_url(provider)}/sim/faults"
+    selected = _selected_at_onset(provider)
+    before = _sim_status(provider)["counters"]
+    sid = drill.state.add("http_post", url=url, body=reset, what=f"reset {', '.join(knobs)} on {provider}")
+    http_json(url, knobs)
+    drill.hard_limit(sid, f"simulator faults {knobs} on {provider}")
+    drill.note("fault_onset", f"simulator {provider}: {knobs}")
+    deadline = time.monotonic() + PROOF_TIMEOUT_S
+    evidence: dict = {}
+    took = False
+    while time.monotonic() < deadline and not took:
+        after = _sim_status(provider)["counters"]
+        moved = {}
+        for knob in knobs:
+            for counter in SIM_PROOF_COUNTERS.get(knob, ()):
+                moved[counter] = after[counter] - before[counter]
+        checks = [any(after[c] > before[c] for c in SIM_PROOF_COUNTERS[k]) for k in knobs if k in SIM_PROOF_COUNTERS]
+        for knob, field_name in SIM_PROOF_POOL.items():
+            if knob in knobs and float(knobs[knob]) > 0:
+                try:
+                    seen = _pool_provider(provider).get(field_name) or 0.0
+                except (OSError, ValueError, KeyError, StopIteration):
+                    seen = 0.0
+                wanted = float(knobs[knob]) * (1.0 if knob == "lag_s" else 1e-3) / 2
+                evidence[f"ingest_{field_name}"] = seen
+                checks.append(seen >= wanted)
+        evidence.update(moved)
+        took = bool(checks) and all(checks)
+        if not took:
+            time.sleep(0.1)
+    if selected is not None:
+        evidence["provider_read_at_onset"] = selected
+        took = took and selected == provider
+    proof = Proof(f"simulator {provider} {','.join(knobs)}", took, evidence)
+    drill.proofs.append(proof)
+    drill.note("proof", f"{proof.fault}: {'took effect' if took else 'NOT injected'}", **evidence)
+    return {"took_effect": took, **evidence}
+
+
+def clear_sim_faults(provider: str = "provider-1") -> dict:
+    """End the simulator faults on ``provider`` (undo their recorded resets). Returns its counters."""
+    drill = current()
+    url = f"{drill.stack.sim_url(provider)}/sim/faults"
+    for entry in drill.state.entries():
+        if entry["kind"] == "http_post" and entry["url"] == url:
+            drill.state.undo(entry["id"])
+    counters = _sim_status(provider)["counters"]
+    drill.note("fault_end", f"simulator faults cleared on {provider}")
+    return counters
+
+
+def flap_toxic(proxy: str = "provider-1", cycles: int = 3, down_s: float = 1.0, up_s: float = 1.0) -> dict:
+    """A flapping provider: ``cycles`` times a ``down`` toxic on ``proxy`` (every connection closed, new
+    ones refused) for ``down_s``, then removed for ``up_s``. Proof: each down counted hits."""
+    drill = current()
+    hits = []
+    for cycle in range(int(cycles)):
+        r = inject_toxic("down", {}, proxy=proxy, name=f"flap-{cycle}", require_read=cycle == 0)
+        hits.append(r["toxic_hits"])
+        time.sleep(float(down_s))
+        remove_toxics(proxy)
+        time.sleep(float(up_s))
+    return {"cycles": cycles, "toxic_hits": hits}
+
+
+# -- regions (chaos.region_stack) ------------------------------------------------------------------------
+
+def nats_lame_duck(role: str = "nats-a") -> dict:
+    """Put a region's NATS server in lame-duck mode (SIGUSR2, as ``nats-server --signal ldm=PID``): it stops
+    accepting connections at once and moves its clients off before exiting. Undone by ``rollback_restart``.
+    Proof: its client port refuses new connections within ``PROOF_TIMEOUT_S``."""
+    drill = current()
+    pid = drill.stack.pid(role)
+    port = drill.stack.procs[role].port
+    os.kill(pid, _signal.SIGUSR2)
+    drill.note("fault_onset", f"lame duck {role} pid={pid}")
+    deadline = time.monotonic() + PROOF_TIMEOUT_S
+    closed = False
+    while time.monotonic() < deadline and not closed:
+        closed = not port_open("127.0.0.1", port)
+        if not closed:
+            time.sleep(0.05)
+    evidence = {"pid": pid, "client_port_closed": closed}
+    proof = Proof(f"lame duck {role}", closed, evidence)
+    drill.proofs.append(proof)
+    drill.note("proof", f"{proof.fault}: {'took effect' if closed else 'NOT injected'}", **evidence)
+    return {"took_effect": closed, **evidence}
+
+
+def _nft(*args: str, stdin: str | None = None) -> str:
+    import subprocess
+
+    r = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"nft {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _nft_dropped(table: str) -> int:
+    import json as _json
+
+    out = _json.loads(_nft("-j", "list", "table", "inet", table))
+    packets = 0
+    for item in out.get("nftables", []):
+        for expr in (item.get("rule") or {}).get("expr", []):
+            if "counter" in expr:
+                packets += int(expr["counter"].get("packets", 0))
+    return packets
+
+
+def partition_regions(region: str = "b", other: str = "a") -> dict:
+    """Cut the NATS supercluster's gateway links between ``region`` and ``other`` (root: an nftables table
+    dropping TCP to and from both regions' gateway-link ports on loopback; clients still reach their own
+    region). Recorded as ``nft_table`` before it is applied (rollback deletes it). Proof: the table's
+    counters dropped packets within ``PROOF_TIMEOUT_S``. Raises ``PermissionError`` when not root."""
+    if os.geteuid() != 0:
+        raise PermissionError("partition_regions needs root (nftables)")
+    drill = current()
+    ports = sorted({drill.stack.region_ports(region)["gateway"], drill.stack.region_ports(other)["gateway"]})
+    table = f"chaos_drill_{os.getpid()}"
+    ruleset = (f"table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n"
+               f"    tcp dport {{ {', '.join(map(str, ports))} }} counter drop\n"
+               f"    tcp sport {{ {', '.join(map(str, ports))} }} counter drop\n  }}\n}}\n")
+    sid = drill.state.add("nft_table", family="inet", table=table, netns=None)
+    _nft("-f", "-", stdin=ruleset)
+    drill.hard_limit(sid, f"partition {region}|{other} (nft table {table})")
+    drill.note("fault_onset", f"partition: region {region} cut from {other} (gateway-link ports {ports}, nft {table})")
+    deadline = time.monotonic() + PROOF_TIMEOUT_S
+    dropped = 0
+    while time.monotonic() < deadline and dropped == 0:
+        dropped = _nft_dropped(table)
+        if not dropped:
+            time.sleep(0.1)
+    evidence = {"nft_table": table, "ports": ports, "packets_dropped": dropped}
+    proof = Proof(f"partition {region}|{other}", dropped > 0, evidence)
+    drill.proofs.append(proof)
+    drill.note("proof", f"{proof.fault}: {'took effect' if dropped else 'NOT injected'}", **evidence)
+    return {"took_effect": dropped > 0, **evidence}
+
+
+def heal_partition() -> dict:
+    """End every partition (undo the recorded nftables tables). Returns the packets each had dropped."""
+    drill = current()
+    dropped = {}
+    for entry in drill.state.entries():
+        if entry["kind"] == "nft_table":
+            try:
+                dropped[entry["table"]] = _nft_dropped(entry["table"])
+            except RuntimeError:
+                dropped[entry["table"]] = None
+            drill.state.undo(entry["id"])
+    drill.note("fault_end", f"partition healed: {dropped}")
+    return dropped

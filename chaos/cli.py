@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--chdb", type=Path, help="chDB store for the drill rows (default: REPORT/chdb)")
     r.add_argument("--state", type=Path, help="state file of injections (default $BOOKCAST_CHAOS_STATE or "
                                               "run/chaos/state.json)")
+    r.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the drill metrics (feed.catalog, chaos drills block) on 127.0.0.1:PORT while the drills run (0: a free port); "
+                        "they are also written to REPORT/drills.prom")
+    r.add_argument("--p99-factor", type=float, default=1.0, metavar="X",
+                   help="multiply every steady-state e2e p99 bound by X (a loaded shared machine; default 1)")
     r.add_argument("--no-failover", action="store_true",
                    help="faulted clients hold only the faulted path (the drills must then fail)")
     r.add_argument("--proxy-off-path", action="store_true",
@@ -70,16 +76,38 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from chaos.report import drill_row, table
 
+    def _terminate(signum, frame):   # SIGTERM rolls back like Ctrl-C (the runner's finally undoes everything)
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _terminate)
+
+    from chaos.metrics import DrillMetrics
+
+    metrics = DrillMetrics()
+    if args.metrics_port is not None:
+        _progress(f"drill metrics on http://127.0.0.1:{metrics.serve(args.metrics_port)}/metrics")
     rows, code = [], 0
     for n in names:
         try:
             r = run_drill(n, duration_s=args.duration_s, report_dir=args.report, state_path=args.state,
                           failover=not args.no_failover, faulted_via_proxy=not args.proxy_off_path,
-                          chdb_path=args.chdb, progress=_progress)
+                          chdb_path=args.chdb, progress=_progress, metrics=metrics,
+                          p99_scale=args.p99_factor)
         except DrillError as exc:
             print(f"bookcast drill run {n}: {exc}", file=sys.stderr)
             code = 1
             continue
+        except KeyboardInterrupt:
+            _progress(f"drill {n}: interrupted while starting (rolled back); not running the rest")
+            code = 1
+            break
+        except Exception as exc:  # noqa: BLE001 - one broken drill must not stop --all (it rolled back)
+            print(f"bookcast drill run {n}: runtime failure: {exc!r}", file=sys.stderr)
+            code = 1
+            continue
+        if r.get("user_interrupt"):
+            _progress(f"drill {n}: interrupted (rolled back); not running the rest")
+            code = 1
+            break
         rows.append(drill_row(r, r["run_at"]))
         reasons = f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""
         _progress(f"drill {n}: {r['verdict'].upper()}{reasons}"
@@ -90,4 +118,6 @@ def main(args: argparse.Namespace) -> int:
     if args.report and rows:
         args.report.mkdir(parents=True, exist_ok=True)
         (args.report / "drills.md").write_text(table(rows) + "\n")
+        metrics.write(args.report / "drills.prom")
+    metrics.close()
     return code

@@ -32,12 +32,15 @@ import nats
 
 from feed import wire
 from feed.client.sdk import BookClient, ConnectFailed, Connected, Disconnected
-from feed.client.verify import BookUpdated, GapDetected, ResyncReceived, SendResync, VerifiedBooks
+from feed.client.regions import RegionMoved
+from feed.client.verify import (BookCrossed, BookUpdated, GapDetected, ResyncReceived, SendResync, Shutdown,
+                                VerifiedBooks)
 from feed.subjects import delta_subject, snapshot_subject
 
 log = logging.getLogger("bookcast.chaos.clients")
 
-DETECTION_KINDS = ("disconnected", "connect_failed", "gap_detected", "resync_received", "instrument_status")
+DETECTION_KINDS = ("disconnected", "connect_failed", "gap_detected", "resync_received", "instrument_status",
+                   "book_crossed", "region_moved", "shutdown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,8 @@ class ClientEvent:
     t_s: float
     group: str
     client: int
-    kind: str             # connected, disconnected, connect_failed, gap_detected, resync_received, instrument_status
+    kind: str             # connected, disconnected, connect_failed, gap_detected, resync_received,
+                          # instrument_status, book_crossed, region_moved, shutdown
     instrument: str | None
     url: str | None
     detail: str = ""
@@ -83,7 +87,8 @@ class Recorder:
 
 
 class ClientGroups:
-    """``groups``: {name: (urls, n_clients)}; every client subscribes every instrument."""
+    """``groups``: {name: (urls, n_clients)}; every client subscribes every instrument. ``urls`` is a list
+    of gateway URLs (one region) or a list of lists (regions, preferred first: ``BookClient(regions=...)``)."""
 
     def __init__(self, groups: dict[str, tuple[list[str], int]], instruments: list[str], *,
                  ws_heartbeat_s: float = 1.0) -> None:
@@ -103,8 +108,9 @@ class ClientGroups:
     async def _start(self) -> None:
         for group, (urls, n) in self.groups.items():
             for i in range(n):
-                client = BookClient(urls, self.instruments, reconnect_backoff_s=(0.05, 0.5),
-                                    connect_timeout_s=2.0, ws_heartbeat_s=self.ws_heartbeat_s)
+                where = ({"regions": urls} if urls and not isinstance(urls[0], str) else {"urls": urls})
+                client = BookClient(instruments=self.instruments, reconnect_backoff_s=(0.05, 0.5),
+                                    connect_timeout_s=2.0, ws_heartbeat_s=self.ws_heartbeat_s, **where)
                 self.clients[(group, i)] = client
                 client.start()
                 self._tasks.append(asyncio.create_task(self._consume(group, i, client)))
@@ -127,9 +133,23 @@ class ClientGroups:
                                       f"{ev.reason} {ev.detail}"[:160]))
             elif isinstance(ev, ResyncReceived):
                 rec.event(ClientEvent(now, group, i, "resync_received", ev.instrument, client.connected_url))
+            elif isinstance(ev, BookCrossed):
+                rec.event(ClientEvent(now, group, i, "book_crossed", ev.instrument, client.connected_url))
+            elif isinstance(ev, RegionMoved):
+                rec.event(ClientEvent(now, group, i, "region_moved", None, ev.to_url,
+                                      f"{ev.from_region}->{ev.to_region} {ev.reason}"))
+            elif isinstance(ev, Shutdown):
+                rec.event(ClientEvent(now, group, i, "shutdown", None, client.connected_url))
             elif type(ev).__name__ == "InstrumentStatus":
                 rec.event(ClientEvent(now, group, i, "instrument_status", getattr(ev, "instrument", None),
                                       client.connected_url, str(getattr(ev, "status", ""))))
+
+    def seqs(self) -> dict[tuple[str, int], dict[str, int]]:
+        """{(group, client): {instrument: seq}} of the books held (cheap: no copies)."""
+        async def take():
+            return {key: {i: lb.seq for i in self.instruments if (lb := c.local_book(i)) is not None}
+                    for key, c in self.clients.items()}
+        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
 
     def books(self) -> dict[tuple[str, int], dict[str, tuple[int, Any]]]:
         """{(group, client): {instrument: (seq, book copy)}} taken on the client thread."""
@@ -161,14 +181,17 @@ class ClientGroups:
 class Checker:
     """Independent books from NATS (ingest deltas + ingest snapshots), in its own thread and loop."""
 
-    def __init__(self, nats_url: str, instruments: list[str]) -> None:
+    def __init__(self, nats_url: str, instruments: list[str], kv_region: str | None = None) -> None:
         self.nats_url = nats_url
+        self.kv_region = kv_region   # regions: fall back on the region's KV books (feed.ha) for a snapshot
         self.instruments = instruments
         self.verified = VerifiedBooks()
         self.resyncs = 0
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="drill-checker", daemon=True)
         self._nc = None
+        self._repair: asyncio.Task | None = None
+        self.paused = False      # set while the runner holds the ingest paused (no snapshot can be answered)
 
     def start(self) -> None:
         self._thread.start()
@@ -180,11 +203,33 @@ class Checker:
             await self._nc.subscribe(delta_subject(inst), cb=self._on_msg)
         for inst in self.instruments:
             await self._snapshot(inst)
+        self._repair = self.loop.create_task(self._repair_missing())
+
+    async def _repair_missing(self, interval_s: float = 1.0) -> None:
+        """Ask again for the snapshot of any instrument the checker holds no book of (a timed-out request,
+        a gap whose resync failed) while the ingest can answer."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.paused:
+                continue
+            for inst in self.instruments:
+                if self.verified.books.get(inst) is None:
+                    await self._snapshot(inst)
 
     async def _snapshot(self, inst: str) -> None:
         try:
             reply = await self._nc.request(snapshot_subject(inst), b"", timeout=5)
         except Exception as exc:  # noqa: BLE001 - the ingest may be the thing being faulted
+            if self.kv_region is not None:
+                from feed.ha import read_kv_snapshot
+
+                try:
+                    snap = await read_kv_snapshot(self._nc, self.kv_region, inst)
+                except Exception as kv_exc:  # noqa: BLE001
+                    snap, exc = None, kv_exc
+                if snap is not None:
+                    self._apply(wire.dumps(snap))
+                    return
             log.info("checker: snapshot of %s failed: %s", inst, exc)
             return
         self._apply(reply.data)
@@ -208,6 +253,11 @@ class Checker:
             return out
         return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
 
+    def seqs(self) -> dict[str, int]:
+        async def take():
+            return {i: lb.seq for i in self.instruments if (lb := self.verified.books.get(i)) is not None}
+        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
+
     def resnapshot(self) -> None:
         async def again():
             for inst in self.instruments:
@@ -216,6 +266,8 @@ class Checker:
 
     def stop(self) -> None:
         async def close():
+            if self._repair is not None:
+                self._repair.cancel()
             if self._nc is not None:
                 await self._nc.close()
         try:
@@ -257,3 +309,53 @@ def group_counts(events: list[ClientEvent], since_s: float) -> dict[str, dict[st
         if e.t_s >= since_s:
             out[e.group][e.kind] += 1
     return {g: dict(k) for g, k in out.items()}
+
+
+class GroupCheckers:
+    """One independent ``Checker`` per distinct NATS URL, each group compared with its own (the provider
+    drills' control group reads another ingest and NATS than the faulted group)."""
+
+    def __init__(self, urls: dict[str, str], instruments: list[str], kv_region: str | None = None) -> None:
+        self.urls = urls
+        self.checkers = {u: Checker(u, instruments, kv_region) for u in dict.fromkeys(urls.values())}
+
+    def start(self) -> None:
+        for c in self.checkers.values():
+            c.start()
+
+    def books(self, group: str) -> dict[str, tuple[int, Any]]:
+        return self.checkers[self.urls[group]].books()
+
+    def seqs(self, group: str) -> dict[str, int]:
+        return self.checkers[self.urls[group]].seqs()
+
+    def resnapshot(self) -> None:
+        for c in self.checkers.values():
+            c.resnapshot()
+
+    def complete(self) -> bool:
+        """Every checker holds a book of every instrument."""
+        return all(len(c.seqs()) == len(c.instruments) for c in self.checkers.values())
+
+    def pause(self, paused: bool) -> None:
+        for c in self.checkers.values():
+            c.paused = paused
+
+    @property
+    def resyncs(self) -> int:
+        return sum(c.resyncs for c in self.checkers.values())
+
+    def stop(self) -> None:
+        for c in self.checkers.values():
+            c.stop()
+
+
+def compare_groups(checkers: GroupCheckers, clients: dict[tuple[str, int], dict[str, tuple[int, Any]]],
+                   told: set[tuple[str, int, str]]) -> dict[str, Any]:
+    """``compare`` per group against that group's checker, merged."""
+    out: dict[str, Any] = {"compared": 0, "equal": 0, "undetected": [], "detected_wrong": [], "missing": []}
+    for group in sorted({g for g, _ in clients}):
+        part = compare(checkers.books(group), {k: v for k, v in clients.items() if k[0] == group}, told)
+        for k, v in part.items():
+            out[k] = out[k] + v
+    return out

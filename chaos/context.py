@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.clients import Checker, ClientGroups
+from chaos.clients import ClientGroups, GroupCheckers
 from chaos.stack import DrillStack
 from chaos.state import StateFile
 
@@ -37,7 +37,7 @@ class Drill:
     name: str
     stack: DrillStack
     groups: ClientGroups
-    checker: Checker
+    checker: GroupCheckers
     state: StateFile
     fault_limit_s: float
     started_s: float = field(default_factory=time.monotonic)
@@ -46,11 +46,15 @@ class Drill:
     aborted: str | None = None
     timers: list[threading.Timer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: Any = None       # chaos.metrics.DrillMetrics, or None
+    p99_scale: float = 1.0    # multiplies every steady-state probe's p99_factor
 
     def note(self, kind: str, detail: str, **data: Any) -> float:
         now = time.monotonic()
         with self.lock:
             self.timeline.append(TimelineEntry(now, kind, detail, data))
+        if self.metrics is not None:
+            self.metrics.on_note(self.name, kind)
         return now
 
     def first(self, kind: str) -> float | None:

@@ -536,7 +536,9 @@ async def _serve(args: argparse.Namespace) -> int:
     server = ProxyServer()
     url = await server.start(args.host, args.port)
     if args.port_file:
-        Path(args.port_file).write_text(url)
+        tmp = Path(f"{args.port_file}.tmp")      # atomic: a reader never sees an empty file
+        tmp.write_text(url)
+        tmp.replace(args.port_file)
     print(f"proxy api {url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

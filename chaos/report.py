@@ -8,11 +8,16 @@
 * time to fail over: onset to the first faulted-group delivery that came over another path than the
   faulted one (a URL other than the group's first).
 * time to recover: onset to the moment every faulted client had again received every instrument after
-  its last detection (every book served and verified again).
+  its last detection and after the system's failover (every book served and verified again).
 * outage: the longest time any faulted client went without a delivery between onset and the end.
 
-Verdicts, first match wins: ``not injected`` (a fault's proof failed), ``aborted`` (the safeguard stopped
-the drill), ``failed`` (steady state not met before or after, an undetected gap, an outage over budget,
+* the system's own view (``system_detect`` / ``system_failover`` timeline entries, e.g. the ingest's
+  provider pool excluding the faulted provider and selecting another) counts for detect and fail over
+  when it comes first: a lossless provider switch is invisible to clients by design.
+
+Verdicts, first match wins: ``failed`` when the steady state was not met *before* the fault (the method
+never ran: a deviation), ``not injected`` (a fault's proof failed), ``aborted`` (the safeguard stopped
+the drill), ``failed`` (steady state not met after, an undetected gap, an outage over budget,
 no failover when one was expected, or no recovery), else ``passed``.
 """
 from __future__ import annotations
@@ -46,6 +51,13 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
     detect = next((e.t_s for e in faulted_e if onset is not None and e.t_s >= onset and e.kind in DETECTION_KINDS), None)
     failover = next((d.t_s for d in faulted_d if onset is not None and d.t_s >= onset and d.url
                      and d.url != faulted_first_url), None)
+    # the system's own view (the ingest's provider pool): it may detect and fail over before any client sees it
+    sys_detect = next((e["t_s"] for e in timeline if onset is not None and e["t_s"] >= onset
+                       and e["kind"] in ("system_detect", "system_failover")), None)
+    sys_failover = next((e["t_s"] for e in timeline if onset is not None and e["t_s"] >= onset
+                         and e["kind"] == "system_failover"), None)
+    detect = min((t for t in (detect, sys_detect) if t is not None), default=None)
+    failover = min((t for t in (failover, sys_failover) if t is not None), default=None)
     recover = None
     if onset is not None:
         last_detect: dict[int, float] = {}
@@ -54,7 +66,7 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
                 last_detect[e.client] = e.t_s
         worst = onset
         for c in range(n_faulted):
-            since = last_detect.get(c, onset)
+            since = max(last_detect.get(c, onset), sys_failover or onset)
             for inst in instruments:
                 t = next((d.t_s for d in faulted_d if d.client == c and d.instrument == inst and d.t_s > since), None)
                 if t is None:
@@ -84,7 +96,10 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
             for g in ("faulted", "control")}
 
     reasons = []
-    if any(not p["took_effect"] for p in proofs) or (onset is None and not aborted):
+    if before_ok is False:
+        verdict = "failed"
+        reasons = ["steady state not met before the fault: the method did not run (a deviation, not a pass)"]
+    elif any(not p["took_effect"] for p in proofs) or (onset is None and not aborted):
         verdict = "not injected"
         reasons = [f"{p['fault']}: no proof it took effect ({p['evidence']})" for p in proofs if not p["took_effect"]]
         if not proofs:
@@ -92,8 +107,6 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
     elif aborted:
         verdict, reasons = "aborted", [aborted]
     else:
-        if before_ok is False:
-            reasons.append("steady state not met before the fault")
         if after_ok is False:
             reasons.append("steady state not met after the fault")
         if gaps["faulted"]["undetected"] or gaps["control"]["undetected"]:
@@ -179,7 +192,7 @@ def timeline_png(r: dict[str, Any], deliveries: list[Delivery], t0_s: float, pat
     plt.close(fig)
 
 
-CHDB_TABLE = "bookcast_drills"
+CHDB_TABLE = "chaos_drills"
 
 
 def drill_row(r: dict[str, Any], run_at: str) -> dict[str, Any]:
@@ -194,7 +207,7 @@ def drill_row(r: dict[str, Any], run_at: str) -> dict[str, Any]:
 
 
 def write_chdb(rows: list[dict[str, Any]], path: Path) -> None:
-    """Append rows to ``bookcast_drills`` in the chDB store at ``path`` (created when missing)."""
+    """Append rows to ``CHDB_TABLE`` in the chDB store at ``path`` (created when missing)."""
     from chdb.session import Session
 
     path.mkdir(parents=True, exist_ok=True)

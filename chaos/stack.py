@@ -83,7 +83,8 @@ class DrillStack:
         api_port_file = self.workdir / "proxy-api"
         proxy = Proc("proxy", ["-m", "chaos.proxy", "--port-file", str(api_port_file)], None)
         self._spawn(proxy, python_module=True)
-        wait_until(api_port_file.exists, 20, what="fault proxy API", proc=proxy.popen)
+        wait_until(lambda: api_port_file.exists() and api_port_file.read_text().strip(), 60, what="fault proxy API",
+                   proc=proxy.popen)
         self.proxy_api = api_port_file.read_text().strip()
         created = http_json(f"{self.proxy_api}/proxies", {"name": "gateway-a", "listen": "127.0.0.1:0",
                                                           "upstream": f"127.0.0.1:{self.procs['gateway-a'].port}"})
@@ -153,6 +154,46 @@ class DrillStack:
         if role.startswith("gateway"):
             self.wait_gateway(role, ready_timeout_s)
         return time.monotonic() - t0
+
+    # -- what the runner reads (the same on every drill stack) ------------------------------------
+    kind = "gateways"
+    layout = "nats-server, ingest, 3 gateways, fault proxy"
+
+    @property
+    def checker_url(self) -> str:
+        """NATS URL the independent checker builds its books from."""
+        return self.nats.url
+
+    def checker_urls(self) -> dict[str, str]:
+        """{group: NATS URL} of the checker each client group's books are compared with."""
+        return {"faulted": self.checker_url, "control": self.checker_url}
+
+    def group_urls(self) -> dict[str, list]:
+        """{"faulted": urls, "control": urls} for ``ClientGroups`` (a list of lists means regions)."""
+        return {"faulted": self.faulted_urls(), "control": self.control_urls()}
+
+    def faulted_first_url(self) -> str:
+        """The faulted group's preferred URL: a delivery over any other is a failover."""
+        return self.faulted_urls()[0]
+
+    def quiesce_roles(self) -> list[str]:
+        """Roles paused (SIGSTOP) while books are compared: every publisher of the checked NATS."""
+        return ["ingest"]
+
+    def system_view(self) -> dict | None:
+        """What the system itself says about failover (polled during the drill): ``{"selected": name,
+        "healthy": bool}`` or None when this stack has no such view (failover is read from the clients)."""
+        return None
+
+    def cleanup_workdir(self, keep_logs_in: Path | None = None) -> None:
+        """Copy the processes' logs to ``keep_logs_in`` (when given), then remove the work directory."""
+        import shutil
+
+        if keep_logs_in is not None:
+            keep_logs_in.mkdir(parents=True, exist_ok=True)
+            for log_file in self.workdir.glob("*.log"):
+                shutil.copy(log_file, keep_logs_in / log_file.name)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- URLs --------------------------------------------------------------------------------------
     def ws_url(self, role: str) -> str:

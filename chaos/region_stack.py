@@ -1,0 +1,194 @@
+"""The region drills' stack: ``feed.regions.RegionsStack`` (a NATS supercluster of two regions, an HA ingest
+and a gateway per region) with every process recorded in the drill's state file.
+
+Adapter module. Layout::
+
+    region a: nats a-0 <-gateway link-> nats b-0 :region b
+              ingest-a (leads at start)           ingest-b (standby, in step)
+              gateway-a                           gateway-b
+
+The **faulted region** (``faulted_region``, default ``a``; ``b`` for the partition, where b is the side cut
+off from the leader) is what the drill faults. The faulted group's clients hold both regions, the faulted
+one preferred (``BookClient(regions=[[faulted], [other]])``: the SDK's region move is the failover under
+test); with ``failover=False`` they hold the faulted region only. The control group holds the other region's
+gateway, and the independent checker builds its books from the other region's NATS.
+
+Roles for ``chaos.actions``: ``gateway-a``, ``gateway-b``, ``ingest-a``, ``ingest-b``, ``nats-a``, ``nats-b``
+(one server per region). Built on ``RegionsStack`` as it is: the HA lease and takeover are its own; a
+region drill reports what it does (``region-nats-killed`` fails while the standby never takes over after
+the leader's region NATS dies: the known regions failure).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos.stack import Proc, http_json
+from chaos.state import StateFile
+from feed.procs import port_open, wait_until
+
+log = logging.getLogger("bookcast.chaos.region_stack")
+
+REGIONS = ("a", "b")
+
+
+@dataclass
+class RegionDrillStack:
+    state: StateFile
+    failover: bool = True
+    speed: float = 1.0
+    faulted_region: str = "a"
+    lease_ttl_s: float = 4.0         # RegionsStack uses 1.5 s; a drill machine under load loses such a lease
+    instruments_wanted: int = 3
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bookcast-drill-regions-")))
+    captures: list[Path] = field(default_factory=list)
+    instruments: list[str] = field(default_factory=list)
+    proxy_api: str = ""
+    regions: object = None
+    _ids: dict = field(default_factory=dict)
+
+    kind = "regions"
+    layout = "NATS supercluster a+b, HA ingest and gateway per region"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> RegionDrillStack:
+        from feed.regions import RegionsStack
+
+        self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
+                                    captures=list(self.captures))
+        try:
+            self.regions.start(timeout_s=90)
+        finally:
+            self._record()
+        standby = [p for p in self.regions.procs if p.ha().get("role") != "leader"]
+        try:
+            wait_until(lambda: all(all((p.ha().get("in_step") or {0: False}).values()) for p in standby),
+                       60, what="standby ingest in step")
+        except TimeoutError as exc:   # the drill's verdict says what a takeover from here does
+            log.warning("%s; the drill runs anyway", exc)
+        listing = self._region(self.faulted_region).instruments()
+        self.instruments = [i["instrument"] for i in sorted(listing, key=lambda i: -i["seq"])[: self.instruments_wanted]]
+        return self
+
+    def _record(self) -> None:
+        """Every live process of the stack in the state file (new PIDs after a restart too)."""
+        for role, proc in self.procs.items():
+            if proc.popen is None or proc.popen.poll() is not None:
+                continue
+            key = (role, proc.popen.pid)
+            if key not in self._ids:
+                self._ids[key] = self.state.add_process(proc.popen.pid, role)
+
+    def stop(self) -> None:
+        if self.regions is not None:
+            self.regions.stop()
+        for sid in self._ids.values():
+            self.state.remove(sid)
+        self._ids.clear()
+
+    def cleanup_workdir(self, keep_logs_in: Path | None = None) -> None:
+        if keep_logs_in is not None:
+            keep_logs_in.mkdir(parents=True, exist_ok=True)
+            for log_file in self.workdir.glob("*.log"):
+                shutil.copy(log_file, keep_logs_in / log_file.name)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- roles -------------------------------------------------------------------------------------
+    def _region(self, name: str):
+        return self.regions.region(name)
+
+    def _other(self):
+        return self._region(next(r for r in REGIONS if r != self.faulted_region))
+
+    @property
+    def procs(self) -> dict[str, Proc]:
+        out: dict[str, Proc] = {}
+        if self.regions is None:
+            return out
+        for p in self.regions.procs:
+            out[f"gateway-{p.name}"] = Proc(f"gateway-{p.name}", [], p.gateway_port, p.gateway)
+            out[f"ingest-{p.name}"] = Proc(f"ingest-{p.name}", [], p.ingest_port, p.ingest)
+            server = p.nats.servers[0]
+            out[f"nats-{p.name}"] = Proc(f"nats-{p.name}", [], server.port, server.proc)
+        return out
+
+    def pid(self, role: str) -> int:
+        return self.procs[role].popen.pid
+
+    def restart_role(self, role: str, ready_timeout_s: float = 60.0) -> float:
+        """Start ``role`` again (gateway on its port, ingest rejoining as standby, a region's NATS servers
+        with their JetStream stores). Returns the seconds until it served."""
+        t0 = time.monotonic()
+        kind, _, name = role.partition("-")
+        p = self._region(name)
+        proc = self.procs[role]
+        if proc.popen is not None and proc.popen.poll() is None:
+            from feed.procs import stop_process
+
+            proc.popen.send_signal(18)
+            stop_process(proc.popen, grace_s=5.0)
+        if kind == "gateway":
+            wait_until(lambda: not port_open("127.0.0.1", p.gateway_port), 10, what=f"{role} port closed")
+            self.regions.start_gateway(p, p.gateway_port)
+        elif kind == "ingest":
+            self.regions.start_ingest(p)
+        elif kind == "nats":
+            for s in p.nats.servers:
+                s.start(ready_timeout_s)
+        else:
+            raise ValueError(f"unknown role {role!r}")
+        self._record()
+        return time.monotonic() - t0
+
+    # -- what the runner reads ---------------------------------------------------------------------
+    @property
+    def checker_kv_region(self) -> str:
+        """The checker's region: its KV books (``feed.ha``) stand in when a snapshot request goes unanswered."""
+        return self._other().name
+
+    @property
+    def checker_url(self) -> str:
+        return self._other().nats.url
+
+    def checker_urls(self) -> dict[str, str]:
+        return {"faulted": self.checker_url, "control": self.checker_url}
+
+    def group_urls(self) -> dict[str, list]:
+        f, o = self._region(self.faulted_region), self._other()
+        faulted = [[f.ws_url], [o.ws_url]] if self.failover else [f.ws_url]
+        return {"faulted": faulted, "control": [o.ws_url]}
+
+    def faulted_first_url(self) -> str:
+        return self._region(self.faulted_region).ws_url
+
+    def quiesce_roles(self) -> list[str]:
+        return [f"ingest-{r}" for r in REGIONS]
+
+    def system_view(self) -> dict | None:
+        leaders = []
+        for p in self.regions.procs:
+            if p.ingest is not None and p.ingest.poll() is None:
+                try:
+                    ha = http_json(p.ingest_url + "/v1/status", timeout_s=0.5).get("ha") or {}
+                except (OSError, ValueError):
+                    ha = {}
+                if ha.get("role") == "leader":
+                    leaders.append(p.name)
+        return {"selected": ",".join(leaders) or None, "healthy": len(leaders) == 1}
+
+    def region_ports(self, name: str) -> dict[str, int]:
+        s = self._region(name).nats.servers[0]
+        return {"client": s.port, "cluster": s.cluster_port, "gateway": s.gateway_port}
+
+    def describe(self) -> dict:
+        if self.regions is None:
+            return {"pids": {}}
+        return {"regions": {p.name: {"nats": p.nats.url, "gateway": p.ws_url, "ingest": p.ingest_url}
+                            for p in self.regions.procs},
+                "faulted_region": self.faulted_region, "instruments": self.instruments, "failover": self.failover,
+                "group_urls": self.group_urls(), "checker": self.checker_url,
+                "pids": {r: p.popen.pid for r, p in self.procs.items() if p.popen is not None}}
