@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ class FanoutConfig:
     repeat: int = 1
     idle: int = 0  # idle-connections mode: this many idle connections beside ``clients`` healthy ones
     saturated_busy_pct: float = 90.0
+    gateway_args: list[str] = field(default_factory=list)  # extra ``bookcast gateway`` options (A/B runs)
     toggles: dict[str, bool] = field(default_factory=dict)
     command: str = ""
 
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> FanoutConfig:
         instruments=pick("instruments"), client_procs=pick("client_procs"), workers=pick("workers"),
         out_dir=args.out or Path("run") / "bench" / f"fanout-{stamp}", targets=args.targets,
         drain_s=args.drain_s, connect_timeout_s=args.connect_timeout_s, repeat=args.repeat, idle=args.idle or 0,
-        saturated_busy_pct=args.saturated_busy_pct,
+        saturated_busy_pct=args.saturated_busy_pct, gateway_args=shlex.split(args.gateway_args or ""),
         toggles={"exporter": args.exporter == "on", "ebpf": args.ebpf == "on", "otlp": args.otlp == "on"},
         command=" ".join(["bookcast", *sys.argv[1:]]) if sys.argv[0].endswith(("bookcast", "cli.py")) else "",
     )
@@ -250,7 +252,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
             port = free_port()
             otlp = ["--otlp-endpoint", os.environ[OTLP_ENV]] if config.toggles.get("otlp") else []
             gateway = _spawn_cli(["gateway", "--nats", nats.url, "--port", str(port), "--workers", str(config.workers),
-                                  *otlp], logs / f"gateway-{tag}.log")
+                                  *otlp, *config.gateway_args], logs / f"gateway-{tag}.log")
             base = f"http://127.0.0.1:{port}"
             wait_until(lambda: _lists(base, instruments), START_TIMEOUT_S, what="gateway listing the benchmark instruments",
                        proc=gateway, interval_s=0.1)
