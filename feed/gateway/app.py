@@ -247,10 +247,11 @@ class Connection:
             return
         transport = self.transport
         if transport is not None and not transport.is_closing() and not self.ws.closed:
+            count = len(frames)
             if self.write_stamps:
-                frames.insert(0, write_stamp_frame(time.time_ns(), len(frames)))
+                frames.insert(0, write_stamp_frame(time.time_ns(), count))
             transport.writelines(frames)
-            self.session.tally["socket_writes"] += 1
+            self.session.wrote_through(count, self.corked_bytes)
             if transport.get_write_buffer_size() > limit_bytes:
                 self.idle = False
                 self.must_drain = True

@@ -417,8 +417,8 @@ class Session:
         resync is queued as ``pull`` would).
 
         Only valid when nothing is queued (``queue.items`` empty) and the state is OPEN: the frame then goes
-        out exactly where ``push`` + ``pull`` would have put it, and what the client holds, the tallies and
-        the heartbeat clock move as they would (the adapter counts its socket writes). PROTOCOL.md section 7 is untouched: the bounded queue only
+        out exactly where ``push`` + ``pull`` would have put it, and what the client holds and the heartbeat
+        clock move as they would; the adapter reports the socket write with ``wrote_through``. PROTOCOL.md section 7 is untouched: the bounded queue only
         ever holds what the socket did not take, and a caller writes through only while the socket takes it.
         """
         state = self.held.get(item.instrument)  # type: ignore[arg-type]
@@ -431,11 +431,16 @@ class Session:
             if verdict is not Admit.SEND:
                 return None
         state.seq = item.seq
-        tally = self.tally
-        tally[_SENT_DELTA] += 1
-        tally["bytes_sent"] += len(item.payload)
         self.last_send_ns = now_ns
         return item.payload
+
+    def wrote_through(self, frames: int, size_bytes: int) -> None:
+        """The adapter wrote ``frames`` frames of ``deliver_now`` (``size_bytes`` in all) in one socket write:
+        tallied once per write, not per frame (``pull`` tallies once per pull likewise)."""
+        tally = self.tally
+        tally[_SENT_DELTA] += frames
+        tally["bytes_sent"] += size_bytes
+        tally["socket_writes"] += 1
 
     # -- consumer side (the writer) ----------------------------------------------------------------
     def pull(self, now_ns: int, max_bytes: int) -> tuple[list[bytes], Close | None]:

@@ -27,6 +27,7 @@ def _fan_out(links, actions, now_ns, through, queued, written):
                     frame = session.deliver_now(action.item, now_ns)
                     if frame is not None:
                         written[session].append(frame)
+                        session.wrote_through(1, len(frame))
                     continue
                 session.push(action.item, now_ns)
                 if session is queued and idle:
@@ -46,7 +47,8 @@ def test_deliver_now_skips_until_the_snapshot_then_sends_what_pull_would():
     frame = s.deliver_now(item, T0 + 5)
     assert frame is item.payload  # the shared frame, not a copy
     assert s.held[INST] == SentState("e1", 2) and s.last_send_ns == T0 + 5
-    assert s.tally[("sent", "delta")] == 1 and s.tally["bytes_sent"] >= len(frame)
+    s.wrote_through(1, len(frame))
+    assert s.tally[("sent", "delta")] == 1 and s.tally["socket_writes"] == 2  # the snapshot's pull, then this
     assert s.deliver_now(item, T0 + 6) is None  # a duplicate is skipped
 
 
