@@ -54,7 +54,7 @@ from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import Authorization, Close, Link, Session, Unlink
+from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
@@ -176,7 +176,12 @@ class Connection:
         self.close_request: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self.dropped: asyncio.Future[None] = loop.create_future()  # handler finished
         self.write_stamps = False  # ?write_stamps=1: a write_stamp notice before every socket write
+        self.idle = False  # the writer waits for work with nothing queued (not in drain): write-through allowed
+        self.corked: list[bytes] = []  # write-through frames of this loop pass, written by Gateway._flush_corked
+        self.corked_bytes = 0
+        self.must_drain = False  # the last write-through left the socket over the limit: the writer drains it
         session.wakeup = self._wake
+        session.sink = self
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -193,8 +198,16 @@ class Connection:
         try:
             while True:
                 if not session.queue.items:
+                    if self.must_drain:  # write-through filled the socket: wait for it like _write does
+                        self.must_drain = False
+                        await self.http_writer.drain()
+                        continue
                     self._waiter = loop.create_future()
-                    await self._waiter
+                    self.idle = True
+                    try:
+                        await self._waiter
+                    finally:
+                        self.idle = False
                     self._waiter = None
                     continue
                 frames, close = session.pull(time.time_ns(), limit_bytes)
@@ -225,6 +238,27 @@ class Connection:
         transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if transport.get_write_buffer_size() > limit_bytes:
             await self.http_writer.drain()
+
+    def flush_corked(self, limit_bytes: int) -> None:
+        """Write this pass's write-through frames as one socket write (``writelines``: one vectored
+        write on uvloop); if that leaves the socket over ``limit_bytes``, stop write-through and have the
+        writer wait for the socket to drain, queueing in the meantime (PROTOCOL.md section 7)."""
+        frames = self.corked
+        if not frames:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self.ws.closed:
+            count = len(frames)
+            if self.write_stamps:
+                frames.insert(0, write_stamp_frame(time.time_ns(), count))
+            transport.writelines(frames)
+            self.session.wrote_through(count, self.corked_bytes)
+            if transport.get_write_buffer_size() > limit_bytes:
+                self.idle = False
+                self.must_drain = True
+                self._wake()
+        frames.clear()
+        self.corked_bytes = 0
 
     def _request_close(self, close: Close) -> None:
         """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
@@ -263,6 +297,7 @@ class Gateway:
         self._subscribed_s: float | None = None      # when the directory subscription was made
         self.connections: set[Connection] = set()
         self.draining = False
+        self._corked: list[Connection] = []  # connections with write-through frames to flush this pass
 
     # -- Books (what sessions read) -------------------------------------------------------------------
     def known(self, instrument: str) -> bool:
@@ -479,7 +514,18 @@ class Gateway:
                 self.metrics.nats_in["unknown"].inc()
 
     def _fan_out(self, inst: str, action: im.FanOut) -> None:
-        """Queue one delta for every subscriber: shared frame bytes, no awaits."""
+        """Send one delta to every subscriber: shared frame bytes (framed and stamped once, by the
+        instrument machine), no awaits, nothing allocated per connection.
+
+        Write-through: a connection with nothing queued whose writer is idle (not waiting for the socket to
+        drain) takes the frame at once, with the same admission check its writer would make
+        (``Session.deliver_now``), without waking its writer task (as websockets' ``broadcast()`` writes
+        without a task switch). The frames a connection takes in one loop pass (NATS hands over every
+        message it has read in one pass) go out as one socket write, at the end of the pass
+        (``_flush_corked``), at most ``ws_writer_limit_bytes`` of them; after that, or while its socket
+        holds more than that, a connection's frames are queued and its writer drains the queue: the queue's
+        bound and the slow-consumer rules (PROTOCOL.md section 7) apply to it exactly as before.
+        Conflating subscribers merge it into their window."""
         subs = self.links.get(inst)
         if not subs:
             return
@@ -492,13 +538,40 @@ class Gateway:
             if action.traceparent is not None and self.otlp is not None:
                 self.otlp.hop_span("nats_gateway", action.traceparent, ts_publish_ns, now_ns,
                                    {"instrument": inst, "seq": delta.seq, "gateway": self.config.name})
+        limit_bytes = self.config.ws_writer_limit_bytes
+        write_through = self.config.write_through
+        open_state = SessionState.OPEN
+        corked = self._corked
+        size_bytes = len(item.payload)
         for session, conflate_ms in subs.items():
             if conflate_ms:
                 delay_s = session.conflate(inst, delta, conflate_ms, now_ns)
                 if delay_s is not None:
                     asyncio.get_running_loop().call_later(delay_s, self._flush_window, session, inst)
-            else:
-                session.push(item, now_ns)
+                continue
+            conn = session.sink
+            if (write_through and conn is not None and conn.idle and not session.queue.items
+                    and session.state is open_state and conn.corked_bytes + size_bytes <= limit_bytes):
+                frame = session.deliver_now(item, now_ns)
+                if frame is not None:
+                    if not conn.corked:
+                        if not corked:
+                            asyncio.get_running_loop().call_soon(self._flush_corked)
+                        corked.append(conn)
+                    conn.corked.append(frame)
+                    conn.corked_bytes += size_bytes
+                continue
+            session.push(item, now_ns)
+
+    def _flush_corked(self) -> None:
+        """End of a fan-out pass: each connection's write-through frames as one socket write."""
+        conns = self._corked
+        if not conns:
+            return
+        self._corked = []
+        limit_bytes = self.config.ws_writer_limit_bytes
+        for conn in conns:
+            conn.flush_corked(limit_bytes)
 
     @staticmethod
     def _flush_window(session: Session, inst: str) -> None:

@@ -74,6 +74,9 @@ class GatewayConfig:
         "--ws-writer-limit-bytes", "bytes written to a connection's socket before waiting for it to drain"))
     socket_sndbuf_bytes: int | None = field(default=None, metadata=cli(
         "--socket-sndbuf-bytes", "kernel send buffer per connection, 0 = kernel autotuning", **_zero_none))
+    write_through: bool = field(default=True, metadata=cli(
+        "--write-through", "fan-out writes straight to a socket with nothing queued ('off' only to measure it)",
+        **_on_off))
     name: str = field(default="gateway", metadata=cli("--name", "name shown to NATS and in logs"))
     instrumented: bool = field(default=True, metadata=cli(
         "--instrumentation", "per-message metrics and traces; 'off' only to measure their cost", **_on_off))

@@ -148,6 +148,9 @@ def _noop() -> None:
     return None
 
 
+_SENT_DELTA = ("sent", "delta")
+
+
 class Session:
     """One client connection's protocol state; see the module docstring for the rules.
 
@@ -181,6 +184,7 @@ class Session:
         self.tally: Counter = Counter()
         self.last_send_ns = now_ns
         self.wakeup: Callable[[], None] = _noop
+        self.sink: object | None = None  # the adapter's handle on the socket side; never read here
 
     # -- state ---------------------------------------------------------------------------------------
     def _go(self, event: SessionInput) -> None:
@@ -405,6 +409,38 @@ class Session:
             code = ErrorCode.UNKNOWN_INSTRUMENT if not self.books.known(req.instrument) else ErrorCode.BAD_REQUEST
             raise ProtocolError(code, f"not subscribed to the book of {req.instrument!r}", req.id)
         self.push(Item(Kind.SNAP, req.instrument), now_ns)
+
+    # -- write-through (the fan-out sends at once; see ``feed.gateway.app.Gateway._fan_out``) -----------
+    def deliver_now(self, item: Item, now_ns: int) -> bytes | None:
+        """Write-through of one data item: the frame to write to the socket now, or None when the client
+        must not get it (it holds that seq already, awaits a snapshot, or the delta does not chain: then a
+        resync is queued as ``pull`` would).
+
+        Only valid when nothing is queued (``queue.items`` empty) and the state is OPEN: the frame then goes
+        out exactly where ``push`` + ``pull`` would have put it, and what the client holds and the heartbeat
+        clock move as they would; the adapter reports the socket write with ``wrote_through``. PROTOCOL.md section 7 is untouched: the bounded queue only
+        ever holds what the socket did not take, and a caller writes through only while the socket takes it.
+        """
+        state = self.held.get(item.instrument)  # type: ignore[arg-type]
+        if type(state) is not SentState:
+            return None
+        if item.prev_seq != state.seq or item.epoch != state.epoch:
+            verdict = admit(state, item.epoch, item.seq, item.prev_seq)
+            if verdict is Admit.GAP:
+                self._writer_gap(item.instrument, now_ns)
+            if verdict is not Admit.SEND:
+                return None
+        state.seq = item.seq
+        self.last_send_ns = now_ns
+        return item.payload
+
+    def wrote_through(self, frames: int, size_bytes: int) -> None:
+        """The adapter wrote ``frames`` frames of ``deliver_now`` (``size_bytes`` in all) in one socket write:
+        tallied once per write, not per frame (``pull`` tallies once per pull likewise)."""
+        tally = self.tally
+        tally[_SENT_DELTA] += frames
+        tally["bytes_sent"] += size_bytes
+        tally["socket_writes"] += 1
 
     # -- consumer side (the writer) ----------------------------------------------------------------
     def pull(self, now_ns: int, max_bytes: int) -> tuple[list[bytes], Close | None]:

@@ -11,7 +11,11 @@ EXAMPLES = """examples:
   bookcast bench fanout --quick                    # tiny run (CI-sized): 20 clients, 50 msg/s, 3 s, both targets
   bookcast bench fanout                            # full: 100,1000,5000 clients x 10,100 msg/s, 20 s per cell
   bookcast bench fanout --clients 1000 --rates 100 --duration-s 30 --out run/bench/c1000
-  bookcast bench fanout --clients 1000 --rates 100 --ebpf on    # the same with eBPF probes on the servers"""
+  bookcast bench fanout --clients 1000 --rates 100 --ebpf on    # the same with eBPF probes on the servers
+  bookcast bench fanout --clients 1000 --rates 20,100 --repeat 3   # each ratio with its run-to-run spread
+  bookcast bench fanout --clients 1000 --rates 20,100,150,200     # highest sustainable rate of each target
+  bookcast bench fanout --idle 10000 --repeat 3                   # RSS per idle connection, healthy client p99
+  bookcast bench fanout --clients 1000 --rates 20 --gateway-args "--write-through off"  # the A side of an A/B"""
 
 FANOUT_HELP = """open-loop fan-out benchmark: a synthetic ingest publishes at fixed rates to K instruments; every client
 subscribes to all of them, through a real bookcast gateway and through nats-server's own WebSocket listener,
@@ -61,6 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "missing then is counted lost (default %(default)s)")
     f.add_argument("--connect-timeout-s", type=float, default=120.0,
                    help="for every client of a process to connect and subscribe (default %(default)s)")
+    f.add_argument("--repeat", type=int, default=1,
+                   help="run every cell N times, interleaved; the report gives each ratio's median, min, max and "
+                        "spread ((max - min) / median) (default %(default)s)")
+    f.add_argument("--idle", type=int, metavar="N",
+                   help="idle-connections mode: per target, cells with 0 and with N idle connections (connected, "
+                        "subscribed to nothing) beside --clients healthy subscribers (default 20, at --rates "
+                        "default 100): RSS per idle connection and the healthy clients' p99 with and without them")
+    f.add_argument("--saturated-busy-pct", type=float, default=90.0,
+                   help="a cell whose machine was busier than this (all CPUs, everyone's processes) is marked "
+                        "saturated and left out of the verdict (default %(default)s)")
+    f.add_argument("--gateway-args", metavar="ARGS",
+                   help="extra options for every bookcast gateway, e.g. \"--write-through off\" (to measure a "
+                        "change against nats-server in its own run)")
     f.add_argument("--out", type=Path, help="output directory (default run/bench/fanout-<time>)")
     f.add_argument("--quick", action="store_true",
                    help="tiny defaults for CI: 20 clients, 50 msg/s, 3 s, 4 instruments, 2 client processes, "

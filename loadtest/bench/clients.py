@@ -1,22 +1,34 @@
-"""One client-load process of the fan-out benchmark: many asyncio WebSocket clients, one tally.
+"""One client-load process of the fan-out benchmark: many lean WebSocket clients on one event loop, one tally.
 
 Each client opens its own WebSocket and takes every delta of every benchmark instrument, from either
 
 * ``bookcast``: a bookcast gateway (``/v1/ws``): ``subscribe`` to all instruments, ready once it holds a
   snapshot of each (PROTOCOL.md section 3/4), or
-* ``nats``: nats-server's WebSocket listener, speaking the NATS protocol (``loadtest.natsproto``):
-  ``CONNECT``, one ``SUB`` per delta subject, ready at the ``PONG`` that answers the ``PING`` after them.
+* ``nats``: nats-server's WebSocket listener, speaking the NATS protocol: ``CONNECT``, one ``SUB`` per
+  delta subject, ready at the ``PONG`` that answers the ``PING`` after them.
 
-Both receive the same payloads (bookcast adds ``ts_send_ns``). Per delta a client checks that it chains
-on the seq it holds (a lean check: the checksum-verifying client is the locustfile's) and records
-``recv - ts_publish_ns`` (the publisher's scheduled time) in an HDR histogram in microseconds, and the
-earliest and latest receipt of each message across this process's clients.
+Both receive the same payloads (bookcast adds ``ts_send_ns``).
+
+The load generator must cost less than the servers it measures, so a client is an ``asyncio.Protocol``
+with its own RFC 6455 client handshake and frame parser (server frames are unmasked; the client masks
+what it sends, section 5.3): every frame that arrived in one read is handled in that ``data_received``
+call, with no task switch or queue per message, and all of them get that read's receive time. Of a
+delta it reads only what the tally needs, by scanning the bytes (``scan_delta``: instrument, ``seq``,
+``prev_seq``, ``ts_publish_ns``); snapshots, resyncs and errors (rare) are decoded in full. The
+checksum-verifying client is the locustfile's.
+
+Per delta a client checks that it chains on the seq it holds and records ``recv - ts_publish_ns`` (the
+publisher's scheduled time) in an HDR histogram in microseconds, and the earliest and latest receipt of
+each message across this process's clients.
 
 Accounting, per client and instrument, from the seq first held (the snapshot's, or 0 for NATS) to the
 publisher's final seq: every seq is either ``delivered`` or lost as ``gap_lost`` (skipped by a delta that
 does not chain: never for bookcast), ``resync_skipped`` (jumped over by a snapshot after a ``resync``)
 or ``tail_lost`` (not received by the drain deadline, e.g. a closed connection). Redelivered seqs are
 ``dups`` and are in none of those.
+
+``--idle``: the clients connect (and, for NATS, finish the ``CONNECT`` / ``PING`` / ``PONG`` exchange)
+but subscribe to nothing; they answer pings and count what they receive, to hold many idle connections.
 
     python -m loadtest.bench.clients --target bookcast --url ws://127.0.0.1:8080/v1/ws --clients 500 \\
         --instruments bench:I0000,bench:I0001
@@ -28,10 +40,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
+import re
+import struct
 import time
 from collections import Counter
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import uvloop
 from hdrh.histogram import HdrHistogram
@@ -51,11 +67,151 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, LATENCY_MAX_US, 3)
 
 
+# The delta's head as ``feed.wire`` writes it (keys in this order, no spaces); greedy up to the stamp, which is
+# at the end. One C-level match costs about 0.7x of orjson.loads of the whole delta (measured on a ~300-byte
+# benchmark delta: 5.5 vs 7.7 us on the loaded machine; a pure-Python bytes.find scan was 11 us).
+_DELTA = re.compile(rb'\{"type":"delta","instrument":"([^"]*)","epoch":"[^"]*","seq":(\d+),"prev_seq":(\d+)'
+                    rb'.*"ts_publish_ns":(\d+)', re.S)
+
+
+def scan_delta(payload: bytes) -> tuple[bytes, int, int, int] | None:
+    """``(instrument, seq, prev_seq, ts_publish_ns)`` of an encoded PROTOCOL.md delta, read by matching its
+    keys rather than decoding it, or None when it is not a delta in ``feed.wire``'s key order."""
+    m = _DELTA.match(payload)
+    if m is None:
+        return None
+    return m[1], int(m[2]), int(m[3]), int(m[4])
+
+
+# -- RFC 6455 client side ---------------------------------------------------------------------------
+
+_MASK = os.urandom(4)
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One final client frame (RFC 6455 section 5.2), masked with this process's key (section 5.3)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    if not n:
+        return head + _MASK
+    key = (_MASK * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return head + _MASK + masked
+
+
+def handshake_request(url: str) -> tuple[str, int, bytes]:
+    """``(host, port, request bytes)`` of the opening handshake for a ``ws://`` URL (RFC 6455 section 4.1)."""
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"expected a ws:// URL, got {url!r}")
+    port = parts.port or 80
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    return parts.hostname, port, request
+
+
+class WsProtocol(asyncio.Protocol):
+    """One client WebSocket: handshake, then every complete frame of each read handed to ``client``."""
+
+    def __init__(self, client: Client, request: bytes) -> None:
+        self.client = client
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.buf = b""
+        self.fragments: list[bytes] = []
+        self.fragment_opcode = 0
+        self.close_code: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(ConnectionError(f"closed during the handshake: {exc or 'EOF'}"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        code = self.close_code
+        if code is None and self.upgraded.done() and not self.upgraded.exception():
+            code = 1006  # RFC 6455 section 7.1.5: closed without a close frame
+        self.client.on_closed(code)
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(opcode, payload))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        buf = self.buf + data if self.buf else data
+        if not self.upgraded.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            status = buf[:buf.find(b"\r\n")]
+            if b" 101 " not in status + b" ":
+                self.upgraded.set_exception(ConnectionError(f"upgrade refused: {status[:120].decode(errors='replace')}"))
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            self.upgraded.set_result(None)
+            buf = buf[end + 4:]
+        pos, size = 0, len(buf)
+        client = self.client
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1] & 0x7F
+            start = pos + 2
+            if b1 == 126:
+                if size - pos < 4:
+                    break
+                b1 = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4
+            elif b1 == 127:
+                if size - pos < 10:
+                    break
+                b1 = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                start = pos + 10
+            end = start + b1
+            if end > size:
+                break
+            payload = buf[start:end]
+            pos = end
+            opcode = b0 & 0x0F
+            if opcode == 0 or not b0 & 0x80:  # fragmented message (RFC 6455 section 5.4)
+                if opcode:
+                    self.fragment_opcode = opcode
+                self.fragments.append(payload)
+                if not b0 & 0x80:
+                    continue
+                opcode, payload = self.fragment_opcode, b"".join(self.fragments)
+                self.fragments = []
+            if opcode == 1 or opcode == 2:
+                client.on_message(payload, now)
+            elif opcode == 9:
+                self.send(10, payload)
+            elif opcode == 8:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.send(8, payload[:2])
+                self.transport.close()  # type: ignore[union-attr]
+                break
+        self.buf = buf[pos:] if pos < size else b""
+
+
 class Tally:
     """Counters and receive times of every client of this process."""
 
     def __init__(self, instruments: list[str]) -> None:
         self.index = {name: i for i, name in enumerate(instruments)}
+        self.index_bytes = {name.encode(): i for i, name in enumerate(instruments)}
+        self.delivered = 0  # hot counter, kept out of the Counter
         self.width = len(instruments)
         self.hist = new_histogram()
         self.receipts: dict[int, list[int]] = {}  # seq * width + index -> [first recv ns, last recv ns, receivers]
@@ -64,17 +220,15 @@ class Tally:
         self.final: list[int] | None = None
         self.pending = 0  # (client, instrument) pairs still short of the final seq once ``final`` is known
         self.all_done = asyncio.Event()
+        self.ending = False  # the process is closing its connections: closes are no longer errors
 
     def error(self, text: str) -> None:
         if text in self.errors or len(self.errors) < MAX_ERROR_KINDS:
             self.errors[text] += 1
 
-    def on_delta(self, client: Client, msg: dict, recv_ns: int) -> None:
-        i = self.index.get(msg.get("instrument"))
-        if i is None:
-            self.error(f"delta for an unknown instrument {str(msg.get('instrument'))[:80]}")
-            return
-        held, seq, prev_seq = client.held[i], msg["seq"], msg["prev_seq"]
+    def on_delta(self, client: Client, i: int, seq: int, prev_seq: int, ts_publish_ns: int, recv_ns: int) -> None:
+        """One delta of instrument index ``i`` (``prev_seq -> seq``, stamped ``ts_publish_ns``) reached ``client``."""
+        held = client.held[i]
         if held < 0:
             self.error("delta before the instrument's snapshot")
             return
@@ -85,19 +239,22 @@ class Tally:
             self.counts["gaps"] += 1
             self.counts["gap_lost"] += max(prev_seq - held, 0)
         client.held[i] = seq
-        self.counts["delivered"] += 1
-        self.hist.record_value(min(max((recv_ns - msg["ts_publish_ns"]) // 1000, 1), LATENCY_MAX_US))
+        self.delivered += 1
+        latency_us = (recv_ns - ts_publish_ns) // 1000
+        self.hist.record_value(latency_us if 1 <= latency_us <= LATENCY_MAX_US else min(max(latency_us, 1), LATENCY_MAX_US))
         key = seq * self.width + i
         seen = self.receipts.get(key)
         if seen is None:
             self.receipts[key] = [recv_ns, recv_ns, 1]
         else:
-            seen[0], seen[1], seen[2] = min(seen[0], recv_ns), max(seen[1], recv_ns), seen[2] + 1
+            if recv_ns > seen[1]:
+                seen[1] = recv_ns
+            seen[2] += 1
         if self.final is not None and held < self.final[i] <= seq:
             self._pair_done()
 
     def on_snapshot(self, client: Client, msg: dict) -> None:
-        i = self.index.get(msg.get("instrument"))
+        i = self.index.get(msg.get("instrument"))  # type: ignore[arg-type]
         if i is None:
             return
         held, seq = client.held[i], msg["seq"]
@@ -149,7 +306,8 @@ class Tally:
             "closed_early": sum(1 for c in connected if c.closed),
             "expected": expected,
             "tail_lost": tail_lost,
-            **{k: self.counts[k] for k in ("delivered", "gaps", "gap_lost", "resync_skipped", "dups", "resyncs")},
+            "delivered": self.delivered,
+            **{k: self.counts[k] for k in ("gaps", "gap_lost", "resync_skipped", "dups", "resyncs")},
             "hist": self.hist.encode().decode(),
             "receipts": [[k, *v] for k, v in self.receipts.items()],
             "errors": dict(self.errors),
@@ -157,113 +315,169 @@ class Tally:
 
 
 class Client:
-    """One WebSocket connection's state: the seq held per instrument index (-1: no snapshot yet)."""
+    """One WebSocket client's state: the seq held per instrument index (-1: no snapshot yet)."""
 
-    def __init__(self, tally: Tally, nats: bool) -> None:
+    def __init__(self, tally: Tally, nats: bool, idle: bool = False) -> None:
         self.tally = tally
+        self.nats = nats
+        self.idle = idle
         self.held = [0 if nats else -1] * tally.width
         self.base = [0] * tally.width
         self.snapshots = 0
         self.ready = asyncio.Event()
         self.settled = asyncio.Event()  # ready, or failed to get there
         self.closed = False
-        self.parser = natsproto.NatsParser() if nats else None
+        self.proto: WsProtocol | None = None
+        self._nats_buf = b""
 
-    async def run(self, session: aiohttp.ClientSession, url: str, instruments: list[str],
-                  connect_gate: asyncio.Semaphore, timeout_s: float) -> None:
+    async def run(self, url: str, instruments: list[str], connect_gate: asyncio.Semaphore, timeout_s: float) -> None:
         """Connect, subscribe, wait until ready (``settled`` either way), then receive until the end."""
+        loop = asyncio.get_running_loop()
         try:
             async with connect_gate:
-                ws = await asyncio.wait_for(session.ws_connect(url, max_msg_size=0), timeout_s)
-                await self._subscribe(ws, instruments)
-                receiving = asyncio.ensure_future(self._receive(ws))
+                host, port, request = handshake_request(url)
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(lambda: WsProtocol(self, request), host, port), timeout_s)
+                self.proto = proto
+                await asyncio.wait_for(asyncio.shield(proto.upgraded), timeout_s)
+                self._subscribe(instruments)
+                if self.idle and not self.nats:
+                    self.ready.set()
                 ready = asyncio.ensure_future(self.ready.wait())
-                await asyncio.wait({receiving, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({ready, proto.lost}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
                 ready.cancel()
                 if not self.ready.is_set():
-                    if not receiving.done():
-                        receiving.cancel()
-                        raise ConnectionError(f"not ready within {timeout_s:.0f} s")
-                    raise receiving.exception() or ConnectionError("closed before ready")
+                    if proto.lost.done():
+                        raise ConnectionError("closed before ready")
+                    proto.transport.close()  # type: ignore[union-attr]
+                    raise ConnectionError(f"not ready within {timeout_s:.0f} s")
             self.settled.set()
-            await receiving
-        except (aiohttp.ClientError, OSError, TimeoutError, natsproto.NatsProtocolError) as exc:
+            await proto.lost
+        except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
             self.tally.error(f"{type(exc).__name__}: {str(exc)[:120]}")
         finally:
             self.settled.set()
-            self.closed = True
-            self.tally.on_closed(self)
+            self.on_closed(None)
 
-    async def _subscribe(self, ws: aiohttp.ClientWebSocketResponse, instruments: list[str]) -> None:
-        if self.parser is None:
-            await ws.send_str(wire.encode_request(wire.Subscribe(1, tuple(instruments))).decode())
+    def _subscribe(self, instruments: list[str]) -> None:
+        proto = self.proto
+        if not self.nats:
+            if not self.idle:
+                proto.send(1, wire.encode_request(wire.Subscribe(1, tuple(instruments))))  # type: ignore[union-attr]
             return
         commands = [natsproto.connect_command("bench-client")]
-        commands += [natsproto.sub_command(delta_subject(name), sid) for sid, name in enumerate(instruments, 1)]
-        await ws.send_bytes(b"".join(commands) + natsproto.PING)
+        if not self.idle:
+            commands += [natsproto.sub_command(delta_subject(name), sid) for sid, name in enumerate(instruments, 1)]
+        proto.send(2, b"".join(commands) + natsproto.PING)  # type: ignore[union-attr]
 
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def on_closed(self, close_code: int | None) -> None:
+        """The connection ended (once): after ``finish``, its missing pairs will never arrive."""
+        if self.closed:
+            return
+        self.closed = True
         tally = self.tally
-        async for frame in ws:
-            now = time.time_ns()
-            if frame.type is aiohttp.WSMsgType.TEXT:
-                self._on_bookcast(orjson.loads(frame.data), now)
-            elif frame.type is aiohttp.WSMsgType.BINARY and self.parser is not None:
-                for msg in self.parser.feed(frame.data):
-                    if type(msg) is natsproto.Msg:
-                        tally.on_delta(self, orjson.loads(msg.payload), now)
-                    elif type(msg) is natsproto.Ping:
-                        await ws.send_bytes(natsproto.PONG)
-                    elif type(msg) is natsproto.Pong:
-                        self.ready.set()
-                    elif type(msg) is natsproto.Err:
-                        tally.error(f"nats -ERR {msg.text}")
-            else:
-                break
-        if ws.close_code is not None and ws.close_code != 1000:
-            tally.error(f"closed by the server with code {ws.close_code}")
+        if close_code is not None and close_code != 1000 and not tally.ending:
+            tally.error(f"closed by the server with code {close_code}")
+        tally.on_closed(self)
 
-    def _on_bookcast(self, msg: dict, now: int) -> None:
+    def on_message(self, payload: bytes, now: int) -> None:
+        if self.nats:
+            self._on_nats(payload, now)
+            return
+        tally = self.tally
+        fields = scan_delta(payload)
+        if fields is not None:
+            i = tally.index_bytes.get(fields[0])
+            if i is None:
+                tally.error(f"delta for an unknown instrument {fields[0][:80].decode(errors='replace')}")
+            else:
+                tally.on_delta(self, i, fields[1], fields[2], fields[3], now)
+            return
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            tally.error("a text frame that is not JSON")
+            return
         kind = msg.get("type")
-        if kind == "delta":
-            self.tally.on_delta(self, msg, now)
-        elif kind == "snapshot":
-            self.tally.on_snapshot(self, msg)
+        if kind == "snapshot":
+            tally.on_snapshot(self, msg)
         elif kind == "resync":
-            self.tally.counts["resyncs"] += 1
+            tally.counts["resyncs"] += 1
         elif kind == "error":
-            self.tally.error(f"error reply {msg.get('code')}: {str(msg.get('message'))[:120]}")
+            tally.error(f"error reply {msg.get('code')}: {str(msg.get('message'))[:120]}")
+        elif kind == "delta":
+            tally.error("a delta without instrument, seq, prev_seq or ts_publish_ns")
+
+    def _on_nats(self, data: bytes, now: int) -> None:
+        """NATS protocol bytes (a message may span WebSocket frames): ``MSG`` payloads scanned like deltas."""
+        tally = self.tally
+        buf = self._nats_buf + data if self._nats_buf else data
+        pos = 0
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            if buf.startswith(b"MSG ", pos):
+                parts = buf[pos + 4:end].split(b" ")
+                start = end + 2
+                try:
+                    sid, size = int(parts[1]), int(parts[-1])
+                except (IndexError, ValueError):
+                    tally.error("nats: malformed MSG line")
+                    self.proto.transport.close()  # type: ignore[union-attr]
+                    return
+                if len(buf) < start + size + 2:
+                    break  # the payload is still on its way
+                fields = scan_delta(buf[start:start + size])
+                pos = start + size + 2
+                if fields is None or not 0 < sid <= tally.width:
+                    tally.error("nats: a message that is not a benchmark delta")
+                else:
+                    tally.on_delta(self, sid - 1, fields[1], fields[2], fields[3], now)
+                continue
+            line = buf[pos:end]
+            pos = end + 2
+            if line == b"PING":
+                self.proto.send(2, natsproto.PONG)  # type: ignore[union-attr]
+            elif line == b"PONG":
+                self.ready.set()
+            elif line.startswith(b"-ERR"):
+                tally.error(f"nats -ERR {line[4:].strip().decode(errors='replace')[:120]}")
+            elif not (line.startswith(b"INFO ") or line == b"+OK"):
+                tally.error(f"nats: unknown operation {line[:40]!r}")
+        self._nats_buf = buf[pos:]
 
 
 async def main_async(args: argparse.Namespace) -> int:
     raise_nofile_limit()
-    instruments = args.instruments.split(",")
+    instruments = [] if args.idle else [name for name in args.instruments.split(",") if name]
     tally = Tally(instruments)
-    clients = [Client(tally, args.target == "nats") for _ in range(args.clients)]
+    clients = [Client(tally, args.target == "nats", args.idle) for _ in range(args.clients)]
     gate = asyncio.Semaphore(args.connect_concurrency)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.ensure_future(c.run(session, args.url, instruments, gate, args.connect_timeout_s))
-                 for c in clients]
-        settling = [asyncio.ensure_future(c.settled.wait()) for c in clients]
-        await asyncio.wait(settling, timeout=args.connect_timeout_s)
-        for client, task, waiter in zip(clients, tasks, settling):
-            waiter.cancel()
-            if not client.ready.is_set():
-                task.cancel()  # late: counted as failed, never as a subscriber
-        ready = sum(1 for c in clients if c.ready.is_set())
-        emit("ready", connected=ready, failed=len(clients) - ready, errors=dict(tally.errors))
-        async for command in commands():
-            if command["cmd"] == "finish":
-                tally.finish(clients, command["final_seqs"])
-                try:
-                    await asyncio.wait_for(tally.all_done.wait(), command["drain_s"])
-                except TimeoutError:
-                    pass
-                emit("result", **tally.result(clients))
-                break
-        for task in tasks:
-            task.cancel()
+    tasks = [asyncio.ensure_future(c.run(args.url, instruments, gate, args.connect_timeout_s)) for c in clients]
+    settling = [asyncio.ensure_future(c.settled.wait()) for c in clients]
+    await asyncio.wait(settling, timeout=args.connect_timeout_s)
+    for client, task, waiter in zip(clients, tasks, settling):
+        waiter.cancel()
+        if not client.ready.is_set():
+            task.cancel()  # late: counted as failed, never as a subscriber
+    ready = sum(1 for c in clients if c.ready.is_set())
+    emit("ready", connected=ready, failed=len(clients) - ready, errors=dict(tally.errors))
+    async for command in commands():
+        if command["cmd"] == "finish":
+            tally.finish(clients, command["final_seqs"])
+            try:
+                await asyncio.wait_for(tally.all_done.wait(), command["drain_s"])
+            except TimeoutError:
+                pass
+            emit("result", **tally.result(clients))
+            break
+    tally.ending = True
+    for c in clients:
+        if c.proto is not None and c.proto.transport is not None:
+            c.proto.transport.close()
+    for task in tasks:
+        task.cancel()
     return 0
 
 
@@ -273,7 +487,8 @@ def main() -> int:
     p.add_argument("--target", choices=["bookcast", "nats"], required=True)
     p.add_argument("--url", required=True, help="ws:// URL of the gateway's /v1/ws or nats-server's WebSocket")
     p.add_argument("--clients", type=int, required=True, help="WebSocket clients in this process")
-    p.add_argument("--instruments", required=True, help="comma-separated instrument ids; every client takes all")
+    p.add_argument("--instruments", default="", help="comma-separated instrument ids; every client takes all")
+    p.add_argument("--idle", action="store_true", help="connect but subscribe to nothing (idle connections)")
     p.add_argument("--connect-concurrency", type=int, default=50, help="connections being opened at once")
     p.add_argument("--connect-timeout-s", type=float, default=120.0,
                    help="until every client of this process is ready; later ones count as failed")

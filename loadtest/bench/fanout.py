@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,10 +43,12 @@ from typing import Any
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
 from loadtest.bench import procstat
+from loadtest.bench.procstat import TICKS_PER_S as _TICKS_PER_S
 from loadtest.bench.clients import LATENCY_MAX_US, new_histogram
 from loadtest.bench.ipc import BenchError, Child
 
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+START_TIMEOUT_S = 240.0  # a loaded shared machine takes minutes to import and start a gateway's workers
 WARMUP_PER_WORKER = 8  # SO_REUSEPORT hashes connections over workers: 8 per worker miss one < 1% of the time
 
 
@@ -61,6 +64,10 @@ class FanoutConfig:
     targets: list[str]
     drain_s: float = 10.0
     connect_timeout_s: float = 120.0
+    repeat: int = 1
+    idle: int = 0  # idle-connections mode: this many idle connections beside ``clients`` healthy ones
+    saturated_busy_pct: float = 90.0
+    gateway_args: list[str] = field(default_factory=list)  # extra ``bookcast gateway`` options (A/B runs)
     toggles: dict[str, bool] = field(default_factory=dict)
     command: str = ""
 
@@ -69,6 +76,10 @@ def config_from_args(args: argparse.Namespace) -> FanoutConfig:
     if args.quick:
         defaults = {"clients": [20], "rates": [50.0], "duration_s": 3.0, "instruments": 4, "client_procs": 2,
                     "workers": 1}
+    elif args.idle:
+        cpus = os.cpu_count() or 1
+        defaults = {"clients": [20], "rates": [100.0], "duration_s": 20.0, "instruments": 10, "client_procs": cpus,
+                    "workers": cpus}
     else:
         cpus = os.cpu_count() or 1
         defaults = {"clients": [100, 1000, 5000], "rates": [10.0, 100.0], "duration_s": 20.0, "instruments": 10,
@@ -79,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> FanoutConfig:
         clients=pick("clients"), rates_per_s=pick("rates"), duration_s=pick("duration_s"),
         instruments=pick("instruments"), client_procs=pick("client_procs"), workers=pick("workers"),
         out_dir=args.out or Path("run") / "bench" / f"fanout-{stamp}", targets=args.targets,
-        drain_s=args.drain_s, connect_timeout_s=args.connect_timeout_s,
+        drain_s=args.drain_s, connect_timeout_s=args.connect_timeout_s, repeat=args.repeat, idle=args.idle or 0,
+        saturated_busy_pct=args.saturated_busy_pct, gateway_args=shlex.split(args.gateway_args or ""),
         toggles={"exporter": args.exporter == "on", "ebpf": args.ebpf == "on", "otlp": args.otlp == "on"},
         command=" ".join(["bookcast", *sys.argv[1:]]) if sys.argv[0].endswith(("bookcast", "cli.py")) else "",
     )
@@ -206,21 +218,25 @@ class Counters:
     loadgen_cpu_s: float
     machine_busy: int
     machine_total: int
+    at_s: float
 
     @classmethod
     def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int]) -> Counters:
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
-                   procstat.cpu_s(loadgen), *procstat.machine_ticks())
+                   procstat.cpu_s(loadgen), *procstat.machine_ticks(), time.monotonic())
 
 
-async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str) -> dict[str, Any]:
-    """Run one cell on fresh processes and return its summary (see ``summarise``).
+async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
+                   idle: int = 0, repeat: int = 0) -> dict[str, Any]:
+    """Run one cell on fresh processes and return its summary (see ``summarise``). ``idle`` > 0: that many
+    idle connections (connected, subscribed to nothing) are held beside the ``clients`` healthy ones, and
+    RSS per idle connection is theirs.
 
     Raises:
         BenchError / RuntimeError / TimeoutError: a process failed to start or missed a deadline.
     """
     logs = config.out_dir / "logs"
-    tag = f"{target}-c{clients}-r{rate_per_s:g}"
+    tag = f"{target}-c{clients}-r{rate_per_s:g}" + (f"-idle{idle}" if idle else "") + (f"-n{repeat}" if repeat else "")
     nats = NatsServer(name=f"nats-{tag}", websocket_port=0 if target == "nats" else None, workdir=str(logs))
     gateway: subprocess.Popen | None = None
     sidecars: list[subprocess.Popen] = []
@@ -231,17 +247,17 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
                                       ["--nats", nats.url, "--instruments", str(config.instruments)],
                                       logs / f"publisher-{tag}.log")
         helpers.append(publisher)
-        instruments = (await publisher.expect("ready", 30))["instruments"]
+        instruments = (await publisher.expect("ready", START_TIMEOUT_S))["instruments"]
         if target == "bookcast":
             port = free_port()
             otlp = ["--otlp-endpoint", os.environ[OTLP_ENV]] if config.toggles.get("otlp") else []
             gateway = _spawn_cli(["gateway", "--nats", nats.url, "--port", str(port), "--workers", str(config.workers),
-                                  *otlp], logs / f"gateway-{tag}.log")
+                                  *otlp, *config.gateway_args], logs / f"gateway-{tag}.log")
             base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: _lists(base, instruments), 60, what="gateway listing the benchmark instruments",
+            wait_until(lambda: _lists(base, instruments), START_TIMEOUT_S, what="gateway listing the benchmark instruments",
                        proc=gateway, interval_s=0.1)
             if config.workers > 1:
-                wait_until(lambda: len(procstat.children(gateway.pid)) == config.workers, 30,
+                wait_until(lambda: len(procstat.children(gateway.pid)) == config.workers, START_TIMEOUT_S,
                            what=f"{config.workers} gateway workers", proc=gateway)
             server_pids = [gateway.pid, *procstat.children(gateway.pid)]
             upstream_pids = [nats.pid]
@@ -266,6 +282,22 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         await warmup.expect("ready", config.connect_timeout_s + 60)
         rss_base = procstat.rss_bytes(server_pids)
         loadgen: list[Child] = []
+        idlers: list[Child] = []
+        rss_idle = rss_base
+        if idle:
+            for i, n in enumerate(_split(idle, config.client_procs)):
+                idlers.append(await Child.start(f"idle-{i}", "loadtest.bench.clients",
+                                                [*client_args, "--idle", "--clients", str(n)],
+                                                logs / f"clients-{tag}-idle-{i}.log"))
+                helpers.append(idlers[-1])
+            idle_ready = await _progress(
+                asyncio.gather(*(c.expect("ready", config.connect_timeout_s + 60) for c in idlers)),
+                f"{label} connecting {idle} idle connections")
+            idle_connected = sum(r["connected"] for r in idle_ready)
+            await _settle_rss(server_pids)
+            rss_idle = procstat.rss_bytes(server_pids)
+            _say(f"{label} {idle_connected}/{idle} idle connections held; RSS "
+                 f"+{(rss_idle - rss_base) / max(idle_connected, 1) / 1024:.1f} KiB per idle connection")
         for i, n in enumerate(_split(clients, config.client_procs)):
             loadgen.append(await Child.start(f"clients-{i}", "loadtest.bench.clients", [*client_args, "--clients", str(n)],
                                              logs / f"clients-{tag}-{i}.log"))
@@ -273,12 +305,16 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         readies = await _progress(asyncio.gather(*(c.expect("ready", config.connect_timeout_s + 60) for c in loadgen)),
                                   f"{label} connecting {clients} clients")
         connected = sum(r["connected"] for r in readies)
-        rss_idle = procstat.rss_bytes(server_pids)
+        if not idle:
+            idle_connected = connected
+            await _settle_rss(server_pids)
+            rss_idle = procstat.rss_bytes(server_pids)
         await warmup.stop()
-        _say(f"{label} {connected}/{clients} clients ready; RSS +{(rss_idle - rss_base) / max(connected, 1) / 1024:.1f}"
+        _say(f"{label} {connected}/{clients} clients ready; RSS +{(rss_idle - rss_base) / max(idle_connected, 1) / 1024:.1f}"
              f" KiB per idle connection; publishing {rate_per_s:g} msg/s for {config.duration_s:g} s")
 
-        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in loadgen])
+        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)])
+        load_before = os.getloadavg()[0]
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
         await publisher.send("run", rate_per_s=rate_per_s, count=count)
@@ -290,7 +326,12 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         results = await _progress(asyncio.gather(*(c.expect("result", config.drain_s + 120) for c in loadgen)),
                                   f"{label} draining (up to {config.drain_s:g} s)")
         after = Counters.read(*pids)
+        load_after = os.getloadavg()[0]
         rss_end = procstat.rss_bytes(server_pids)
+        idle_results = []
+        for c in idlers:
+            await c.send("finish", final_seqs={}, drain_s=0)
+            idle_results.append(await c.expect("result", 60))
     finally:
         for helper in reversed(helpers):
             await helper.stop()
@@ -304,7 +345,22 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
     return summarise(
         target=target, clients=clients, rate_per_s=rate_per_s, config=config, results=results,
         published=published, t0_ns=t0_ns, before=before, after=after, rss=(rss_base, rss_idle, rss_end),
+        idle=idle, idle_connected=idle_connected, idle_results=idle_results, repeat=repeat,
+        load_average=(load_before, load_after),
     )
+
+
+async def _settle_rss(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait (up to ``timeout_s``) until the servers' RSS stops growing over half a second: the last
+    connections' buffers are allocated after their handshake."""
+    last = procstat.rss_bytes(pids)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = procstat.rss_bytes(pids)
+        if now <= last:
+            return
+        last = now
 
 
 def _ms(hist, percentile: float) -> float:
@@ -313,7 +369,9 @@ def _ms(hist, percentile: float) -> float:
 
 def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutConfig,
               results: list[dict], published: dict, t0_ns: int, before: Counters, after: Counters,
-              rss: tuple[int, int, int]) -> dict[str, Any]:
+              rss: tuple[int, int, int], idle: int = 0, idle_connected: int | None = None,
+              idle_results: list[dict] | None = None, repeat: int = 0,
+              load_average: tuple[float, float] | None = None) -> dict[str, Any]:
     """Merge the client processes' results into one cell: counts, accounting check, latency and spread
     quantiles (ms), rates (/s), CPU (s), RSS (bytes), and ``harness_failures`` (empty when sound)."""
     latency, spread = new_histogram(), new_histogram()
@@ -351,7 +409,23 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     server_cpu_s = after.server_cpu_s - before.server_cpu_s
     busy, ticks = after.machine_busy - before.machine_busy, after.machine_total - before.machine_total
     rss_base, rss_idle, rss_end = rss
+    idle_connected = subscribers if idle_connected is None else idle_connected
+    upstream_cpu_s = after.upstream_cpu_s - before.upstream_cpu_s
+    publisher_cpu_s = after.publisher_cpu_s - before.publisher_cpu_s
+    loadgen_cpu_s = after.loadgen_cpu_s - before.loadgen_cpu_s
+    measured_s = max(after.at_s - before.at_s, 1e-9)
+    cpus = os.cpu_count() or 1
+    busy_pct = 100 * busy / ticks if ticks else None
+    # What the machine spent on everything that is not this cell's processes: other people's work on a
+    # shared machine (the load generator, the publisher and the servers are counted apart).
+    ours_s = server_cpu_s + loadgen_cpu_s + publisher_cpu_s + (upstream_cpu_s if target == "bookcast" else 0)
+    others_pct = (max(busy / _TICKS_PER_S - ours_s, 0) / (measured_s * cpus) * 100) if ticks else None
+    for r in idle_results or []:
+        for text, n in r["errors"].items():
+            errors[f"idle: {text}"] = errors.get(f"idle: {text}", 0) + n
     return {
+        "repeat": repeat, "idle": idle, "idle_connected": idle_connected if idle else None,
+        "idle_closed_early": sum(r["closed_early"] for r in idle_results or []) if idle else None,
         "target": target, "clients": clients, "rate_per_s": rate_per_s, "duration_s": config.duration_s,
         "instruments": config.instruments, "workers": config.workers if target == "bookcast" else None,
         "subscribers": subscribers, "connect_failures": clients - subscribers,
@@ -366,12 +440,19 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
                       "messages": spread.get_total_count()},
         "server_cpu_s": server_cpu_s,
         "server_cpu_s_per_million": server_cpu_s / delivered * 1e6 if delivered else None,
-        "upstream_nats_cpu_s": after.upstream_cpu_s - before.upstream_cpu_s if target == "bookcast" else None,
-        "publisher_cpu_s": after.publisher_cpu_s - before.publisher_cpu_s,
-        "loadgen_cpu_s": after.loadgen_cpu_s - before.loadgen_cpu_s,
-        "machine_busy_pct": 100 * busy / ticks if ticks else None,
+        "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
+        "publisher_cpu_s": publisher_cpu_s,
+        "loadgen_cpu_s": loadgen_cpu_s,
+        "harness_cpu_s": loadgen_cpu_s + publisher_cpu_s,
+        "harness_cores": (loadgen_cpu_s + publisher_cpu_s) / measured_s,
+        "server_cores": server_cpu_s / measured_s,
+        "measured_s": measured_s,
+        "machine_busy_pct": busy_pct,
+        "others_busy_pct": others_pct,
+        "saturated": busy_pct is not None and busy_pct > config.saturated_busy_pct,
+        "load_average_1m": list(load_average) if load_average else None,
         "rss_base_bytes": rss_base, "rss_idle_bytes": rss_idle, "rss_end_bytes": rss_end,
-        "rss_per_idle_connection_bytes": (rss_idle - rss_base) / subscribers if subscribers else None,
+        "rss_per_idle_connection_bytes": (rss_idle - rss_base) / idle_connected if idle_connected else None,
         "errors": errors, "harness_failures": failures,
     }
 
@@ -391,24 +472,32 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
     """Every cell, bookcast then nats at each point; a cell that fails is recorded and the run goes on."""
     (config.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     points = [(c, r) for c in config.clients for r in config.rates_per_s]
-    plan = [(t, c, r) for c, r in points for t in config.targets]
+    idles = [0, config.idle] if config.idle else [0]
+    # Repeats interleave (every point once, then again), so a slow spell of a shared machine spreads over
+    # points instead of spoiling one; bookcast and nats cells of one point run back to back.
+    plan = [(n, t, c, r, i) for n in range(config.repeat) for c, r in points for i in idles for t in config.targets]
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
            "cells": [], "failed_cells": []}
-    for n, (target, clients, rate) in enumerate(plan, 1):
-        label = f"[{n}/{len(plan)}] {target} clients={clients} rate={rate:g}/s:"
-        _say(f"{label} starting")
+    for n, (repeat, target, clients, rate, idle) in enumerate(plan, 1):
+        label = (f"[{n}/{len(plan)}] {target} clients={clients} rate={rate:g}/s" + (f" idle={idle}" if idle else "")
+                 + (f" run={repeat + 1}" if config.repeat > 1 else "") + ":")
+        _say(f"{label} starting (load average {os.getloadavg()[0]:.1f})")
         try:
-            cell = await run_cell(config, target, clients, rate, label)
+            cell = await run_cell(config, target, clients, rate, label, idle=idle, repeat=repeat)
         except (BenchError, RuntimeError, TimeoutError, OSError) as exc:
             _say(f"{label} FAILED: {exc}")
-            run["failed_cells"].append({"target": target, "clients": clients, "rate_per_s": rate, "error": str(exc)})
+            run["failed_cells"].append({"target": target, "clients": clients, "rate_per_s": rate, "idle": idle,
+                                        "repeat": repeat, "error": str(exc)})
             continue
         run["cells"].append(cell)
         lat = cell["latency_ms"]
         _say(f"{label} delivered {cell['delivered']:,} ({cell['delivered_per_s']:,.0f}/s of {cell['offered_per_s']:,.0f}"
              f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, server CPU "
-             f"{cell['server_cpu_s']:.2f} s, losses {sum(cell['losses'].values())}, errors {sum(cell['errors'].values())}"
+             f"{cell['server_cpu_s']:.2f} s, harness {cell['harness_cores']:.2f} cores, machine busy "
+             f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
+             + (" SATURATED" if cell["saturated"] else "")
+             + f", losses {sum(cell['losses'].values())}, errors {sum(cell['errors'].values())}"
              + (f", HARNESS FAILURES: {cell['harness_failures']}" if cell["harness_failures"] else ""))
     run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return run
@@ -424,7 +513,8 @@ def run(args: argparse.Namespace) -> int:
     from loadtest.bench import report
 
     config = config_from_args(args)
-    bad = [v for v in (*config.clients, config.instruments, config.client_procs, config.workers) if v < 1]
+    bad = [v for v in (*config.clients, config.instruments, config.client_procs, config.workers, config.repeat) if v < 1]
+    bad += [config.idle] if config.idle < 0 else []
     if bad or any(r <= 0 for r in config.rates_per_s) or config.duration_s <= 0:
         print("bookcast bench fanout: clients, rates, duration, instruments, procs and workers must be > 0",
               file=sys.stderr)

@@ -10,7 +10,7 @@ import os
 import resource
 from collections.abc import Iterable
 
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+TICKS_PER_S = _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def _stat_fields(pid: int) -> list[str] | None:

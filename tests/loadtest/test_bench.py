@@ -1,4 +1,5 @@
-"""The fan-out benchmark checks itself: a CI-sized run on real processes, every message accounted for."""
+"""The fan-out benchmark checks itself: a CI-sized run on real processes (idle-connections mode: each target
+with 0 and with 30 idle connections beside the healthy subscribers), every message accounted for."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def bench(*args: str, env: dict[str, str] | None = None, timeout_s: float = 300)
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    proc = bench("--quick", "--clients", "24", "--workers", "2", "--out", str(out))
+    proc = bench("--quick", "--clients", "24", "--workers", "2", "--idle", "30", "--out", str(out), timeout_s=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 
@@ -31,9 +32,11 @@ def test_every_published_message_is_delivered_or_counted_lost(quick_run):
     out, _ = quick_run
     run = json.loads((out / "results.json").read_text())
     assert run["failed_cells"] == []
-    cells = {c["target"]: c for c in run["cells"]}
-    assert set(cells) == {"bookcast", "nats"}
-    for target, c in cells.items():
+    assert sorted((c["target"], c["idle"]) for c in run["cells"]) == [("bookcast", 0), ("bookcast", 30), ("nats", 0),
+                                                                     ("nats", 30)]
+    cells = {c["target"]: c for c in run["cells"] if not c["idle"]}
+    for c in run["cells"]:
+        target = c["target"]
         assert c["subscribers"] == 24 and c["connect_failures"] == 0, target
         assert c["published"] == round(50 * 3)
         owed = c["published"] * c["subscribers"]
@@ -42,6 +45,11 @@ def test_every_published_message_is_delivered_or_counted_lost(quick_run):
         lat = c["latency_ms"]
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"], target
         assert c["delivered_per_s"] > 0 and c["server_cpu_s"] >= 0 and c["rss_idle_bytes"] > 0
+        assert c["harness_cpu_s"] > 0 and 0 <= c["others_busy_pct"] <= 100 and isinstance(c["saturated"], bool)
+        assert c["saturated"] == (c["machine_busy_pct"] > 90) and len(c["load_average_1m"]) == 2
+        if c["idle"]:  # every idle connection held to the end, and RSS per idle connection is theirs
+            assert c["idle_connected"] == 30 and c["idle_closed_early"] == 0, target
+            assert c["rss_per_idle_connection_bytes"] == (c["rss_idle_bytes"] - c["rss_base_bytes"]) / 30
     bookcast = cells["bookcast"]
     assert bookcast["losses"] == {"gap_lost": 0, "resync_skipped": 0, "tail_lost": 0}
     assert bookcast["delivered"] == bookcast["owed"]
@@ -54,17 +62,23 @@ def test_the_peer_comparison_and_report_files_are_written(quick_run):
     out, proc = quick_run
     assert [Path(line) for line in proc.stdout.split()] == [out / "results.json", out / "report.md", out / "fanout.png"]
     run = json.loads((out / "results.json").read_text())
-    [row] = run["comparisons"]
-    assert row["clients"] == 24 and row["rate_per_s"] == 50
-    for figure in ("delivered_per_s", "p99_ms", "rss_per_idle_connection_bytes"):
-        assert row[figure]["ratio"] == pytest.approx(row[figure]["bookcast"] / row[figure]["nats"]), figure
-    assert {t["status"] for t in run["targets"]} <= {"met", "missed", "not measured"} and len(run["targets"]) == 4
+    rows = {r["idle"]: r for r in run["comparisons"]}
+    assert set(rows) == {0, 30}
+    for row in rows.values():
+        assert row["clients"] == 24 and row["rate_per_s"] == 50 and row["runs"] == 1
+        for figure in ("delivered_per_s", "p99_ms", "rss_per_idle_connection_bytes"):
+            assert row[figure]["ratio"] == pytest.approx(row[figure]["bookcast"] / row[figure]["nats"]), figure
+    assert {r["target"] for r in run["idle"]} == {"bookcast", "nats"}
+    for r in run["idle"]:
+        assert r["p99_ratio"] == pytest.approx(r["p99_ms"] / r["p99_without_ms"])
+    assert {t["status"] for t in run["targets"]} <= {"met", "missed", "saturated", "not measured"}
+    assert len(run["targets"]) == 8
     md = (out / "report.md").read_text()
-    assert "| bookcast | 24 | 50 |" in md and "| nats | 24 | 50 |" in md and "## Targets" in md
-    assert "| 24 | 50 |" in md.split("same run")[1]
+    assert "| bookcast | 24 | 50 | 0 | 1 |" in md and "| nats | 24 | 50 | 30 | 1 |" in md and "## Targets" in md
+    assert "| 24 x 50/s + 30 idle | 1 (" in md.split("same run")[1] and "## Idle connections" in md
     with Image.open(out / "fanout.png") as png:
         assert png.format == "PNG" and png.width > 800 and png.height > 300
-    assert "[1/2] bookcast clients=24" in proc.stderr and "[2/2] nats clients=24" in proc.stderr
+    assert "[1/4] bookcast clients=24" in proc.stderr and "[4/4] nats clients=24 rate=50/s idle=30" in proc.stderr
 
 
 def test_an_overhead_toggle_that_cannot_run_fails_clearly(tmp_path):

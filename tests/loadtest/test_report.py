@@ -1,46 +1,117 @@
-"""The report's comparisons and targets, on hand-made cells (the numbers a run would produce)."""
+"""The report's comparisons, rate search, idle figures and targets, on hand-made cells (the numbers a run
+would produce)."""
 from __future__ import annotations
+
+import pytest
 
 from loadtest.bench.report import analyse, markdown
 
 
-def cell(target, clients, *, delivered_per_s, p99_ms, rss_kib, failures=0, errors=None):
-    return {"target": target, "clients": clients, "rate_per_s": 100.0, "delivered_per_s": delivered_per_s,
-            "offered_per_s": 100.0 * clients, "latency_ms": {"p50": 1.0, "p99": p99_ms, "p99_9": p99_ms, "max": p99_ms},
-            "spread_ms": {"p99": 1.0}, "server_cpu_s": 2.0, "server_cpu_s_per_million": 20.0,
+def cell(target, clients, *, rate=100.0, delivered_per_s=None, p99_ms=10.0, cpu_per_m=20.0, rss_kib=24.0,
+         failures=0, errors=None, saturated=False, repeat=0, idle=0, lost=0):
+    return {"target": target, "clients": clients, "rate_per_s": rate, "repeat": repeat, "idle": idle,
+            "idle_connected": idle or None, "idle_closed_early": 0 if idle else None,
+            "delivered_per_s": delivered_per_s or rate * clients, "offered_per_s": rate * clients,
+            "latency_ms": {"p50": 1.0, "p99": p99_ms, "p99_9": p99_ms, "max": p99_ms},
+            "spread_ms": {"p99": 1.0}, "server_cpu_s": 2.0, "server_cpu_s_per_million": cpu_per_m,
             "upstream_nats_cpu_s": 0.5 if target == "bookcast" else None, "loadgen_cpu_s": 3.0,
-            "machine_busy_pct": 90.0, "rss_per_idle_connection_bytes": rss_kib * 1024, "connect_failures": failures,
+            "harness_cores": 0.3, "machine_busy_pct": 95.0 if saturated else 60.0, "others_busy_pct": 5.0,
+            "saturated": saturated, "load_average_1m": [1.0, 1.2],
+            "rss_per_idle_connection_bytes": rss_kib * 1024, "connect_failures": failures,
             "closed_early": 0, "errors": errors or {}, "harness_failures": [], "subscribers": clients - failures,
-            "losses": {"gap_lost": 0, "resync_skipped": 0, "tail_lost": 0}, "resyncs": 0}
+            "losses": {"gap_lost": 0, "resync_skipped": 0, "tail_lost": lost}, "resyncs": 0}
 
 
 def run_of(cells):
     return analyse({"started": "t0", "finished": "t1", "cells": cells, "failed_cells": [],
                     "machine": {"cpus": 2, "kernel": "6", "python": "3.11", "nats_server": "v2"},
                     "config": {"instruments": 10, "duration_s": 20, "client_procs": 2, "workers": 2, "drain_s": 10,
-                               "command": "bookcast bench fanout", "toggles": {"exporter": False}}})
+                               "repeat": 3, "saturated_busy_pct": 90, "command": "bookcast bench fanout",
+                               "toggles": {"exporter": False}}})
 
 
-def statuses(run):
-    return [t["status"] for t in run["targets"]]
+def status(run, starts):
+    [t] = [t for t in run["targets"] if t["target"].startswith(starts)]
+    return t["status"], t["detail"]
 
 
-def test_targets_met_and_ratios_from_the_same_run():
-    run = run_of([cell("bookcast", 1000, delivered_per_s=99_500, p99_ms=8.0, rss_kib=24),
-                  cell("nats", 1000, delivered_per_s=100_000, p99_ms=5.0, rss_kib=40),
-                  cell("bookcast", 5000, delivered_per_s=400_000, p99_ms=80.0, rss_kib=22)])
+def test_ratios_pair_runs_and_report_their_spread():
+    cells = []
+    for n, (bk, nats) in enumerate([(14.0, 20.0), (15.0, 20.0), (16.0, 20.0)]):
+        cells += [cell("bookcast", 1000, rate=20.0, cpu_per_m=bk, p99_ms=6.0, repeat=n),
+                  cell("nats", 1000, rate=20.0, cpu_per_m=nats, p99_ms=10.0, repeat=n)]
+    run = run_of(cells)
     [row] = run["comparisons"]
-    assert row["clients"] == 1000 and row["p99_ms"]["ratio"] == 1.6 and row["delivered_per_s"]["ratio"] == 0.995
-    assert statuses(run) == ["met", "met", "met", "met"]
-    assert "22.0 KiB" in run["targets"][3]["detail"]  # judged at the largest client count
-    assert "| 1,000 | 100 | 0.99 | 1.60 | 1.00 | 0.60 |" in markdown(run)
+    cpu = row["server_cpu_s_per_million"]
+    assert cpu["ratios"] == [0.7, 0.75, 0.8] and cpu["ratio"] == 0.75 and cpu["min"] == 0.7 and cpu["max"] == 0.8
+    assert cpu["spread"] == pytest.approx(0.1 / 0.75)
+    assert row["runs"] == 3 and row["saturated_runs"] == 0 and not row["saturated"]
+    assert status(run, "server CPU s per million deliveries at 1,000 x 20/s")[0] == "met"
+    assert status(run, "p99 at")[0] == "met"  # 0.6x
+    spread = status(run, "run-to-run spread")
+    assert spread[0] == "missed" and "13%" in spread[1]  # 13% spread of the CPU ratio
+    md = markdown(run)
+    assert "| 1,000 x 20/s | 3 (0) | 1.00 [1.00-1.00, 0%] | 0.60 [0.60-0.60, 0%] | 0.75 [0.70-0.80, 13%]" in md
 
 
-def test_targets_missed_and_not_measured():
-    run = run_of([cell("bookcast", 1000, delivered_per_s=90_000, p99_ms=11.0, rss_kib=31),
-                  cell("nats", 1000, delivered_per_s=100_000, p99_ms=5.0, rss_kib=40)])
-    assert statuses(run) == ["missed", "missed", "not measured", "missed"]
-    run = run_of([cell("bookcast", 5000, delivered_per_s=1, p99_ms=1, rss_kib=1, failures=3,
-                       errors={"ConnectionError: refused": 3})])
-    assert statuses(run) == ["not measured", "not measured", "missed", "met"]
-    assert "3 connect failures" in run["targets"][2]["detail"]
+def test_saturated_pairs_are_left_out_of_the_verdict():
+    cells = [cell("bookcast", 1000, cpu_per_m=30.0, repeat=0, saturated=True), cell("nats", 1000, cpu_per_m=20.0, repeat=0),
+             cell("bookcast", 1000, cpu_per_m=14.0, repeat=1), cell("nats", 1000, cpu_per_m=20.0, repeat=1)]
+    run = run_of(cells)
+    [row] = run["comparisons"]
+    assert row["saturated_runs"] == 1 and row["server_cpu_s_per_million"]["ratios"] == [0.7]
+    assert status(run, "server CPU s per million deliveries at 1,000 x 100/s")[0] == "met"
+    # every pair saturated: shown, marked, never judged
+    run = run_of([cell("bookcast", 1000, cpu_per_m=30.0, saturated=True), cell("nats", 1000, cpu_per_m=20.0)])
+    assert run["comparisons"][0]["saturated"] and run["comparisons"][0]["server_cpu_s_per_million"]["ratio"] == 1.5
+    state, detail = status(run, "server CPU s per million deliveries at 1,000 x 100/s")
+    assert state == "saturated" and "left out of the verdict" in detail
+    assert "1.50 (sat.)" in markdown(run) and "**sat.**" in markdown(run)
+
+
+def test_rate_search_finds_each_targets_highest_sustained_rate():
+    cells = []
+    for rate in (20.0, 100.0, 150.0, 200.0):
+        cells.append(cell("bookcast", 1000, rate=rate, p99_ms=50.0 if rate < 200 else 900.0))
+        cells.append(cell("nats", 1000, rate=rate, lost=0 if rate < 150 else 5))
+    run = run_of(cells)
+    [row] = run["rate_search"]
+    assert row["bookcast"]["highest_sustained_per_s"] == 150.0 and row["nats"]["highest_sustained_per_s"] == 100.0
+    assert row["nats"]["failed_at"] == {"rate_per_s": 150.0, "saturated": False} and row["ratio"] == 1.5
+    state, detail = status(run, "highest rate")
+    assert state == "met" and "bookcast 150/s (failed at 200/s)" in detail
+    # nats-server never failed: its ceiling, and so the ratio, is unknown
+    run = run_of([cell("bookcast", 1000, rate=r) for r in (20.0, 100.0)] + [cell("nats", 1000, rate=r) for r in (20.0, 100.0)])
+    state, detail = status(run, "highest rate")
+    assert state == "saturated" and "sustained every rate tested, up to 100/s" in detail
+    # nats-server failed only on a saturated machine: not judged either
+    run = run_of([cell("bookcast", 1000, rate=20.0), cell("nats", 1000, rate=20.0, lost=3, saturated=True)])
+    assert run["rate_search"][0]["nats"]["failed_at"]["saturated"] and status(run, "highest rate")[0] == "saturated"
+
+
+def test_idle_mode_rss_and_healthy_p99_against_the_same_run_without_idle_connections():
+    cells = [cell("bookcast", 20, p99_ms=10.0), cell("nats", 20, p99_ms=12.0),
+             cell("bookcast", 20, p99_ms=11.0, idle=10_000, rss_kib=18.5), cell("nats", 20, p99_ms=30.0, idle=10_000,
+                                                                               rss_kib=30.0)]
+    run = run_of(cells)
+    bk = [r for r in run["idle"] if r["target"] == "bookcast"][0]
+    assert bk["p99_ratio"] == pytest.approx(1.1) and bk["idle_connected"] == 10_000
+    assert status(run, "10,000 idle connections")[0] == "met"
+    state, detail = status(run, "bookcast RSS per idle connection")
+    assert state == "met" and "18.5 KiB (10,000 connections)" in detail
+    rows = {r["idle"]: r for r in run["comparisons"]}
+    assert rows[10_000]["rss_per_idle_connection_bytes"]["ratio"] == pytest.approx(18.5 / 30)
+    assert "| bookcast | 10,000 | 1 | 10,000 | 0 | 18.5 | 11.00 | 10.00 | 1.10 |" in markdown(run)
+    cells[2] = cell("bookcast", 20, p99_ms=25.0, idle=10_000, rss_kib=21.0)
+    run = run_of(cells)
+    assert status(run, "10,000 idle connections")[0] == "missed"
+    assert status(run, "bookcast RSS per idle connection")[0] == "missed"
+
+
+def test_not_measured_and_big_client_errors():
+    run = run_of([cell("bookcast", 5000, failures=3, errors={"ConnectionError: refused": 3})])
+    assert status(run, "5,000 clients")[0] == "missed" and "3 connect failures" in status(run, "5,000 clients")[1]
+    for name in ("server CPU", "p99 at", "highest rate", "10,000 idle", "run-to-run"):
+        found = [t["status"] for t in run["targets"] if t["target"].startswith(name)]
+        assert found and set(found) == {"not measured"}, name
+    assert len(run["targets"]) == 8
