@@ -75,7 +75,7 @@ _EXTRA_OF_COMMAND = {  # a command's own extra wins: it brings everything the co
 _OWN_PACKAGES = ("feed", "exporter", "loadtest", "ebpf", "chaos", "dashboards")
 
 
-def _guarded(parser: argparse.ArgumentParser, build) -> None:
+def _guard_build(parser: argparse.ArgumentParser, build) -> None:
     """``build(parser)``; when it needs a third-party module that is not installed, the command still parses
     (any arguments) and ``main`` prints one line naming the module and the extra that brings it."""
     try:
@@ -87,7 +87,23 @@ def _guarded(parser: argparse.ArgumentParser, build) -> None:
         parser.set_defaults(missing_module=(root,))
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word that is not an option or ``--log-level``'s value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--log-level":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _parser(command: str | None = "") -> argparse.ArgumentParser:
+    """The CLI's parser. Only ``command``'s options are built (its modules imported), so ``bookcast why``
+    does not import the gateway, the benchmarks and the drills; ``""`` builds every command, ``None``
+    (no command given: top-level help or a usage error) builds none beyond their one-line help."""
     p = argparse.ArgumentParser(
         prog="bookcast",
         description="bookcast: order books from venue feeds through NATS to WebSocket clients, with measured latency.",
@@ -102,9 +118,17 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    def wanted(name: str) -> bool:
+        return command == "" or command == name
+
+    def _guarded(parser: argparse.ArgumentParser, build, name: str) -> None:
+        if wanted(name):
+            _guard_build(parser, build)
+
     _guarded(cmd("up", "start the whole stack on embedded defaults"),
-             lambda up: importlib.import_module("feed.stack").add_arguments(up))
-    _tail_module().add_arguments(cmd("tail", "show the live top of book of one instrument"))
+             lambda up: importlib.import_module("feed.stack").add_arguments(up), "up")
+    _guarded(cmd("tail", "show the live top of book of one instrument"),
+             lambda tail: _tail_module().add_arguments(tail), "tail")
 
     r = cmd("replay", "run an ingest that replays capture files as its upstream")
     r.add_argument("captures", nargs="+", type=Path, help="capture files (.jsonl or .jsonl.gz, PROTOCOL.md section 9)")
@@ -116,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default="ingest", help="name shown to NATS and in logs")
     r.add_argument("--connect-timeout-s", type=float, default=10.0,
                    help="give up (exit 1) when NATS does not answer within this many seconds (default %(default)s)")
-    _guarded(r, lambda r: importlib.import_module("feed.ingest").add_arguments(r))
+    _guarded(r, lambda r: importlib.import_module("feed.ingest").add_arguments(r), "replay")
 
     rec = cmd("record", "record a live venue WebSocket into a capture file")
     rec.add_argument("--venue", required=True, choices=["coinbase", "polymarket"])
@@ -128,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = cmd("gateway", "run a gateway (WebSocket + REST) fed from NATS")
     g.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    _guarded(g, lambda g: importlib.import_module("feed.gateway.server").add_arguments(g))
+    _guarded(g, lambda g: importlib.import_module("feed.gateway.server").add_arguments(g), "gateway")
 
     def extension(parser: argparse.ArgumentParser, name: str, module_name: str) -> None:
         module = importlib.import_module(module_name)
@@ -137,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         module.add_arguments(parser)
 
     for name, module_name, help in EXTENSIONS:
-        _guarded(cmd(name, help), lambda parser, n=name, m=module_name: extension(parser, n, m))
+        _guarded(cmd(name, help), lambda parser, n=name, m=module_name: extension(parser, n, m), name)
     return p
 
 
@@ -149,7 +173,8 @@ def _missing_module(command: str, module: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(_command_of(argv))
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "missing_module", None):
         return _missing_module(args.command, args.missing_module[0])
