@@ -95,7 +95,7 @@ class Stack:
         if loop:
             args.append("--loop")
         self.ingest = spawn_cli(args + [str(c) for c in captures], self.tmp / "ingest.log")
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ingest_http_port}/healthz"), 60,
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ingest_http_port}/healthz"), 90,
                    what="ingest /healthz", proc=self.ingest)
 
     def instruments(self) -> list[dict]:
