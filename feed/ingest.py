@@ -179,6 +179,7 @@ class Ingest:
         self.published = 0
         self._tasks: list[asyncio.Task] = []
         self._held: asyncio.Queue | None = None  # the ingest_delay_ns hook's deltas, in order
+        self._announced_s: dict[str, float] = {}  # venue -> monotonic time of its last directory announcement
         self.statuses = StatusTracker()
         self.bursts = BurstChecker(config.burst_idle_s)  # on the books of record (captures)
         self.no_snapshot: dict[str, int] = {}  # instrument -> deltas dropped before its first snapshot
@@ -615,7 +616,12 @@ class Ingest:
             self._dirty_venues.clear()
             if self.ha is not None and not self.ha.publishing():
                 continue  # a standby announces nothing
+            # every venue at least once per interval, however busy another venue keeps the dirty set: a
+            # gateway takes a venue silent for a few intervals as a dead ingest (``--ingest-silent-s``)
+            now_s = time.monotonic()
+            venues |= {v for v in self.venues if now_s - self._announced_s.get(v, 0.0) >= self.config.announce_interval_s}
             for venue in venues:
+                self._announced_s[venue] = now_s
                 try:
                     await self.nc.publish(directory_subject(venue), wire.dumps(self.directory(venue)))
                 except Exception as exc:  # noqa: BLE001 - NATS down: next round retries

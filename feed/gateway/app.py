@@ -142,6 +142,7 @@ class GatewayMetrics:
         tally.clear()
 
 
+INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 WRITE_STAMP_TYPE = "write_stamp"
 INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
 
@@ -295,6 +296,8 @@ class Gateway:
         self.directory: dict[str, dict[str, Any]] = {}
         self._last_directory_s: float | None = None  # monotonic time of the last directory announcement
         self._subscribed_s: float | None = None      # when the directory subscription was made
+        self._venue_announced_s: dict[str, float] = {}  # venue -> monotonic time of its last announcement
+        self.silent_venues: set[str] = set()  # venues whose instruments this gateway marked ingest_silent
         self.connections: set[Connection] = set()
         self.draining = False
         self._corked: list[Connection] = []  # connections with write-through frames to flush this pass
@@ -355,6 +358,26 @@ class Gateway:
             now_ns = time.time_ns()
             for conn in list(self.connections):
                 conn.session.tick(now_ns)
+            self._check_ingest_silence(time.monotonic(), now_ns)
+
+    def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:
+        """Mark every instrument of a venue whose directory announcements stopped for ``ingest_silent_s``
+        ``stale`` (reason ``ingest_silent``; PROTOCOL.md section 11): a dead ingest cannot say so itself.
+        The venue's next announcement carries the ingest's own status and replaces it."""
+        limit_s = self.config.ingest_silent_s
+        if not limit_s:
+            return
+        for venue, last_s in self._venue_announced_s.items():
+            if venue in self.silent_venues or now_s - last_s <= limit_s:
+                continue
+            self.silent_venues.add(venue)
+            marked = 0
+            for inst, machine in list(self.machines.items()):
+                if split_instrument(inst)[0] == venue and machine.status is not Status.STALE:
+                    self._execute(machine, machine.on_status(Status.STALE, INGEST_SILENT, None, now_ns))
+                    marked += 1
+            log.warning("no directory announcement from the ingest of venue %s for %.1f s: %d instruments "
+                        "marked stale (%s)", venue, now_s - last_s, marked, INGEST_SILENT)
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -379,6 +402,14 @@ class Gateway:
             self.metrics.bad_upstream.inc()
             return
         now_ns = time.time_ns()
+        venue = announced.get("venue") if isinstance(announced, dict) else None
+        resumed = False
+        if isinstance(venue, str):
+            self._venue_announced_s[venue] = self._last_directory_s
+            if venue in self.silent_venues:
+                self.silent_venues.discard(venue)
+                resumed = True
+                log.info("directory announcements from the ingest of venue %s resumed", venue)
         for entry in entries:
             inst = entry.get("instrument") if isinstance(entry, dict) else None
             if not isinstance(inst, str):
@@ -395,6 +426,8 @@ class Gateway:
                 status = Status(entry["status"]) if "status" in entry else None
             except ValueError:
                 status = None
+            if status is None and (resumed or machine.status_reason == INGEST_SILENT):
+                status = Status.OK  # an ingest that announces no status: it is alive again
             sub = self._delta_subs.get(inst)
             backlog = len(self._held.get(inst, ())) + (sub.pending_msgs if sub is not None else 0)
             self._execute(machine, machine.on_directory(epoch, seq, now_ns, backlog=backlog, status=status))
@@ -677,7 +710,8 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
+        return (self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
+                and not self.silent_venues)
 
     def directory_silent(self) -> bool:
         """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
@@ -816,7 +850,10 @@ class Gateway:
             machine = self.machines.get(inst)
             if machine is not None and machine.serving:
                 epoch, seq, status = machine.epoch, machine.seq, machine.status.value
-            item = {"instrument": inst, "venue": split_instrument(inst)[0], "epoch": epoch, "seq": seq}
+            venue = split_instrument(inst)[0]
+            if venue in self.silent_venues:
+                status = Status.STALE.value  # its ingest went silent (``_check_ingest_silence``)
+            item = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
             if entry.get("tick_size") is not None:
                 item["tick_size"] = entry["tick_size"]
             for key in INSTRUMENT_METADATA:  # what the venue gives, as the ingest announced it
@@ -832,8 +869,17 @@ class Gateway:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready:
             return web.Response(text="ready\n")
-        why = ("draining" if self.draining else f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
-               if self.directory_silent() else "not connected to NATS")
+        if self.draining:
+            why = "draining"
+        elif self.directory_silent():
+            why = f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
+        elif self.silent_venues:
+            stale = sum(1 for inst, m in self.machines.items()
+                        if split_instrument(inst)[0] in self.silent_venues and m.status is Status.STALE)
+            why = (f"ingest silent for venue {', '.join(sorted(self.silent_venues))} (no directory for "
+                   f"{self.config.ingest_silent_s:g} s; {stale} instruments stale)")
+        else:
+            why = "not connected to NATS"
         return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def metrics_handler(self, request: web.Request) -> web.Response:

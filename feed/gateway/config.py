@@ -96,6 +96,12 @@ class GatewayConfig:
     ready_needs_directory_s: float = field(default=0.0, metadata=cli(
         "--ready-needs-directory-s", "not ready when no ingest directory announcement arrived for this long "
         "(a region cut off from the publishing ingest); 0 = off"))
+    # providers (issue 16): the ingest announces each venue's directory every second while it lives; when a
+    # venue's announcements stop this long, its instruments are ``stale`` (reason ``ingest_silent``) and
+    # /readyz is 503 until they resume
+    ingest_silent_s: float = field(default=5.0, metadata=cli(
+        "--ingest-silent-s", "a venue whose ingest directory announcements stop this long has its instruments "
+        "marked stale (reason ingest_silent) and /readyz 503; 0 = off"))
     # NATS login (feed.natsauth); its options are declared with the other hardening options in
     # feed.gateway.hardening, which fills this field in
     nats_credentials: NatsCredentials = field(default_factory=NatsCredentials)
