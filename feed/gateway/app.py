@@ -181,10 +181,13 @@ class Connection:
         self.corked: list[bytes] = []  # write-through frames of this loop pass, written by Gateway._flush_corked
         self.corked_bytes = 0
         self.must_drain = False  # the last write-through left the socket over the limit: the writer drains it
+        self._inline = False  # tick() is running the session's timers and writes what they queue itself
         session.wakeup = self._wake
         session.sink = self
 
     def _wake(self) -> None:
+        if self._inline:
+            return  # tick() writes what its timers queued itself
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -239,6 +242,40 @@ class Connection:
         transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if transport.get_write_buffer_size() > limit_bytes:
             await self.http_writer.drain()
+
+    def tick(self, now_ns: int, limit_bytes: int) -> None:
+        """The session's timers; what they queue on a connection whose writer is idle (a heartbeat, a
+        close) is pulled and written here, in the ticker's pass, instead of waking the writer task: with
+        10,000 idle connections that is 10,000 task switches a second less."""
+        session = self.session
+        if not self.idle or self.corked:
+            session.tick(now_ns)
+            return
+        self._inline = True
+        try:
+            session.tick(now_ns)
+        finally:
+            self._inline = False
+        if not session.queue.items:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            self._wake()
+            return
+        frames, close = session.pull(now_ns, limit_bytes)
+        if frames:
+            if self.write_stamps:
+                frames.insert(0, write_stamp_frame(time.time_ns(), len(frames)))
+            transport.writelines(frames)
+            session.sent(now_ns)
+            if transport.get_write_buffer_size() > limit_bytes:
+                self.idle = False
+                self.must_drain = True
+        if close is not None:
+            self.idle = False
+            self._request_close(close)
+        if self.must_drain or session.queue.items:
+            self._wake()
 
     def flush_corked(self, limit_bytes: int) -> None:
         """Write this pass's write-through frames as one socket write (``writelines``: one vectored
@@ -356,8 +393,9 @@ class Gateway:
         while True:
             await asyncio.sleep(interval_s)
             now_ns = time.time_ns()
+            limit_bytes = self.config.ws_writer_limit_bytes
             for conn in list(self.connections):
-                conn.session.tick(now_ns)
+                conn.tick(now_ns, limit_bytes)
             self._check_ingest_silence(time.monotonic(), now_ns)
 
     def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:

@@ -149,6 +149,7 @@ def _noop() -> None:
 
 
 _SENT_DELTA = ("sent", "delta")
+_EMPTY_HEARTBEAT: list = [None, b""]  # [now_ns, frame] of the last heartbeat with no seqs (a cache keyed by its input)
 
 
 class Session:
@@ -528,6 +529,10 @@ class Session:
             return self._conflated_for(item, now_ns), "delta"
         if kind is Kind.HEARTBEAT:
             seqs = {i: (st.epoch, st.seq) for i, st in self.held.items() if type(st) is SentState and i in self.subs}
+            if not seqs:  # the same bytes for every connection holding no book: framed once per now_ns
+                if _EMPTY_HEARTBEAT[0] != now_ns:
+                    _EMPTY_HEARTBEAT[:] = [now_ns, text_frame(proto.heartbeat(now_ns, {}))]
+                return _EMPTY_HEARTBEAT[1], "control"
             return text_frame(proto.heartbeat(now_ns, seqs)), "control"
         raise ValueError(f"unexpected queue item {kind!r}")
 

@@ -284,6 +284,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         loadgen: list[Child] = []
         idlers: list[Child] = []
         rss_idle = rss_base
+        idle_results: list[dict] = []
         if idle:
             for i, n in enumerate(_split(idle, config.client_procs)):
                 idlers.append(await Child.start(f"idle-{i}", "loadtest.bench.clients",
@@ -328,7 +329,6 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         after = Counters.read(*pids)
         load_after = os.getloadavg()[0]
         rss_end = procstat.rss_bytes(server_pids)
-        idle_results = []
         for c in idlers:
             await c.send("finish", final_seqs={}, drain_s=0)
             idle_results.append(await c.expect("result", 60))
@@ -426,6 +426,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     return {
         "repeat": repeat, "idle": idle, "idle_connected": idle_connected if idle else None,
         "idle_closed_early": sum(r["closed_early"] for r in idle_results or []) if idle else None,
+        "idle_connect_failures": idle - idle_connected if idle else None,
         "target": target, "clients": clients, "rate_per_s": rate_per_s, "duration_s": config.duration_s,
         "instruments": config.instruments, "workers": config.workers if target == "bookcast" else None,
         "subscribers": subscribers, "connect_failures": clients - subscribers,

@@ -14,6 +14,11 @@ the output gives microseconds of CPU per delivery for each mode (median and rang
 
     python -m loadtest.bench.fanoutcpu --connections 1000 --messages 2000 --batch 1 --repeat 5
 
+``--heartbeats``: instead, ``--connections`` idle connections (subscribed to nothing) and ``--messages``
+ticks, each making a heartbeat due on every connection: CPU per heartbeat when the ticker wakes each
+connection's writer task (``Session.tick``) against the ticker writing it in its own pass
+(``Connection.tick``).
+
 Exit codes: 0 printed, 2 usage.
 """
 from __future__ import annotations
@@ -134,16 +139,61 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
     return cpu_s / delivered
 
 
+async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
+    """CPU seconds (process time) per heartbeat of ``connections`` idle connections over ``ticks`` ticks."""
+    gw = Gateway(GatewayConfig(), CollectorRegistry())
+    loop = asyncio.get_running_loop()
+    t0 = time.time_ns()
+    conns = []
+    for _ in range(connections):
+        conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0), CountingTransport(), NoDrain())  # type: ignore[arg-type]
+        conn.writer = loop.create_task(conn.run_writer())
+        conns.append(conn)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    limit_bytes = gw.config.ws_writer_limit_bytes
+    started = time.process_time()
+    now = t0
+    for _ in range(ticks):
+        now += 2 * 10**9  # a heartbeat is due on every connection at every tick
+        for conn in conns:
+            if inline:
+                conn.tick(now, limit_bytes)
+            else:
+                conn.session.tick(now)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    cpu_s = time.process_time() - started
+    sent = sum(c.session.tally[("sent", "control")] for c in conns)
+    for c in conns:
+        c.writer.cancel()
+    await asyncio.gather(*(c.writer for c in conns), return_exceptions=True)
+    if sent != connections * ticks:
+        raise RuntimeError(f"{sent} heartbeats sent, {connections * ticks} expected")
+    return cpu_s / sent
+
+
 async def run(args: argparse.Namespace) -> int:
     results: dict[bool, list[float]] = {False: [], True: []}
+    names = ("writer wake", "inline") if args.heartbeats else ("write-through off", "write-through on")
     for n in range(args.repeat):
         for mode in (False, True):
+            if args.heartbeats:
+                per = await heartbeat_mode(mode, args.connections, args.messages)
+                results[mode].append(per)
+                print(f"run {n + 1}: heartbeats {names[mode]}: {per * 1e6:.2f} us CPU per heartbeat", file=sys.stderr)
+                continue
             per = await one_mode(mode, args.connections, args.messages, args.batch)
             results[mode].append(per)
             print(f"run {n + 1}: write-through {'on ' if mode else 'off'}: {per * 1e6:.2f} us CPU per delivery",
                   file=sys.stderr, flush=True)
     off, on = statistics.median(results[False]), statistics.median(results[True])
     ratios = [a / b for a, b in zip(results[True], results[False])]
+    if args.heartbeats:
+        print(f"heartbeat CPU per idle connection, {args.connections} connections, {args.messages} ticks, {args.repeat} "
+              f"runs: {names[0]} {off * 1e6:.2f} us, {names[1]} {on * 1e6:.2f} us; {names[1]} / {names[0]} "
+              f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
+        return 0
     print(f"fan-out CPU per delivery, {args.connections} connections, batch {args.batch}, {args.messages} messages, "
           f"{args.repeat} runs: write-through off {off * 1e6:.2f} us [{min(results[False]) * 1e6:.2f}-"
           f"{max(results[False]) * 1e6:.2f}], on {on * 1e6:.2f} us [{min(results[True]) * 1e6:.2f}-"
@@ -158,6 +208,7 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=1000)
     p.add_argument("--batch", type=int, default=1, help="deltas handed to the gateway per loop pass (default 1)")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--heartbeats", action="store_true", help="measure heartbeats of idle connections instead")
     args = p.parse_args()
     if min(args.connections, args.messages, args.batch, args.repeat) < 1:
         p.error("every count must be >= 1")

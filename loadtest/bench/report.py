@@ -130,6 +130,7 @@ def idle_effect(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = by_key.get((c["target"], c["clients"], c["rate_per_s"], 0, c.get("repeat", 0)))
         out.append({"target": c["target"], "idle": c["idle"], "repeat": c.get("repeat", 0),
                     "idle_connected": c.get("idle_connected"), "idle_closed_early": c.get("idle_closed_early"),
+                    "idle_connect_failures": c.get("idle_connect_failures"),
                     "rss_per_idle_connection_bytes": c["rss_per_idle_connection_bytes"],
                     "p99_ms": c["latency_ms"]["p99"], "p99_without_ms": base["latency_ms"]["p99"] if base else None,
                     "p99_ratio": _ratio(c["latency_ms"]["p99"], base["latency_ms"]["p99"]) if base else None,

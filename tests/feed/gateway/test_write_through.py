@@ -12,7 +12,7 @@ from feed.client.verify import GapDetected
 from feed.gateway.fanout import Item, Kind, SentState
 from feed.gateway.framing import frame_payload
 from tests.feed.gateway.conftest import INST, messages
-from tests.feed.gateway.test_session import T0, drain, serving, subscribe
+from tests.feed.gateway.test_session import T0, S, drain, serving, subscribe
 
 
 def _fan_out(links, actions, now_ns, through, queued, written):
@@ -104,3 +104,21 @@ def test_frames_written_through_are_whole_websocket_frames():
     item = links.machine.on_message(ing.delta(("ask", "0.57", "9")), T0)[0].item
     frame = s.deliver_now(item, T0)
     assert frame[0] == 0x81 and frame_payload(frame).startswith(b'{"type":"delta"')
+
+
+def test_heartbeats_of_connections_holding_no_book_share_one_frame_per_tick():
+    links, _ = serving()
+    a, b = links.new_session(T0), links.new_session(T0)
+    for s in (a, b):
+        s.tick(T0 + 2 * S)
+    (fa,), _ = a.pull(T0 + 2 * S, 1 << 20)
+    (fb,), _ = b.pull(T0 + 2 * S, 1 << 20)
+    assert fa is fb and messages([fa]) == [{"type": "heartbeat", "ts_send_ns": T0 + 2 * S, "seqs": {}}]
+    a.tick(T0 + 4 * S)
+    (later,), _ = a.pull(T0 + 4 * S, 1 << 20)
+    assert messages([later])[0]["ts_send_ns"] == T0 + 4 * S
+    c = subscribe(links)  # holding a book: its own heartbeat with its seqs
+    c.pull(T0, 1 << 20)
+    c.tick(T0 + 2 * S)
+    (fc,), _ = c.pull(T0 + 2 * S, 1 << 20)
+    assert messages([fc])[0]["seqs"] == {INST: ["e1", links.machine.seq]}
