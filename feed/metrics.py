@@ -43,6 +43,12 @@ class _Null:
     def inc(self, amount: float = 1) -> None:
         pass
 
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
     def observe(self, amount: float) -> None:
         pass
 

@@ -184,7 +184,7 @@ class RegionsStack:
         self.wait_ingest(p)
 
     def wait_ingest(self, p: RegionProcs) -> None:
-        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 30, what=f"{p.name} ingest /healthz", proc=p.ingest)
+        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 90, what=f"{p.name} ingest /healthz", proc=p.ingest)
 
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
@@ -211,7 +211,7 @@ class RegionsStack:
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
-        wait_until(lambda: _http_ok(p.base + "/readyz"), 30, what=f"{p.name} gateway /readyz", proc=p.gateway)
+        wait_until(lambda: _http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
 
     def leader(self) -> RegionProcs | None:
         for p in self.procs:
