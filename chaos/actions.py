@@ -68,11 +68,15 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
 
 
 def _selected_at_onset(provider: str) -> str | None:
-    """On the providers stack: the provider the pooled ingest reads now ("" when unknown), so a fault on a
-    standby provider is proved *not on the data path*; None on other stacks (or another proxy)."""
+    """On the providers stack: the provider the pooled ingest reads at onset (waiting up to 30 s for it to
+    be ``provider``; "" when unknown), so a fault on a standby provider is proved *not on the data path*;
+    None on other stacks (or another proxy)."""
     stack = current().stack
     if not hasattr(stack, "selected") or not provider.startswith("provider-"):
         return None
+    deadline = time.monotonic() + 30.0     # the pool may be on the other provider for a while: wait for it
+    while stack.selected() != provider and time.monotonic() < deadline:
+        time.sleep(0.2)
     return stack.selected() or ""
 
 
