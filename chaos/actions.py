@@ -42,7 +42,7 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
         body["name"] = name
     toxic = validate_toxic(body)          # ToxicError before anything is recorded
     api = drill.stack.proxy_api
-    selected = _selected_at_onset(proxy)
+    selected = _selected_at_onset(proxy) if require_read else None
     before = _proxy_stats(proxy)
     sid = drill.state.add("toxic", api=api, proxy=proxy, toxic=toxic.name)
     http_json(f"{api}/proxies/{proxy}/toxics", {**body, "name": toxic.name})
