@@ -42,7 +42,7 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
         body["name"] = name
     toxic = validate_toxic(body)          # ToxicError before anything is recorded
     api = drill.stack.proxy_api
-    selected = _selected_at_onset(proxy)
+    selected = _selected_at_onset(proxy) if require_read else None
     before = _proxy_stats(proxy)
     sid = drill.state.add("toxic", api=api, proxy=proxy, toxic=toxic.name)
     http_json(f"{api}/proxies/{proxy}/toxics", {**body, "name": toxic.name})
@@ -68,11 +68,15 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
 
 
 def _selected_at_onset(provider: str) -> str | None:
-    """On the providers stack: the provider the pooled ingest reads now ("" when unknown), so a fault on a
-    standby provider is proved *not on the data path*; None on other stacks (or another proxy)."""
+    """On the providers stack: the provider the pooled ingest reads at onset (waiting up to 30 s for it to
+    be ``provider``; "" when unknown), so a fault on a standby provider is proved *not on the data path*;
+    None on other stacks (or another proxy)."""
     stack = current().stack
     if not hasattr(stack, "selected") or not provider.startswith("provider-"):
         return None
+    deadline = time.monotonic() + 30.0     # the pool may be on the other provider for a while: wait for it
+    while stack.selected() != provider and time.monotonic() < deadline:
+        time.sleep(0.2)
     return stack.selected() or ""
 
 

@@ -173,9 +173,9 @@ class RegionDrillStack:
         for p in self.regions.procs:
             if p.ingest is not None and p.ingest.poll() is None:
                 try:
-                    ha = http_json(p.ingest_url + "/v1/status", timeout_s=0.5).get("ha") or {}
-                except (OSError, ValueError):
-                    ha = {}
+                    ha = http_json(p.ingest_url + "/v1/status", timeout_s=2.0).get("ha") or {}
+                except (OSError, ValueError) as exc:   # a busy ingest: no news (not "nobody leads")
+                    return {"error": f"{p.name}: {exc}"[:120]}
                 if ha.get("role") == "leader":
                     leaders.append(p.name)
         return {"selected": ",".join(leaders) or None, "healthy": len(leaders) == 1}

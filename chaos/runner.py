@@ -225,6 +225,7 @@ def _wait_steady(drill: Drill, experiment: dict[str, Any], timeout_s: float) -> 
               (experiment.get("steady-state-hypothesis") or {}).get("probes", [])
               if p.get("provider", {}).get("func") == "steady_state"]
     t0 = time.monotonic()
+    held_since = None
     while time.monotonic() - t0 < timeout_s:
         deliveries, _ = drill.groups.recorder.snapshot()
         now = time.monotonic()
@@ -236,7 +237,9 @@ def _wait_steady(drill: Drill, experiment: dict[str, Any], timeout_s: float) -> 
                          window_s=float(args.get("window_s", 3.0)), max_stale_s=float(args.get("max_stale_s", 3.0)),
                          max_p99_s=e2e_objective_s() * float(args.get("p99_factor", 1.0)) * drill.p99_scale)
             ok = ok and r["ok"]
-        if ok:
+        # held for 2 s in a row: one lucky evaluation on a bursty machine is not a steady state
+        held_since = (held_since or now) if ok else None
+        if held_since is not None and now - held_since >= 2.0:
             return time.monotonic() - t0
         time.sleep(0.25)
     return None

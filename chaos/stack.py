@@ -26,7 +26,7 @@ from pathlib import Path
 from chaos.state import StateFile
 from feed.natsserver import NatsServer
 from feed.procs import free_port, port_open, stop_process, wait_until
-from feed.stack import bundled_capture, spawn
+from feed.stack import bundled_capture
 
 log = logging.getLogger("bookcast.chaos.stack")
 

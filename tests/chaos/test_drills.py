@@ -103,6 +103,7 @@ def test_a_steady_state_that_does_not_hold_is_a_deviation_not_a_pass(gateway_sta
     experiment = json.loads((REPO / "chaos/experiments/gateway-path-slow.json").read_text())
     for probe in experiment["steady-state-hypothesis"]["probes"]:
         probe["provider"]["arguments"]["p99_factor"] = 0.0       # an e2e p99 of 0 s (any scale): never true
+    experiment["configuration"]["steady_timeout_s"] = 5      # do not wait a minute for what never comes
     path = tmp_path / "impossible-steady-state.json"
     path.write_text(json.dumps(experiment))
     r = run_drill(str(path), stack=gateway_stack, progress=lambda _: None, p99_scale=P99)
