@@ -88,9 +88,9 @@ class HygieneLimits:
     max_connections: int = 0  # 0: RLIMIT_NOFILE - fd_reserve
     fd_reserve: int = 256  # fds never used for client connections (NATS, files, logs, accept)
     rest_headroom: int = 128  # connections kept for REST and health checks when WebSockets fill the rest
-    # at the total cap only a connection silent this long is evicted for a newcomer: one accepted in the same
-    # burst as the flood, whose request the loop has not read yet, is not taken for a silent socket
-    evict_min_idle_s: float = 0.5
+    # at the total cap only a connection silent this long is evicted for a newcomer (0: the oldest silent
+    # one, whatever its age: a newcomer, e.g. a health check, then always gets in)
+    evict_min_idle_s: float = 0.0
     rest_requests_per_s: float = 50.0  # per source; 0 = no REST rate limit
     rest_burst: int = 100
     max_tracked_sources: int = 65536  # the REST limiter forgets the least recently seen beyond this
@@ -433,7 +433,9 @@ class GuardedRequestHandler(RequestHandler):
             self._bc_timer.cancel()
             self._bc_timer = None
         self._bc_phase = phase
-        if phase == "idle" and self._bc_admitted:
+        if phase == "idle" and self._bc_admitted and self._bc_source not in self._guard.table.exempt:
+            # exempt sources (local tools, by default loopback) are never evicted: under a flood accepted
+            # in bursts, a local client's connection could be the oldest unread one
             self._guard.idle[self] = self._loop.time()  # (the guard's clock: Guard.now_s)
         else:
             self._guard.idle.pop(self, None)
