@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from feed.errors import LocalError
+from feed.natscreds import NatsAuthError, NatsCredentials  # noqa: F401 - re-exported: their home for callers
 from feed.subjects import ANNOUNCE_REQUEST, PREFIX
 
 INBOX = "_INBOX.>"  # nats-py's request/reply inboxes (its default inbox prefix)
@@ -62,10 +62,6 @@ ROLE_PERMISSIONS: dict[NatsRole, Permissions | None] = {
     ),
     NatsRole.ADMIN: None,
 }
-
-
-class NatsAuthError(LocalError, ValueError):
-    """Unusable NATS credentials in the configuration (the message says which, never the password)."""
 
 
 @dataclass(frozen=True)
@@ -111,36 +107,6 @@ def authorization_block(users: list[NatsUser], auth_timeout_s: float = 2.0) -> s
 
 # ---------------------------------------------------------------------------------------------------
 # Client side
-
-
-@dataclass(frozen=True)
-class NatsCredentials:
-    """A client's NATS login. ``connect_kwargs()`` goes into ``nats.connect``; empty when anonymous."""
-
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    def connect_kwargs(self) -> dict[str, Any]:
-        if self.user is None:
-            return {}
-        return {"user": self.user, "password": self.password or ""}
-
-    @classmethod
-    def from_files(cls, user: str | None, password_file: Path | str | None) -> NatsCredentials:
-        """``user`` with the password read from ``password_file`` (one trailing newline stripped).
-
-        Raises:
-            NatsAuthError: a password file without a user (or the reverse), or an unreadable file.
-        """
-        if user is None and password_file is None:
-            return cls()
-        if user is None or password_file is None:
-            raise NatsAuthError("give both --nats-user and --nats-password-file, or neither")
-        try:
-            password = Path(password_file).read_text()
-        except OSError as exc:
-            raise NatsAuthError(f"cannot read NATS password file {password_file}: {exc.strerror}") from None
-        return cls(user, password.removesuffix("\n"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feed.gateway.protocol import GatewayLimits
-from feed.natsauth import NatsCredentials
+from feed.natscreds import NatsCredentials
 
 
 def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], Any] | None = None,

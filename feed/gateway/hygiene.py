@@ -88,6 +88,9 @@ class HygieneLimits:
     max_connections: int = 0  # 0: RLIMIT_NOFILE - fd_reserve
     fd_reserve: int = 256  # fds never used for client connections (NATS, files, logs, accept)
     rest_headroom: int = 128  # connections kept for REST and health checks when WebSockets fill the rest
+    # at the total cap only a connection silent this long is evicted for a newcomer (0: the oldest silent
+    # one, whatever its age: a newcomer, e.g. a health check, then always gets in)
+    evict_min_idle_s: float = 0.0
     rest_requests_per_s: float = 50.0  # per source; 0 = no REST rate limit
     rest_burst: int = 100
     max_tracked_sources: int = 65536  # the REST limiter forgets the least recently seen beyond this
@@ -310,11 +313,16 @@ class Guard:
         self.idle: OrderedDict = OrderedDict()  # connections that have not sent a request yet, oldest first
 
     def evict_idle(self) -> bool:
-        """Close the oldest connection that has sent no request (a silent socket), to make room; False
-        when there is none. At the total cap this keeps a flood of silent sockets from locking out new
-        clients and health checks: the flood's own sockets are the ones that go."""
+        """Close the oldest connection that has sent no request for ``evict_min_idle_s`` (a silent
+        socket), to make room; False when there is none. At the total cap this keeps a flood of silent
+        sockets from locking out new clients and health checks: the flood's own sockets are the ones that
+        go, not a client accepted a moment ago whose request is still unread."""
+        oldest_s = self.now_s() - self.limits.evict_min_idle_s
         while self.idle:
-            handler, _ = self.idle.popitem(last=False)
+            handler, since_s = next(iter(self.idle.items()))
+            if since_s > oldest_s:
+                return False
+            self.idle.popitem(last=False)
             if handler.transport is not None:
                 handler._bc_evicted()
                 return True
@@ -425,8 +433,10 @@ class GuardedRequestHandler(RequestHandler):
             self._bc_timer.cancel()
             self._bc_timer = None
         self._bc_phase = phase
-        if phase == "idle" and self._bc_admitted:
-            self._guard.idle[self] = None
+        if phase == "idle" and self._bc_admitted and self._bc_source not in self._guard.table.exempt:
+            # exempt sources (local tools, by default loopback) are never evicted: under a flood accepted
+            # in bursts, a local client's connection could be the oldest unread one
+            self._guard.idle[self] = self._loop.time()  # (the guard's clock: Guard.now_s)
         else:
             self._guard.idle.pop(self, None)
         limits = self._guard.limits

@@ -220,7 +220,9 @@ async def test_ingest_with_credentials_publishes_and_answers_a_gateway_user(serv
     deltas: list[dict] = []
 
     async def on_delta(msg) -> None:
-        deltas.append(wire.loads(msg.data))
+        data = wire.loads(msg.data)
+        if data.get("type") == "delta":  # instrument_status shares the subject (PROTOCOL section 11)
+            deltas.append(data)
 
     await gateway.nc.subscribe("md.v1.coinbase.*", cb=on_delta)
     await gateway.nc.flush()

@@ -119,6 +119,8 @@ REAL = {
 }
 for _line in open(SHARED_DATA / "polymarket" / "ws-book-with-hash-20260212.jsonl"):
     REAL["polymarket"].append(json.loads(_line))
+REAL["kalshi"] = [json.loads(_line) for _name in ("ws-trade-20260212.jsonl", "ws-ticker-20260212.jsonl")
+                  for _line in itertools.islice(open(SHARED_DATA / "kalshi" / _name), 100)]
 # one real message of each type the parsers handle, so mutations reach every handler
 SEEDS = {venue: list({(m.get("type") or m.get("event_type")) if isinstance(m, dict) else "list": m
                       for m in msgs}.values()) for venue, msgs in REAL.items()}

@@ -262,7 +262,7 @@ async def test_websockets_stop_short_of_the_total_so_rest_and_health_keep_workin
 
 async def test_total_cap_evicts_silent_sockets_first_then_refuses_with_503():
     async with Listener(HygieneLimits(max_connections=2, max_connections_per_source=0, idle_timeout_s=30,
-                                      rest_headroom=0)) as srv:
+                                      rest_headroom=0, evict_min_idle_s=0)) as srv:
         silent_reader, silent = await srv.connect("127.0.0.4")
         ws_reader, ws_writer, head = await srv.upgrade("127.0.0.5")
         assert head.status == 101
@@ -280,6 +280,27 @@ async def test_total_cap_evicts_silent_sockets_first_then_refuses_with_503():
         assert srv.count("total_cap") == 1
         for w in (silent, ws_writer, w2):
             w.close()
+
+
+async def test_a_connection_just_accepted_is_not_evicted_for_a_newcomer():
+    async with Listener(HygieneLimits(max_connections=1, max_connections_per_source=0, idle_timeout_s=30,
+                                      rest_headroom=0, evict_min_idle_s=0.5)) as srv:
+        first_reader, first = await srv.connect("127.0.0.4")
+        for _ in range(500):  # the first connection accepted (this loop serves it: poll, don't block)
+            if srv.guard.table.total == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert srv.guard.table.total == 1
+        reader, w = await srv.connect("127.0.0.5")  # silent for less than 0.5 s: the newcomer is refused
+        assert (await _closed_within(reader, 5)).startswith(b"HTTP/1.1 503")
+        assert srv.count("idle_evicted") == 0 and srv.count("total_cap") == 1
+        w.close()
+        await asyncio.sleep(0.6)  # the first connection is now silent past evict_min_idle_s
+        reader, w = await srv.connect("127.0.0.6")
+        assert await _closed_within(first_reader, 5) == b""  # evicted for the newcomer
+        assert srv.count("idle_evicted") == 1
+        for x in (first, w):
+            x.close()
 
 
 async def test_unmasked_client_frame_closes_1002():
