@@ -285,7 +285,7 @@ def clear_sim_faults(provider: str = "provider-1") -> dict:
 def flap_toxic(proxy: str = "provider-1", cycles: int = 3, down_s: float = 1.0, up_s: float = 1.0) -> dict:
     """A flapping provider: ``cycles`` times a ``down`` toxic on ``proxy`` (every connection closed, new
     ones refused) for ``down_s``, then removed for ``up_s``. Proof: each down counted hits."""
-    drill = current()
+    current()
     hits = []
     for cycle in range(int(cycles)):
         r = inject_toxic("down", {}, proxy=proxy, name=f"flap-{cycle}", require_read=cycle == 0)

@@ -107,7 +107,7 @@ class ProviderDrillStack(DrillStack):
         return self
 
     def _spec(self, role: str, *, via_proxy: bool):
-        from feed.providers.link import ProviderSpec
+        from feed.upstream import ProviderSpec
         from feed.stack import simulator_urls
 
         port = self.proxy_ports[role] if via_proxy else self.sim_ports[role]

@@ -7,7 +7,6 @@ comes back with the same options (its ops listener and its NATS login work again
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
