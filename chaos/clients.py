@@ -219,7 +219,7 @@ class Checker:
     async def _snapshot(self, inst: str) -> None:
         try:
             reply = await self._nc.request(snapshot_subject(inst), b"", timeout=5)
-        except Exception:  # noqa: BLE001 - the ingest may be the thing being faulted
+        except Exception as exc:  # noqa: BLE001 - the ingest may be the thing being faulted
             if self.kv_region is not None:
                 from feed.ha import read_kv_snapshot
 
