@@ -26,13 +26,15 @@ import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
+from feed.errors import FeedError
+
 if TYPE_CHECKING:
     from feed.natsserver import Supercluster
 
 TABLE_PREFIX = "bcpart_"
 
 
-class PartitionUnavailable(RuntimeError):
+class PartitionUnavailable(FeedError, RuntimeError):
     """nftables cannot be used here (not root, no ``nft``, or the kernel refused the table)."""
 
 
