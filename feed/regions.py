@@ -205,10 +205,12 @@ class RegionsStack:
         p.gateway_port = port or free_port(self.host)
         # not ready when no leader's directory reaches this region for longer than a takeover takes (TTL, the
         # lease poll, one announce interval, with room for a loaded host): a region cut off from the publishing
-        # ingest sends its clients away
+        # ingest sends its clients away. A venue silent that long is also when its instruments turn stale
+        # (``--ingest-silent-s``): a takeover in progress is not a dead ingest.
         ready_s = 2 * self.lease_ttl_s + 3.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
+                               "--ingest-silent-s", f"{ready_s:g}",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
         wait_until(lambda: _http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
