@@ -23,24 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.request
 from dataclasses import dataclass
 
 from chaos.stack import DrillStack, Proc, http_json
 from feed.natsserver import NatsServer
-from feed.procs import free_port, wait_until
+from feed.procs import free_port, http_ok, wait_until
 
 log = logging.getLogger("bookcast.chaos.provider_stack")
 
 PROVIDERS = ("provider-1", "provider-2")
-
-
-def _ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @dataclass
@@ -84,7 +75,7 @@ class ProviderDrillStack(DrillStack):
         symbols: list[str] = []
         for role in PROVIDERS:
             port = self.sim_ports[role]
-            wait_until(lambda: _ok(f"http://127.0.0.1:{port}/healthz"), 90, what=f"simulator {role}",
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz", 1.0), 90, what=f"simulator {role}",
                        proc=self.procs[role].popen)
             symbols = symbols or list(http_json(f"http://127.0.0.1:{port}/sim/status")["instruments"])
         faulted = [self._spec("provider-1", via_proxy=self.faulted_via_proxy)]

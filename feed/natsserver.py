@@ -21,18 +21,7 @@ from pathlib import Path
 
 from feed.errors import FeedError
 from feed.natsauth import NatsUser, authorization_block
-from feed.procs import free_port, port_open, stop_process, wait_until
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG): no server outlives a killed run."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+from feed.procs import die_with_parent, free_port, port_open, stop_process, wait_until
 
 
 class NatsServerNotFound(FeedError, RuntimeError):
@@ -166,7 +155,7 @@ class NatsServer:
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:

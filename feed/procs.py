@@ -23,6 +23,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child process: SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG), so a killed
+    run, test or benchmark leaves no server behind. A libc without ``prctl`` leaves the child as it was."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def http_ok(url: str, timeout_s: float = 0.5) -> bool:
+    """True when ``GET url`` answers 200 within ``timeout_s``; any connection or HTTP error is False."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):

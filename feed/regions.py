@@ -39,31 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feed.natsserver import Region, Supercluster
-from feed.procs import free_port, stop_process, wait_until
+from feed.procs import die_with_parent, free_port, http_ok, stop_process, wait_until
 
 
 def _http_json(url: str, timeout_s: float = 2.0):
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         return json.loads(r.read())
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG), so a killed test run or
-    benchmark leaves no region behind."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen:
@@ -184,7 +165,7 @@ class RegionsStack:
         self.wait_ingest(p)
 
     def wait_ingest(self, p: RegionProcs) -> None:
-        wait_until(lambda: _http_ok(p.ingest_url + "/healthz"), 90, what=f"{p.name} ingest /healthz", proc=p.ingest)
+        wait_until(lambda: http_ok(p.ingest_url + "/healthz"), 90, what=f"{p.name} ingest /healthz", proc=p.ingest)
 
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
@@ -213,7 +194,7 @@ class RegionsStack:
                                "--ingest-silent-s", f"{ready_s:g}",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
-        wait_until(lambda: _http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
+        wait_until(lambda: http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
 
     def leader(self) -> RegionProcs | None:
         for p in self.procs:

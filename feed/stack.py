@@ -17,12 +17,10 @@ naming it (exit 2), before anything starts.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 from feed import runstate
 from feed.natsserver import NatsServer
-from feed.procs import StopSignal, free_port, stop_process, wait_until
+from feed.procs import StopSignal, die_with_parent, free_port, stop_process, wait_until
 
 log = logging.getLogger("bookcast.up")
 
@@ -44,17 +42,10 @@ def bundled_capture() -> Path:
     return Path(str(resources.files("feed") / "data" / BUNDLED_CAPTURE))
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def spawn(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m feed.cli ARGS`` in its own session (Ctrl-C reaches only us; we stop it by PID)."""
     return subprocess.Popen([sys.executable, "-m", "feed.cli", *args], start_new_session=True,
-                            preexec_fn=_die_with_parent, env=env)
+                            preexec_fn=die_with_parent, env=env)
 
 
 def _http_ok(url: str) -> bool:
