@@ -298,25 +298,43 @@ def flap_toxic(proxy: str = "provider-1", cycles: int = 3, down_s: float = 1.0, 
 
 # -- regions (chaos.region_stack) ------------------------------------------------------------------------
 
-def nats_lame_duck(role: str = "nats-a") -> dict:
+def nats_lame_duck(role: str = "nats-a", wait_drained: bool = True) -> dict:
     """Put a region's NATS server in lame-duck mode (SIGUSR2, as ``nats-server --signal ldm=PID``): it stops
-    accepting connections at once and moves its clients off before exiting. Undone by ``rollback_restart``.
-    Proof: its client port refuses new connections within ``PROOF_TIMEOUT_S``."""
+    accepting connections at once, sends its clients the lame-duck notice (INFO ``ldm``), and after its
+    grace period closes them one by one and exits (the region stack configures a drain that fits a drill:
+    ``RegionDrillStack.lame_duck_config``). Undone by ``rollback_restart``.
+
+    Proof: its client port refuses new connections within ``PROOF_TIMEOUT_S``. With ``wait_drained`` the
+    action then waits for the drain to end (the server exited: every client it held was closed), up to the
+    stack's ``lame_duck_drain_s`` plus 20 s for a loaded machine; ``drained_after_s`` says when (None: it
+    did not end in time, the evidence says so and the verdict's failover figures show what the clients did)."""
     drill = current()
     pid = drill.stack.pid(role)
     port = drill.stack.procs[role].port
+    drain_s = drill.stack.lame_duck_drain_s(role) if hasattr(drill.stack, "lame_duck_drain_s") else 0.0
     os.kill(pid, _signal.SIGUSR2)
-    drill.note("fault_onset", f"lame duck {role} pid={pid}")
+    onset = drill.note("fault_onset", f"lame duck {role} pid={pid}")
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     closed = False
     while time.monotonic() < deadline and not closed:
         closed = not port_open("127.0.0.1", port)
         if not closed:
             time.sleep(0.05)
-    evidence = {"pid": pid, "client_port_closed": closed}
+    evidence = {"pid": pid, "client_port_closed": closed, "drain_bound_s": round(drain_s, 3)}
     proof = Proof(f"lame duck {role}", closed, evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if closed else 'NOT injected'}", **evidence)
+    if closed and wait_drained:
+        popen = drill.stack.procs[role].popen
+        deadline = onset + drain_s + 20.0
+        while popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drained = popen.poll() is not None
+        evidence["drained_after_s"] = round(time.monotonic() - onset, 3) if drained else None
+        drill.note("lame_duck_drained" if drained else "note",
+                   f"lame duck {role}: " + (f"every client closed, server exited {evidence['drained_after_s']} s "
+                                            "after the signal" if drained else
+                                            f"still draining {drain_s + 20.0:.0f} s after the signal"), **evidence)
     return {"took_effect": closed, **evidence}
 
 

@@ -43,6 +43,12 @@ class RegionDrillStack:
     speed: float = 1.0
     faulted_region: str = "a"
     lease_ttl_s: float = 4.0         # RegionsStack uses 1.5 s; a drill machine under load loses such a lease
+    # nats-server lame-duck mode (SIGUSR2): it stops accepting at once, tells its clients (INFO ``ldm``), waits
+    # ``lame_duck_grace_period``, then closes its clients one by one, at most 1 s apart, over
+    # ``lame_duck_duration`` (minimum 30 s), and exits. nats-server's defaults (10 s grace, 2 min) outlast a
+    # drill's hold; the drill's region servers drain after 1 s, so the whole drain fits the hold.
+    lame_duck_grace_s: float = 1.0
+    lame_duck_duration_s: float = 30.0
     instruments_wanted: int = 3
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bookcast-drill-regions-")))
     captures: list[Path] = field(default_factory=list)
@@ -60,6 +66,9 @@ class RegionDrillStack:
 
         self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
                                     captures=list(self.captures))
+        for region in self.regions.supercluster.regions:   # the data regions' servers (config written at start)
+            for server in region.servers:
+                server.extra_config = "\n".join(x for x in (server.extra_config, self.lame_duck_config()) if x)
         try:
             self.regions.start(timeout_s=90)
         finally:
@@ -73,6 +82,23 @@ class RegionDrillStack:
         listing = self._region(self.faulted_region).instruments()
         self.instruments = [i["instrument"] for i in sorted(listing, key=lambda i: -i["seq"])[: self.instruments_wanted]]
         return self
+
+    def lame_duck_config(self) -> str:
+        """The nats-server config lines of the drill's lame-duck drain (``lame_duck_grace_s``,
+        ``lame_duck_duration_s``; https://docs.nats.io/running-a-nats-service/nats_admin/lame_duck_mode)."""
+        return (f'lame_duck_grace_period: "{self.lame_duck_grace_s * 1000:.0f}ms"\n'
+                f'lame_duck_duration: "{max(30.0, self.lame_duck_duration_s):g}s"')
+
+    def lame_duck_drain_s(self, role: str) -> float:
+        """The longest a lame-duck drain of ``role``'s server takes: the grace period plus at most 1 s per
+        client it held (nats-server spaces the closes at most 1 s apart), read from its monitoring."""
+        _, _, name = role.partition("-")
+        server = self._region(name).nats.servers[0]
+        try:
+            clients = int(http_json(f"http://{server.host}:{server.monitor_port}/varz", timeout_s=2.0)["connections"])
+        except (OSError, ValueError, KeyError):
+            clients = 10
+        return self.lame_duck_grace_s + clients * 1.0
 
     def _record(self) -> None:
         """Every live process of the stack in the state file (new PIDs after a restart too)."""
