@@ -45,9 +45,10 @@ def inject_toxic(type: str, attributes: dict | None = None, stream: str = "downs
     selected = _selected_at_onset(proxy) if require_read else None
     before = _proxy_stats(proxy)
     sid = drill.state.add("toxic", api=api, proxy=proxy, toxic=toxic.name)
+    # the onset is noted before the call: a client may see the fault before the proxy's answer comes back
+    drill.note("fault_onset", f"toxic {toxic.type} {toxic.stream} {toxic.attributes} toxicity={toxicity} on {proxy}")
     http_json(f"{api}/proxies/{proxy}/toxics", {**body, "name": toxic.name})
     drill.hard_limit(sid, f"toxic {toxic.name} on {proxy}")
-    drill.note("fault_onset", f"toxic {toxic.type} {toxic.stream} {toxic.attributes} toxicity={toxicity} on {proxy}")
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     after = before
     while time.monotonic() < deadline:
@@ -101,8 +102,8 @@ def signal_process(role: str, signal: str = "SIGKILL") -> dict:
     if sig is _signal.SIGSTOP:
         sid = drill.state.add("sigstop", pid=pid, start_ticks=start_ticks(pid), what=role)
         drill.hard_limit(sid, f"SIGSTOP of {role}")
-    os.kill(pid, sig)
     drill.note("fault_onset", f"{signal} {role} pid={pid}")
+    os.kill(pid, sig)
     port = drill.stack.procs[role].port
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     took, evidence = False, {"pid": pid}
@@ -235,9 +236,9 @@ def set_sim_faults(knobs: dict, provider: str = "provider-1") -> dict:
     selected = _selected_at_onset(provider)
     before = _sim_status(provider)["counters"]
     sid = drill.state.add("http_post", url=url, body=reset, what=f"reset {', '.join(knobs)} on {provider}")
+    drill.note("fault_onset", f"simulator {provider}: {knobs}")   # before: the simulator acts at once
     http_json(url, knobs)
     drill.hard_limit(sid, f"simulator faults {knobs} on {provider}")
-    drill.note("fault_onset", f"simulator {provider}: {knobs}")
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     evidence: dict = {}
     took = False
@@ -312,8 +313,8 @@ def nats_lame_duck(role: str = "nats-a", wait_drained: bool = True) -> dict:
     pid = drill.stack.pid(role)
     port = drill.stack.procs[role].port
     drain_s = drill.stack.lame_duck_drain_s(role) if hasattr(drill.stack, "lame_duck_drain_s") else 0.0
-    os.kill(pid, _signal.SIGUSR2)
     onset = drill.note("fault_onset", f"lame duck {role} pid={pid}")
+    os.kill(pid, _signal.SIGUSR2)
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     closed = False
     while time.monotonic() < deadline and not closed:

@@ -55,15 +55,27 @@ def evaluate(deliveries: list[Delivery], clients: list[int], instruments: list[s
 
 
 def steady_state(group: str = "faulted", window_s: float = 3.0, max_stale_s: float = 3.0,
-                 p99_factor: float = 1.0) -> bool:
-    """True when ``group`` (``faulted`` or ``control``) meets the steady state now (see the module)."""
+                 p99_factor: float = 1.0, recover_within_s: float = 0.0) -> bool:
+    """True when ``group`` (``faulted`` or ``control``) meets the steady state now (see the module).
+
+    ``recover_within_s``: once the fault began (the "after" check), wait up to this long for the steady
+    state to hold, re-evaluating every 0.25 s (the time it took is noted in the timeline): a recovery is a
+    condition with a deadline, not one sample at a fixed moment. Before the fault: one evaluation."""
     drill = current()
-    deliveries, _ = drill.groups.recorder.snapshot()
     n = drill.groups.groups[group][1]
-    result = evaluate(deliveries, list(range(n)), drill.stack.instruments, group, time.monotonic(),
-                      window_s=window_s, max_stale_s=max_stale_s,
-                      max_p99_s=e2e_objective_s() * p99_factor * drill.p99_scale)
-    drill.note("steady_state", f"{group}: {'ok' if result['ok'] else result['why']}",
+    after = drill.first("fault_onset") is not None
+    t0 = time.monotonic()
+    deadline = t0 + (float(recover_within_s) if after else 0.0)
+    while True:
+        deliveries, _ = drill.groups.recorder.snapshot()
+        result = evaluate(deliveries, list(range(n)), drill.stack.instruments, group, time.monotonic(),
+                          window_s=window_s, max_stale_s=max_stale_s,
+                          max_p99_s=e2e_objective_s() * p99_factor * drill.p99_scale)
+        if result["ok"] or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    waited = f" (after {time.monotonic() - t0:.1f} s)" if after and recover_within_s else ""
+    drill.note("steady_state", f"{group}: {'ok' if result['ok'] else result['why']}{waited}",
                group=group, ok=result["ok"], p99_s=result["p99_s"])
     return result["ok"]
 

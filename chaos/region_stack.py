@@ -58,6 +58,9 @@ class RegionDrillStack:
     _ids: dict = field(default_factory=dict)
 
     kind = "regions"
+    # region b (the control) is served by the one leading ingest, which region drills fault: the faulted
+    # group's outage is its plain silence, not read against the control
+    control_independent = False
     layout = "NATS supercluster a+b, HA ingest and gateway per region"
 
     # -- lifecycle ---------------------------------------------------------------------------------

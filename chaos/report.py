@@ -9,7 +9,12 @@
   faulted one (a URL other than the group's first).
 * time to recover: onset to the moment every faulted client had again received every instrument after
   its last detection and after the system's failover (every book served and verified again).
-* outage: the longest time any faulted client went without a delivery between onset and the end.
+* outage: the longest time any faulted client went without a delivery between onset and the end. With
+  ``control_reference`` (a stack whose control path no drill's fault reaches: ``control_independent``) it
+  counts only from the first control-group delivery in that silence: a stretch where the control got
+  nothing either (the venue quiet, or a loaded machine stalling every process) is not the fault's outage
+  (Netflix ChAP: the fault's effect is read against the control). ``max_silence_s`` is the plain longest
+  silence, reported beside it.
 
 * the system's own view (``system_detect`` / ``system_failover`` timeline entries, e.g. the ingest's
   provider pool excluding the faulted provider and selecting another) counts for detect and fail over
@@ -41,7 +46,8 @@ def _p99_ms(ds: list[Delivery]) -> float | None:
 def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list[dict], deliveries: list[Delivery],
             events: list[ClientEvent], proofs: list[dict], check: dict[str, Any] | None, faulted_first_url: str,
             n_faulted: int, instruments: list[str], max_outage_s: float, expect_failover: bool,
-            journal_status: str, before_ok: bool | None, after_ok: bool | None, aborted: str | None) -> dict[str, Any]:
+            journal_status: str, before_ok: bool | None, after_ok: bool | None, aborted: str | None,
+            control_reference: bool = False) -> dict[str, Any]:
     onset = next((e["t_s"] for e in timeline if e["kind"] == "fault_onset"), None)
     fault_end = next((e["t_s"] for e in reversed(timeline) if e["kind"] == "fault_end"), None)
     faulted_d = [d for d in deliveries if d.group == "faulted"]
@@ -76,11 +82,23 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
             if worst is None:
                 break
         recover = worst
-    outage = 0.0
+    control_t = sorted(d.t_s for d in deliveries if d.group == "control")
+    outage = outage_abs = 0.0
     if onset is not None:
+        import bisect
+
         for c in range(n_faulted):
-            times = [onset] + [d.t_s for d in faulted_d if d.client == c and d.t_s >= onset] + [end_s]
-            outage = max(outage, max(b - a for a, b in zip(times, times[1:])))
+            # deliveries after the experiment ended (the wait for books, the quiesce) are not the drill's
+            times = [onset] + [d.t_s for d in faulted_d if d.client == c and onset <= d.t_s < end_s] + [end_s]
+            for a, b in zip(times, times[1:]):
+                outage_abs = max(outage_abs, b - a)
+                if control_reference:
+                    # counted from the first moment the control path delivered what this client did not get
+                    i = bisect.bisect_right(control_t, a)
+                    if i < len(control_t) and control_t[i] < b:
+                        outage = max(outage, b - control_t[i])
+                else:
+                    outage = max(outage, b - a)
 
     def phase(group: str, lo: float | None, hi: float | None) -> dict[str, Any]:
         ds = [d for d in deliveries if d.group == group and (lo is None or d.t_s >= lo) and (hi is None or d.t_s < hi)]
@@ -126,6 +144,7 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
         "drill": drill, "title": title, "verdict": verdict, "reasons": reasons, "journal_status": journal_status,
         "detect_s": rel(detect), "failover_s": rel(failover), "recover_s": rel(recover),
         "max_outage_s": round(outage, 3), "max_outage_budget_s": max_outage_s,
+        "max_silence_s": round(outage_abs, 3), "outage_against_control": control_reference,
         "fault_duration_s": rel(fault_end), "gaps": gaps, "phases": phases, "proofs": proofs, "check": check,
         "deliveries": {g: sum(1 for d in deliveries if d.group == g) for g in ("faulted", "control")},
         "timeline": [{**e, "t_s": round(e["t_s"] - t0_s, 3)} for e in timeline],
@@ -147,9 +166,12 @@ def markdown(r: dict[str, Any]) -> str:
               *[f"- {p['fault']}: {'took effect' if p['took_effect'] else '**not injected**'} "
                 f"(`{json.dumps(p['evidence'], default=str)}`)" for p in r["proofs"]], "",
               "## Times (from fault onset)", "",
-              "| detect | fail over | recover | longest outage (budget) | fault held |", "|---|---|---|---|---|",
+              "| detect | fail over | recover | longest outage (budget) | longest silence | fault held |",
+              "|---|---|---|---|---|---|",
               f"| {_fmt(r['detect_s'], ' s')} | {_fmt(r['failover_s'], ' s')} | {_fmt(r['recover_s'], ' s')} | "
-              f"{r['max_outage_s']} s ({r['max_outage_budget_s']} s) | {_fmt(r['fault_duration_s'], ' s')} |", "",
+              f"{r['max_outage_s']} s ({r['max_outage_budget_s']} s"
+              f"{', while the control was served' if r.get('outage_against_control') else ''}) | "
+              f"{_fmt(r.get('max_silence_s'), ' s')} | {_fmt(r['fault_duration_s'], ' s')} |", "",
               "## Deliveries and e2e p99 (ms), faulted vs control", "",
               "| group | before | during | after | detected gaps | undetected gaps |", "|---|---|---|---|---|---|"]
     for g in ("faulted", "control"):

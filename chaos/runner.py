@@ -458,7 +458,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
                      expect_failover=bool(config.get("expect_failover", True)),
                      journal_status=journal.get("status", "?"),
                      before_ok=before_ok.get("steady_state_met") if before_ok else None,
-                     after_ok=after_ok.get("steady_state_met") if after_ok else None, aborted=drill.aborted)
+                     after_ok=after_ok.get("steady_state_met") if after_ok else None, aborted=drill.aborted,
+                     control_reference=bool(getattr(stack, "control_independent", False)))
     result["user_interrupt"] = user_interrupt
     result["left_behind"] = left + [{"kind": "process alive", "what": a} for a in alive]
     result["stack"] = stack.describe()

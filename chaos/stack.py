@@ -158,6 +158,9 @@ class DrillStack:
     # -- what the runner reads (the same on every drill stack) ------------------------------------
     kind = "gateways"
     layout = "nats-server, ingest, 3 gateways, fault proxy"
+    # no drill's fault reaches the control path (gateway-c; the providers stack: provider-2 read directly):
+    # the faulted group's outage is read against it (chaos.report.analyse)
+    control_independent = True
 
     @property
     def checker_url(self) -> str:
