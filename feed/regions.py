@@ -24,7 +24,8 @@ Stable API (the chaos drills build on it):
     stack.stop()                        # everything, by PID; safe after any fault, safe twice
 
 Raises from ``start``: TimeoutError (a process did not come up; its log is under ``tmp``), RuntimeError (one
-exited); what started is stopped first. Partitions between regions: ``feed.partition``.
+exited); what started is stopped first. Partitions between regions: ``feed.partition`` (needs
+``netns=True``, root: every region's NATS cluster in a network namespace of its own, on a private address).
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class RegionsStack:
     host: str = "127.0.0.1"
     gateway_ports: list[int] = field(default_factory=list)
     provider_config: Path | None = None  # every ingest reads these providers (bookcast ingest --config) instead
+    netns: bool = False  # root: each region's NATS cluster in its own network namespace (feed.partition)
 
     def __post_init__(self) -> None:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
@@ -123,7 +125,7 @@ class RegionsStack:
         self.tmp = Path(self.tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
-                                         lease_servers=self.lease_servers)
+                                         lease_servers=self.lease_servers, netns=self.netns)
         self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
         if not self.captures:
             from feed.stack import bundled_capture

@@ -8,7 +8,8 @@ in step) before the next run. The next run faults the region the client moved to
 
 Faults: ``nats_kill`` (SIGKILL every server of the region's NATS cluster, restarted after), ``gateway_kill``
 (SIGKILL the region's gateway, restarted on the same port), ``gateway_pause`` (SIGSTOP, then SIGCONT),
-``partition`` (root: nftables cut of the region's gateway links, ``feed.partition``; skipped otherwise),
+``partition`` (root: the regions' NATS clusters in network namespaces, an nftables table in the region's namespace
+drops the other clusters' addresses, ``feed.partition``; skipped otherwise),
 ``ingest_kill`` (SIGKILL the leading ingest: the time until the standby publishes, read from its status; the
 client's books are checked, it does not move). Per fault: p50 and max over the runs, resume and snapshot
 counts; targets (issue 9): < 2 s every fault, < 1 s when the resume succeeds. Writes JSON (``--out``) and
@@ -92,7 +93,11 @@ async def _main(args: argparse.Namespace, faults: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bookcast-regions-bench-"))
     meta = {"regions": 2, "lease_ttl_s": args.lease_ttl_s, "stale_after_s": args.stale_after_s,
             "load_before": _load(), "runs": args.runs}
-    stack = RegionsStack(tmp, regions=["a", "b"], lease_ttl_s=args.lease_ttl_s)
+    from feed import partition
+
+    # root: every region's NATS in its own network namespace, so the partition fault can cut it off
+    stack = RegionsStack(tmp, regions=["a", "b"], lease_ttl_s=args.lease_ttl_s,
+                         netns="partition" in faults and partition.available())
     results: dict[str, dict] = {}
     print(f"starting 2 regions (logs in {tmp}) ...", file=sys.stderr, flush=True)
     try:

@@ -342,8 +342,8 @@ async def test_partitioned_region_moves_its_clients_and_the_ingests_never_publis
     try:
         partition.check()
     except partition.PartitionUnavailable as exc:
-        pytest.skip(f"skipped the nftables partition of region a's gateway links: {exc}")
-    stack = RegionsStack(tmp_path / "partition", regions=["a", "b"], lease_ttl_s=TTL_S)
+        pytest.skip(f"skipped the partition of region a's network namespace (nftables) from b and the lease: {exc}")
+    stack = RegionsStack(tmp_path / "partition", regions=["a", "b"], lease_ttl_s=TTL_S, netns=True)
     guards = [PublishLog(), PublishLog()]
     stack.start()
     try:
@@ -357,7 +357,7 @@ async def test_partitioned_region_moves_its_clients_and_the_ingests_never_publis
             await client.wait_for(lambda: client.region == 0 and all(client.book(i) for i in instruments)
                                   and client.stats.deltas > 20, 30)
             with partition.Partition(stack.supercluster, "a") as cut:
-                assert cut.applied
+                assert cut.applied and cut.exists()
                 await client.wait_for(lambda: client.moves, 60)
                 move = client.moves[0]
                 assert move.to_region == 1 and move.reason in (MoveReason.NOT_READY, MoveReason.STALE,
@@ -368,6 +368,7 @@ async def test_partitioned_region_moves_its_clients_and_the_ingests_never_publis
                 n = client.stats.deltas
                 await client.wait_for(lambda: client.stats.deltas > n + 20, 30)
                 await _exact(client, b, instruments)
+                assert cut.dropped() > 0
             assert not cut.applied and not cut.exists()  # healed: our table is gone
             st = client.stats
             assert st.checksum_mismatches == 0, st
@@ -377,6 +378,7 @@ async def test_partitioned_region_moves_its_clients_and_the_ingests_never_publis
         for g in guards:
             await g.stop()
         stack.stop()
+    assert not stack.supercluster.network.exists()  # namespaces and bridge removed
 
 
 def test_up_regions_prints_every_region_and_ctrl_c_leaves_nothing_behind(tmp_path):
