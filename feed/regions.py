@@ -117,6 +117,7 @@ class RegionsStack:
     host: str = "127.0.0.1"
     gateway_ports: list[int] = field(default_factory=list)
     provider_config: Path | None = None  # every ingest reads these providers (bookcast ingest --config) instead
+    lease_unreachable_s: float = 1.0  # gateways: stale and not ready when the lease bucket is unreachable this long
     netns: bool = False  # root: each region's NATS cluster in its own network namespace (feed.partition)
 
     def __post_init__(self) -> None:
@@ -194,6 +195,10 @@ class RegionsStack:
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
                                "--ingest-silent-s", f"{ready_s:g}",
+                               # cut off from the lease cluster for one second: stale, clients move
+                               "--lease-unreachable-s", f"{self.lease_unreachable_s:g}",
+                               # every instrument carried, so clients arriving from another region resume
+                               "--carry-directory", "on",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
         wait_until(lambda: http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)

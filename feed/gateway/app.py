@@ -143,6 +143,7 @@ class GatewayMetrics:
 
 
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
+REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
 WRITE_STAMP_TYPE = "write_stamp"
 INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
 
@@ -335,6 +336,9 @@ class Gateway:
         self._subscribed_s: float | None = None      # when the directory subscription was made
         self._venue_announced_s: dict[str, float] = {}  # venue -> monotonic time of its last announcement
         self.silent_venues: set[str] = set()  # venues whose instruments this gateway marked ingest_silent
+        self.cut_off = False  # the lease bucket has not answered for lease_unreachable_s: instruments stale
+        self._lease_answered_s: float | None = None  # monotonic time of the lease bucket's last answer
+        self._lease_probe: asyncio.Task | None = None
         self.connections: set[Connection] = set()
         self.draining = False
         self._corked: list[Connection] = []  # connections with write-through frames to flush this pass
@@ -373,6 +377,54 @@ class Gateway:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._sample_queues()), loop.create_task(self._ticks())]
+        if self.config.lease_unreachable_s:
+            self._lease_answered_s = time.monotonic()
+            self._tasks.append(loop.create_task(self._watch_lease()))
+
+    async def _watch_lease(self) -> None:
+        """Every ``lease_unreachable_s / 4``: a JetStream direct get of the lease entry (answered by the lease
+        cluster through this region's gateway links; "no entry" is an answer too). No answer for
+        ``lease_unreachable_s``: this region is cut off from whoever may publish, so its books are stale
+        (``REGION_CUT_OFF``) and /readyz is 503 (the SDK moves on either); the next answer restores them. A
+        takeover in progress does not trip it: the bucket answers while no ingest holds the lease."""
+        from feed.lease import LEASE_BUCKET, LEASE_KEY
+
+        limit_s = self.config.lease_unreachable_s
+        subject = f"$JS.API.DIRECT.GET.KV_{LEASE_BUCKET}"
+        body = wire.dumps({"last_by_subj": f"$KV.{LEASE_BUCKET}.{LEASE_KEY}"})
+
+        async def probe() -> None:
+            try:
+                await self.nc.request(subject, body, timeout=limit_s)
+            except Exception:  # noqa: BLE001 - no responders, timeout, NATS down: no answer
+                return
+            self._lease_answered_s = time.monotonic()
+
+        while True:
+            await asyncio.sleep(limit_s / 4)
+            if self._lease_probe is None or self._lease_probe.done():
+                self._lease_probe = asyncio.get_running_loop().create_task(probe())
+            self._check_cut_off(time.monotonic(), time.time_ns())
+
+    def _check_cut_off(self, now_s: float, now_ns: int) -> None:
+        limit_s = self.config.lease_unreachable_s
+        if not limit_s or self._lease_answered_s is None:
+            return
+        cut = now_s - self._lease_answered_s > limit_s
+        if cut == self.cut_off:
+            return
+        self.cut_off = cut
+        if cut:
+            for machine in list(self.machines.values()):
+                if machine.status is not Status.STALE:
+                    self._execute(machine, machine.on_status(Status.STALE, REGION_CUT_OFF, None, now_ns))
+            log.warning("the lease bucket has not answered for %.1f s: region cut off, %d instruments stale (%s)",
+                        now_s - self._lease_answered_s, len(self.machines), REGION_CUT_OFF)
+            return
+        for machine in list(self.machines.values()):
+            if machine.status_reason == REGION_CUT_OFF:
+                self._execute(machine, machine.on_status(Status.OK, "", None, now_ns))
+        log.info("the lease bucket answers again: region reachable")
 
     async def _sample_queues(self) -> None:
         """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's sessions,
@@ -455,6 +507,8 @@ class Gateway:
             self.directory[inst] = entry
             machine = self.machines.get(inst)
             if machine is None:
+                if self.config.carry_directory and not self.draining:
+                    self._machine(inst)  # carried for clients arriving from another region (resume ring)
                 continue
             epoch, seq = entry.get("epoch", ""), entry.get("seq", 0)
             if not isinstance(epoch, str) or not isinstance(seq, int):
@@ -715,6 +769,8 @@ class Gateway:
         self._release_timers.pop(inst, None)
         if self.links.get(inst) or self.trade_links.get(inst) or inst not in self.machines:
             return
+        if self.config.carry_directory and inst in self.directory:
+            return  # carried: kept for clients arriving from another region
         self.machines.pop(inst)
         self.links.pop(inst, None)
         self.trade_links.pop(inst, None)
@@ -749,7 +805,7 @@ class Gateway:
     @property
     def ready(self) -> bool:
         return (self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
-                and not self.silent_venues)
+                and not self.silent_venues and not self.cut_off)
 
     def directory_silent(self) -> bool:
         """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
@@ -909,6 +965,8 @@ class Gateway:
             return web.Response(text="ready\n")
         if self.draining:
             why = "draining"
+        elif self.cut_off:
+            why = f"region cut off: the publishing lease's bucket has not answered for {self.config.lease_unreachable_s:g} s"
         elif self.directory_silent():
             why = f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
         elif self.silent_venues:
