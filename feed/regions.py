@@ -18,6 +18,7 @@ Stable API (the chaos drills build on it):
     stack.leader()                      # the RegionProcs whose ingest leads, or None
     stack.kill_nats(a)                  # SIGKILL every server of a's NATS cluster
     stack.pause_gateway(a); stack.resume_gateway(a)   # SIGSTOP / SIGCONT the gateway's process group
+    stack.pause_ingest(a); stack.resume_ingest(a)     # the same for the ingest (a held standby never takes over)
     stack.start_ingest(a, [extra args]) # (re)start a region's ingest (after a kill); waits for /healthz
     stack.supercluster.lease            # the lease cluster (a Region); .lease_region is its name
     stack.log("ingest-a")               # a process's log (ingest-<r>, gateway-<r>; NATS logs under tmp/nats)
@@ -218,6 +219,13 @@ class RegionsStack:
 
     def resume_gateway(self, p: RegionProcs) -> None:
         os.killpg(p.gateway.pid, signal.SIGCONT)
+
+    def pause_ingest(self, p: RegionProcs) -> None:
+        """SIGSTOP the region's ingest (a held standby cannot take over; ``resume_ingest`` lets it)."""
+        os.killpg(p.ingest.pid, signal.SIGSTOP)
+
+    def resume_ingest(self, p: RegionProcs) -> None:
+        os.killpg(p.ingest.pid, signal.SIGCONT)
 
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"
