@@ -118,6 +118,7 @@ class ProbeConfig:
     ebpf_url: str | None = None  # the eBPF exporter's /metrics, for run-queue delay
     reader_delay_s: float = 0.0  # test hook: handle each event this long after it was received (a slow reader)
     no_ticks: bool = False  # write no book events
+    failover: bool = False  # each region's client also holds the other regions (preferred: its own) and moves
 
 
 class ProbeMetrics:
@@ -126,7 +127,7 @@ class ProbeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         names = ("bookcast_probe_latency_seconds", "bookcast_probe_latency_max_seconds", "bookcast_probe_messages_total", "bookcast_probe_clock_skew_total",
                  "bookcast_probe_gaps_total", "bookcast_probe_resyncs_total", "bookcast_probe_reconnects_total",
-                 "bookcast_probe_stale_instruments", "bookcast_probe_connected")
+                 "bookcast_probe_stale_instruments", "bookcast_probe_connected", "bookcast_probe_failovers_total")
         self.m = {n: prom.build(n, registry) for n in names}
 
 
@@ -156,6 +157,7 @@ class _Seen:
     reconnects: int = 0
     heartbeats: int = 0
     resyncs: Counter[str] = field(default_factory=Counter)
+    failovers: Counter[str] = field(default_factory=Counter)
 
 
 class RegionProbe:
@@ -164,7 +166,7 @@ class RegionProbe:
     def __init__(self, region: Region, instruments: list[str], metrics: ProbeMetrics, *, stale_after_s: float,
                  writer: ClickHouseWriter | None, write_ticks: bool, otlp: Otlp | None, otlp_hist: Any,
                  clock_ns=time.time_ns, monotonic_s=time.monotonic, run_id: str = "",
-                 reader_delay_s: float = 0.0) -> None:
+                 reader_delay_s: float = 0.0, fallbacks: list[Region] | None = None) -> None:
         self.region = region
         self.run_id = run_id
         self.reader_delay_s = reader_delay_s
@@ -193,8 +195,13 @@ class RegionProbe:
         self.stale_gauge = m["bookcast_probe_stale_instruments"].labels(name)
         self.connected = m["bookcast_probe_connected"].labels(name)
         self.stale = StaleTracker(instruments, stale_after_s, monotonic_s())
-        self.client = BookClient([with_write_stamps(region.ws_url)], instruments, clock_ns=clock_ns,
-                                 event_queue_size=100_000)
+        self.failovers = m["bookcast_probe_failovers_total"]
+        if fallbacks:  # a client of its own region first, moving to the others (SDK region failover)
+            self.client = BookClient(regions=[[with_write_stamps(r.ws_url)] for r in (region, *fallbacks)],
+                                     instruments=instruments, clock_ns=clock_ns, event_queue_size=100_000)
+        else:
+            self.client = BookClient([with_write_stamps(region.ws_url)], instruments, clock_ns=clock_ns,
+                                     event_queue_size=100_000)
         self.measured = 0
         self._seen = _Seen()
 
@@ -263,6 +270,9 @@ class RegionProbe:
         for reason, count in stats.resyncs_received.items():
             self.resyncs.labels(self.region.name, reason).inc(count - seen.resyncs[reason])
             seen.resyncs[reason] = count
+        for reason, count in stats.failovers.items():  # the client's region moves (RegionMoved), by reason
+            self.failovers.labels(self.region.name, reason).inc(count - seen.failovers[reason])
+            seen.failovers[reason] = count
         self.connected.set(1 if self.client.connected else 0)
 
 
@@ -399,7 +409,8 @@ class Probe:
         for region in cfg.regions:
             rp = RegionProbe(region, listed[region.name], self.metrics, stale_after_s=cfg.stale_after_s,
                              writer=self.writer, write_ticks=region.name == ticks_region, otlp=self.otlp,
-                             otlp_hist=otlp_hist, run_id=cfg.run_id, reader_delay_s=cfg.reader_delay_s)
+                             otlp_hist=otlp_hist, run_id=cfg.run_id, reader_delay_s=cfg.reader_delay_s,
+                             fallbacks=[r for r in cfg.regions if r is not region] if cfg.failover else None)
             self.regions.append(rp)
             log.info("region %s: %s, %d instruments", region.name, region.ws_url, len(rp.instruments))
         loop = asyncio.get_running_loop()
@@ -524,6 +535,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otlp-endpoint", default=endpoint_from(None),
                    help="OTLP/gRPC endpoint for metrics and client spans (default $OTEL_EXPORTER_OTLP_ENDPOINT; unset = off)")
     p.add_argument("--otlp-export-interval-s", type=float, default=10.0, help="OTLP metric export period (default %(default)s)")
+    p.add_argument("--failover", action="store_true",
+                   help="each region's client also holds the other regions and moves between them (SDK region "
+                        "failover), counted in bookcast_probe_failovers_total{region,reason}; latency is then "
+                        "labelled with the client's own region wherever it is served")
     p.add_argument("--duration-s", type=float, help="stop after this many seconds (default: until SIGTERM/SIGINT)")
 
 
@@ -548,7 +563,8 @@ def main(args: argparse.Namespace) -> int:
                          ticks_region=args.ticks_region,
                          otlp_endpoint=args.otlp_endpoint, otlp_export_interval_s=args.otlp_export_interval_s,
                          run_id=args.run_id, retention_s=retention_s, ebpf_url=args.ebpf_url,
-                         reader_delay_s=args.test_reader_delay_ms / 1000, no_ticks=args.no_ticks)
+                         reader_delay_s=args.test_reader_delay_ms / 1000, no_ticks=args.no_ticks,
+                         failover=args.failover)
     try:
         return asyncio.run(_serve(config, args.http_host, args.http_port, args.duration_s))
     except KeyboardInterrupt:

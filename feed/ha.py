@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from feed import metrics as prom
 from feed import wire
-from feed.lease import (LEASE_HOLDER_HEADER, LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread,
-                        LostLease, Role)
+from feed.lease import (LEASE_BUCKET, LEASE_HOLDER_HEADER, LEASE_KEY,  # the names live in feed.lease
+                        LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread, LostLease, Role)
 from feed.subjects import PREFIX, delta_subject, unescape_token
 from feed.takeover import Continue, NewEpoch, StepTracker, WaitFor, delta_key
 
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bookcast.ha")
 
-LEASE_BUCKET = "md_lease"
-LEASE_KEY = "ingest"
 
 
 def books_bucket(region: str) -> str:

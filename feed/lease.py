@@ -47,6 +47,8 @@ import orjson
 
 log = logging.getLogger("bookcast.lease")
 
+LEASE_BUCKET = "md_lease"   # the JetStream KV bucket of the lease (in the lease cluster)
+LEASE_KEY = "ingest"        # its one key
 LEASE_REVISION_HEADER = "Bookcast-Lease-Revision"
 LEASE_HOLDER_HEADER = "Bookcast-Ingest"
 

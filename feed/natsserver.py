@@ -73,6 +73,7 @@ class NatsServer:
     extra_config: str = ""
     users: list[NatsUser] = field(default_factory=list)
     workdir: str | None = None
+    exec_prefix: list[str] = field(default_factory=list)  # e.g. ``ip netns exec NS``: run inside a namespace
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
 
@@ -154,7 +155,7 @@ class NatsServer:
         log = Path(self.workdir) / f"{self.name}.log"
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                [*self.exec_prefix, binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent,
             )
 
@@ -260,8 +261,11 @@ class Supercluster:
     limit). ``extra_config`` goes into every server's config (e.g. the ``authorization``/``accounts`` block
     of the security work). ``ping_interval_s`` (default: nats-server's 2 min) sets how often every server
     pings its clients and links; a connection is dropped after ``ping_max`` unanswered pings (it applies to
-    clients too, so a short one drops busy clients on a loaded machine). Raises what
-    ``NatsServer.start`` raises; a failed start stops what already started.
+    clients too, so a short one drops busy clients on a loaded machine). ``netns=True`` (root) runs every
+    cluster in a network namespace of its own on a private address (``feed.partition.RegionNetwork``,
+    ``self.network``; our clients stay in the root namespace), so ``feed.partition.Partition`` can cut a
+    region off with nftables; ``stop()`` deletes the namespaces. Raises what ``NatsServer.start`` raises
+    (and ``PartitionUnavailable`` for ``netns`` without root); a failed start stops what already started.
 
         with Supercluster(["a", "b"]) as sc:
             sc.regions[0].url   # nats://127.0.0.1:<port>
@@ -270,7 +274,8 @@ class Supercluster:
 
     def __init__(self, regions: list[str], servers_per_region: int = 1, *, workdir: str | None = None,
                  jetstream: bool = True, extra_config: str = "", host: str = "127.0.0.1",
-                 lease_servers: int = 1, ping_interval_s: float | None = None, ping_max: int = 2) -> None:
+                 lease_servers: int = 1, ping_interval_s: float | None = None, ping_max: int = 2,
+                 netns: bool = False) -> None:
         if not regions or len(set(regions)) != len(regions) or LEASE_CLUSTER in regions:
             raise ValueError(f"need distinct region names other than {LEASE_CLUSTER!r}, got {regions}")
         if servers_per_region < 1:
@@ -282,9 +287,18 @@ class Supercluster:
         sizes = {r: servers_per_region for r in regions}
         if lease_servers:
             sizes[LEASE_CLUSTER] = lease_servers
+        self.network = None
+        hosts = {r: host for r in sizes}
+        if netns:
+            from feed.partition import RegionNetwork, check
+
+            check()
+            self.network = RegionNetwork(list(sizes))
+            hosts = dict(self.network.addresses)
+        # in namespaces nothing else listens on a cluster's address: any port is free there
         ports = {r: [(free_port(host), free_port(host)) for _ in range(n)] for r, n in sizes.items()}
         gw_ports = {r: [free_port(host) for _ in range(n)] for r, n in sizes.items()}
-        gateways = {r: [f"nats://{host}:{p}" for p in gw_ports[r]] for r in sizes}
+        gateways = {r: [f"nats://{hosts[r]}:{p}" for p in gw_ports[r]] for r in sizes}
         pings = f'ping_interval: "{ping_interval_s:g}s"\nping_max: {ping_max}' if ping_interval_s else ""
         clusters: list[Region] = []
         for r, n in sizes.items():
@@ -292,11 +306,13 @@ class Supercluster:
             for i in range(n):
                 # every server lists the whole cluster (itself included: nats-server skips its own URL, and
                 # JetStream in clustered mode needs configured routes even in a one-server cluster)
-                routes = [f"nats://{host}:{cp}" for _, cp in ports[r]]
+                routes = [f"nats://{hosts[r]}:{cp}" for _, cp in ports[r]]
                 servers.append(NatsServer(
-                    host=host, name=f"{r}-{i}", cluster_name=r, cluster_port=ports[r][i][1], routes=routes,
+                    host=hosts[r], name=f"{r}-{i}", cluster_name=r, cluster_port=ports[r][i][1], routes=routes,
                     gateway_name=r, gateway_port=gw_ports[r][i], gateways=gateways, jetstream=jetstream,
-                    extra_config="\n".join(x for x in (pings, extra_config) if x), workdir=self.workdir))
+                    extra_config="\n".join(x for x in (pings, extra_config) if x), workdir=self.workdir,
+                    monitor_port=ports[r][i][0] if netns else 0, port=free_port(host) if netns else 0,
+                    exec_prefix=self.network.exec_prefix(r) if self.network else []))
             clusters.append(Region(r, servers))
         self.regions: list[Region] = [c for c in clusters if c.name != LEASE_CLUSTER]
         self.lease: Region | None = next((c for c in clusters if c.name == LEASE_CLUSTER), None)
@@ -320,6 +336,8 @@ class Supercluster:
     def start(self, timeout_s: float = 20.0) -> Supercluster:
         """Start every server (a cluster's servers wait for their routes, so all start before any wait)."""
         try:
+            if self.network is not None:
+                self.network.create()
             for s in self.servers:
                 s.start_nowait()
             for s in self.servers:
@@ -348,6 +366,8 @@ class Supercluster:
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+        if self.network is not None:
+            self.network.remove()
 
     def cleanup(self) -> None:
         self.stop()

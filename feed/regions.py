@@ -18,13 +18,15 @@ Stable API (the chaos drills build on it):
     stack.leader()                      # the RegionProcs whose ingest leads, or None
     stack.kill_nats(a)                  # SIGKILL every server of a's NATS cluster
     stack.pause_gateway(a); stack.resume_gateway(a)   # SIGSTOP / SIGCONT the gateway's process group
+    stack.pause_ingest(a); stack.resume_ingest(a)     # the same for the ingest (a held standby never takes over)
     stack.start_ingest(a, [extra args]) # (re)start a region's ingest (after a kill); waits for /healthz
     stack.supercluster.lease            # the lease cluster (a Region); .lease_region is its name
     stack.log("ingest-a")               # a process's log (ingest-<r>, gateway-<r>; NATS logs under tmp/nats)
     stack.stop()                        # everything, by PID; safe after any fault, safe twice
 
 Raises from ``start``: TimeoutError (a process did not come up; its log is under ``tmp``), RuntimeError (one
-exited); what started is stopped first. Partitions between regions: ``feed.partition``.
+exited); what started is stopped first. Partitions between regions: ``feed.partition`` (needs
+``netns=True``, root: every region's NATS cluster in a network namespace of its own, on a private address).
 """
 from __future__ import annotations
 
@@ -116,6 +118,8 @@ class RegionsStack:
     host: str = "127.0.0.1"
     gateway_ports: list[int] = field(default_factory=list)
     provider_config: Path | None = None  # every ingest reads these providers (bookcast ingest --config) instead
+    lease_unreachable_s: float = 1.0  # gateways: stale and not ready when the lease bucket is unreachable this long
+    netns: bool = False  # root: each region's NATS cluster in its own network namespace (feed.partition)
 
     def __post_init__(self) -> None:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
@@ -123,7 +127,7 @@ class RegionsStack:
         self.tmp = Path(self.tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
-                                         lease_servers=self.lease_servers)
+                                         lease_servers=self.lease_servers, netns=self.netns)
         self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
         if not self.captures:
             from feed.stack import bundled_capture
@@ -192,6 +196,10 @@ class RegionsStack:
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
                                "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
                                "--ingest-silent-s", f"{ready_s:g}",
+                               # cut off from the lease cluster for one second: stale, clients move
+                               "--lease-unreachable-s", f"{self.lease_unreachable_s:g}",
+                               # every instrument carried, so clients arriving from another region resume
+                               "--carry-directory", "on",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
         wait_until(lambda: http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
@@ -211,6 +219,13 @@ class RegionsStack:
 
     def resume_gateway(self, p: RegionProcs) -> None:
         os.killpg(p.gateway.pid, signal.SIGCONT)
+
+    def pause_ingest(self, p: RegionProcs) -> None:
+        """SIGSTOP the region's ingest (a held standby cannot take over; ``resume_ingest`` lets it)."""
+        os.killpg(p.ingest.pid, signal.SIGSTOP)
+
+    def resume_ingest(self, p: RegionProcs) -> None:
+        os.killpg(p.ingest.pid, signal.SIGCONT)
 
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"

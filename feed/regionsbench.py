@@ -8,7 +8,8 @@ in step) before the next run. The next run faults the region the client moved to
 
 Faults: ``nats_kill`` (SIGKILL every server of the region's NATS cluster, restarted after), ``gateway_kill``
 (SIGKILL the region's gateway, restarted on the same port), ``gateway_pause`` (SIGSTOP, then SIGCONT),
-``partition`` (root: nftables cut of the region's gateway links, ``feed.partition``; skipped otherwise),
+``partition`` (root: the regions' NATS clusters in network namespaces, an nftables table in the region's namespace
+drops the other clusters' addresses, ``feed.partition``; skipped otherwise),
 ``ingest_kill`` (SIGKILL the leading ingest: the time until the standby publishes, read from its status; the
 client's books are checked, it does not move). Per fault: p50 and max over the runs, resume and snapshot
 counts; targets (issue 9): < 2 s every fault, < 1 s when the resume succeeds. Writes JSON (``--out``) and
@@ -92,7 +93,11 @@ async def _main(args: argparse.Namespace, faults: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bookcast-regions-bench-"))
     meta = {"regions": 2, "lease_ttl_s": args.lease_ttl_s, "stale_after_s": args.stale_after_s,
             "load_before": _load(), "runs": args.runs}
-    stack = RegionsStack(tmp, regions=["a", "b"], lease_ttl_s=args.lease_ttl_s)
+    from feed import partition
+
+    # root: every region's NATS in its own network namespace, so the partition fault can cut it off
+    stack = RegionsStack(tmp, regions=["a", "b"], lease_ttl_s=args.lease_ttl_s,
+                         netns="partition" in faults and partition.available())
     results: dict[str, dict] = {}
     print(f"starting 2 regions (logs in {tmp}) ...", file=sys.stderr, flush=True)
     try:
@@ -166,12 +171,22 @@ class _Bench:
     async def _settle(self) -> None:
         from feed.procs import wait_until
 
+        from feed.procs import http_ok
+
         def settled() -> bool:
             leader = self.stack.leader()
             others = [p for p in self.stack.procs if p is not leader]
             return leader is not None and all(all((p.ha().get("in_step") or {0: False}).values()) for p in others)
 
+        def gateways_ok() -> bool:  # every region serving every instrument again (after a cut, a resync)
+            try:
+                return all(http_ok(p.base + "/readyz") and all(i.get("status", "ok") == "ok" for i in p.instruments())
+                           for p in self.stack.procs)
+            except (OSError, ValueError):
+                return False
+
         await asyncio.to_thread(wait_until, settled, 120, what="a leader and a standby in step")
+        await asyncio.to_thread(wait_until, gateways_ok, 60, what="every gateway ready, every instrument ok")
 
     async def run(self, fault: str) -> dict:
         client = await self._client()
@@ -216,16 +231,34 @@ class _Bench:
         raise ValueError(fault)
 
     async def _ingest_kill(self, client) -> dict:
+        """SIGKILL the leader; the takeover time is from the kill to the first delta the standby publishes, as
+        NATS delivers it to an observer in the standby's region (not the status endpoint's view)."""
+        import nats
+
+        from feed.lease import LEASE_HOLDER_HEADER
         from feed.procs import wait_until
 
         leader = self.stack.leader()
         standby = next(p for p in self.stack.procs if p is not leader)
-        t0 = time.monotonic()
-        leader.ingest.send_signal(signal.SIGKILL)
-        leader.ingest.wait(10)
+        first: asyncio.Future = asyncio.get_running_loop().create_future()
+        holder = f"ingest-{standby.name}"
+
+        async def on_msg(msg) -> None:
+            if (msg.headers or {}).get(LEASE_HOLDER_HEADER) == holder and not first.done():
+                first.set_result(time.monotonic())
+
+        nc = await nats.connect(standby.nats.url)
+        try:
+            await nc.subscribe("md.v1.*.*", cb=on_msg)
+            await nc.flush()
+            t0 = time.monotonic()
+            leader.ingest.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(leader.ingest.wait, 10)
+            took = await asyncio.wait_for(first, 60) - t0
+        finally:
+            await nc.close()
         await asyncio.to_thread(wait_until, lambda: standby.ha().get("publishing") is True, 60,
                                 what=f"{standby.name} publishes")
-        took = time.monotonic() - t0
         kinds = set((standby.ha().get("last_takeover") or {}).get("instruments", {}).values())
         await asyncio.to_thread(self.stack.start_ingest, leader)
         return {"took_s": took, "takeover": sorted(kinds), "resumed": 0, "snapshots": 0}

@@ -170,6 +170,8 @@ class BookClient:
         self._failure: BaseException | None = None
         self.connected_url: str | None = None
         self.region: int | None = None  # index into regions of the current connection
+        self._last_frame_s = 0.0  # loop time of the last frame received (the health task's silence check)
+        self._closing: set[asyncio.Task] = set()  # closes of connections left as stuck (not awaited)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -222,6 +224,8 @@ class BookClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+        for task in list(self._closing):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
         self._emit(_CLOSED)
@@ -350,6 +354,7 @@ class BookClient:
             await _send(ws, wire.Subscribe(next(self._ids), tuple(self.instruments), self._channels,
                                            self._conflate_ms, wire.resume_positions(resume)))
             self.connected_url = url
+            self._last_frame_s = loop.time()
             write_stamp: tuple[int, int] | None = None  # (ts_write_ns, frames it still covers)
             self._emit(Connected(url, reconnect, resume))
             self._notify()
@@ -390,6 +395,7 @@ class BookClient:
                             break
                         continue
                     frame, receive = receive.result(), None
+                self._last_frame_s = loop.time()
                 if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     if frame.type is aiohttp.WSMsgType.ERROR:
                         error = repr(frame.data)
@@ -436,7 +442,13 @@ class BookClient:
             if health is not None:
                 health.cancel()
             self.connected_url = None
-            await ws.close()
+            if reason in (MoveReason.STALE, MoveReason.NOT_READY) and not ws.closed:
+                # a stuck gateway does not answer the close handshake: do not wait for it to move on
+                task = loop.create_task(ws.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            else:
+                await ws.close()
             self._verified.on_disconnect()
             if not self._closed:
                 self._emit(Disconnected(url, ws.close_code, error))
@@ -449,13 +461,21 @@ class BookClient:
 
     async def _watch_health(self, url: str, leave: asyncio.Event, why: list[MoveReason]) -> None:
         """Poll the current gateway's ``/readyz`` (twice not ready in a row: leave) and, while away from the
-        preferred region, the preferred region's (for the fail-back hysteresis)."""
+        preferred region, the preferred region's (for the fail-back hysteresis). A probe the gateway does not
+        answer at all (timeout) while nothing arrived for half of ``stale_after_s`` is a stuck gateway (a
+        stopped process, a starved host): leave as ``stale`` at once, before the full stale timer runs out.
+        A gateway that sends data or heartbeats, or answers 503, is never taken for stuck."""
         assert self._session is not None
         loop = asyncio.get_running_loop()
         failed = 0
         while True:
             await asyncio.sleep(self._health_interval_s)
             ready = await self._ready(url)
+            if (ready is None and self._stale_after_s is not None
+                    and loop.time() - self._last_frame_s >= self._stale_after_s / 2):
+                why.append(MoveReason.STALE)
+                leave.set()
+                return
             failed = 0 if ready else failed + 1
             if failed >= 2:
                 why.append(MoveReason.NOT_READY)
@@ -463,21 +483,25 @@ class BookClient:
                 return
             if self._policy.away:
                 preferred = self._policy.regions[0]
-                ok = any([await self._ready(u) for u in preferred])
+                ok = any([await self._ready(u) is True for u in preferred])
                 self._policy.preferred_health(ok, loop.time())
                 if self._policy.should_fail_back(loop.time()):
                     why.append(MoveReason.FAILBACK)
                     leave.set()
                     return
 
-    async def _ready(self, ws_url: str) -> bool:
+    async def _ready(self, ws_url: str) -> bool | None:
+        """True: ``/readyz`` said 200; False: another status or the connection failed; None: no answer
+        within the probe timeout (``max(0.2, 2 x health_interval_s)``)."""
         http = ws_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         http = http.split("/v1/ws", 1)[0] + "/readyz"
         try:
             async with self._session.get(http, timeout=aiohttp.ClientTimeout(total=max(0.2, self._health_interval_s * 2)),
                                          headers=self._headers) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except TimeoutError:
+            return None
+        except (aiohttp.ClientError, OSError):
             return False
 
     def _emit(self, event: object) -> None:  # never blocks: drops the oldest event when full

@@ -143,6 +143,7 @@ class GatewayMetrics:
 
 
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
+REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
 WRITE_STAMP_TYPE = "write_stamp"
 INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
 
@@ -335,6 +336,9 @@ class Gateway:
         self._subscribed_s: float | None = None      # when the directory subscription was made
         self._venue_announced_s: dict[str, float] = {}  # venue -> monotonic time of its last announcement
         self.silent_venues: set[str] = set()  # venues whose instruments this gateway marked ingest_silent
+        self.cut_off = False  # the lease bucket has not answered for lease_unreachable_s: instruments stale
+        self._lease_answered_s: float | None = None  # monotonic time of the lease bucket's last answer
+        self._lease_probe: asyncio.Task | None = None
         self.connections: set[Connection] = set()
         self.draining = False
         self._corked: list[Connection] = []  # connections with write-through frames to flush this pass
@@ -373,6 +377,56 @@ class Gateway:
             self.otlp = Otlp(self.config.otlp_endpoint, f"bookcast-{self.config.name}")
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._sample_queues()), loop.create_task(self._ticks())]
+        if self.config.region:
+            self._tasks.append(loop.create_task(self._seed_directory_from_kv()))
+        if self.config.lease_unreachable_s:
+            self._lease_answered_s = time.monotonic()
+            self._tasks.append(loop.create_task(self._watch_lease()))
+
+    async def _watch_lease(self) -> None:
+        """Every ``lease_unreachable_s / 4``: a JetStream direct get of the lease entry (answered by the lease
+        cluster through this region's gateway links; "no entry" is an answer too). No answer for
+        ``lease_unreachable_s``: this region is cut off from whoever may publish, so its books are stale
+        (``REGION_CUT_OFF``) and /readyz is 503 (the SDK moves on either); the next answer restores them. A
+        takeover in progress does not trip it: the bucket answers while no ingest holds the lease."""
+        from feed.lease import LEASE_BUCKET, LEASE_KEY
+
+        limit_s = self.config.lease_unreachable_s
+        subject = f"$JS.API.DIRECT.GET.KV_{LEASE_BUCKET}"
+        body = wire.dumps({"last_by_subj": f"$KV.{LEASE_BUCKET}.{LEASE_KEY}"})
+
+        async def probe() -> None:
+            try:
+                await self.nc.request(subject, body, timeout=limit_s)
+            except Exception:  # noqa: BLE001 - no responders, timeout, NATS down: no answer
+                return
+            self._lease_answered_s = time.monotonic()
+
+        while True:
+            await asyncio.sleep(limit_s / 4)
+            if self._lease_probe is None or self._lease_probe.done():
+                self._lease_probe = asyncio.get_running_loop().create_task(probe())
+            self._check_cut_off(time.monotonic(), time.time_ns())
+
+    def _check_cut_off(self, now_s: float, now_ns: int) -> None:
+        limit_s = self.config.lease_unreachable_s
+        if not limit_s or self._lease_answered_s is None:
+            return
+        cut = now_s - self._lease_answered_s > limit_s
+        if cut == self.cut_off:
+            return
+        self.cut_off = cut
+        if cut:
+            for machine in list(self.machines.values()):
+                if machine.status is not Status.STALE:
+                    self._execute(machine, machine.on_status(Status.STALE, REGION_CUT_OFF, None, now_ns))
+            log.warning("the lease bucket has not answered for %.1f s: region cut off, %d instruments stale (%s)",
+                        now_s - self._lease_answered_s, len(self.machines), REGION_CUT_OFF)
+            return
+        for machine in list(self.machines.values()):
+            if machine.status_reason == REGION_CUT_OFF:
+                self._execute(machine, machine.on_status(Status.OK, "", None, now_ns))
+        log.info("the lease bucket answers again: region reachable")
 
     async def _sample_queues(self) -> None:
         """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's sessions,
@@ -417,6 +471,70 @@ class Gateway:
             log.warning("no directory announcement from the ingest of venue %s for %.1f s: %d instruments "
                         "marked stale (%s)", venue, now_s - last_s, marked, INGEST_SILENT)
 
+    # -- the region's own KV books (issue 9): snapshots and directory when no ingest answers -----------------
+    def _leader_heard(self, instrument: str) -> bool:
+        """True when the instrument's venue was announced in the last 2 s (a publishing ingest is reachable;
+        it announces every second): ask it. Otherwise go to the region's KV books first."""
+        last_s = self._venue_announced_s.get(split_instrument(instrument)[0])
+        return not self.config.region or (last_s is not None and time.monotonic() - last_s < 2.0)
+
+    async def _kv_get(self, key: str) -> bytes | None:
+        """The value of ``key`` in this region's KV books (``md_books_<region>``, JetStream direct get, answered
+        inside the region), or None (no region, no entry, no answer)."""
+        from feed.ha import books_bucket
+
+        if not self.config.region or self.nc is None:
+            return None
+        bucket = books_bucket(self.config.region)
+        try:
+            msg = await self.nc.request(f"$JS.API.DIRECT.GET.KV_{bucket}",
+                                        wire.dumps({"last_by_subj": f"$KV.{bucket}.{key}"}),
+                                        timeout=self.snapshot_timeout_s)
+        except Exception:  # noqa: BLE001 - no bucket, no answer: nothing kept
+            return None
+        if (msg.headers or {}).get("Status") or not msg.data:
+            return None  # 404: no such entry (or deleted)
+        return msg.data
+
+    async def _kv_snapshot(self, instrument: str) -> bytes | None:
+        """The snapshot the leading ingest last wrote to this region's KV books (every snapshot interval, by
+        ``feed.ha``): served when the region with the leading ingest is gone (PROTOCOL-wise a plain snapshot;
+        the deltas after it come from the ingest that takes over, or a resync)."""
+        from feed.ha import kv_key
+
+        data = await self._kv_get(kv_key("snap", instrument))
+        if data is not None:
+            log.info("snapshot of %s from region %s's KV books (no ingest answering)", instrument, self.config.region)
+        return data
+
+    async def _seed_directory_from_kv(self) -> None:
+        """At start: the instrument directory kept in this region's KV books (``dir.<venue>`` entries), so a
+        gateway started while no ingest is reachable knows the instruments (live announcements win)."""
+        from feed.ha import books_bucket
+
+        try:
+            kv = await self.nc.jetstream().key_value(books_bucket(self.config.region))
+            keys = [k for k in await asyncio.wait_for(kv.keys(), 5.0) if k.startswith("dir.")]
+        except Exception as exc:  # noqa: BLE001 - no bucket yet, or empty: the announcements will come
+            log.debug("no KV directory in region %s: %s", self.config.region, exc)
+            return
+        seeded = 0
+        for key in keys:
+            data = await self._kv_get(key)
+            try:
+                entries = wire.loads(data)["instruments"] if data else []
+            except (ValueError, KeyError, TypeError):
+                continue
+            for entry in entries if isinstance(entries, list) else []:
+                inst = entry.get("instrument") if isinstance(entry, dict) else None
+                if isinstance(inst, str) and inst not in self.directory:
+                    self.directory[inst] = entry
+                    seeded += 1
+                    if self.config.carry_directory and inst not in self.machines:
+                        self._machine(inst)
+        if seeded:
+            log.info("instrument directory: %d instruments from region %s's KV books", seeded, self.config.region)
+
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
@@ -455,6 +573,8 @@ class Gateway:
             self.directory[inst] = entry
             machine = self.machines.get(inst)
             if machine is None:
+                if self.config.carry_directory and not self.draining:
+                    self._machine(inst)  # carried for clients arriving from another region (resume ring)
                 continue
             epoch, seq = entry.get("epoch", ""), entry.get("seq", 0)
             if not isinstance(epoch, str) or not isinstance(seq, int):
@@ -659,11 +779,15 @@ class Gateway:
         inst = machine.instrument
         if delay_s:
             await asyncio.sleep(delay_s)
+        data = await self._kv_snapshot(inst) if not self._leader_heard(inst) else None
         try:
-            reply = await self.nc.request(snapshot_subject(inst), b"", timeout=self.snapshot_timeout_s)
+            if data is None:
+                data = (await self.nc.request(snapshot_subject(inst), b"", timeout=self.snapshot_timeout_s)).data
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: the machine retries with backoff
+            data = await self._kv_snapshot(inst)  # no ingest answered: the book kept in this region's KV
+        if data is None:
             if self.machines.get(inst) is not machine:
                 return
             self.metrics.snapshot_failures.inc()
@@ -676,7 +800,7 @@ class Gateway:
         if self.machines.get(inst) is not machine:
             return
         self._snapshot_tasks.pop(inst, None)
-        actions = machine.on_snapshot_reply(reply.data, time.time_ns())
+        actions = machine.on_snapshot_reply(data, time.time_ns())
         if any(type(a) is im.Rejected for a in actions):
             self.metrics.snapshot_failures.inc()
         self._execute(machine, actions)
@@ -715,6 +839,8 @@ class Gateway:
         self._release_timers.pop(inst, None)
         if self.links.get(inst) or self.trade_links.get(inst) or inst not in self.machines:
             return
+        if self.config.carry_directory and inst in self.directory:
+            return  # carried: kept for clients arriving from another region
         self.machines.pop(inst)
         self.links.pop(inst, None)
         self.trade_links.pop(inst, None)
@@ -749,7 +875,7 @@ class Gateway:
     @property
     def ready(self) -> bool:
         return (self.nc is not None and self.nc.is_connected and not self.draining and not self.directory_silent()
-                and not self.silent_venues)
+                and not self.silent_venues and not self.cut_off)
 
     def directory_silent(self) -> bool:
         """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
@@ -866,11 +992,15 @@ class Gateway:
         if machine is not None and machine.serving:
             body = machine.snapshot_bytes()
         elif self.known(instrument):
+            body = await self._kv_snapshot(instrument) if not self._leader_heard(instrument) else None
             try:
-                reply = await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)
+                if body is None:
+                    body = (await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)).data
             except Exception as exc:  # noqa: BLE001 - upstream unavailable
-                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {shown(instrument)} unavailable: {type(exc).__name__}")
-            body = reply.data
+                body = await self._kv_snapshot(instrument)
+                if body is None:
+                    return _json_error(503, ErrorCode.INTERNAL,
+                                       f"snapshot of {shown(instrument)} unavailable: {type(exc).__name__}")
         else:
             return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown(instrument)}")
         if depth is not None:
@@ -909,6 +1039,8 @@ class Gateway:
             return web.Response(text="ready\n")
         if self.draining:
             why = "draining"
+        elif self.cut_off:
+            why = f"region cut off: the publishing lease's bucket has not answered for {self.config.lease_unreachable_s:g} s"
         elif self.directory_silent():
             why = f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
         elif self.silent_venues:

@@ -96,6 +96,15 @@ class GatewayConfig:
     ready_needs_directory_s: float = field(default=0.0, metadata=cli(
         "--ready-needs-directory-s", "not ready when no ingest directory announcement arrived for this long "
         "(a region cut off from the publishing ingest); 0 = off"))
+    # regions (issue 9): the gateway probes the publishing lease's bucket (JetStream KV in the lease cluster,
+    # reached through this region's NATS gateway links); unanswered this long, the region is cut off from
+    # whoever may publish: every instrument stale (reason region_cut_off) and /readyz 503 until it answers
+    lease_unreachable_s: float = field(default=0.0, metadata=cli(
+        "--lease-unreachable-s", "every instrument stale (reason region_cut_off) and /readyz 503 when the "
+        "publishing lease's KV bucket does not answer from this region's NATS for this long; 0 = off"))
+    carry_directory: bool = field(default=False, metadata=cli(
+        "--carry-directory", "subscribe to every instrument of the ingest directory, not only those a client "
+        "wants, so a client arriving from another region resumes from this gateway's ring", **_on_off))
     # providers (issue 16): the ingest announces each venue's directory every second while it lives; when a
     # venue's announcements stop this long, its instruments are ``stale`` (reason ``ingest_silent``) and
     # /readyz is 503 until they resume
