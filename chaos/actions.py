@@ -19,7 +19,7 @@ import urllib.error
 from chaos.context import Proof, current
 from chaos.proxy import validate_toxic
 from chaos.stack import http_json
-from chaos.state import start_ticks
+from chaos.state import STACK_KINDS, start_ticks
 from feed.procs import port_open
 
 log = logging.getLogger("bookcast.chaos.actions")
@@ -183,7 +183,7 @@ def hold(duration_s: float) -> dict:
 def rollback_all() -> list[str]:
     """Undo everything the state file lists (toxics, pauses, started fault processes). Idempotent."""
     drill = current()
-    done = [e for e in drill.state.entries() if e["kind"] not in ("process",)]
+    done = [e for e in drill.state.entries() if e["kind"] not in STACK_KINDS]
     for entry in reversed(done):
         try:
             drill.state.undo(entry["id"])
@@ -339,19 +339,20 @@ def nats_lame_duck(role: str = "nats-a", wait_drained: bool = True) -> dict:
     return {"took_effect": closed, **evidence}
 
 
-def _nft(*args: str, stdin: str | None = None) -> str:
+def _nft(*args: str, stdin: str | None = None, netns: str | None = None) -> str:
     import subprocess
 
-    r = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, check=False)
+    argv = ["nft", *args] if not netns else ["ip", "netns", "exec", netns, "nft", *args]
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"nft {' '.join(args)}: {r.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
     return r.stdout
 
 
-def _nft_dropped(table: str) -> int:
+def _nft_dropped(table: str, netns: str | None = None) -> int:
     import json as _json
 
-    out = _json.loads(_nft("-j", "list", "table", "inet", table))
+    out = _json.loads(_nft("-j", "list", "table", "inet", table, netns=netns))
     packets = 0
     for item in out.get("nftables", []):
         for expr in (item.get("rule") or {}).get("expr", []):
@@ -360,31 +361,38 @@ def _nft_dropped(table: str) -> int:
     return packets
 
 
-def partition_regions(region: str = "b", other: str = "a") -> dict:
-    """Cut the NATS supercluster's gateway links between ``region`` and ``other`` (root: an nftables table
-    dropping TCP to and from both regions' gateway-link ports on loopback; clients still reach their own
-    region). Recorded as ``nft_table`` before it is applied (rollback deletes it). Proof: the table's
-    counters dropped packets within ``PROOF_TIMEOUT_S``. Raises ``PermissionError`` when not root."""
+def partition_regions(region: str = "b") -> dict:
+    """Partition ``region`` from every other cluster of the supercluster (the other data region and the lease
+    cluster): root; the region stack runs each cluster's NATS servers in a network namespace of its own
+    (``configuration.netns``), and ``feed.partition.Partition`` puts an nftables table *inside region's
+    namespace* dropping every packet to and from the other clusters' addresses (its gateway links and its
+    route to the lease go silent both ways; its own clients keep their connections). The table is recorded
+    (``nft_table`` with its namespace) before it is applied; rollback deletes it, and deleting the namespace
+    (the stack's stop, or ``undo_all`` after a crash) takes it too. Proof: the table's own counters dropped
+    packets within ``PROOF_TIMEOUT_S``. Raises ``PermissionError`` when not root, ``RuntimeError`` when the
+    stack is not in namespaces."""
+    from feed.partition import Partition
+
     if os.geteuid() != 0:
-        raise PermissionError("partition_regions needs root (nftables)")
+        raise PermissionError("partition_regions needs root (network namespaces and nftables)")
     drill = current()
-    ports = sorted({drill.stack.region_ports(region)["gateway"], drill.stack.region_ports(other)["gateway"]})
-    table = f"chaos_drill_{os.getpid()}"
-    ruleset = (f"table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n"
-               f"    tcp dport {{ {', '.join(map(str, ports))} }} counter drop\n"
-               f"    tcp sport {{ {', '.join(map(str, ports))} }} counter drop\n  }}\n}}\n")
-    sid = drill.state.add("nft_table", family="inet", table=table, netns=None)
-    _nft("-f", "-", stdin=ruleset)
-    drill.hard_limit(sid, f"partition {region}|{other} (nft table {table})")
-    drill.note("fault_onset", f"partition: region {region} cut from {other} (gateway-link ports {ports}, nft {table})")
+    netns = drill.stack.region_namespace(region) if hasattr(drill.stack, "region_namespace") else None
+    if not netns:
+        raise RuntimeError("partition_regions needs the region stack in network namespaces (configuration.netns)")
+    cut = Partition(drill.stack.regions.supercluster, region)
+    sid = drill.state.add("nft_table", family="inet", table=cut.table, netns=netns)
+    others = sorted(a for c, a in drill.stack.network.addresses.items() if c != region)
+    drill.note("fault_onset", f"partition: region {region} cut from {others} (nft table {cut.table} in {netns})")
+    cut.apply()
+    drill.hard_limit(sid, f"partition of {region} (nft table {cut.table} in {netns})")
     deadline = time.monotonic() + PROOF_TIMEOUT_S
     dropped = 0
     while time.monotonic() < deadline and dropped == 0:
-        dropped = _nft_dropped(table)
+        dropped = cut.dropped()
         if not dropped:
             time.sleep(0.1)
-    evidence = {"nft_table": table, "ports": ports, "packets_dropped": dropped}
-    proof = Proof(f"partition {region}|{other}", dropped > 0, evidence)
+    evidence = {"nft_table": cut.table, "netns": netns, "dropped_addresses": others, "packets_dropped": dropped}
+    proof = Proof(f"partition {region}", dropped > 0, evidence)
     drill.proofs.append(proof)
     drill.note("proof", f"{proof.fault}: {'took effect' if dropped else 'NOT injected'}", **evidence)
     return {"took_effect": dropped > 0, **evidence}
@@ -397,9 +405,10 @@ def heal_partition() -> dict:
     for entry in drill.state.entries():
         if entry["kind"] == "nft_table":
             try:
-                dropped[entry["table"]] = _nft_dropped(entry["table"])
+                dropped[entry["table"]] = _nft_dropped(entry["table"], entry.get("netns"))
             except RuntimeError:
                 dropped[entry["table"]] = None
             drill.state.undo(entry["id"])
-    drill.note("fault_end", f"partition healed: {dropped}")
+    if dropped:      # a rollback after the method healed it already: no second end
+        drill.note("fault_end", f"partition healed: {dropped}")
     return dropped

@@ -49,6 +49,9 @@ class RegionDrillStack:
     # drill's hold; the drill's region servers drain after 1 s, so the whole drain fits the hold.
     lame_duck_grace_s: float = 1.0
     lame_duck_duration_s: float = 30.0
+    # root: every cluster's NATS servers in a network namespace of its own (feed.partition.RegionNetwork), so
+    # a partition is nftables between namespaces; the namespaces and the bridge are in the state file first
+    netns: bool = False
     instruments_wanted: int = 3
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bookcast-drill-regions-")))
     captures: list[Path] = field(default_factory=list)
@@ -56,6 +59,7 @@ class RegionDrillStack:
     proxy_api: str = ""
     regions: object = None
     _ids: dict = field(default_factory=dict)
+    _net_ids: list = field(default_factory=list)
 
     kind = "regions"
     # region b (the control) is served by the one leading ingest, which region drills fault: the faulted
@@ -68,7 +72,12 @@ class RegionDrillStack:
         from feed.regions import RegionsStack
 
         self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
-                                    captures=list(self.captures))
+                                    captures=list(self.captures), netns=self.netns)
+        network = self.network
+        if network is not None:     # recorded before they exist: a killed run's are undone by the next
+            for ns in network.namespaces.values():
+                self._net_ids.append(self.state.add("netns", name=ns))
+            self._net_ids.append(self.state.add("link", name=network.bridge))
         for region in self.regions.supercluster.regions:   # the data regions' servers (config written at start)
             for server in region.servers:
                 server.extra_config = "\n".join(x for x in (server.extra_config, self.lame_duck_config()) if x)
@@ -103,21 +112,44 @@ class RegionDrillStack:
             clients = 10
         return self.lame_duck_grace_s + clients * 1.0
 
+    @property
+    def network(self):
+        """The namespaces' ``feed.partition.RegionNetwork`` (``netns``), or None."""
+        return getattr(self.regions.supercluster, "network", None) if self.regions is not None else None
+
     def _record(self) -> None:
-        """Every live process of the stack in the state file (new PIDs after a restart too)."""
-        for role, proc in self.procs.items():
-            if proc.popen is None or proc.popen.poll() is not None:
+        """Every live process of the stack in the state file (new PIDs after a restart too), the lease
+        cluster's servers included."""
+        roles = [(role, proc.popen) for role, proc in self.procs.items()]
+        lease = self.regions.supercluster.lease if self.regions is not None else None
+        roles += [(f"nats-{s.name}", s.proc) for s in (lease.servers if lease is not None else [])]
+        for role, popen in roles:
+            if popen is None or popen.poll() is not None:
                 continue
-            key = (role, proc.popen.pid)
+            key = (role, popen.pid)
             if key not in self._ids:
-                self._ids[key] = self.state.add_process(proc.popen.pid, role)
+                self._ids[key] = self.state.add_process(popen.pid, role)
+
+    def leftovers(self) -> list[str]:
+        """Namespaces, bridge or partition tables of this stack still in the kernel (after ``stop``: none)."""
+        network = self.network
+        if network is None:
+            return []
+        from feed.partition import _bridges, _namespaces
+
+        out = [f"netns {n}" for n in network.namespaces.values() if n in _namespaces()]
+        return out + ([f"bridge {network.bridge}"] if network.bridge in _bridges() else [])
 
     def stop(self) -> None:
         if self.regions is not None:
-            self.regions.stop()
+            self.regions.stop()       # the namespaces and bridge too (Supercluster.stop)
         for sid in self._ids.values():
             self.state.remove(sid)
         self._ids.clear()
+        if not self.leftovers():      # otherwise the state file keeps them for undo_all
+            for sid in self._net_ids:
+                self.state.remove(sid)
+            self._net_ids.clear()
 
     def cleanup_workdir(self, keep_logs_in: Path | None = None) -> None:
         if keep_logs_in is not None:
@@ -209,9 +241,9 @@ class RegionDrillStack:
                     leaders.append(p.name)
         return {"selected": ",".join(leaders) or None, "healthy": len(leaders) == 1}
 
-    def region_ports(self, name: str) -> dict[str, int]:
-        s = self._region(name).nats.servers[0]
-        return {"client": s.port, "cluster": s.cluster_port, "gateway": s.gateway_port}
+    def region_namespace(self, name: str) -> str | None:
+        network = self.network
+        return network.namespaces[name] if network is not None else None
 
     def describe(self) -> dict:
         if self.regions is None:
@@ -220,4 +252,5 @@ class RegionDrillStack:
                             for p in self.regions.procs},
                 "faulted_region": self.faulted_region, "instruments": self.instruments, "failover": self.failover,
                 "group_urls": self.group_urls(), "checker": self.checker_url,
+                "netns": dict(self.network.namespaces) if self.network is not None else None,
                 "pids": {r: p.popen.pid for r, p in self.procs.items() if p.popen is not None}}

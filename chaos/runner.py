@@ -40,7 +40,7 @@ from chaos.clients import ClientGroups, GroupCheckers, compare_groups
 from chaos.context import Drill, set_current
 from chaos.report import analyse, drill_row, write_chdb, write_report
 from chaos.stack import DrillStack
-from chaos.state import StateFile, start_ticks
+from chaos.state import STACK_KINDS, StateFile, start_ticks
 
 log = logging.getLogger("bookcast.chaos.runner")
 
@@ -175,7 +175,8 @@ def make_stack(kind: str, state: StateFile, config: dict[str, Any], **kw: Any):
 
         kw.pop("faulted_via_proxy", None)
         region_kw = {"captures": [kw.pop("capture")]} if "capture" in kw else {}
-        return RegionDrillStack(state, faulted_region=str(config.get("faulted_region", "a")), **region_kw, **kw)
+        return RegionDrillStack(state, faulted_region=str(config.get("faulted_region", "a")),
+                                netns=bool(config.get("netns", False)), **region_kw, **kw)
     raise DrillError(f"unknown drill stack {kind!r}: gateways, providers or regions")
 
 
@@ -200,10 +201,10 @@ class _Shield:
 
 
 def undo_injections(state: StateFile) -> list[str]:
-    """Undo every listed injection but the stack's own processes (a shared stack keeps running)."""
+    """Undo every listed injection but what the stack itself made (``STACK_KINDS``: a shared stack keeps running)."""
     done = []
     for entry in reversed(state.entries()):
-        if entry["kind"] != "process":
+        if entry["kind"] not in STACK_KINDS:
             state.undo(entry["id"])
             done.append(entry["kind"])
     return done
@@ -441,7 +442,9 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         shield.release()
         if not shared_stack and not start_failed:
             stack.cleanup_workdir(report_dir / name / "logs" if report_dir is not None else None)
-    left = [e for e in state.entries() if not shared_stack or e["kind"] != "process"]
+    left = [e for e in state.entries() if not shared_stack or e["kind"] not in STACK_KINDS]
+    if not shared_stack and hasattr(stack, "leftovers"):     # asked of the kernel, not only the state file
+        left += [{"kind": "in the kernel", "what": w} for w in stack.leftovers()]
     alive = [] if shared_stack else [f"{role} pid={pid}" for role, pid in stack.describe().get("pids", {}).items()
                                      if start_ticks(pid) is not None and not _zombie(pid)]
     if drill is None:

@@ -13,7 +13,8 @@ Entry kinds (``kind`` plus fields)::
     toxic      api, proxy, toxic           DELETE {api}/proxies/{proxy}/toxics/{toxic}
     proxy_off  api, proxy                  POST {api}/proxies/{proxy} {"enabled": true}
     nft_table  family, table, netns        nft delete table (inside ``ip netns exec NETNS`` when set)
-    netns      name                        ip netns delete NAME
+    netns      name                        ip netns delete NAME (SIGKILL what still runs inside first)
+    link       name                        ip link delete NAME (the namespaces' bridge)
     http_post  url, body, what             POST body to url (e.g. a simulator knob reset)
 
 Default path: ``$BOOKCAST_CHAOS_STATE`` or ``run/chaos/state.json``.
@@ -33,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("bookcast.chaos.state")
+
+# what a drill stack itself made (undone when the stack stops, or by ``undo_all`` after a crash); every other
+# kind is an injection, undone by a drill's rollback
+STACK_KINDS = ("process", "netns", "link")
 
 
 def default_path() -> Path:
@@ -151,7 +156,15 @@ def undo_entry(entry: dict[str, Any]) -> None:
             cmd = ["ip", "netns", "exec", entry["netns"], *cmd]
         subprocess.run(cmd, capture_output=True, check=False)
     elif kind == "netns":
+        pids = subprocess.run(["ip", "netns", "pids", entry["name"]], capture_output=True, text=True, check=False)
+        for pid in pids.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         subprocess.run(["ip", "netns", "delete", entry["name"]], capture_output=True, check=False)
+    elif kind == "link":
+        subprocess.run(["ip", "link", "delete", entry["name"]], capture_output=True, check=False)
     else:
         raise ValueError(f"unknown state entry kind {kind!r}")
 

@@ -17,7 +17,7 @@ import pytest
 from chaos.report import analyse
 from chaos.runner import run_drill
 from chaos.stack import DrillStack
-from chaos.state import StateFile
+from chaos.state import STACK_KINDS, StateFile
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 
 def _injections(state: StateFile) -> list[dict]:
-    return [e for e in state.entries() if e["kind"] != "process"]
+    return [e for e in state.entries() if e["kind"] not in STACK_KINDS]
 
 
 def _proxy_toxics(stack: DrillStack) -> list:
