@@ -246,6 +246,20 @@ def _wait_steady(drill: Drill, experiment: dict[str, Any], timeout_s: float) -> 
     return None
 
 
+def _missing_books(groups: ClientGroups, instruments: list[str]) -> str:
+    """Which client lacks which book, and the last things those clients saw (for the error message)."""
+    try:
+        seqs = groups.seqs()
+    except TimeoutError:
+        return "the clients' loop did not answer in 30 s"
+    missing = {f"{g}#{c}": [i for i in instruments if i not in books] for (g, c), books in seqs.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    _, events = groups.recorder.snapshot()
+    recent = [f"{e.group}#{e.client} {e.kind} {e.instrument or ''} {e.detail[:60]}".strip() for e in events
+              if f"{e.group}#{e.client}" in missing][-8:]
+    return f"missing {missing}; their last events: {recent}"
+
+
 def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -389,7 +403,10 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
                 return all(len(b) == len(stack.instruments) for b in groups.seqs().values())
             except TimeoutError:     # the clients' loop busy for 30 s (a loaded machine): ask again
                 return False
-        _wait(warm, 90, "every drill client holding every book", interval_s=0.2)
+        try:
+            _wait(warm, 90, "every drill client holding every book", interval_s=0.2)
+        except DrillError as exc:
+            raise DrillError(f"{exc}: {_missing_books(groups, stack.instruments)}") from None
         if hasattr(stack, "before_experiment"):
             stack.before_experiment()
         steady_wait_s = _wait_steady(drill, experiment, float(config.get("steady_timeout_s", 60.0)))
@@ -412,7 +429,7 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         try:
             _wait(warm, 20, "every book back after the fault")
         except DrillError as exc:
-            log.warning("%s", exc)
+            log.warning("%s: %s", exc, _missing_books(groups, stack.instruments))
         check = _quiesce_and_check(drill, onset)
     except KeyboardInterrupt:
         user_interrupt = True
