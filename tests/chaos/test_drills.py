@@ -4,8 +4,9 @@ undid every injection; the checks can fail (failover disabled, a fault off the d
 that does not hold); a runner killed mid-fault leaves nothing once ``bookcast drill cleanup`` runs.
 
 Several drills share one gateway drill stack (``run_drill(stack=...)``) to keep the suite's time down.
-The provider drill, the runner killed mid-fault and (``BOOKCAST_DRILLS=all``) every shipped drill are in
-test_drills_own_stack.py: each needs a stack of its own.
+The provider drills (provider-stall, upstream-crossed-book: one provider stack), the runner killed mid-fault
+(the partition drill as root) and (``BOOKCAST_DRILLS=all``) every shipped drill passing and failing with
+failover disabled are in test_drills_own_stack.py.
 """
 from __future__ import annotations
 
