@@ -404,7 +404,9 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
             except TimeoutError:     # the clients' loop busy for 30 s (a loaded machine): ask again
                 return False
         try:
-            _wait(warm, 90, "every drill client holding every book", interval_s=0.2)
+            # generous: on a loaded machine a deep book's snapshot (Coinbase BTC-USD: 1.1 MB) takes the SDK
+            # seconds to verify per client, and every client of the drill shares this process
+            _wait(warm, 180, "every drill client holding every book", interval_s=0.2)
         except DrillError as exc:
             raise DrillError(f"{exc}: {_missing_books(groups, stack.instruments)}") from None
         if hasattr(stack, "before_experiment"):
