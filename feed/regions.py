@@ -112,7 +112,7 @@ class RegionsStack:
     loop: bool = True
     workers: int = 1
     lease_ttl_s: float = 1.5
-    lease_servers: int = 1
+    lease_servers: int | None = None  # servers of the lease cluster (default: nats_per_region, the same shape)
     ingest_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -125,6 +125,8 @@ class RegionsStack:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
         self.names = names
         self.tmp = Path(self.tmp)
+        if self.lease_servers is None:
+            self.lease_servers = self.nats_per_region
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
                                          lease_servers=self.lease_servers, netns=self.netns)
@@ -174,7 +176,10 @@ class RegionsStack:
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
         ha = ["--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
-              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s)]
+              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s),
+              # R3 where the cluster has 3 servers (the documented production shape), else one per server
+              "--lease-replicas", str(min(3, len(self.supercluster.region(self.supercluster.lease_region).servers))),
+              "--books-replicas", str(min(3, self.nats_per_region))]
         if self.provider_config is not None:
             args = ["ingest", "--config", str(self.provider_config), "--nats", p.nats.url,
                     "--http-port", str(p.ingest_port), *ha, *self.ingest_args, *(extra or [])]
