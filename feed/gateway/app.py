@@ -1019,8 +1019,8 @@ class Gateway:
             if machine is not None and machine.serving:
                 epoch, seq, status = machine.epoch, machine.seq, machine.status.value
             venue = split_instrument(inst)[0]
-            if venue in self.silent_venues:
-                status = Status.STALE.value  # its ingest went silent (``_check_ingest_silence``)
+            if venue in self.silent_venues or self.cut_off:
+                status = Status.STALE.value  # its ingest went silent, or the region is cut off from the lease
             item = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
             if entry.get("tick_size") is not None:
                 item["tick_size"] = entry["tick_size"]
