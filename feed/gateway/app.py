@@ -335,6 +335,7 @@ class Gateway:
         self._last_directory_s: float | None = None  # monotonic time of the last directory announcement
         self._subscribed_s: float | None = None      # when the directory subscription was made
         self._venue_announced_s: dict[str, float] = {}  # venue -> monotonic time of its last announcement
+        self._venue_heard_s: dict[str, float] = {}  # venue -> monotonic time of its last delta from NATS
         self.silent_venues: set[str] = set()  # venues whose instruments this gateway marked ingest_silent
         self.cut_off = False  # the lease bucket has not answered for lease_unreachable_s: instruments stale
         self._lease_answered_s: float | None = None  # monotonic time of the lease bucket's last answer
@@ -473,10 +474,11 @@ class Gateway:
 
     # -- the region's own KV books (issue 9): snapshots and directory when no ingest answers -----------------
     def _leader_heard(self, instrument: str) -> bool:
-        """True when the instrument's venue was announced in the last 2 s (a publishing ingest is reachable;
-        it announces every second): ask it. Otherwise go to the region's KV books first."""
-        last_s = self._venue_announced_s.get(split_instrument(instrument)[0])
-        return not self.config.region or (last_s is not None and time.monotonic() - last_s < 2.0)
+        """True when the instrument's venue was announced or sent a delta in the last 2 s (a publishing ingest
+        is reachable; it announces every second): ask it. Otherwise go to the region's KV books first."""
+        venue = split_instrument(instrument)[0]
+        last_s = max(self._venue_announced_s.get(venue, -1e9), self._venue_heard_s.get(venue, -1e9))
+        return not self.config.region or time.monotonic() - last_s < 2.0
 
     async def _kv_get(self, key: str) -> bytes | None:
         """The value of ``key`` in this region's KV books (``md_books_<region>``, JetStream direct get, answered
@@ -612,8 +614,11 @@ class Gateway:
 
     async def _start_machine(self, machine: InstrumentMachine) -> None:
         inst = machine.instrument
+        venue = split_instrument(inst)[0]
+        heard = self._venue_heard_s
 
         async def on_delta(msg) -> None:
+            heard[venue] = time.monotonic()  # a publishing ingest is reachable (``_leader_heard``)
             if self.machines.get(inst) is not machine:
                 return
             traceparent = msg.headers.get(TRACEPARENT) if msg.headers else None
