@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl-s", type=float, default=1.5, help="publishing lease TTL in s (default %(default)s)")
     p.add_argument("--stale-after-s", type=float, default=1.0,
                    help="the client moves after this long without data or heartbeat (default %(default)s)")
+    p.add_argument("--lease-unreachable-s", type=float, default=0.6,
+                   help="gateways mark their instruments stale when the lease bucket does not answer this long "
+                        "(the cut-off side's detection; tests use RegionsStack's 1 s) (default %(default)s)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the stack's logs (default: removed when all ran)")
 
@@ -64,7 +67,7 @@ def summary(samples: list[dict]) -> dict:
 
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"regions-bench: {meta['regions']} regions, lease TTL {meta['lease_ttl_s']:g} s, client stale after "
-             f"{meta['stale_after_s']:g} s, load average {meta['load_before']} before / {meta['load_after']} after",
+             f"{meta['stale_after_s']:g} s, cut off after {meta.get('lease_unreachable_s', 0):g} s, load average {meta['load_before']} before / {meta['load_after']} after",
              "", "| fault | runs | p50 s | max s | resumed | snapshots | max s, runs resumed only | target |",
              "|---|---|---|---|---|---|---|---|"]
     for fault, r in results.items():
@@ -92,9 +95,10 @@ def _load() -> str:
 def main(args: argparse.Namespace) -> int:
     faults = [f for f in args.faults.split(",") if f]
     unknown = [f for f in faults if f not in FAULTS]
-    if unknown or args.runs < 1 or args.lease_ttl_s <= 0:
+    if unknown or args.runs < 1 or args.lease_ttl_s <= 0 or args.lease_unreachable_s <= 0:
         print(f"bookcast regions-bench: unknown fault(s) {unknown}; known: {', '.join(FAULTS)}" if unknown else
-              "bookcast regions-bench: --runs must be >= 1 and --lease-ttl-s > 0", file=sys.stderr)
+              "bookcast regions-bench: --runs must be >= 1, --lease-ttl-s and --lease-unreachable-s > 0",
+              file=sys.stderr)
         return 2
     return asyncio.run(_main(args, faults))
 
@@ -104,11 +108,13 @@ async def _main(args: argparse.Namespace, faults: list[str]) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bookcast-regions-bench-"))
     meta = {"regions": 2, "lease_ttl_s": args.lease_ttl_s, "stale_after_s": args.stale_after_s,
+            "lease_unreachable_s": args.lease_unreachable_s,
             "load_before": _load(), "runs": args.runs}
     from feed import partition
 
     # root: every region's NATS in its own network namespace, so the partition fault can cut it off
     stack = RegionsStack(tmp, regions=["a", "b"], lease_ttl_s=args.lease_ttl_s,
+                         lease_unreachable_s=args.lease_unreachable_s,
                          netns="partition" in faults and partition.available())
     results: dict[str, dict] = {}
     print(f"starting 2 regions (logs in {tmp}) ...", file=sys.stderr, flush=True)
