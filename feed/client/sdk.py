@@ -19,7 +19,9 @@ Usage::
 Regions: ``BookClient(regions=[["ws://a1/v1/ws", "ws://a2/v1/ws"], ["ws://b1/v1/ws"]], instruments=[...])``
 (preferred region first). Besides disconnects and ``shutdown`` it moves to the next region when nothing (no
 data, no heartbeat) arrived for ``stale_after_s``, when the gateway's ``/readyz`` fails (it lost its NATS;
-polled every ``health_interval_s``), or when the gateway marks a subscribed instrument ``stale``
+polled every ``health_interval_s``), when ``/readyz`` goes unanswered for ``2 x health_interval_s`` while
+nothing arrived for half of ``stale_after_s`` (a stuck gateway: its close handshake is then not awaited), or
+when the gateway marks a subscribed instrument ``stale``
 (``instrument_status``, section 11); it resumes with the seqs it holds and emits one ``RegionMoved`` per move
 (reason, duration from detection to every book correct again, and the ``recovered`` map). It returns to the
 preferred region only after ``failback_after_s`` away and ``failback_after_s`` of the preferred region being
