@@ -193,14 +193,14 @@ class RegionsStack:
 
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
-        # not ready when no leader's directory reaches this region for longer than a takeover takes (TTL, the
-        # lease poll, one announce interval, with room for a loaded host): a region cut off from the publishing
-        # ingest sends its clients away. A venue silent that long is also when its instruments turn stale
-        # (``--ingest-silent-s``): a takeover in progress is not a dead ingest.
+        # a venue whose directory announcements stop for longer than a takeover takes (TTL, the lease poll, one
+        # announce interval, with room for a loaded host) has its instruments stale and the gateway not ready
+        # (``--ingest-silent-s``; with --region also when no venue is heard at all since the subscription): a
+        # takeover in progress is not a dead ingest. A region cut off from the lease cluster notices sooner
+        # (``--lease-unreachable-s``).
         ready_s = 2 * self.lease_ttl_s + 3.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
-                               "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
-                               "--ingest-silent-s", f"{ready_s:g}",
+                               "--workers", str(self.workers), "--ingest-silent-s", f"{ready_s:g}",
                                # cut off from the lease cluster for one second: stale, clients move
                                "--lease-unreachable-s", f"{self.lease_unreachable_s:g}",
                                # every instrument carried, so clients arriving from another region resume

@@ -532,6 +532,8 @@ class Gateway:
                 if isinstance(inst, str) and inst not in self.directory:
                     self.directory[inst] = entry
                     seeded += 1
+                    # no announcement of this venue within ingest_silent_s of the subscription: silent
+                    self._venue_announced_s.setdefault(split_instrument(inst)[0], self._subscribed_s)
                     if self.config.carry_directory and inst not in self.machines:
                         self._machine(inst)
         if seeded:
@@ -883,11 +885,12 @@ class Gateway:
                 and not self.silent_venues and not self.cut_off)
 
     def directory_silent(self) -> bool:
-        """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
-        (counted from the NATS subscription when none came yet)."""
-        limit_s = self.config.ready_needs_directory_s
-        last_s = self._last_directory_s if self._last_directory_s is not None else self._subscribed_s
-        return bool(limit_s) and last_s is not None and time.monotonic() - last_s > limit_s
+        """A region's gateway (``--region``) that has heard no venue at all, neither announced nor in its
+        region's KV directory, for ``ingest_silent_s`` since its NATS subscription (the one "ingest went
+        quiet" bound; a venue once known is judged by ``_check_ingest_silence``)."""
+        limit_s = self.config.ingest_silent_s
+        return (bool(self.config.region) and bool(limit_s) and not self._venue_announced_s
+                and self._subscribed_s is not None and time.monotonic() - self._subscribed_s > limit_s)
 
     # -- auth hook ------------------------------------------------------------------------------------
     async def authorize(self, request: web.Request) -> Authorization | None:
@@ -1047,7 +1050,7 @@ class Gateway:
         elif self.cut_off:
             why = f"region cut off: the publishing lease's bucket has not answered for {self.config.lease_unreachable_s:g} s"
         elif self.directory_silent():
-            why = f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
+            why = f"no ingest directory for {self.config.ingest_silent_s:g} s since the subscription"
         elif self.silent_venues:
             stale = sum(1 for inst, m in self.machines.items()
                         if split_instrument(inst)[0] in self.silent_venues and m.status is Status.STALE)
