@@ -88,6 +88,8 @@ class HaConfig:
     force_lossy: bool = False  # test hook: take over with a new epoch even when in step
     acquire_delay_s: float = 0.0  # do not try to take the lease for this long after start (a designated standby)
     replay_start_at_ns: int | None = None  # replays start at this wall-clock time (ingests in step on one upstream)
+    lease_replicas: int = 1  # replicas of the lease bucket: min(3, servers of the lease cluster); R3 in production
+    books_replicas: int = 1  # replicas of each region's KV books: min(3, servers per region)
 
     def __post_init__(self) -> None:
         if not self.regions:
@@ -95,6 +97,9 @@ class HaConfig:
         if self.region not in self.regions:
             raise ValueError(f"region {self.region!r} not in regions {self.regions}")
         self.lease_region = self.lease_region or self.regions[-1]
+        for name in ("lease_replicas", "books_replicas"):
+            if not 1 <= getattr(self, name) <= 5:
+                raise ValueError(f"{name} must be 1..5 (JetStream's limit), got {getattr(self, name)}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +116,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-start-at-ns", type=int,
                    help="start replaying at this Unix time in ns, so every region's ingest reads the same "
                         "upstream position at the same time (default: at once)")
+    g.add_argument("--lease-replicas", type=int, default=1,
+                   help="replicas of the lease bucket when this ingest creates it: min(3, servers of the lease "
+                        "cluster); 3 in the documented production shape (default %(default)s)")
+    g.add_argument("--books-replicas", type=int, default=1,
+                   help="replicas of each region's KV books bucket: min(3, servers per region) (default %(default)s)")
     g.add_argument("--test-force-lossy-takeover", action="store_true",
                    help="test hook: on takeover start a new epoch even when in step with the leader")
 
@@ -121,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
     regions = [r for r in (args.regions or args.region).split(",") if r]
     return HaConfig(args.region, regions, args.lease_region, args.lease_ttl_s,
                     force_lossy=args.test_force_lossy_takeover, acquire_delay_s=args.lease_acquire_delay_s,
-                    replay_start_at_ns=args.replay_start_at_ns)
+                    replay_start_at_ns=args.replay_start_at_ns, lease_replicas=args.lease_replicas,
+                    books_replicas=args.books_replicas)
 
 
 async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1) -> Any:
@@ -212,14 +223,16 @@ class HaController:
                                           max_reconnect_attempts=-1, reconnect_time_wait=0.25)
 
         async def bind(lease_nc):
-            return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region)
+            return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region,
+                                     replicas=self.config.lease_replicas)
 
         self.lease = LeaseThread(connect, bind, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
                                  on_event=lambda e: loop.call_soon_threadsafe(self._on_lease_event, e),
                                  not_before_s=time.monotonic() + self.config.acquire_delay_s)
         for region in self.config.regions:
             try:
-                self.books_kv[region] = await bind_bucket(js, books_bucket(region), region)
+                self.books_kv[region] = await bind_bucket(js, books_bucket(region), region,
+                                                          replicas=self.config.books_replicas)
             except Exception as exc:  # noqa: BLE001 - that region is down: no KV books there for now
                 log.warning("KV books of region %s unavailable: %s", region, exc)
         await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
@@ -410,7 +423,8 @@ class HaController:
             if region not in self.books_kv:
                 try:
                     self.books_kv[region] = await asyncio.wait_for(
-                        bind_bucket(self.ingest.nc.jetstream(), books_bucket(region), region), 2.0)
+                        bind_bucket(self.ingest.nc.jetstream(), books_bucket(region), region,
+                                    replicas=self.config.books_replicas), 2.0)
                 except Exception as exc:  # noqa: BLE001 - still down
                     self._kv_down_until[region] = now + 5.0
                     log.debug("KV books of region %s still unavailable: %s", region, exc)

@@ -212,7 +212,26 @@ def _lease_value(holder: str, region: str, ttl_s: float) -> bytes:
     return orjson.dumps({"holder": holder, "region": region, "ttl_s": ttl_s, "written_ns": time.time_ns()})
 
 
-class KvLease:
+class _LeaseView:
+    """What the publish path reads of a lease holder's ``machine`` (``role``, ``revision``, ``may_publish()``
+    by ``now_s``), shared by ``KvLease`` and ``LeaseThread``: plain attribute reads, safe from any thread."""
+
+    machine: LeaseMachine
+    now_s: Callable[[], float]
+
+    @property
+    def role(self) -> Role:
+        return self.machine.role
+
+    @property
+    def revision(self) -> int | None:
+        return self.machine.revision
+
+    def may_publish(self) -> bool:
+        return self.machine.may_publish(self.now_s())
+
+
+class KvLease(_LeaseView):
     """``LeaseMachine`` driven against a JetStream KV bucket (nats-py ``KeyValue``).
 
     ``run()`` polls the entry every ``poll_s`` and writes when the machine says so; ``on_event`` is called
@@ -232,17 +251,6 @@ class KvLease:
         self.on_event = on_event
         self.now_s = monotonic_s
         self.not_before_s = 0.0  # no write before this time (a designated standby waits)
-
-    @property
-    def role(self) -> Role:
-        return self.machine.role
-
-    @property
-    def revision(self) -> int | None:
-        return self.machine.revision
-
-    def may_publish(self) -> bool:
-        return self.machine.may_publish(self.now_s())
 
     def _emit(self, events: list[LeaseEvent]) -> None:
         for e in events:
@@ -314,7 +322,7 @@ class KvLease:
                 log.debug("lease release failed: %s", exc)
 
 
-class LeaseThread:
+class LeaseThread(_LeaseView):
     """A ``KvLease`` on its own thread, event loop and NATS connection, so renewals are not starved by a busy
     ingest loop (a CPU burst longer than the TTL, e.g. building every book at the start of a replay on a
     loaded host, would otherwise hand the lease to the standby and back).
@@ -337,6 +345,7 @@ class LeaseThread:
         self._args = (key, holder, region, ttl_s)
         self._on_event, self._not_before_s, self._poll_s = on_event, not_before_s, poll_s
         self.machine = LeaseMachine(holder, ttl_s)
+        self.now_s = time.monotonic
         self.lease: KvLease | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nc: Any = None
@@ -344,17 +353,6 @@ class LeaseThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"lease-{holder}", daemon=True)
-
-    @property
-    def role(self) -> Role:
-        return self.machine.role
-
-    @property
-    def revision(self) -> int | None:
-        return self.machine.revision
-
-    def may_publish(self) -> bool:
-        return self.machine.may_publish(time.monotonic())
 
     def start(self, timeout_s: float = 15.0) -> LeaseThread:
         self._thread.start()

@@ -112,7 +112,7 @@ class RegionsStack:
     loop: bool = True
     workers: int = 1
     lease_ttl_s: float = 1.5
-    lease_servers: int = 1
+    lease_servers: int | None = None  # servers of the lease cluster (default: nats_per_region, the same shape)
     ingest_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -125,6 +125,8 @@ class RegionsStack:
         names = [f"r{i}" for i in range(self.regions)] if isinstance(self.regions, int) else list(self.regions)
         self.names = names
         self.tmp = Path(self.tmp)
+        if self.lease_servers is None:
+            self.lease_servers = self.nats_per_region
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.supercluster = Supercluster(names, self.nats_per_region, workdir=str(self.tmp / "nats"),
                                          lease_servers=self.lease_servers, netns=self.netns)
@@ -174,7 +176,10 @@ class RegionsStack:
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
         ha = ["--name", f"ingest-{p.name}", "--region", p.name, "--regions", ",".join(self.names),
-              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s)]
+              "--lease-region", self.supercluster.lease_region, "--lease-ttl-s", str(self.lease_ttl_s),
+              # R3 where the cluster has 3 servers (the documented production shape), else one per server
+              "--lease-replicas", str(min(3, len(self.supercluster.region(self.supercluster.lease_region).servers))),
+              "--books-replicas", str(min(3, self.nats_per_region))]
         if self.provider_config is not None:
             args = ["ingest", "--config", str(self.provider_config), "--nats", p.nats.url,
                     "--http-port", str(p.ingest_port), *ha, *self.ingest_args, *(extra or [])]
@@ -188,14 +193,14 @@ class RegionsStack:
 
     def start_gateway(self, p: RegionProcs, port: int = 0) -> None:
         p.gateway_port = port or free_port(self.host)
-        # not ready when no leader's directory reaches this region for longer than a takeover takes (TTL, the
-        # lease poll, one announce interval, with room for a loaded host): a region cut off from the publishing
-        # ingest sends its clients away. A venue silent that long is also when its instruments turn stale
-        # (``--ingest-silent-s``): a takeover in progress is not a dead ingest.
+        # a venue whose directory announcements stop for longer than a takeover takes (TTL, the lease poll, one
+        # announce interval, with room for a loaded host) has its instruments stale and the gateway not ready
+        # (``--ingest-silent-s``; with --region also when no venue is heard at all since the subscription): a
+        # takeover in progress is not a dead ingest. A region cut off from the lease cluster notices sooner
+        # (``--lease-unreachable-s``).
         ready_s = 2 * self.lease_ttl_s + 3.0
         p.gateway = spawn_cli(["gateway", "--nats", p.nats.url, "--host", self.host, "--port", str(p.gateway_port),
-                               "--workers", str(self.workers), "--ready-needs-directory-s", f"{ready_s:g}",
-                               "--ingest-silent-s", f"{ready_s:g}",
+                               "--workers", str(self.workers), "--ingest-silent-s", f"{ready_s:g}",
                                # cut off from the lease cluster for one second: stale, clients move
                                "--lease-unreachable-s", f"{self.lease_unreachable_s:g}",
                                # every instrument carried, so clients arriving from another region resume

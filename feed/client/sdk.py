@@ -19,7 +19,9 @@ Usage::
 Regions: ``BookClient(regions=[["ws://a1/v1/ws", "ws://a2/v1/ws"], ["ws://b1/v1/ws"]], instruments=[...])``
 (preferred region first). Besides disconnects and ``shutdown`` it moves to the next region when nothing (no
 data, no heartbeat) arrived for ``stale_after_s``, when the gateway's ``/readyz`` fails (it lost its NATS;
-polled every ``health_interval_s``), or when the gateway marks a subscribed instrument ``stale``
+polled every ``health_interval_s``), when ``/readyz`` goes unanswered for ``2 x health_interval_s`` while
+nothing arrived for half of ``stale_after_s`` (a stuck gateway: its close handshake is then not awaited), or
+when the gateway marks a subscribed instrument ``stale``
 (``instrument_status``, section 11); it resumes with the seqs it holds and emits one ``RegionMoved`` per move
 (reason, duration from detection to every book correct again, and the ``recovered`` map). It returns to the
 preferred region only after ``failback_after_s`` away and ``failback_after_s`` of the preferred region being
@@ -461,21 +463,30 @@ class BookClient:
 
     async def _watch_health(self, url: str, leave: asyncio.Event, why: list[MoveReason]) -> None:
         """Poll the current gateway's ``/readyz`` (twice not ready in a row: leave) and, while away from the
-        preferred region, the preferred region's (for the fail-back hysteresis). A probe the gateway does not
-        answer at all (timeout) while nothing arrived for half of ``stale_after_s`` is a stuck gateway (a
-        stopped process, a starved host): leave as ``stale`` at once, before the full stale timer runs out.
-        A gateway that sends data or heartbeats, or answers 503, is never taken for stuck."""
+        preferred region, the preferred region's (for the fail-back hysteresis). A probe the gateway leaves
+        unanswered for ``2 x health_interval_s`` while nothing arrived for half of ``stale_after_s`` is a
+        stuck gateway (a stopped process, a starved host): leave as ``stale`` at once, before the full stale
+        timer runs out. A gateway that sends data or heartbeats, or answers 503, is never taken for stuck."""
         assert self._session is not None
         loop = asyncio.get_running_loop()
         failed = 0
+        stuck_after_s = max(0.2, self._health_interval_s * 2)
         while True:
             await asyncio.sleep(self._health_interval_s)
-            ready = await self._ready(url)
-            if (ready is None and self._stale_after_s is not None
-                    and loop.time() - self._last_frame_s >= self._stale_after_s / 2):
-                why.append(MoveReason.STALE)
-                leave.set()
-                return
+            probe = loop.create_task(self._ready(url, timeout_s=max(2.0, stuck_after_s)))
+            started = loop.time()
+            try:
+                while not probe.done():
+                    await asyncio.wait({probe}, timeout=0.05)
+                    if (not probe.done() and self._stale_after_s is not None
+                            and loop.time() - started >= stuck_after_s
+                            and loop.time() - self._last_frame_s >= self._stale_after_s / 2):
+                        why.append(MoveReason.STALE)
+                        leave.set()
+                        return
+            finally:
+                probe.cancel()
+            ready = probe.result()
             failed = 0 if ready else failed + 1
             if failed >= 2:
                 why.append(MoveReason.NOT_READY)
@@ -490,13 +501,14 @@ class BookClient:
                     leave.set()
                     return
 
-    async def _ready(self, ws_url: str) -> bool | None:
+    async def _ready(self, ws_url: str, timeout_s: float | None = None) -> bool | None:
         """True: ``/readyz`` said 200; False: another status or the connection failed; None: no answer
-        within the probe timeout (``max(0.2, 2 x health_interval_s)``)."""
+        within ``timeout_s`` (default ``max(0.2, 2 x health_interval_s)``)."""
         http = ws_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         http = http.split("/v1/ws", 1)[0] + "/readyz"
         try:
-            async with self._session.get(http, timeout=aiohttp.ClientTimeout(total=max(0.2, self._health_interval_s * 2)),
+            total_s = timeout_s if timeout_s is not None else max(0.2, self._health_interval_s * 2)
+            async with self._session.get(http, timeout=aiohttp.ClientTimeout(total=total_s),
                                          headers=self._headers) as r:
                 return r.status == 200
         except TimeoutError:

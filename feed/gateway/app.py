@@ -335,6 +335,7 @@ class Gateway:
         self._last_directory_s: float | None = None  # monotonic time of the last directory announcement
         self._subscribed_s: float | None = None      # when the directory subscription was made
         self._venue_announced_s: dict[str, float] = {}  # venue -> monotonic time of its last announcement
+        self._venue_heard_s: dict[str, float] = {}  # venue -> monotonic time of its last delta from NATS
         self.silent_venues: set[str] = set()  # venues whose instruments this gateway marked ingest_silent
         self.cut_off = False  # the lease bucket has not answered for lease_unreachable_s: instruments stale
         self._lease_answered_s: float | None = None  # monotonic time of the lease bucket's last answer
@@ -473,10 +474,11 @@ class Gateway:
 
     # -- the region's own KV books (issue 9): snapshots and directory when no ingest answers -----------------
     def _leader_heard(self, instrument: str) -> bool:
-        """True when the instrument's venue was announced in the last 2 s (a publishing ingest is reachable;
-        it announces every second): ask it. Otherwise go to the region's KV books first."""
-        last_s = self._venue_announced_s.get(split_instrument(instrument)[0])
-        return not self.config.region or (last_s is not None and time.monotonic() - last_s < 2.0)
+        """True when the instrument's venue was announced or sent a delta in the last 2 s (a publishing ingest
+        is reachable; it announces every second): ask it. Otherwise go to the region's KV books first."""
+        venue = split_instrument(instrument)[0]
+        last_s = max(self._venue_announced_s.get(venue, -1e9), self._venue_heard_s.get(venue, -1e9))
+        return not self.config.region or time.monotonic() - last_s < 2.0
 
     async def _kv_get(self, key: str) -> bytes | None:
         """The value of ``key`` in this region's KV books (``md_books_<region>``, JetStream direct get, answered
@@ -530,6 +532,8 @@ class Gateway:
                 if isinstance(inst, str) and inst not in self.directory:
                     self.directory[inst] = entry
                     seeded += 1
+                    # no announcement of this venue within ingest_silent_s of the subscription: silent
+                    self._venue_announced_s.setdefault(split_instrument(inst)[0], self._subscribed_s)
                     if self.config.carry_directory and inst not in self.machines:
                         self._machine(inst)
         if seeded:
@@ -612,8 +616,11 @@ class Gateway:
 
     async def _start_machine(self, machine: InstrumentMachine) -> None:
         inst = machine.instrument
+        venue = split_instrument(inst)[0]
+        heard = self._venue_heard_s
 
         async def on_delta(msg) -> None:
+            heard[venue] = time.monotonic()  # a publishing ingest is reachable (``_leader_heard``)
             if self.machines.get(inst) is not machine:
                 return
             traceparent = msg.headers.get(TRACEPARENT) if msg.headers else None
@@ -878,11 +885,12 @@ class Gateway:
                 and not self.silent_venues and not self.cut_off)
 
     def directory_silent(self) -> bool:
-        """True when ``ready_needs_directory_s`` is set and no directory announcement came for that long
-        (counted from the NATS subscription when none came yet)."""
-        limit_s = self.config.ready_needs_directory_s
-        last_s = self._last_directory_s if self._last_directory_s is not None else self._subscribed_s
-        return bool(limit_s) and last_s is not None and time.monotonic() - last_s > limit_s
+        """A region's gateway (``--region``) that has heard no venue at all, neither announced nor in its
+        region's KV directory, for ``ingest_silent_s`` since its NATS subscription (the one "ingest went
+        quiet" bound; a venue once known is judged by ``_check_ingest_silence``)."""
+        limit_s = self.config.ingest_silent_s
+        return (bool(self.config.region) and bool(limit_s) and not self._venue_announced_s
+                and self._subscribed_s is not None and time.monotonic() - self._subscribed_s > limit_s)
 
     # -- auth hook ------------------------------------------------------------------------------------
     async def authorize(self, request: web.Request) -> Authorization | None:
@@ -1019,8 +1027,8 @@ class Gateway:
             if machine is not None and machine.serving:
                 epoch, seq, status = machine.epoch, machine.seq, machine.status.value
             venue = split_instrument(inst)[0]
-            if venue in self.silent_venues:
-                status = Status.STALE.value  # its ingest went silent (``_check_ingest_silence``)
+            if venue in self.silent_venues or self.cut_off:
+                status = Status.STALE.value  # its ingest went silent, or the region is cut off from the lease
             item = {"instrument": inst, "venue": venue, "epoch": epoch, "seq": seq}
             if entry.get("tick_size") is not None:
                 item["tick_size"] = entry["tick_size"]
@@ -1042,7 +1050,7 @@ class Gateway:
         elif self.cut_off:
             why = f"region cut off: the publishing lease's bucket has not answered for {self.config.lease_unreachable_s:g} s"
         elif self.directory_silent():
-            why = f"no ingest directory for {self.config.ready_needs_directory_s:g} s"
+            why = f"no ingest directory for {self.config.ingest_silent_s:g} s since the subscription"
         elif self.silent_venues:
             stale = sum(1 for inst, m in self.machines.items()
                         if split_instrument(inst)[0] in self.silent_venues and m.status is Status.STALE)

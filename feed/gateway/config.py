@@ -88,14 +88,11 @@ class GatewayConfig:
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(
         "--test-fanout-delay-ms", "test hook: hold every delta this long before fan-out, a slow gateway", **_ms))
-    # regions (issue 9): a region whose NATS is cut off from every publishing ingest stops being ready, so
-    # multi-region SDK clients (which poll /readyz) move; the leading ingest announces its directory every 1 s
+    # regions (issue 9): its client count is labelled by region; with it set, a gateway that heard of no
+    # venue for --ingest-silent-s since its subscription is not ready either (a region with no ingest at all)
     region: str | None = field(default=None, metadata=cli(
         "--region", "this gateway's region: its client count is also bookcast_gateway_region_clients{region}",
         to_cli=lambda v: v or "", from_cli=lambda v: v or None))
-    ready_needs_directory_s: float = field(default=0.0, metadata=cli(
-        "--ready-needs-directory-s", "not ready when no ingest directory announcement arrived for this long "
-        "(a region cut off from the publishing ingest); 0 = off"))
     # regions (issue 9): the gateway probes the publishing lease's bucket (JetStream KV in the lease cluster,
     # reached through this region's NATS gateway links); unanswered this long, the region is cut off from
     # whoever may publish: every instrument stale (reason region_cut_off) and /readyz 503 until it answers
