@@ -93,6 +93,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     opt("--max-subscriptions-per-token", args.max_subscriptions_per_token)
     opt("--nats-user", args.nats_user)
     opt("--nats-password-file", args.nats_password_file)
+    opt("--nats-nkey-seed-file", args.nats_nkey_seed_file)
     opt("--ops-host", args.ops_host)
     opt("--ops-port", args.ops_port)
     opt("--tls-cert-file", args.tls_cert_file)

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """One worker's ``GatewayConfig`` from the parsed options (with its NATS login, when given)."""
     config = cfg.config_from_args(args)
-    if getattr(args, "nats_user", None) is not None or getattr(args, "nats_password_file", None) is not None:
+    logins = ("nats_user", "nats_password_file", "nats_nkey_seed_file")
+    if any(getattr(args, name, None) is not None for name in logins):
         config.nats_credentials = hardening.natsauth.credentials_from_args(args)
     return config
 
