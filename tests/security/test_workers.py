@@ -100,15 +100,16 @@ async def test_every_worker_serves_with_the_supervisors_security_options(tmp_pat
             "--max-connections-per-token", str(CONN_CAP), "--max-subscriptions-per-token", str(SUB_CAP)],
             tmp_path / "gateway.log")
         procs.append(gateway)
+        # the ingest starts while the workers do (they ask for announcements when they subscribe)
+        ingest = spawn_cli(["replay", "--nats", server.url, "--nats-user", "ingest", "--nats-password-file",
+                            str(write_password_file(tmp_path, users[NatsRole.INGEST])), "--speed", "1", "--loop",
+                            "--http-port", str(free_port()), str(bundled_capture())], tmp_path / "ingest.log")
+        procs.append(ingest)
         wait_until(lambda: len(_children(gateway.pid)) == 2, 30, what="2 workers", proc=gateway)
         workers = _children(gateway.pid)
         wait_until(lambda: set(_statuses(ops, workers, tries=8)) == workers
                    and all(d["ready"] for d in _statuses(ops, workers).values()), 60,
                    what="both workers ready on the ops port (logged in to NATS)", proc=gateway)
-        ingest = spawn_cli(["replay", "--nats", server.url, "--nats-user", "ingest", "--nats-password-file",
-                            str(write_password_file(tmp_path, users[NatsRole.INGEST])), "--speed", "1", "--loop",
-                            "--http-port", str(free_port()), str(bundled_capture())], tmp_path / "ingest.log")
-        procs.append(ingest)
 
         tok = _token()
 
