@@ -9,6 +9,7 @@ the killed worker's share is given back.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -170,10 +171,24 @@ async def test_every_worker_serves_with_the_supervisors_security_options(tmp_pat
         async def capped_connect(sess):
             return await sess.ws_connect(f"wss://127.0.0.1:{port}/v1/ws", headers={"Authorization": f"Bearer {capped}"})
 
+        # every held connection is read all along (aiohttp answers the gateway's pings only while reading,
+        # and an unanswered ping closes it, giving its count back): replies to requests go to its queue
+        inbox: dict = {}
+        readers: list = []
+
+        async def read_all(ws) -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    inbox[ws].put_nowait(orjson.loads(msg.data))
+
+        def hold(ws) -> None:
+            inbox[ws] = asyncio.Queue()
+            readers.append(asyncio.ensure_future(read_all(ws)))
+
         async def request(ws, op: str, rid: int, instruments: list[str]) -> dict:
             await ws.send_str(orjson.dumps({"op": op, "id": rid, "instruments": instruments}).decode())
             while True:
-                msg = orjson.loads((await ws.receive(timeout=15)).data)
+                msg = await asyncio.wait_for(inbox[ws].get(), 15)
                 if msg.get("id") == rid:
                     return msg
 
@@ -190,6 +205,7 @@ async def test_every_worker_serves_with_the_supervisors_security_options(tmp_pat
                 if len(held[pid]) < CONN_CAP // 2:
                     held[pid].append(ws)
                     all_held.append(ws)
+                    hold(ws)
                 else:
                     await ws.close()
             assert all(len(v) == CONN_CAP // 2 for v in held.values()), {p: len(v) for p, v in held.items()}
@@ -217,6 +233,10 @@ async def test_every_worker_serves_with_the_supervisors_security_options(tmp_pat
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
                 await capped_connect(s)
             assert info.value.status == 429
+            survivor = [ws for ws in held[max(workers)] if not ws.closed]
+            assert len(survivor) == CONN_CAP // 2  # still open: the count under test is theirs
+            for task in readers:
+                task.cancel()
             for ws in all_held + more:
                 await ws.close()
         # the replacement got --tls-*: every new https connection is answered, whichever worker takes it
