@@ -425,7 +425,7 @@ def _all(mapping: Any, key: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class TokenLimits:
-    """Per-token caps within one gateway worker (0 = no cap)."""
+    """Per-token caps (0 = no cap): over all of a gateway's workers (``feed.gateway.tokenshare``)."""
 
     max_connections_per_token: int = 0
     max_subscriptions_per_token: int = 0

@@ -7,7 +7,7 @@ replay a delta; nats-server refuses it with a permissions violation before any s
 
 ``ROLE_PERMISSIONS`` is the one table of those rules (subjects as in ``feed.subjects``); add a subject
 here when a role needs a new one. ``authorization_block`` renders nats-server's ``authorization``
-config from ``NatsUser``s (pure); ``NatsCredentials`` is the client side (``nats.connect(**kwargs)``),
+config from ``NatsUser``s and ``NatsNkeyUser``s (pure); ``NatsCredentials`` is the client side (``nats.connect(**kwargs)``),
 with the password read from a file so it never appears in argv, ``ps`` or logs.
 
 Permissions follow https://docs.nats.io/running-a-nats-service/configuration/securing_nats/authorization:
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from feed.natscreds import NatsAuthError, NatsCredentials  # noqa: F401 - re-exported: their home for callers
+from feed.natscreds import NatsAuthError, NatsCredentials, nkey_public_key  # noqa: F401 - re-exported: their home for callers
 from feed.subjects import ANNOUNCE_REQUEST, PREFIX
 
 INBOX = "_INBOX.>"  # nats-py's request/reply inboxes (its default inbox prefix)
@@ -86,12 +86,45 @@ class NatsUser:
         return cls(name or role.value, secrets.token_urlsafe(32), role)
 
 
-def authorization_block(users: list[NatsUser], auth_timeout_s: float = 2.0) -> str:
-    """nats-server's ``authorization { users = [...] }`` for ``users`` (strings JSON-quoted). No anonymous
+@dataclass(frozen=True)
+class NatsNkeyUser:
+    """A user of nats-server's config that logs in with an nkey: the server holds only the public key
+    (``U...``); the client signs the server's nonce with the seed (``SU...``), which never leaves it.
+    ``name`` only names the seed file and log lines; nats-server knows the user by its key."""
+
+    name: str
+    seed: bytes = field(repr=False)
+    role: NatsRole
+
+    @property
+    def public_key(self) -> str:
+        import nkeys
+
+        pair = nkeys.from_seed(bytearray(self.seed))
+        try:
+            return pair.public_key.decode()
+        finally:
+            pair.wipe()
+
+    @classmethod
+    def generate(cls, role: NatsRole, name: str | None = None) -> NatsNkeyUser:
+        """A user for ``role`` with a fresh Ed25519 key pair (the seed as ``nk -gen user`` writes it)."""
+        import nkeys
+
+        return cls(name or role.value, bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)),
+                   role)
+
+
+def authorization_block(users: list[NatsUser | NatsNkeyUser], auth_timeout_s: float = 2.0) -> str:
+    """nats-server's ``authorization { users = [...] }`` for ``users`` (strings JSON-quoted): password users
+    as ``{user, password}``, nkey users as ``{nkey}``, each with its role's permissions. No anonymous
     user: a connection without valid credentials is refused (``Authorization Violation``)."""
     lines = ["authorization {", f"  timeout: {auth_timeout_s}", "  users = ["]
     for user in users:
-        entry = f"    {{user: {json.dumps(user.name)}, password: {json.dumps(user.password)}"
+        if isinstance(user, NatsNkeyUser):
+            entry = f"    {{nkey: {json.dumps(user.public_key)}"
+        else:
+            entry = f"    {{user: {json.dumps(user.name)}, password: {json.dumps(user.password)}"
         perms = ROLE_PERMISSIONS[user.role]
         if perms is not None:
             pub = ", ".join(json.dumps(s) for s in perms.publish)
@@ -110,15 +143,20 @@ def authorization_block(users: list[NatsUser], auth_timeout_s: float = 2.0) -> s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--nats-user`` and ``--nats-password-file`` (for ``bookcast replay`` and ``bookcast gateway``)."""
+    """``--nats-user`` and ``--nats-password-file``, or ``--nats-nkey-seed-file`` (for ``bookcast replay``
+    and ``bookcast gateway``)."""
     p.add_argument("--nats-user", default=os.environ.get("BOOKCAST_NATS_USER"),
                    help="NATS user name (default $BOOKCAST_NATS_USER; unset = anonymous)")
     p.add_argument("--nats-password-file", type=Path, default=os.environ.get("BOOKCAST_NATS_PASSWORD_FILE"),
                    help="file holding that user's NATS password (default $BOOKCAST_NATS_PASSWORD_FILE)")
+    p.add_argument("--nats-nkey-seed-file", type=Path, default=os.environ.get("BOOKCAST_NATS_NKEY_SEED_FILE"),
+                   help="file holding an nkey user seed (SU...), instead of a user and password "
+                        "(default $BOOKCAST_NATS_NKEY_SEED_FILE)")
 
 
 def credentials_from_args(args: argparse.Namespace) -> NatsCredentials:
-    return NatsCredentials.from_files(getattr(args, "nats_user", None), getattr(args, "nats_password_file", None))
+    return NatsCredentials.from_files(getattr(args, "nats_user", None), getattr(args, "nats_password_file", None),
+                                      getattr(args, "nats_nkey_seed_file", None))
 
 
 def write_password_file(directory: Path | str, user: NatsUser) -> Path:
@@ -127,6 +165,15 @@ def write_password_file(directory: Path | str, user: NatsUser) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(user.password + "\n")
+    return path
+
+
+def write_nkey_seed_file(directory: Path | str, user: NatsNkeyUser) -> Path:
+    """Write ``user``'s seed to ``<directory>/<name>.nk`` (mode 0600) and return the path."""
+    path = Path(directory) / f"{user.name}.nk"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(user.seed + b"\n")
     return path
 
 
@@ -179,6 +226,6 @@ async def connect(servers: str | list[str], credentials: NatsCredentials, *,
         await nc.close()
     except Exception:  # noqa: BLE001 - best effort: the attempt never got a connection
         pass
-    who = f"user {credentials.user!r}" if credentials.user else "an anonymous client"
-    raise NatsAuthError(f"NATS refused the login of {who} (Authorization Violation): check --nats-user and "
-                        "--nats-password-file")
+    hint = "--nats-nkey-seed-file" if credentials.nkey else "--nats-user and --nats-password-file"
+    raise NatsAuthError(f"NATS refused the login of {credentials.describe()} (Authorization Violation): "
+                        f"check {hint}")

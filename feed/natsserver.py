@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feed.errors import FeedError
-from feed.natsauth import NatsUser, authorization_block
+from feed.natsauth import NatsNkeyUser, NatsUser, authorization_block
 from feed.procs import die_with_parent, free_port, port_open, stop_process, wait_until
 
 
@@ -71,7 +71,7 @@ class NatsServer:
     jetstream: bool = False  # JetStream on, its store under the workdir (KV buckets for lease, snapshots)
     max_payload_bytes: int = 8 * 1024 * 1024
     extra_config: str = ""
-    users: list[NatsUser] = field(default_factory=list)
+    users: list[NatsUser | NatsNkeyUser] = field(default_factory=list)  # password or nkey users
     workdir: str | None = None
     exec_prefix: list[str] = field(default_factory=list)  # e.g. ``ip netns exec NS``: run inside a namespace
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)

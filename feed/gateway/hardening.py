@@ -28,6 +28,7 @@ from feed import natsauth
 from feed.auth import Authorization, TokenLimits, TokenUsage, TokenVerifier
 from feed.gateway.hygiene import Guard, GuardMetrics, HygieneLimits, RejectReason, install, middleware
 from feed.gateway.security import Authenticator
+from feed.gateway.tokenshare import SharedTokenUsage
 from feed.tokencli import add_key_arguments, verifier_from_args
 
 log = logging.getLogger("bookcast.gateway")
@@ -38,8 +39,13 @@ _DEFAULTS = HygieneLimits()
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("auth (PROTOCOL.md section 8; off unless a key is given)")
     add_key_arguments(g)
-    g.add_argument("--max-connections-per-token", type=int, default=0, help="per worker, 0 = no cap (default 0)")
-    g.add_argument("--max-subscriptions-per-token", type=int, default=0, help="per worker, 0 = no cap (default 0)")
+    g.add_argument("--max-connections-per-token", type=int, default=0,
+                   help="across all workers, 0 = no cap (default 0)")
+    g.add_argument("--max-subscriptions-per-token", type=int, default=0,
+                   help="across all workers, 0 = no cap (default 0)")
+    # set by the supervisor for each worker: the shared per-token counts (feed.gateway.tokenshare)
+    g.add_argument("--token-usage-file", type=Path, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--token-usage-worker", type=int, default=0, help=argparse.SUPPRESS)
     n = p.add_argument_group("NATS login")
     natsauth.add_arguments(n)
     o = p.add_argument_group("ops listener (/metrics, /v1/status)")
@@ -93,6 +99,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     opt("--max-subscriptions-per-token", args.max_subscriptions_per_token)
     opt("--nats-user", args.nats_user)
     opt("--nats-password-file", args.nats_password_file)
+    opt("--nats-nkey-seed-file", args.nats_nkey_seed_file)
     opt("--ops-host", args.ops_host)
     opt("--ops-port", args.ops_port)
     opt("--tls-cert-file", args.tls_cert_file)
@@ -186,6 +193,8 @@ class Hardening:
     ops_host: str
     ops_port: int | None
     ssl_context: ssl.SSLContext | None
+    token_usage_file: Path | None = None
+    token_usage_worker: int = 0
     guard: Guard | None = None
     _authenticator: GatewayAuthenticator | None = field(default=None, repr=False)
 
@@ -202,10 +211,17 @@ class Hardening:
 
         guard = self.guard
         self._authenticator = GatewayAuthenticator(
-            self.verifier, TokenUsage(self.token_limits),
+            self.verifier, self.token_usage(),
             metric=prom.build("bookcast_gateway_auth_failures_total", registry),
             rejected=lambda reason: guard.rejected(RejectReason(reason), "token"))
         return self._authenticator
+
+    def token_usage(self) -> TokenUsage | SharedTokenUsage:
+        """This worker's per-token counts: the supervisor's shared table when it made one (``--workers N``
+        with a per-token cap), else this process's own."""
+        if self.token_usage_file is None:
+            return TokenUsage(self.token_limits)
+        return SharedTokenUsage(self.token_usage_file, self.token_usage_worker, self.token_limits)
 
     def _ensure_guard(self, registry) -> Guard:
         if self.guard is None:
@@ -294,4 +310,9 @@ def from_args(args: argparse.Namespace) -> Hardening:
         limits=limits, verifier=verifier_from_args(args),
         token_limits=TokenLimits(args.max_connections_per_token, args.max_subscriptions_per_token),
         nats_credentials=natsauth.credentials_from_args(args), ops_host=args.ops_host, ops_port=args.ops_port,
-        ssl_context=ssl_context)
+        ssl_context=ssl_context, token_usage_file=args.token_usage_file, token_usage_worker=args.token_usage_worker)
+
+
+def token_caps_on(args: argparse.Namespace) -> bool:
+    """Whether a per-token cap is set (the supervisor then shares the counts between its workers)."""
+    return bool(args.max_connections_per_token or args.max_subscriptions_per_token)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from feed.gateway import config as cfg
-from feed.gateway import hardening
+from feed.gateway import hardening, tokenshare
 from feed.gateway.config import GatewayConfig, ServerConfig
 from feed.procs import StopSignal, free_port, stop_process
 
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """One worker's ``GatewayConfig`` from the parsed options (with its NATS login, when given)."""
     config = cfg.config_from_args(args)
-    if getattr(args, "nats_user", None) is not None or getattr(args, "nats_password_file", None) is not None:
+    logins = ("nats_user", "nats_password_file", "nats_nkey_seed_file")
+    if any(getattr(args, name, None) is not None for name in logins):
         config.nats_credentials = hardening.natsauth.credentials_from_args(args)
     return config
 
@@ -90,7 +91,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if args.workers <= 1:
         return _run(run_worker(args, reuse_port=False))
-    return _supervise(cfg.server_config_from_args(args), hardening.worker_argv(args))
+    return _supervise(cfg.server_config_from_args(args), hardening.worker_argv(args),
+                      share_token_counts=hardening.token_caps_on(args))
 
 
 def _run(coro) -> int:
@@ -132,15 +134,23 @@ class _Slot:
     restart_at_s: float | None = None
 
 
-def _supervise(server: ServerConfig, extra_argv: list[str] = ()) -> int:
-    with tempfile.TemporaryDirectory(prefix="bookcast-prom-") as prom_dir:
+def _supervise(server: ServerConfig, extra_argv: list[str] = (), *, share_token_counts: bool = False) -> int:
+    """Run ``server.workers`` workers until SIGTERM/SIGINT. With ``share_token_counts`` (a per-token cap
+    is set) the per-token counts live in one table all workers share (``feed.gateway.tokenshare``); a dead
+    worker's counts are released before its replacement starts."""
+    with tempfile.TemporaryDirectory(prefix="bookcast-prom-") as prom_dir, \
+            tempfile.TemporaryDirectory(prefix="bookcast-tokens-") as token_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=prom_dir)
         base = [sys.executable, "-m", "feed.cli", "gateway", "--worker"]
         slots = [_Slot(f"{server.gateway.name}-{i}") for i in range(server.workers)]
         backoff = RestartBackoff(*server.restart_backoff_s)
+        token_table = tokenshare.create(os.path.join(token_dir, "usage"), server.workers) \
+            if share_token_counts else None
 
         def start(slot: _Slot) -> None:
             argv = base + cfg.worker_argv(server, name=slot.name) + list(extra_argv)
+            if token_table is not None:
+                argv += ["--token-usage-file", str(token_table), "--token-usage-worker", str(slots.index(slot))]
             slot.proc = subprocess.Popen(argv, env=env)
             slot.started_s, slot.restart_at_s = time.monotonic(), None
 
@@ -159,6 +169,9 @@ def _supervise(server: ServerConfig, extra_argv: list[str] = ()) -> int:
                         log.error("gateway worker %s pid=%d exited with %s; restarting in %.1f s (the other "
                                   "workers keep serving)", slot.name, proc.pid, proc.returncode, delay_s)
                         _mark_dead(proc.pid, prom_dir)
+                        if token_table is not None:
+                            held = tokenshare.release_worker(token_table, slots.index(slot))
+                            log.info("released the per-token counts of worker %s (%d tokens)", slot.name, held)
                         slot.proc, slot.restart_at_s = None, now_s + delay_s
                     elif proc is None and slot.restart_at_s is not None and now_s >= slot.restart_at_s and not stopping:
                         start(slot)

@@ -5,6 +5,7 @@ is refused by nats-server before any subscriber sees it. The ingest authenticate
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 from pathlib import Path
@@ -19,10 +20,12 @@ from feed.ingest import Ingest, IngestConfig
 from feed.natsauth import (
     NatsAuthError,
     NatsCredentials,
+    NatsNkeyUser,
     NatsRole,
     NatsUser,
     authorization_block,
     redacted_url,
+    write_nkey_seed_file,
     write_password_file,
 )
 from feed.natsserver import NatsServer
@@ -38,8 +41,14 @@ def users() -> dict[NatsRole, NatsUser]:
 
 
 @pytest.fixture(scope="module")
-def server(users, tmp_path_factory):
-    ns = NatsServer(name="auth-nats", users=list(users.values()), workdir=str(tmp_path_factory.mktemp("nats")))
+def nkey_users() -> dict[NatsRole, NatsNkeyUser]:
+    return {role: NatsNkeyUser.generate(role, name=f"{role.value}-nk") for role in (NatsRole.INGEST, NatsRole.GATEWAY)}
+
+
+@pytest.fixture(scope="module")
+def server(users, nkey_users, tmp_path_factory):
+    ns = NatsServer(name="auth-nats", users=[*users.values(), *nkey_users.values()],
+                    workdir=str(tmp_path_factory.mktemp("nats")))
     ns.start()
     try:
         yield ns
@@ -258,3 +267,110 @@ def test_replay_cli_refuses_half_credentials(tmp_path, capsys):
     capture = Path(SHARED_DATA / "coinbase" / "coinbase-level2-20210417.jsonl")
     assert main(["replay", "--nats-user", "ingest", str(capture)]) == 2
     assert "--nats-password-file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# nkey logins: the same roles and permissions, the server holding only public keys
+
+
+def test_nkey_users_in_the_config_block_show_only_public_keys(nkey_users):
+    text = authorization_block(list(nkey_users.values()))
+    gw = nkey_users[NatsRole.GATEWAY]
+    line = next(ln for ln in text.splitlines() if gw.public_key in ln)
+    assert line.lstrip().startswith('{nkey: "U') and "password" not in line
+    assert 'publish: {allow: ["md.v1.snap.*.*", "md.v1.ctl.announce"]}' in line
+    for user in nkey_users.values():
+        assert user.seed.decode() not in text and user.seed.decode() not in repr(user)
+
+
+def test_nkey_credentials_from_files(tmp_path, nkey_users):
+    import nkeys
+
+    gw = nkey_users[NatsRole.GATEWAY]
+    path = write_nkey_seed_file(tmp_path, gw)
+    assert path.stat().st_mode & 0o777 == 0o600
+    creds = NatsCredentials.from_files(None, None, path)
+    assert creds.connect_kwargs() == {"nkeys_seed": str(path)}
+    assert creds.nkey == gw.public_key and creds.describe() == f"nkey {gw.public_key}"
+    assert gw.seed.decode() not in repr(creds)
+    with pytest.raises(NatsAuthError, match="not both"):
+        NatsCredentials.from_files("gw", tmp_path / "pw", path)
+    with pytest.raises(NatsAuthError, match="cannot read"):
+        NatsCredentials.from_files(None, None, tmp_path / "missing.nk")
+    (tmp_path / "garbage.nk").write_text("SUNOTASEED\n")
+    with pytest.raises(NatsAuthError, match="no valid nkey seed") as info:
+        NatsCredentials.from_files(None, None, tmp_path / "garbage.nk")
+    assert "SUNOTASEED" not in str(info.value)
+    account = nkeys.encode_seed(b"\x01" * 32, nkeys.PREFIX_BYTE_ACCOUNT)
+    (tmp_path / "account.nk").write_bytes(account)
+    with pytest.raises(NatsAuthError, match="not a user"):
+        NatsCredentials.from_files(None, None, tmp_path / "account.nk")
+
+
+def test_gateway_options_carry_the_nkey_seed_file_to_each_worker(tmp_path, nkey_users):
+    from feed.gateway import hardening, server as gw_server
+
+    path = write_nkey_seed_file(tmp_path, nkey_users[NatsRole.GATEWAY])
+    parser = argparse.ArgumentParser()
+    gw_server.add_arguments(parser)
+    args = parser.parse_args(["--nats-nkey-seed-file", str(path)])
+    argv = hardening.worker_argv(args)
+    assert argv[argv.index("--nats-nkey-seed-file") + 1] == str(path)
+    assert gw_server.config_from_args(args).nats_credentials.connect_kwargs() == {"nkeys_seed": str(path)}
+
+
+async def test_nkey_gateway_reads_and_requests_but_may_not_publish_a_delta(server, nkey_users, tmp_path):
+    """Logged in with nkeys from seed files: the gateway user gets deltas and snapshot replies from the
+    ingest user; its own delta is refused by nats-server and never reaches a subscriber; an nkey the
+    server does not list is refused and named by its public key."""
+    creds = {role: NatsCredentials.from_files(None, None, write_nkey_seed_file(tmp_path, user))
+             for role, user in nkey_users.items()}
+    errors: dict[str, list[str]] = {"ingest": [], "gateway": []}
+
+    def collect(who: str):
+        async def on_error(exc: Exception) -> None:
+            errors[who].append(str(exc))
+        return on_error
+
+    ingest = await natsauth.connect(server.url, creds[NatsRole.INGEST], error_cb=collect("ingest"),
+                                    allow_reconnect=False)
+    gateway = await natsauth.connect(server.url, creds[NatsRole.GATEWAY], error_cb=collect("gateway"),
+                                     allow_reconnect=False)
+    try:
+        received: list[bytes] = []
+        arrived = asyncio.Event()
+
+        async def on_delta(msg) -> None:
+            received.append(msg.data)
+            arrived.set()
+
+        async def answer(msg) -> None:
+            await msg.respond(b'{"type":"snapshot"}')
+
+        await gateway.subscribe(delta_subject(INSTRUMENT), cb=on_delta)
+        await ingest.subscribe("md.v1.snap.*.*", cb=answer)
+        await gateway.flush()
+        await ingest.flush()
+        reply = await gateway.request(snapshot_subject(INSTRUMENT), b"", timeout=5)
+        assert reply.data == b'{"type":"snapshot"}'
+        await gateway.publish(delta_subject(INSTRUMENT), b'{"type":"delta","seq":7,"forged":true}')
+        await gateway.flush()
+        for _ in range(250):
+            if any("permissions violation for publish" in e.lower() for e in errors["gateway"]):
+                break
+            await asyncio.sleep(0.02)
+        assert any("permissions violation for publish" in e.lower() and "md.v1.coinbase.btc-usd" in e.lower()
+                   for e in errors["gateway"]), errors
+        real = b'{"type":"delta","seq":7}'
+        await ingest.publish(delta_subject(INSTRUMENT), real)  # after the forgery
+        await ingest.flush()
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert received == [real] and not errors["ingest"]
+    finally:
+        await ingest.close()
+        await gateway.close()
+    stranger = NatsNkeyUser.generate(NatsRole.GATEWAY, name="stranger")
+    strange = NatsCredentials.from_files(None, None, write_nkey_seed_file(tmp_path, stranger))
+    with pytest.raises(NatsAuthError, match=f"nkey {stranger.public_key}"):
+        await asyncio.wait_for(natsauth.connect(server.url, strange, max_reconnect_attempts=-1,
+                                                reconnect_time_wait=0.05), 10)

@@ -385,7 +385,7 @@ async def _ws_case(host: str, port: int, payload: bytes, extra: dict[str, str] |
         return "connect_failed"
     try:
         if answer.status != 101:
-            return f"http:{answer.status}"
+            return f"http:{answer.status or answer.headers.get('x-attack-outcome')}"
         writer.write(payload)
         return await next_answer(reader, writer, CASE_TIMEOUT_S)
     finally:

@@ -89,6 +89,30 @@ def test_request_parser_on_near_valid_requests(op, fields):
     assert req.id == payload.get("id")
 
 
+# valid requests of every op, with every optional field: mutated, they reach the checks of each field
+REQUEST_SEEDS = [
+    {"op": "subscribe", "id": 1, "instruments": ["coinbase:BAND-GBP", "kalshi:A:B"], "channels": ["book", "trades"],
+     "conflate_ms": 100, "resume": {"coinbase:BAND-GBP": {"epoch": "e", "seq": 4}}},
+    {"op": "unsubscribe", "id": "a", "instruments": ["kalshi:A:B"]},
+    {"op": "resync", "id": 2, "instrument": "polymarket:1"},
+    {"op": "ping", "id": 3},
+]
+
+
+@FUZZ
+@given(data=st.data())
+def test_request_parser_on_mutated_valid_requests(data):
+    seed = data.draw(st.sampled_from(REQUEST_SEEDS))
+    path = data.draw(st.lists(st.integers(0, 20), min_size=1, max_size=4))
+    replacement = data.draw(st.just(_DELETE) | NUMBERISH | JSON | INSTRUMENT)
+    _check_request_outcome(orjson.dumps(_mutate(seed, path, replacement)))
+
+
+def test_request_parser_accepts_the_seeds():
+    for seed in REQUEST_SEEDS:
+        assert parse_request(orjson.dumps(seed), LIMITS).id == seed["id"]
+
+
 @pytest.mark.parametrize("text,code,needle", [
     (b"\xff\xfe{", ErrorCode.BAD_REQUEST, None),  # invalid UTF-8
     (b'{"op":"ping","id":' + b"9" * 40 + b"}", ErrorCode.BAD_REQUEST, None),  # a number JSON allows, orjson can't
