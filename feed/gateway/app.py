@@ -142,6 +142,7 @@ class GatewayMetrics:
         tally.clear()
 
 
+TICK_SLICE = 256  # connections per slice of a timer pass (``Gateway.tick_pass``)
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 WRITE_STAMP_TYPE = "write_stamp"
 INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
@@ -173,11 +174,19 @@ class Connection:
         self.session = session
         self.transport = transport
         self._waiter: asyncio.Future[None] | None = None
+        # created at the first wakeup (a reply, a snapshot, a close, backpressure): a connection that never
+        # asks for anything (heartbeats are written by the ticker) holds no task (``loadtest.bench.idlemem``)
         self.writer: asyncio.Task | None = None
+        self.handler: asyncio.Task | None = None  # the ws_handler task, which reads the client's requests
+        self.reading = False  # the handler waits in receive(): a close request cancels that wait
+        self._cancelled_read = False
+        self._gone = False  # the handler finished: no writer is started any more
         self.close_request: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self.dropped: asyncio.Future[None] = loop.create_future()  # handler finished
         self.write_stamps = False  # ?write_stamps=1: a write_stamp notice before every socket write
-        self.idle = False  # the writer waits for work with nothing queued (not in drain): write-through allowed
+        # nothing queued and nobody writing (the writer waits for work, or there is none yet; not in drain):
+        # write-through and inline heartbeats allowed
+        self.idle = True
         self.corked: list[bytes] = []  # write-through frames of this loop pass, written by Gateway._flush_corked
         self.corked_bytes = 0
         self.must_drain = False  # the last write-through left the socket over the limit: the writer drains it
@@ -189,8 +198,11 @@ class Connection:
         if self._inline:
             return  # tick() writes what its timers queued itself
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.writer is None and not self._gone:
+            self.writer = asyncio.get_running_loop().create_task(self.run_writer())
 
     async def run_writer(self) -> None:
         """Drain the session into the socket: whatever is queued when the writer wakes goes out as one
@@ -199,6 +211,7 @@ class Connection:
         session = self.session
         loop = asyncio.get_running_loop()
         limit_bytes = self.gw.config.ws_writer_limit_bytes
+        self.idle = False
         try:
             while True:
                 if not session.queue.items:
@@ -248,19 +261,26 @@ class Connection:
         close) is pulled and written here, in the ticker's pass, instead of waking the writer task: with
         10,000 idle connections that is 10,000 task switches a second less."""
         session = self.session
-        if not self.idle or self.corked:
+        transport = self.transport
+        if not self.idle or self.corked or transport is None or transport.is_closing() or self.ws.closed:
             session.tick(now_ns)
             return
         self._inline = True
         try:
-            session.tick(now_ns)
+            heartbeat = session.tick_through(now_ns)  # a due heartbeat, not queued: written here
         finally:
             self._inline = False
-        if not session.queue.items:
+        if heartbeat is not None:
+            if self.write_stamps:
+                transport.writelines((write_stamp_frame(time.time_ns(), 1), heartbeat))
+            else:
+                transport.write(heartbeat)
+            if transport.get_write_buffer_size() > limit_bytes:
+                self.idle = False
+                self.must_drain = True
+                self._wake()
             return
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
-            self._wake()
+        if not session.queue.items:
             return
         frames, close = session.pull(now_ns, limit_bytes)
         if frames:
@@ -299,9 +319,22 @@ class Connection:
         self.corked_bytes = 0
 
     def _request_close(self, close: Close) -> None:
-        """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
+        """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``): a handler
+        waiting in ``receive()`` has that wait cancelled; a busy one sees the request after its message."""
         if not self.close_request.done():
             self.close_request.set_result((close.code, close.reason))
+            if self.reading and self.handler is not None and not self._cancelled_read:
+                self._cancelled_read = True
+                self.handler.cancel()
+
+    def read_cancelled_by_close(self) -> bool:
+        """In the handler, on ``CancelledError``: True (and the cancel withdrawn) when it was only
+        ``_request_close`` stopping the read; False when someone else cancels the handler too."""
+        task = self.handler
+        if not self._cancelled_read or task is None or task.cancelling() != 1:
+            return False
+        task.uncancel()
+        return True
 
 
 class Gateway:
@@ -388,15 +421,30 @@ class Gateway:
 
     async def _ticks(self) -> None:
         """Session timers (heartbeats, token expiry): one ticker for the worker, at a quarter of the
-        heartbeat interval, so a heartbeat goes out 1 to 1.25 intervals after the last frame."""
+        heartbeat interval, so a heartbeat goes out 1 to 1.25 intervals after the last frame.
+
+        A pass goes over the connections ``TICK_SLICE`` at a time and lets the loop run between slices:
+        with 10,000 idle connections one pass writes up to 10,000 heartbeats, and in one go that held
+        every other client's deltas for the whole pass (``python -m loadtest.bench.fanoutcpu --heartbeats``
+        reports the longest stall)."""
         interval_s = self.limits.heartbeat_interval_s / 4
         while True:
             await asyncio.sleep(interval_s)
+            await self.tick_pass()
+            self._check_ingest_silence(time.monotonic(), time.time_ns())
+
+    async def tick_pass(self, slice_size: int | None = None) -> None:
+        """One pass of the session timers over every connection, ``slice_size`` (``TICK_SLICE``) at a time,
+        yielding to the loop between slices; each slice reads the clock once (its heartbeats' ``ts_send_ns``)."""
+        step = slice_size or TICK_SLICE
+        limit_bytes = self.config.ws_writer_limit_bytes
+        conns = list(self.connections)
+        for start in range(0, len(conns), step):
+            if start:
+                await asyncio.sleep(0)
             now_ns = time.time_ns()
-            limit_bytes = self.config.ws_writer_limit_bytes
-            for conn in list(self.connections):
+            for conn in conns[start:start + step]:
                 conn.tick(now_ns, limit_bytes)
-            self._check_ingest_silence(time.monotonic(), now_ns)
 
     def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:
         """Mark every instrument of a venue whose directory announcements stopped for ``ingest_silent_s``
@@ -790,30 +838,44 @@ class Gateway:
         self.connections.add(conn)
         self.metrics.clients.inc()
         self.metrics.region_clients.inc()
-        loop = asyncio.get_running_loop()
-        conn.writer = loop.create_task(conn.run_writer())
-        reader = loop.create_task(self._read_requests(conn, ws))
+        conn.handler = asyncio.current_task()
         try:
-            await asyncio.wait({reader, conn.close_request}, return_when=asyncio.FIRST_COMPLETED)
+            # This task reads the client's requests itself (no reader task, no writer task until one is
+            # needed: an idle connection holds only this one).
+            try:
+                await self._read_requests(conn, ws)
+            except asyncio.CancelledError:
+                if not conn.read_cancelled_by_close():
+                    raise
             if conn.close_request.done():
                 # The writer has sent everything queued before the close. Close from this task, with no
                 # receive() pending: aiohttp then waits for the client's close frame (reading what the
                 # client still sends) before closing the socket. Closing while a receive() is pending
                 # drops the socket at once, and unread input makes the kernel reset the connection,
                 # discarding our close frame on the way.
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
                 code, reason = conn.close_request.result()
                 await ws.close(code=code, message=reason)
         finally:
-            reader.cancel()
-            conn.writer.cancel()
+            conn.reading = False
+            conn._gone = True
+            if conn.writer is not None:
+                conn.writer.cancel()
             self._drop(conn)
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        """Handle the client's frames until it goes away or a close is requested (``conn.close_request``;
+        ``Connection._request_close`` cancels a pending ``receive()`` for it)."""
         session = conn.session
-        async for msg in ws:
+        closing = _WS_END
+        while not conn.close_request.done():
+            conn.reading = True
+            try:
+                msg = await ws.receive()
+            finally:
+                conn.reading = False
+            if msg.type in closing:
+                return
             if msg.type is WSMsgType.TEXT:
                 if not _valid_utf8(msg.data):  # RFC 6455 section 8.1; bad_request stays for text that is not JSON
                     self.metrics.closes[int(CloseCode.INVALID_PAYLOAD)].inc()
@@ -940,6 +1002,7 @@ class Gateway:
             await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
 
 
+_WS_END = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})  # what ends ``async for msg in ws``
 _PEER_LEVEL_CLOSES = frozenset({int(CloseCode.PROTOCOL_ERROR), int(CloseCode.INVALID_PAYLOAD),
                                 int(CloseCode.MESSAGE_TOO_BIG)})
 

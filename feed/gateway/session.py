@@ -149,6 +149,7 @@ def _noop() -> None:
 
 
 _SENT_DELTA = ("sent", "delta")
+_HEARTBEAT = Item(Kind.HEARTBEAT)  # read only: what ``tick_through`` frames
 _EMPTY_HEARTBEAT: list = [None, b""]  # [now_ns, frame] of the last heartbeat with no seqs (a cache keyed by its input)
 
 
@@ -209,7 +210,7 @@ class Session:
         self._go(SessionInput.CLOSE)
         self.tally[("close", int(code))] += 1
         self.queue.drop_data()
-        self.queue.items.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
+        self.queue.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
         self.wakeup()
 
     # -- producer side (fan-out; never blocks) --------------------------------------------------------
@@ -286,6 +287,26 @@ class Session:
             return
         if not self.queue.items and now_ns - self.last_send_ns >= self.limits.heartbeat_interval_s * 1e9:
             self.push(Item(Kind.HEARTBEAT), now_ns)
+
+    def tick_through(self, now_ns: int) -> bytes | None:
+        """``tick`` for a connection whose socket takes a write now (nothing queued, nobody writing): a
+        heartbeat that is due is returned as the frame to write, tallied as ``pull`` would tally it,
+        instead of being queued (no item, no queue); a close it decides is queued as ``tick`` queues it."""
+        if self.state is not SessionState.OPEN:
+            return None
+        auth = self.authorization
+        if auth is not None and auth.expires_at_ns is not None and now_ns >= auth.expires_at_ns:
+            self.close(CloseCode.UNAUTHORIZED, "token expired")
+            return None
+        if self.queue.items or now_ns - self.last_send_ns < self.limits.heartbeat_interval_s * 1e9:
+            return None
+        frame, label = self._frame_for(_HEARTBEAT, now_ns)
+        tally = self.tally
+        tally[("sent", label)] += 1
+        tally["bytes_sent"] += len(frame)  # type: ignore[arg-type]
+        tally["socket_writes"] += 1
+        self.last_send_ns = now_ns
+        return frame
 
     # -- requests ------------------------------------------------------------------------------------
     def on_text(self, data: bytes | str, now_ns: int) -> list[Action]:

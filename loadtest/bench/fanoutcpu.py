@@ -106,7 +106,6 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
         transport = CountingTransport()
         conn = Connection(gw, OpenWebSocket(), session, transport, NoDrain())  # type: ignore[arg-type]
         gw.connections.add(conn)
-        conn.writer = loop.create_task(conn.run_writer())
         gw._apply_links(session, session.on_text(orjson.dumps({"op": "subscribe", "id": 1, "instruments": [INST]}),
                                                  time.time_ns()))
         conns.append(conn)
@@ -130,13 +129,19 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
     delivered = sum(c.session.tally[("sent", "delta")] for c in conns)
-    for c in conns:
-        c.writer.cancel()
-    await asyncio.gather(*(c.writer for c in conns), return_exceptions=True)
+    await _stop_writers(conns)
     expected = messages * connections
     if delivered != expected or sum(t.bytes for t in transports) <= bytes_before:
         raise RuntimeError(f"write_through={write_through}: {delivered} deliveries counted, {expected} expected")
     return cpu_s / delivered
+
+
+async def _stop_writers(conns: list[Connection]) -> None:
+    """Cancel the writer tasks the connections started (a connection starts one at its first wakeup)."""
+    writers = [c.writer for c in conns if c.writer is not None]
+    for w in writers:
+        w.cancel()
+    await asyncio.gather(*writers, return_exceptions=True)
 
 
 async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
@@ -147,7 +152,6 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
     conns = []
     for _ in range(connections):
         conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0), CountingTransport(), NoDrain())  # type: ignore[arg-type]
-        conn.writer = loop.create_task(conn.run_writer())
         conns.append(conn)
     for _ in range(3):
         await asyncio.sleep(0)
@@ -165,9 +169,7 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
     sent = sum(c.session.tally[("sent", "control")] for c in conns)
-    for c in conns:
-        c.writer.cancel()
-    await asyncio.gather(*(c.writer for c in conns), return_exceptions=True)
+    await _stop_writers(conns)
     if sent != connections * ticks:
         raise RuntimeError(f"{sent} heartbeats sent, {connections * ticks} expected")
     return cpu_s / sent
