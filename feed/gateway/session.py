@@ -170,7 +170,7 @@ class Session:
     """
 
     def __init__(self, books: Books, limits: GatewayLimits, now_ns: int, *,
-                 authorization: Authorization | None = None, peer: str = "?") -> None:
+                 authorization: Authorization | None = None, peer: str = "?", tally: Counter | None = None) -> None:
         self.books = books
         self.limits = limits
         self.authorization = authorization
@@ -183,7 +183,9 @@ class Session:
         self.held: dict[str, SentState | str | None] = {}
         self.conflating: dict[str, Conflated] = {}  # open conflation windows
         self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
-        self.tally: Counter = Counter()
+        # what was sent and asked for, folded into the metrics by the adapter; the adapter may hand every
+        # session of a worker the same Counter (then one fold per sample covers them all)
+        self.tally: Counter = Counter() if tally is None else tally
         self.last_send_ns = now_ns
         self.wakeup: Callable[[], None] = _noop
         self.sink: object | None = None  # the adapter's handle on the socket side; never read here

@@ -97,6 +97,7 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
             gc.collect()
             if trace:
                 tracemalloc.start(frames)
+            objects0 = len(gc.get_objects())
             rss0 = procstat.rss_bytes([_pid()])
             before = tracemalloc.take_snapshot() if trace else None
             idle = await Child.start("idle", "loadtest.bench.clients", [*args, "--clients", str(connections)],
@@ -114,6 +115,12 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
                 print(f"{n} idle connections: RSS +{(rss1 - rss0) / n / 1024:.2f} KiB per connection "
                       f"(one worker, no tracemalloc)", flush=True)
                 if hold_s:
+                    cpu0 = time.thread_time()
+                    gc.collect()
+                    full_ms = (time.thread_time() - cpu0) * 1e3
+                    print(f"a full garbage collection: {full_ms:.1f} ms CPU over {len(gc.get_objects()):,} tracked "
+                          f"objects ({(len(gc.get_objects()) - objects0) / n:.0f} per idle connection; "
+                          f"{gc.get_freeze_count():,} frozen)", flush=True)
                     print(stall_report(await probe_stalls(hold_s), n, hold_s))
                 await idle.stop()
                 await warm.stop()
