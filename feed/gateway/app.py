@@ -54,7 +54,7 @@ from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink
+from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink, count_written
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
@@ -297,26 +297,30 @@ class Connection:
         if self.must_drain or session.queue.items:
             self._wake()
 
-    def flush_corked(self, limit_bytes: int) -> None:
+    def flush_corked(self, limit_bytes: int) -> int:
         """Write this pass's write-through frames as one socket write (``writelines``: one vectored
         write on uvloop); if that leaves the socket over ``limit_bytes``, stop write-through and have the
-        writer wait for the socket to drain, queueing in the meantime (PROTOCOL.md section 7)."""
+        writer wait for the socket to drain, queueing in the meantime (PROTOCOL.md section 7). Returns the
+        frames written (0: the socket is closing), for the caller to tally (``session.count_written``)."""
         frames = self.corked
-        if not frames:
-            return
+        count = len(frames)
         transport = self.transport
-        if transport is not None and not transport.is_closing() and not self.ws.closed:
-            count = len(frames)
+        if transport is None or transport.is_closing() or self.ws.closed:
+            count = 0
+        elif count:
             if self.write_stamps:
                 frames.insert(0, write_stamp_frame(time.time_ns(), count))
-            transport.writelines(frames)
-            self.session.wrote_through(count, self.corked_bytes)
+            if len(frames) == 1:
+                transport.write(frames[0])
+            else:
+                transport.writelines(frames)
             if transport.get_write_buffer_size() > limit_bytes:
                 self.idle = False
                 self.must_drain = True
                 self._wake()
         frames.clear()
         self.corked_bytes = 0
+        return count
 
     def _request_close(self, close: Close) -> None:
         """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``): a handler
@@ -692,8 +696,20 @@ class Gateway:
             return
         self._corked = []
         limit_bytes = self.config.ws_writer_limit_bytes
+        shared = self.tally
+        frames = size_bytes = writes = 0
         for conn in conns:
-            conn.flush_corked(limit_bytes)
+            corked_bytes = conn.corked_bytes
+            count = conn.flush_corked(limit_bytes)
+            if count:
+                if conn.session.tally is shared:  # counted once for the pass, not once per connection
+                    frames += count
+                    size_bytes += corked_bytes
+                    writes += 1
+                else:
+                    conn.session.wrote_through(count, corked_bytes)
+        if writes:
+            count_written(shared, frames, size_bytes, writes)
 
     @staticmethod
     def _flush_window(session: Session, inst: str) -> None:

@@ -461,10 +461,7 @@ class Session:
     def wrote_through(self, frames: int, size_bytes: int) -> None:
         """The adapter wrote ``frames`` frames of ``deliver_now`` (``size_bytes`` in all) in one socket write:
         tallied once per write, not per frame (``pull`` tallies once per pull likewise)."""
-        tally = self.tally
-        tally[_SENT_DELTA] += frames
-        tally["bytes_sent"] += size_bytes
-        tally["socket_writes"] += 1
+        count_written(self.tally, frames, size_bytes, 1)
 
     # -- consumer side (the writer) ----------------------------------------------------------------
     def pull(self, now_ns: int, max_bytes: int) -> tuple[list[bytes], Close | None]:
@@ -594,3 +591,12 @@ class Session:
         self.tally["writer_gaps"] += 1
         if instrument is not None and instrument in self.subs:
             self.resync(instrument, ResyncReason.UPSTREAM_GAP, now_ns)
+
+
+def count_written(tally: Counter, frames: int, size_bytes: int, writes: int) -> None:
+    """Tally ``writes`` socket writes of ``frames`` write-through delta frames, ``size_bytes`` in all (what
+    ``Session.wrote_through`` counts for one write; the adapter sums a loop pass's writes over the sessions
+    sharing one tally and counts them with one call)."""
+    tally[_SENT_DELTA] += frames
+    tally["bytes_sent"] += size_bytes
+    tally["socket_writes"] += writes

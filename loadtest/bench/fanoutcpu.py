@@ -102,7 +102,7 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
     loop = asyncio.get_running_loop()
     conns, transports = [], []
     for _ in range(connections):
-        session = Session(gw, gw.limits, time.time_ns())
+        session = Session(gw, gw.limits, time.time_ns(), tally=gw.tally)  # one tally per worker, as ws_handler
         transport = CountingTransport()
         conn = Connection(gw, OpenWebSocket(), session, transport, NoDrain())  # type: ignore[arg-type]
         gw.connections.add(conn)
@@ -128,7 +128,7 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
         await asyncio.sleep(0)  # the pass ends: flushes and woken writers run
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
-    delivered = sum(c.session.tally[("sent", "delta")] for c in conns)
+    delivered = gw.tally[("sent", "delta")]
     await _stop_writers(conns)
     expected = messages * connections
     if delivered != expected or sum(t.bytes for t in transports) <= bytes_before:
@@ -151,7 +151,7 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
     t0 = time.time_ns()
     conns = []
     for _ in range(connections):
-        conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0), CountingTransport(), NoDrain())  # type: ignore[arg-type]
+        conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0, tally=gw.tally), CountingTransport(), NoDrain())  # type: ignore[arg-type]
         conns.append(conn)
     for _ in range(3):
         await asyncio.sleep(0)
@@ -168,7 +168,7 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
-    sent = sum(c.session.tally[("sent", "control")] for c in conns)
+    sent = gw.tally[("sent", "control")]
     await _stop_writers(conns)
     if sent != connections * ticks:
         raise RuntimeError(f"{sent} heartbeats sent, {connections * ticks} expected")
