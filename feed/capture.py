@@ -17,6 +17,7 @@ import asyncio
 import gzip
 import math
 import time
+from importlib import resources
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from os import PathLike
@@ -29,6 +30,14 @@ import orjson
 
 from feed.errors import RemoteError
 from feed.venues import VENUES, UnknownVenue
+
+BUNDLED_CAPTURE = "coinbase-level2-20210417.jsonl.gz"
+
+
+def bundled_capture() -> Path:
+    """Path of the bundled Coinbase recording (shipped with its licence in ``feed/data``)."""
+    return Path(str(resources.files("feed") / "data" / BUNDLED_CAPTURE))
+
 
 StrPath = str | PathLike[str]
 ClockNs = Callable[[], int]

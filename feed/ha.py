@@ -33,7 +33,7 @@ import base64
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from feed import metrics as prom
 from feed import wire
@@ -43,8 +43,23 @@ from feed.subjects import PREFIX, delta_subject, unescape_token
 from feed.takeover import Continue, NewEpoch, StepTracker, WaitFor, delta_key
 
 if TYPE_CHECKING:
-    from feed.ingest import Ingest
-    from feed.sequencer import SequencedDelta
+    from feed.sequencer import BookEngine, SequencedDelta
+
+
+class HaHost(Protocol):
+    """What the HA controller needs of the ingest it runs in (``feed.ingest.Ingest`` is one): typed here so
+    that ``feed.ha`` does not import the ingest that imports it."""
+
+    config: Any  # has .name (the ingest's name in lease headers)
+    registry: Any  # prometheus_client.CollectorRegistry | None
+    nc: Any  # nats.NATS | None, connected before the controller starts
+    engine: BookEngine
+
+    def snapshot(self, instrument: str) -> dict[str, Any] | None: ...
+
+    def directory(self, venue: str) -> dict[str, Any]: ...
+
+    def announce_all(self) -> None: ...
 
 log = logging.getLogger("bookcast.ha")
 
@@ -162,7 +177,7 @@ async def read_kv_snapshot(nc: Any, region: str, instrument: str) -> dict[str, A
 class HaController:
     """The ingest's HA state: lease, step tracker, takeover, KV books. One per ingest."""
 
-    def __init__(self, ingest: Ingest, config: HaConfig) -> None:
+    def __init__(self, ingest: HaHost, config: HaConfig) -> None:
         self.ingest = ingest
         self.config = config
         self.name = ingest.config.name
@@ -313,8 +328,7 @@ class HaController:
             self._publishing.clear()
             for inst in list(self.ingest.engine.instruments):
                 self._take_over(inst, republish=True)
-            self.ingest._dirty_venues.update(self.ingest.venues)
-            self.ingest._announce_now.set()
+            self.ingest.announce_all()
         elif isinstance(event, LostLease):
             if not self._leading:
                 return

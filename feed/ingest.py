@@ -116,13 +116,6 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
                         nats_credentials=natsauth.credentials_from_args(args), ha=_ha_config(args))
 
 
-def shared_metric(built: dict[str, Any], name: str, registry: CollectorRegistry | None) -> Any:
-    """The one prometheus-client object of catalog metric ``name`` for this ingest (built on first use)."""
-    if name not in built:
-        built[name] = prom.build(name, registry)
-    return built[name]
-
-
 def _ha_config(args: argparse.Namespace):
     from feed import ha
     return ha.config_from_args(args)
@@ -131,9 +124,7 @@ def _ha_config(args: argparse.Namespace):
 class VenueMetrics:
     def __init__(self, registry: CollectorRegistry | None, venue: str, built: dict[str, Any]) -> None:
         def child(name: str):
-            if name not in built:
-                built[name] = prom.build(name, registry)
-            return built[name].labels(venue)
+            return prom.shared(built, name, registry).labels(venue)
 
         self.messages = child("bookcast_ingest_messages_total")
         self.parse_errors = child("bookcast_ingest_parse_errors_total")
@@ -145,8 +136,8 @@ class VenueMetrics:
         self.clock_skew = child("bookcast_ingest_upstream_clock_skew_total")
         self.hop_upstream = child("bookcast_hop_upstream_seconds")
         self.hop_ingest = child("bookcast_hop_ingest_seconds")
-        self.integrity = shared_metric(built, "bookcast_ingest_integrity_faults_total", registry)
-        self.by_status = shared_metric(built, "bookcast_ingest_instruments_by_status", registry)
+        self.integrity = prom.shared(built, "bookcast_ingest_integrity_faults_total", registry)
+        self.by_status = prom.shared(built, "bookcast_ingest_instruments_by_status", registry)
         self.venue = venue
 
     def fault(self, kind: str) -> None:
@@ -190,6 +181,23 @@ class Ingest:
         self.nats_connected = False
         self.first_pass_done = False  # every capture read through at least once
         self.ha = None  # feed.ha.HaController when config.ha is set (started in start())
+
+    def metric(self, name: str) -> Any:
+        """This ingest's one metric object of catalog entry ``name`` (shared with its pools and HA)."""
+        return prom.shared(self._built, name, self.registry)
+
+    @property
+    def provider_up(self) -> Any:
+        return self._provider_up
+
+    def announce_all(self) -> None:
+        """Announce every venue's directory at the next pass of the announcer (not waiting for the interval)."""
+        self._dirty_venues.update(self.venues)
+        self._announce_now.set()
+
+    def venue_metrics(self, venue: str) -> VenueMetrics:
+        """The per-venue metric children of ``venue`` (created on first use)."""
+        return self._venue(venue)
 
     def _venue(self, venue: str) -> VenueMetrics:
         vm = self.venues.get(venue)

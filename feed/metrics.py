@@ -37,6 +37,17 @@ def build(name: str, registry: CollectorRegistry | None) -> Any:
     return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, **kwargs)
 
 
+def shared(built: dict[str, Any], name: str, registry: CollectorRegistry | None) -> Any:
+    """The one metric object of catalog entry ``name`` in ``built`` (a per-owner cache), built on first use.
+
+    Several parts of one process (an ingest, its provider pools) label the same metric: building it twice on
+    one registry would raise ``ValueError: Duplicated timeseries``.
+    """
+    if name not in built:
+        built[name] = build(name, registry)
+    return built[name]
+
+
 class _Null:
     """Stands in for a metric (or a label child) when per-message instrumentation is off: does nothing."""
 

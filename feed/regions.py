@@ -126,7 +126,7 @@ class RegionsStack:
                                          lease_servers=self.lease_servers)
         self.procs = [RegionProcs(n, self.supercluster.region(n), host=self.host) for n in names]
         if not self.captures:
-            from feed.stack import bundled_capture
+            from feed.capture import bundled_capture
             self.captures = [bundled_capture()]
 
     def region(self, name: str) -> RegionProcs:

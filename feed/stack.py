@@ -25,22 +25,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from importlib import resources
 from pathlib import Path
 
 from feed import runstate
+from feed.capture import bundled_capture  # also imported from here by tests and tools
 from feed.natsserver import NatsServer
 from feed.procs import StopSignal, die_with_parent, free_port, stop_process, wait_until
 
 log = logging.getLogger("bookcast.up")
-
-BUNDLED_CAPTURE = "coinbase-level2-20210417.jsonl.gz"
-
-
-def bundled_capture() -> Path:
-    """Path of the bundled Coinbase recording (shipped with its licence in ``feed/data``)."""
-    return Path(str(resources.files("feed") / "data" / BUNDLED_CAPTURE))
-
 
 def spawn(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m feed.cli ARGS`` in its own session (Ctrl-C reaches only us; we stop it by PID)."""

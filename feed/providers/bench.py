@@ -67,7 +67,7 @@ class _Recorder:
 
 def _records(limit: int = 0) -> list[Any]:
     from feed.capture import read_capture
-    from feed.stack import bundled_capture
+    from feed.capture import bundled_capture
 
     recs = list(read_capture(bundled_capture()))
     return recs[:limit] if limit else recs

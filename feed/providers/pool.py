@@ -189,10 +189,7 @@ class VenuePool:
 
     # -- metrics --------------------------------------------------------------------------------
     def _build_metrics(self) -> None:
-        from feed.ingest import shared_metric
-
-        def m(name: str) -> Any:
-            return shared_metric(self.ingest._built, name, self.ingest.registry)
+        m = self.ingest.metric
 
         self.m_selected = m("bookcast_ingest_provider_selected")
         self.m_score = m("bookcast_ingest_provider_score")
@@ -200,7 +197,7 @@ class VenuePool:
         self.m_messages = m("bookcast_ingest_provider_messages_total")
         self.m_errors = m("bookcast_ingest_provider_errors_total")
         self.m_switches = m("bookcast_ingest_provider_switches_total")
-        self.m_up = self.ingest._provider_up
+        self.m_up = self.ingest.provider_up
         for p in self.providers.values():
             p.metrics["messages"] = self.m_messages.labels(self.venue, p.name)
             self.m_selected.labels(self.venue, p.name).set(0)
@@ -329,7 +326,7 @@ class VenuePool:
     # -- data -----------------------------------------------------------------------------------
     async def _on_message(self, p: Provider, record: CaptureRecord, recv_ns: int) -> None:
         p.metrics["messages"].inc()
-        vm = self.ingest._venue(self.venue)
+        vm = self.ingest.venue_metrics(self.venue)
         vm.messages.inc()
         try:
             result = p.session.parse(record.msg)
@@ -418,7 +415,7 @@ class VenuePool:
         if kind == "duplicate":  # the session dropped it: nothing reached any book
             self._error(p, "duplicate", now_ns)
             if p.name == self.scorer.selected:
-                self.ingest._venue(self.venue).fault("duplicate")
+                self.ingest.venue_metrics(self.venue).fault("duplicate")
             return
         for inst in fault.instruments:
             if inst in self.instruments:
@@ -472,7 +469,7 @@ class VenuePool:
             log.warning("provider %s/%s integrity fault %s: %s%s", self.venue, p.name, kind, detail,
                         " (read provider: clients told, moving on)" if selected else " (standby)")
         if selected and inst in self.ingest.engine.instruments:
-            self.ingest._venue(self.venue).fault(kind)
+            self.ingest.venue_metrics(self.venue).fault(kind)
             self.record_bad.add(inst)
             if kind == "crossed":
                 await self.ingest.set_condition(inst, Status.CROSSED, True, f"{kind}_after_burst")

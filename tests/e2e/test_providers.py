@@ -321,6 +321,10 @@ async def test_fault_knobs_on_the_read_provider_fail_over_with_exact_books(pool_
             """A one-shot fault on the read provider: counted on it (``kind``), and the pool reads another.
             (On a loaded host the pool may have moved on just before; the fault still counts on that provider.)"""
             faulty = await _knob(stack, knob + " (aim)")  # no settings yet: just who is read
+            # somewhere to move to: with the other providers still excluded by the previous knob, keeping
+            # the faulty one is the pool's documented choice (no candidate), not a failure to fail over
+            await wait_for(lambda: any(p["health"] == "healthy" for p in stack.pool()["providers"]
+                                       if p["name"] != faulty), 30, f"{knob}: a healthy provider besides {faulty}")
             base = errors(faulty, kind)
             await asyncio.to_thread(stack.fault, faulty, **settings)
             await wait_for(lambda: errors(faulty, kind) > base, 30, f"{knob}: {kind} counted on {faulty}")
