@@ -37,7 +37,7 @@ import inspect
 import logging
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -54,7 +54,7 @@ from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink
+from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink, count_written
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
@@ -142,6 +142,7 @@ class GatewayMetrics:
         tally.clear()
 
 
+TICK_SLICE = 256  # connections per slice of a timer pass (``Gateway.tick_pass``)
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
 WRITE_STAMP_TYPE = "write_stamp"
@@ -174,11 +175,19 @@ class Connection:
         self.session = session
         self.transport = transport
         self._waiter: asyncio.Future[None] | None = None
+        # created at the first wakeup (a reply, a snapshot, a close, backpressure): a connection that never
+        # asks for anything (heartbeats are written by the ticker) holds no task (``loadtest.bench.idlemem``)
         self.writer: asyncio.Task | None = None
+        self.handler: asyncio.Task | None = None  # the ws_handler task, which reads the client's requests
+        self.reading = False  # the handler waits in receive(): a close request cancels that wait
+        self._cancelled_read = False
+        self._gone = False  # the handler finished: no writer is started any more
         self.close_request: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self.dropped: asyncio.Future[None] = loop.create_future()  # handler finished
         self.write_stamps = False  # ?write_stamps=1: a write_stamp notice before every socket write
-        self.idle = False  # the writer waits for work with nothing queued (not in drain): write-through allowed
+        # nothing queued and nobody writing (the writer waits for work, or there is none yet; not in drain):
+        # write-through and inline heartbeats allowed
+        self.idle = True
         self.corked: list[bytes] = []  # write-through frames of this loop pass, written by Gateway._flush_corked
         self.corked_bytes = 0
         self.must_drain = False  # the last write-through left the socket over the limit: the writer drains it
@@ -190,8 +199,11 @@ class Connection:
         if self._inline:
             return  # tick() writes what its timers queued itself
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.writer is None and not self._gone:
+            self.writer = asyncio.get_running_loop().create_task(self.run_writer())
 
     async def run_writer(self) -> None:
         """Drain the session into the socket: whatever is queued when the writer wakes goes out as one
@@ -200,6 +212,7 @@ class Connection:
         session = self.session
         loop = asyncio.get_running_loop()
         limit_bytes = self.gw.config.ws_writer_limit_bytes
+        self.idle = False
         try:
             while True:
                 if not session.queue.items:
@@ -249,19 +262,26 @@ class Connection:
         close) is pulled and written here, in the ticker's pass, instead of waking the writer task: with
         10,000 idle connections that is 10,000 task switches a second less."""
         session = self.session
-        if not self.idle or self.corked:
+        transport = self.transport
+        if not self.idle or self.corked or transport is None or transport.is_closing() or self.ws.closed:
             session.tick(now_ns)
             return
         self._inline = True
         try:
-            session.tick(now_ns)
+            heartbeat = session.tick_through(now_ns)  # a due heartbeat, not queued: written here
         finally:
             self._inline = False
-        if not session.queue.items:
+        if heartbeat is not None:
+            if self.write_stamps:
+                transport.writelines((write_stamp_frame(time.time_ns(), 1), heartbeat))
+            else:
+                transport.write(heartbeat)
+            if transport.get_write_buffer_size() > limit_bytes:
+                self.idle = False
+                self.must_drain = True
+                self._wake()
             return
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
-            self._wake()
+        if not session.queue.items:
             return
         frames, close = session.pull(now_ns, limit_bytes)
         if frames:
@@ -278,31 +298,48 @@ class Connection:
         if self.must_drain or session.queue.items:
             self._wake()
 
-    def flush_corked(self, limit_bytes: int) -> None:
+    def flush_corked(self, limit_bytes: int) -> int:
         """Write this pass's write-through frames as one socket write (``writelines``: one vectored
         write on uvloop); if that leaves the socket over ``limit_bytes``, stop write-through and have the
-        writer wait for the socket to drain, queueing in the meantime (PROTOCOL.md section 7)."""
+        writer wait for the socket to drain, queueing in the meantime (PROTOCOL.md section 7). Returns the
+        frames written (0: the socket is closing), for the caller to tally (``session.count_written``)."""
         frames = self.corked
-        if not frames:
-            return
+        count = len(frames)
         transport = self.transport
-        if transport is not None and not transport.is_closing() and not self.ws.closed:
-            count = len(frames)
+        if transport is None or transport.is_closing() or self.ws.closed:
+            count = 0
+        elif count:
             if self.write_stamps:
                 frames.insert(0, write_stamp_frame(time.time_ns(), count))
-            transport.writelines(frames)
-            self.session.wrote_through(count, self.corked_bytes)
+            if len(frames) == 1:
+                transport.write(frames[0])
+            else:
+                transport.writelines(frames)
             if transport.get_write_buffer_size() > limit_bytes:
                 self.idle = False
                 self.must_drain = True
                 self._wake()
         frames.clear()
         self.corked_bytes = 0
+        return count
 
     def _request_close(self, close: Close) -> None:
-        """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``)."""
+        """Ask the connection's handler task to close the WebSocket (see ``Gateway.ws_handler``): a handler
+        waiting in ``receive()`` has that wait cancelled; a busy one sees the request after its message."""
         if not self.close_request.done():
             self.close_request.set_result((close.code, close.reason))
+            if self.reading and self.handler is not None and not self._cancelled_read:
+                self._cancelled_read = True
+                self.handler.cancel()
+
+    def read_cancelled_by_close(self) -> bool:
+        """In the handler, on ``CancelledError``: True (and the cancel withdrawn) when it was only
+        ``_request_close`` stopping the read; False when someone else cancels the handler too."""
+        task = self.handler
+        if not self._cancelled_read or task is None or task.cancelling() != 1:
+            return False
+        task.uncancel()
+        return True
 
 
 class Gateway:
@@ -343,6 +380,10 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.draining = False
         self._corked: list[Connection] = []  # connections with write-through frames to flush this pass
+        # the tally every session of this worker counts into (``Session.tally``), folded every
+        # ``queue_sample_interval_s``: per-connection folds were 6-9% of an idle worker's CPU with 5,000
+        # connections and one uninterrupted pass over all of them (py-spy, ``loadtest.bench.idlemem``)
+        self.tally: Counter = Counter()
 
     # -- Books (what sessions read) -------------------------------------------------------------------
     def known(self, instrument: str) -> bool:
@@ -435,23 +476,37 @@ class Gateway:
         value is current whichever worker is scraped.)"""
         while True:
             conns = list(self.connections)
-            for c in conns:
-                self.metrics.fold(c.session.tally)
+            self.metrics.fold(self.tally)  # every session's (they share it: one fold, not one per connection)
             self.metrics.queue_bytes.set(sum(c.session.queue.queued_bytes for c in conns))
             self.metrics.queue_items.set(sum(len(c.session.queue) for c in conns))
             await asyncio.sleep(self.config.queue_sample_interval_s)
 
     async def _ticks(self) -> None:
         """Session timers (heartbeats, token expiry): one ticker for the worker, at a quarter of the
-        heartbeat interval, so a heartbeat goes out 1 to 1.25 intervals after the last frame."""
+        heartbeat interval, so a heartbeat goes out 1 to 1.25 intervals after the last frame.
+
+        A pass goes over the connections ``TICK_SLICE`` at a time and lets the loop run between slices:
+        with 10,000 idle connections one pass writes up to 10,000 heartbeats, and in one go that held
+        every other client's deltas for the whole pass (``python -m loadtest.bench.fanoutcpu --heartbeats``
+        reports the longest stall)."""
         interval_s = self.limits.heartbeat_interval_s / 4
         while True:
             await asyncio.sleep(interval_s)
+            await self.tick_pass()
+            self._check_ingest_silence(time.monotonic(), time.time_ns())
+
+    async def tick_pass(self, slice_size: int | None = None) -> None:
+        """One pass of the session timers over every connection, ``slice_size`` (``TICK_SLICE``) at a time,
+        yielding to the loop between slices; each slice reads the clock once (its heartbeats' ``ts_send_ns``)."""
+        step = slice_size or TICK_SLICE
+        limit_bytes = self.config.ws_writer_limit_bytes
+        conns = list(self.connections)
+        for start in range(0, len(conns), step):
+            if start:
+                await asyncio.sleep(0)
             now_ns = time.time_ns()
-            limit_bytes = self.config.ws_writer_limit_bytes
-            for conn in list(self.connections):
+            for conn in conns[start:start + step]:
                 conn.tick(now_ns, limit_bytes)
-            self._check_ingest_silence(time.monotonic(), now_ns)
 
     def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:
         """Mark every instrument of a venue whose directory announcements stopped for ``ingest_silent_s``
@@ -768,8 +823,20 @@ class Gateway:
             return
         self._corked = []
         limit_bytes = self.config.ws_writer_limit_bytes
+        shared = self.tally
+        frames = size_bytes = writes = 0
         for conn in conns:
-            conn.flush_corked(limit_bytes)
+            corked_bytes = conn.corked_bytes
+            count = conn.flush_corked(limit_bytes)
+            if count:
+                if conn.session.tally is shared:  # counted once for the pass, not once per connection
+                    frames += count
+                    size_bytes += corked_bytes
+                    writes += 1
+                else:
+                    conn.session.wrote_through(count, corked_bytes)
+        if writes:
+            count_written(shared, frames, size_bytes, writes)
 
     @staticmethod
     def _flush_window(session: Session, inst: str) -> None:
@@ -918,36 +985,51 @@ class Gateway:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf_bytes)
         await ws.prepare(request)
-        session = Session(self, self.limits, time.time_ns(), authorization=authorization, peer=request.remote or "?")
+        session = Session(self, self.limits, time.time_ns(), authorization=authorization, peer=request.remote or "?",
+                          tally=self.tally)
         conn = Connection(self, ws, session, request.transport, request.writer)
         conn.write_stamps = request.query.get("write_stamps") in ("1", "true")
         self.connections.add(conn)
         self.metrics.clients.inc()
         self.metrics.region_clients.inc()
-        loop = asyncio.get_running_loop()
-        conn.writer = loop.create_task(conn.run_writer())
-        reader = loop.create_task(self._read_requests(conn, ws))
+        conn.handler = asyncio.current_task()
         try:
-            await asyncio.wait({reader, conn.close_request}, return_when=asyncio.FIRST_COMPLETED)
+            # This task reads the client's requests itself (no reader task, no writer task until one is
+            # needed: an idle connection holds only this one).
+            try:
+                await self._read_requests(conn, ws)
+            except asyncio.CancelledError:
+                if not conn.read_cancelled_by_close():
+                    raise
             if conn.close_request.done():
                 # The writer has sent everything queued before the close. Close from this task, with no
                 # receive() pending: aiohttp then waits for the client's close frame (reading what the
                 # client still sends) before closing the socket. Closing while a receive() is pending
                 # drops the socket at once, and unread input makes the kernel reset the connection,
                 # discarding our close frame on the way.
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
                 code, reason = conn.close_request.result()
                 await ws.close(code=code, message=reason)
         finally:
-            reader.cancel()
-            conn.writer.cancel()
+            conn.reading = False
+            conn._gone = True
+            if conn.writer is not None:
+                conn.writer.cancel()
             self._drop(conn)
         return ws
 
     async def _read_requests(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        """Handle the client's frames until it goes away or a close is requested (``conn.close_request``;
+        ``Connection._request_close`` cancels a pending ``receive()`` for it)."""
         session = conn.session
-        async for msg in ws:
+        closing = _WS_END
+        while not conn.close_request.done():
+            conn.reading = True
+            try:
+                msg = await ws.receive()
+            finally:
+                conn.reading = False
+            if msg.type in closing:
+                return
             if msg.type is WSMsgType.TEXT:
                 if not _valid_utf8(msg.data):  # RFC 6455 section 8.1; bad_request stays for text that is not JSON
                     self.metrics.closes[int(CloseCode.INVALID_PAYLOAD)].inc()
@@ -1080,6 +1162,7 @@ class Gateway:
             await asyncio.wait([c.dropped for c in conns], timeout=self.config.drain_timeout_s)
 
 
+_WS_END = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})  # what ends ``async for msg in ws``
 _PEER_LEVEL_CLOSES = frozenset({int(CloseCode.PROTOCOL_ERROR), int(CloseCode.INVALID_PAYLOAD),
                                 int(CloseCode.MESSAGE_TOO_BIG)})
 

@@ -149,6 +149,7 @@ def _noop() -> None:
 
 
 _SENT_DELTA = ("sent", "delta")
+_HEARTBEAT = Item(Kind.HEARTBEAT)  # read only: what ``tick_through`` frames
 _EMPTY_HEARTBEAT: list = [None, b""]  # [now_ns, frame] of the last heartbeat with no seqs (a cache keyed by its input)
 
 
@@ -169,7 +170,7 @@ class Session:
     """
 
     def __init__(self, books: Books, limits: GatewayLimits, now_ns: int, *,
-                 authorization: Authorization | None = None, peer: str = "?") -> None:
+                 authorization: Authorization | None = None, peer: str = "?", tally: Counter | None = None) -> None:
         self.books = books
         self.limits = limits
         self.authorization = authorization
@@ -182,7 +183,9 @@ class Session:
         self.held: dict[str, SentState | str | None] = {}
         self.conflating: dict[str, Conflated] = {}  # open conflation windows
         self._flushing: dict[str, Conflated] = {}  # closed windows whose FLUSH item is queued
-        self.tally: Counter = Counter()
+        # what was sent and asked for, folded into the metrics by the adapter; the adapter may hand every
+        # session of a worker the same Counter (then one fold per sample covers them all)
+        self.tally: Counter = Counter() if tally is None else tally
         self.last_send_ns = now_ns
         self.wakeup: Callable[[], None] = _noop
         self.sink: object | None = None  # the adapter's handle on the socket side; never read here
@@ -209,7 +212,7 @@ class Session:
         self._go(SessionInput.CLOSE)
         self.tally[("close", int(code))] += 1
         self.queue.drop_data()
-        self.queue.items.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
+        self.queue.append(Item(Kind.CLOSE, None, reason.encode(), seq=int(code)))
         self.wakeup()
 
     # -- producer side (fan-out; never blocks) --------------------------------------------------------
@@ -286,6 +289,26 @@ class Session:
             return
         if not self.queue.items and now_ns - self.last_send_ns >= self.limits.heartbeat_interval_s * 1e9:
             self.push(Item(Kind.HEARTBEAT), now_ns)
+
+    def tick_through(self, now_ns: int) -> bytes | None:
+        """``tick`` for a connection whose socket takes a write now (nothing queued, nobody writing): a
+        heartbeat that is due is returned as the frame to write, tallied as ``pull`` would tally it,
+        instead of being queued (no item, no queue); a close it decides is queued as ``tick`` queues it."""
+        if self.state is not SessionState.OPEN:
+            return None
+        auth = self.authorization
+        if auth is not None and auth.expires_at_ns is not None and now_ns >= auth.expires_at_ns:
+            self.close(CloseCode.UNAUTHORIZED, "token expired")
+            return None
+        if self.queue.items or now_ns - self.last_send_ns < self.limits.heartbeat_interval_s * 1e9:
+            return None
+        frame, label = self._frame_for(_HEARTBEAT, now_ns)
+        tally = self.tally
+        tally[("sent", label)] += 1
+        tally["bytes_sent"] += len(frame)  # type: ignore[arg-type]
+        tally["socket_writes"] += 1
+        self.last_send_ns = now_ns
+        return frame
 
     # -- requests ------------------------------------------------------------------------------------
     def on_text(self, data: bytes | str, now_ns: int) -> list[Action]:
@@ -438,10 +461,7 @@ class Session:
     def wrote_through(self, frames: int, size_bytes: int) -> None:
         """The adapter wrote ``frames`` frames of ``deliver_now`` (``size_bytes`` in all) in one socket write:
         tallied once per write, not per frame (``pull`` tallies once per pull likewise)."""
-        tally = self.tally
-        tally[_SENT_DELTA] += frames
-        tally["bytes_sent"] += size_bytes
-        tally["socket_writes"] += 1
+        count_written(self.tally, frames, size_bytes, 1)
 
     # -- consumer side (the writer) ----------------------------------------------------------------
     def pull(self, now_ns: int, max_bytes: int) -> tuple[list[bytes], Close | None]:
@@ -571,3 +591,12 @@ class Session:
         self.tally["writer_gaps"] += 1
         if instrument is not None and instrument in self.subs:
             self.resync(instrument, ResyncReason.UPSTREAM_GAP, now_ns)
+
+
+def count_written(tally: Counter, frames: int, size_bytes: int, writes: int) -> None:
+    """Tally ``writes`` socket writes of ``frames`` write-through delta frames, ``size_bytes`` in all (what
+    ``Session.wrote_through`` counts for one write; the adapter sums a loop pass's writes over the sessions
+    sharing one tally and counts them with one call)."""
+    tally[_SENT_DELTA] += frames
+    tally["bytes_sent"] += size_bytes
+    tally["socket_writes"] += writes

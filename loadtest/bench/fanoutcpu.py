@@ -102,11 +102,10 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
     loop = asyncio.get_running_loop()
     conns, transports = [], []
     for _ in range(connections):
-        session = Session(gw, gw.limits, time.time_ns())
+        session = Session(gw, gw.limits, time.time_ns(), tally=gw.tally)  # one tally per worker, as ws_handler
         transport = CountingTransport()
         conn = Connection(gw, OpenWebSocket(), session, transport, NoDrain())  # type: ignore[arg-type]
         gw.connections.add(conn)
-        conn.writer = loop.create_task(conn.run_writer())
         gw._apply_links(session, session.on_text(orjson.dumps({"op": "subscribe", "id": 1, "instruments": [INST]}),
                                                  time.time_ns()))
         conns.append(conn)
@@ -129,14 +128,20 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
         await asyncio.sleep(0)  # the pass ends: flushes and woken writers run
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
-    delivered = sum(c.session.tally[("sent", "delta")] for c in conns)
-    for c in conns:
-        c.writer.cancel()
-    await asyncio.gather(*(c.writer for c in conns), return_exceptions=True)
+    delivered = gw.tally[("sent", "delta")]
+    await _stop_writers(conns)
     expected = messages * connections
     if delivered != expected or sum(t.bytes for t in transports) <= bytes_before:
         raise RuntimeError(f"write_through={write_through}: {delivered} deliveries counted, {expected} expected")
     return cpu_s / delivered
+
+
+async def _stop_writers(conns: list[Connection]) -> None:
+    """Cancel the writer tasks the connections started (a connection starts one at its first wakeup)."""
+    writers = [c.writer for c in conns if c.writer is not None]
+    for w in writers:
+        w.cancel()
+    await asyncio.gather(*writers, return_exceptions=True)
 
 
 async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
@@ -146,8 +151,7 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
     t0 = time.time_ns()
     conns = []
     for _ in range(connections):
-        conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0), CountingTransport(), NoDrain())  # type: ignore[arg-type]
-        conn.writer = loop.create_task(conn.run_writer())
+        conn = Connection(gw, OpenWebSocket(), Session(gw, gw.limits, t0, tally=gw.tally), CountingTransport(), NoDrain())  # type: ignore[arg-type]
         conns.append(conn)
     for _ in range(3):
         await asyncio.sleep(0)
@@ -164,10 +168,8 @@ async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
     cpu_s = time.process_time() - started
-    sent = sum(c.session.tally[("sent", "control")] for c in conns)
-    for c in conns:
-        c.writer.cancel()
-    await asyncio.gather(*(c.writer for c in conns), return_exceptions=True)
+    sent = gw.tally[("sent", "control")]
+    await _stop_writers(conns)
     if sent != connections * ticks:
         raise RuntimeError(f"{sent} heartbeats sent, {connections * ticks} expected")
     return cpu_s / sent

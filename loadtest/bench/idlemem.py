@@ -7,6 +7,9 @@ nothing), waits for them to settle, takes a second snapshot and prints the growt
 source line (or by traceback), beside RSS growth per connection.
 
     python -m loadtest.bench.idlemem --connections 1000 --top 25
+    python -m loadtest.bench.idlemem --connections 5000 --no-trace   # RSS only (tracemalloc's own
+                                                                     # bookkeeping would count in RSS)
+    python -m loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10   # then loop stalls, GC
 
 Exit codes: 0 printed, 1 the clients failed to connect, 2 usage.
 """
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -28,7 +32,50 @@ from loadtest.bench import procstat
 from loadtest.bench.ipc import Child
 
 
-async def measure(connections: int, top: int, group: str, frames: int) -> int:
+async def probe_stalls(hold_s: float, period_s: float = 0.002) -> dict:
+    """For ``hold_s``: how long the event loop is kept from a task that wakes every ``period_s`` (what a
+    healthy client's delta waits behind), in CPU seconds of this thread between two wakes (the loop's
+    own work in between, whatever the machine's load) and in wall seconds; and every garbage collection's
+    duration by generation (``gc.callbacks``)."""
+    gcs: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            gcs[info["generation"]].append(time.perf_counter() - started[0])
+
+    cpu_gaps: list[float] = []
+    wall_gaps: list[float] = []
+    gc.callbacks.append(on_gc)
+    try:
+        end = time.monotonic() + hold_s
+        last_cpu, last_wall = time.thread_time(), time.perf_counter()
+        while time.monotonic() < end:
+            await asyncio.sleep(period_s)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            cpu_gaps.append(cpu - last_cpu)
+            wall_gaps.append(wall - last_wall - period_s)
+            last_cpu, last_wall = cpu, wall
+    finally:
+        gc.callbacks.remove(on_gc)
+    return {"cpu_gaps": sorted(cpu_gaps), "wall_gaps": sorted(wall_gaps), "gc": gcs}
+
+
+def stall_report(r: dict, connections: int, hold_s: float) -> str:
+    def q(xs: list[float], f: float) -> float:
+        return xs[min(len(xs) - 1, int(f * len(xs)))] * 1e3 if xs else 0.0
+
+    cpu, wall = r["cpu_gaps"], r["wall_gaps"]
+    gcs = "; ".join(f"gen{g} x{len(d)} max {max(d) * 1e3:.1f} ms" for g, d in r["gc"].items() if d) or "none"
+    return (f"loop stalls over {hold_s:g} s with {connections} idle connections (a task waking every 2 ms): "
+            f"CPU between wakes p99 {q(cpu, 0.99):.2f} ms, max {q(cpu, 1.0):.2f} ms; wall late p99 "
+            f"{q(wall, 0.99):.2f} ms, max {q(wall, 1.0):.2f} ms; garbage collections: {gcs}")
+
+
+async def measure(connections: int, top: int, group: str, frames: int, trace: bool = True,
+                  hold_s: float = 0.0) -> int:
     from feed.gateway.app import create_app
     from feed.gateway.config import GatewayConfig
 
@@ -46,21 +93,38 @@ async def measure(connections: int, top: int, group: str, frames: int) -> int:
             args = ["--target", "bookcast", "--url", url, "--idle"]
             warm = await Child.start("warm-up", "loadtest.bench.clients", [*args, "--clients", "20"], Path(tmp) / "w.log")
             await warm.expect("ready", 120)
+            await asyncio.sleep(2.0)  # the warm-up's heartbeats: the ticker's first passes allocate too
             gc.collect()
-            tracemalloc.start(frames)
+            if trace:
+                tracemalloc.start(frames)
+            objects0 = len(gc.get_objects())
             rss0 = procstat.rss_bytes([_pid()])
-            before = tracemalloc.take_snapshot()
+            before = tracemalloc.take_snapshot() if trace else None
             idle = await Child.start("idle", "loadtest.bench.clients", [*args, "--clients", str(connections)],
                                      Path(tmp) / "idle.log")
             ready = await idle.expect("ready", 300)
-            await asyncio.sleep(2.0)  # let the last handshakes finish their allocations
+            await asyncio.sleep(3.0)  # the last handshakes' allocations, two heartbeats on every connection
             gc.collect()
-            after = tracemalloc.take_snapshot()
+            after = tracemalloc.take_snapshot() if trace else None
             rss1 = procstat.rss_bytes([_pid()])
             n = ready["connected"]
             if n != connections:
                 print(f"idlemem: only {n}/{connections} clients connected: {ready['errors']}", file=sys.stderr)
                 return 1
+            if not trace:
+                print(f"{n} idle connections: RSS +{(rss1 - rss0) / n / 1024:.2f} KiB per connection "
+                      f"(one worker, no tracemalloc)", flush=True)
+                if hold_s:
+                    cpu0 = time.thread_time()
+                    gc.collect()
+                    full_ms = (time.thread_time() - cpu0) * 1e3
+                    print(f"a full garbage collection: {full_ms:.1f} ms CPU over {len(gc.get_objects()):,} tracked "
+                          f"objects ({(len(gc.get_objects()) - objects0) / n:.0f} per idle connection; "
+                          f"{gc.get_freeze_count():,} frozen)", flush=True)
+                    print(stall_report(await probe_stalls(hold_s), n, hold_s))
+                await idle.stop()
+                await warm.stop()
+                return 0
             stats = after.compare_to(before, group)
             total = sum(s.size_diff for s in stats)
             print(f"{n} idle connections: tracemalloc +{total / n / 1024:.2f} KiB per connection, "
@@ -93,12 +157,16 @@ def main() -> int:
     p.add_argument("--top", type=int, default=25, help="allocation sites to print (default %(default)s)")
     p.add_argument("--group", choices=["lineno", "traceback"], default="lineno")
     p.add_argument("--frames", type=int, default=1, help="traceback depth tracemalloc keeps (default %(default)s)")
+    p.add_argument("--no-trace", action="store_true", help="RSS growth only, tracemalloc off")
+    p.add_argument("--hold-s", type=float, default=0.0,
+                   help="with --no-trace: then hold the connections this long and report loop stalls and GC")
     args = p.parse_args()
     if args.connections < 1:
         p.error("--connections must be >= 1")
     import uvloop
 
-    return uvloop.run(measure(args.connections, args.top, args.group, args.frames))
+    return uvloop.run(measure(args.connections, args.top, args.group, args.frames, trace=not args.no_trace,
+                                     hold_s=args.hold_s))
 
 
 if __name__ == "__main__":
