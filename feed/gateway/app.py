@@ -854,12 +854,14 @@ class Gateway:
         if delay_s:
             await asyncio.sleep(delay_s)
         data = await self._kv_snapshot(inst) if not self._leader_heard(inst) else None
+        failure = "no ingest answered and no KV book"
         try:
             if data is None:
                 data = (await self.nc.request(snapshot_subject(inst), b"", timeout=self.snapshot_timeout_s)).data
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: the machine retries with backoff
+            failure = str(exc) or type(exc).__name__
             data = await self._kv_snapshot(inst)  # no ingest answered: the book kept in this region's KV
         if data is None:
             if self.machines.get(inst) is not machine:
@@ -867,7 +869,7 @@ class Gateway:
             self.metrics.snapshot_failures.inc()
             actions = machine.on_snapshot_failed(time.time_ns())
             log.warning("snapshot fetch failed instrument=%s: %s (retry in %.2f s)", inst,
-                        exc or type(exc).__name__, actions[0].delay_s if actions else 0)
+                        failure, actions[0].delay_s if actions else 0)
             self._snapshot_tasks.pop(inst, None)
             self._execute(machine, actions)
             return

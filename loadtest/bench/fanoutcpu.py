@@ -99,7 +99,6 @@ async def one_mode(write_through: bool, connections: int, messages: int, batch: 
     snap = wire.dumps(wire.snapshot_message(INST, epoch, seq, book, ts_event_ns=None, ts_ingest_ns=1, ts_publish_ns=1))
     machine.start()
     gw._execute(machine, machine.on_snapshot_reply(snap, time.time_ns()))
-    loop = asyncio.get_running_loop()
     conns, transports = [], []
     for _ in range(connections):
         session = Session(gw, gw.limits, time.time_ns(), tally=gw.tally)  # one tally per worker, as ws_handler
@@ -147,7 +146,6 @@ async def _stop_writers(conns: list[Connection]) -> None:
 async def heartbeat_mode(inline: bool, connections: int, ticks: int) -> float:
     """CPU seconds (process time) per heartbeat of ``connections`` idle connections over ``ticks`` ticks."""
     gw = Gateway(GatewayConfig(), CollectorRegistry())
-    loop = asyncio.get_running_loop()
     t0 = time.time_ns()
     conns = []
     for _ in range(connections):
