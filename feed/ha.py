@@ -201,6 +201,7 @@ class HaController:
         self._publishing: set[str] = set()  # instruments this leader publishes
         self._takeovers = 0
         self._dirty: set[str] = set()
+        self._unwritten: dict[str, set[str]] = {}  # region -> instruments changed since its last successful put
         self._tasks: list[asyncio.Task] = []
         self.last_takeover: dict[str, Any] = {}
         reg = ingest.registry
@@ -415,8 +416,12 @@ class HaController:
 
     async def _write_kv_books(self) -> None:
         """Puts into each region's bucket; a region whose put fails is skipped for 5 s (and its bucket bound
-        again when it was down at start)."""
+        again when it was down at start). What a region missed stays owed to it until a put there succeeds (a
+        quiet instrument's book is otherwise never written again: a region back from a partition kept the
+        previous leader's epoch)."""
         dirty, self._dirty = self._dirty, set()
+        for region in self.config.regions:
+            self._unwritten.setdefault(region, set()).update(dirty)
         now = time.monotonic()
         regions = [r for r in self.config.regions if self._kv_down_until.get(r, 0.0) <= now]
         for region in regions:
@@ -428,21 +433,26 @@ class HaController:
                 except Exception as exc:  # noqa: BLE001 - still down
                     self._kv_down_until[region] = now + 5.0
                     log.debug("KV books of region %s still unavailable: %s", region, exc)
-        entries: list[tuple[str, bytes]] = []
-        venues = set()
-        for inst in dirty:
-            snap = self.ingest.snapshot(inst)
-            if snap is not None:
-                venues.add(inst.split(":", 1)[0])
-                entries.append((kv_key("snap", inst), wire.dumps(snap)))
-        entries += [(kv_key("dir", venue), wire.dumps(self.ingest.directory(venue))) for venue in venues]
+        snaps: dict[str, bytes | None] = {}
         for region in regions:
             kv = self.books_kv.get(region)
             if kv is None:
                 continue
+            owed = set(self._unwritten.get(region, ()))
+            entries: list[tuple[str, bytes]] = []
+            venues = set()
+            for inst in sorted(owed):
+                if inst not in snaps:
+                    snap = self.ingest.snapshot(inst)
+                    snaps[inst] = wire.dumps(snap) if snap is not None else None
+                if snaps[inst] is not None:
+                    venues.add(inst.split(":", 1)[0])
+                    entries.append((kv_key("snap", inst), snaps[inst]))
+            entries += [(kv_key("dir", venue), wire.dumps(self.ingest.directory(venue))) for venue in sorted(venues)]
             try:
                 for key, data in entries:
                     await asyncio.wait_for(kv.put(key, data), 1.0)
+                self._unwritten[region] -= owed
             except Exception as exc:  # noqa: BLE001 - that region is unreachable now
                 self._kv_down_until[region] = time.monotonic() + 5.0
                 log.debug("KV books put to region %s failed: %s", region, exc)

@@ -431,6 +431,17 @@ async def test_killing_the_leaders_nats_cluster_moves_its_clients_and_the_other_
     nc = None
     try:
         wait_until(lambda: http_ok(fresh_base + "/readyz"), 60, what="the fresh gateway ready", proc=fresh)
+        # the leader owes the standby's region its books since the partition healed: written there, in its epoch
+        nc = await _nats.connect(standby.nats.url)
+        deadline = _time.monotonic() + 60
+        while True:
+            epochs = {i["instrument"]: i["epoch"] for i in leader.instruments()}
+            kv = {i: await read_kv_snapshot(nc, standby.name, i) for i in instruments}
+            behind = [i for i in instruments if kv[i] is None or kv[i]["epoch"] != epochs.get(i)]
+            if not behind:
+                break
+            assert _time.monotonic() < deadline, f"{standby.name}'s KV books not in the leader's epoch: {behind}"
+            await asyncio.sleep(0.5)
         # no client of the standby's region wants these instruments: its gateway carries them for the resume
         async with BookClient(regions=[[leader.ws_url], [standby.ws_url]], instruments=instruments,
                               failback_after_s=60) as client:
@@ -447,7 +458,6 @@ async def test_killing_the_leaders_nats_cluster_moves_its_clients_and_the_other_
                                                                 MoveReason.STALE), move
                 assert all(move.recovered.values()), move  # resumed from the carrying gateway's ring
                 # a new client of the fresh gateway: no ingest answers, the region's KV books do
-                nc = await _nats.connect(standby.nats.url)
                 kv = {i: await read_kv_snapshot(nc, standby.name, i) for i in instruments[:3]}
                 assert all(snap is not None and snap["type"] == "snapshot" for snap in kv.values()), kv
                 async with BookClient([fresh_ws], list(kv)) as newcomer:
