@@ -1,7 +1,7 @@
 """Drill clients: a faulted and a control group of real SDK clients, and the independent checker.
 
-Adapter module. ``ClientGroups`` runs ``feed.client.BookClient``s in a background thread with its own
-event loop (so chaostoolkit's synchronous activities can read them at any time) and records into a
+Adapter module. ``ClientGroups`` runs every ``feed.client.BookClient`` in a background thread with its own
+event loop, one per client (so chaostoolkit's synchronous activities can read them at any time) and records into a
 ``Recorder``:
 
 * every verified delivery: (monotonic s, group, client, instrument, e2e latency s, url);
@@ -97,23 +97,35 @@ class ClientGroups:
         self.ws_heartbeat_s = ws_heartbeat_s
         self.recorder = Recorder()
         self.clients: dict[tuple[str, int], BookClient] = {}
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="drill-clients", daemon=True)
-        self._tasks: list[asyncio.Task] = []
+        # one event loop and thread per client: a client busy verifying a deep snapshot (Coinbase BTC-USD,
+        # 1.1 MB: seconds on a loaded machine) must not hold the control group's deliveries, nor another
+        # client's pongs, as separate users' processes would not
+        self.loops: dict[tuple[str, int], asyncio.AbstractEventLoop] = {}
+        self._threads: list[threading.Thread] = []
+        self._tasks: dict[tuple[str, int], asyncio.Task] = {}
 
     def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
-
-    async def _start(self) -> None:
         for group, (urls, n) in self.groups.items():
             for i in range(n):
-                where = ({"regions": urls} if urls and not isinstance(urls[0], str) else {"urls": urls})
-                client = BookClient(instruments=self.instruments, reconnect_backoff_s=(0.05, 0.5),
-                                    connect_timeout_s=2.0, ws_heartbeat_s=self.ws_heartbeat_s, **where)
-                self.clients[(group, i)] = client
-                client.start()
-                self._tasks.append(asyncio.create_task(self._consume(group, i, client)))
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"drill-client-{group}-{i}", daemon=True)
+                thread.start()
+                self.loops[(group, i)] = loop
+                self._threads.append(thread)
+                asyncio.run_coroutine_threadsafe(self._start(group, i, urls), loop).result(30)
+
+    async def _start(self, group: str, i: int, urls: list) -> None:
+        where = ({"regions": urls} if urls and not isinstance(urls[0], str) else {"urls": urls})
+        client = BookClient(instruments=self.instruments, reconnect_backoff_s=(0.05, 0.5),
+                            connect_timeout_s=2.0, ws_heartbeat_s=self.ws_heartbeat_s, **where)
+        self.clients[(group, i)] = client
+        client.start()
+        self._tasks[(group, i)] = asyncio.create_task(self._consume(group, i, client))
+
+    def _on_each(self, make, timeout_s: float = 30.0) -> dict:
+        """{key: result of ``make(client)``'s coroutine, run on that client's loop} (all started at once)."""
+        futures = {key: asyncio.run_coroutine_threadsafe(make(c), self.loops[key]) for key, c in self.clients.items()}
+        return {key: f.result(timeout_s) for key, f in futures.items()}
 
     async def _consume(self, group: str, i: int, client: BookClient) -> None:
         rec = self.recorder
@@ -146,36 +158,41 @@ class ClientGroups:
 
     def seqs(self) -> dict[tuple[str, int], dict[str, int]]:
         """{(group, client): {instrument: seq}} of the books held (cheap: no copies)."""
-        async def take():
-            return {key: {i: lb.seq for i in self.instruments if (lb := c.local_book(i)) is not None}
-                    for key, c in self.clients.items()}
-        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
+        async def take(c):
+            return {i: lb.seq for i in self.instruments if (lb := c.local_book(i)) is not None}
+        return self._on_each(take)
 
     def books(self) -> dict[tuple[str, int], dict[str, tuple[int, Any]]]:
-        """{(group, client): {instrument: (seq, book copy)}} taken on the client thread."""
-        async def take():
+        """{(group, client): {instrument: (seq, book copy)}} taken on each client's thread."""
+        async def take(c):
             out = {}
-            for key, c in self.clients.items():
-                out[key] = {}
-                for inst in self.instruments:
-                    lb = c.local_book(inst)
-                    if lb is not None:
-                        out[key][inst] = (lb.seq, lb.book.copy())
+            for inst in self.instruments:
+                lb = c.local_book(inst)
+                if lb is not None:
+                    out[inst] = (lb.seq, lb.book.copy())
             return out
-        return asyncio.run_coroutine_threadsafe(take(), self.loop).result(30)
+        return self._on_each(take)
 
     def stop(self) -> None:
-        async def close():
-            for c in self.clients.values():
-                await c.close()
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        async def close(key):
+            await self.clients[key].close()
+            task = self._tasks.get(key)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
-            asyncio.run_coroutine_threadsafe(close(), self.loop).result(30)
+            futures = [asyncio.run_coroutine_threadsafe(close(key), loop) for key, loop in self.loops.items()
+                       if key in self.clients]
+            for f in futures:
+                try:
+                    f.result(30)
+                except Exception as exc:  # noqa: BLE001 - close the others
+                    log.warning("closing a drill client: %s", exc)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+            for loop in self.loops.values():
+                loop.call_soon_threadsafe(loop.stop)
+            for thread in self._threads:
+                thread.join(10)
 
 
 class Checker:

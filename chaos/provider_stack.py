@@ -90,8 +90,10 @@ class ProviderDrillStack(DrillStack):
                                     "--http-port", str(port), "--name", f"drill-{role}"], port))
         for role, nats in (("gateway-a", self.nats), ("gateway-c", self.control_nats)):
             port = free_port()
+            # the Coinbase BTC-USD book is ~1.1 MB: on a loaded machine the ingest takes longer than the
+            # default 2 s to answer its snapshot request, and a retried request never arrives in time
             self._spawn(Proc(role, ["gateway", "--nats", nats.url, "--port", str(port), "--workers", "1",
-                                    "--name", role], port))
+                                    "--snapshot-timeout-s", "10", "--name", role], port))
         for role in ("gateway-a", "gateway-c"):
             self.wait_gateway(role, 90)
         self.instruments = self._pick_instruments()
