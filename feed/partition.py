@@ -36,12 +36,18 @@ import secrets
 import shutil
 import signal
 import subprocess
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from feed.errors import FeedError
 
-if TYPE_CHECKING:
-    from feed.natsserver import Supercluster
+
+
+class Supercluster(Protocol):
+    """What a partition needs of ``feed.natsserver.Supercluster`` (typed here: natsserver imports this module)."""
+
+    network: RegionNetwork | None
+
+    def region(self, name: str) -> Any: ...  # a cluster with .name
 
 TABLE_PREFIX = "bcpart_"
 NETNS_PREFIX = "bookcast-"
