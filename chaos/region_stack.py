@@ -87,8 +87,11 @@ class RegionDrillStack:
             self._record()
         standby = [p for p in self.regions.procs if p.ha().get("role") != "leader"]
         try:
-            wait_until(lambda: all(all((p.ha().get("in_step") or {0: False}).values()) for p in standby),
-                       60, what="standby ingest in step")
+            # in step, and past its start-up hold (--lease-acquire-delay-s): a standby still holding back
+            # cannot take over, and a leader killed then would measure the hold, not the failover
+            wait_until(lambda: all(all((h.get("in_step") or {0: False}).values()) and h.get("acquire_hold_s", 0) == 0
+                                   for h in (p.ha() for p in standby)),
+                       60, what="standby ingest in step and armed")
         except TimeoutError as exc:   # the drill's verdict says what a takeover from here does
             log.warning("%s; the drill runs anyway", exc)
         listing = self._region(self.faulted_region).instruments()

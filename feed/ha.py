@@ -192,6 +192,7 @@ class HaController:
         self.name = ingest.config.name
         self.tracker = StepTracker()
         self.lease: LeaseThread | None = None
+        self._acquire_after_s = 0.0  # monotonic s from which this ingest may take the lease (set at start)
         self._leading = False  # the ingest loop's view: set when BecameLeader reaches it
         self.books_kv: dict[str, Any] = {}
         self._kv_down_until: dict[str, float] = {}  # region -> monotonic time its KV books are tried again
@@ -227,9 +228,10 @@ class HaController:
             return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region,
                                      replicas=self.config.lease_replicas)
 
+        self._acquire_after_s = time.monotonic() + self.config.acquire_delay_s
         self.lease = LeaseThread(connect, bind, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
                                  on_event=lambda e: loop.call_soon_threadsafe(self._on_lease_event, e),
-                                 not_before_s=time.monotonic() + self.config.acquire_delay_s)
+                                 not_before_s=self._acquire_after_s)
         for region in self.config.regions:
             try:
                 self.books_kv[region] = await bind_bucket(js, books_bucket(region), region,
@@ -460,4 +462,6 @@ class HaController:
     def status(self) -> dict[str, Any]:
         return {"region": self.config.region, "role": self.role.value, "lease_revision": self.lease.revision
                 if self.lease else None, "publishing": self.publishing(), "takeovers": self._takeovers,
-                "in_step": self.tracker.in_step(), "last_takeover": self.last_takeover}
+                "in_step": self.tracker.in_step(), "last_takeover": self.last_takeover,
+                # s until a designated standby may take the lease at all (--lease-acquire-delay-s); 0 once armed
+                "acquire_hold_s": round(max(0.0, self._acquire_after_s - time.monotonic()), 3)}
