@@ -20,7 +20,10 @@ from chaos.state import STACK_KINDS, StateFile, start_ticks
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-ALL = os.environ.get("BOOKCAST_DRILLS") == "all"
+# BOOKCAST_DRILLS=pass: every shipped drill passes (CI sets it: ~10 min); =all: and each fails without failover
+DRILLS_MODE = os.environ.get("BOOKCAST_DRILLS", "")
+ALL = DRILLS_MODE == "all"
+PASSES = DRILLS_MODE in ("all", "pass")
 ROOT = os.geteuid() == 0
 # the e2e p99 bound of the steady state, times this: the suite runs on a shared 2-core machine whose load
 # (15-19 seen) puts seconds on every hop, so here the steady state holds freshness (every book moving) and the
@@ -152,7 +155,7 @@ def _skip_unless_runnable(name: str) -> dict:
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not ALL, reason="every shipped drill takes ~1 min here: set BOOKCAST_DRILLS=all")
+@pytest.mark.skipif(not PASSES, reason="every shipped drill takes ~30 s here: set BOOKCAST_DRILLS=pass (or all)")
 @pytest.mark.parametrize("name", DRILLS)
 def test_every_shipped_drill_passes(name, tmp_path):
     _skip_unless_runnable(name)
