@@ -49,13 +49,12 @@ def get(url: str, tok: str | None = None) -> tuple[int, bytes]:
 
 
 class Secured:
-    """nats-server, a looping replay and a gateway with an ops port and short hygiene timeouts; with
-    ``locked`` (the default) NATS has users (ingest and gateway log in) and the gateway checks tokens."""
+    """nats-server, a looping replay and a gateway with an ops port and short hygiene timeouts; NATS has
+    users (ingest and gateway log in) and the gateway checks tokens."""
 
-    def __init__(self, tmp: Path, *, locked: bool = True) -> None:
+    def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.locked = locked
-        self.users = {r: NatsUser.generate(r) for r in NatsRole} if locked else {}
+        self.users = {r: NatsUser.generate(r) for r in NatsRole}
         self.nats = NatsServer(name="secured-nats", users=list(self.users.values()), workdir=str(tmp))
         self.port, self.ops_port, self.ingest_port = free_port(), free_port(), free_port()
         self.procs = []
@@ -82,15 +81,13 @@ class Secured:
                 if attempt == 2:
                     raise
                 self.nats = NatsServer(name="secured-nats", users=list(self.users.values()), workdir=str(self.tmp))
-        gateway_login = ingest_login = auth = []
-        if self.locked:
-            secret = self.tmp / "hs.secret"
-            secret.write_bytes(SECRET)
-            gateway_login = ["--nats-user", "gateway", "--nats-password-file",
-                             str(write_password_file(self.tmp, self.users[NatsRole.GATEWAY]))]
-            ingest_login = ["--nats-user", "ingest", "--nats-password-file",
-                            str(write_password_file(self.tmp, self.users[NatsRole.INGEST]))]
-            auth = ["--auth-hs256-secret-file", f"k1={secret}", "--max-connections-per-token", "2500"]
+        secret = self.tmp / "hs.secret"
+        secret.write_bytes(SECRET)
+        gateway_login = ["--nats-user", "gateway", "--nats-password-file",
+                         str(write_password_file(self.tmp, self.users[NatsRole.GATEWAY]))]
+        ingest_login = ["--nats-user", "ingest", "--nats-password-file",
+                        str(write_password_file(self.tmp, self.users[NatsRole.INGEST]))]
+        auth = ["--auth-hs256-secret-file", f"k1={secret}", "--max-connections-per-token", "2500"]
         # the total cap sits 300 above the 2,000 idle WebSockets of the attack test, so a few hundred silent
         # sockets reach it (fd exhaustion in small)
         self.gateway = spawn_cli([
@@ -108,7 +105,7 @@ class Secured:
                                 self.tmp / "ingest.log")
         self.procs.append(self.ingest)
         wait_until(lambda: get(self.base + "/readyz")[0] == 200, 60, what="gateway /readyz", proc=self.gateway)
-        tok = token() if self.locked else None
+        tok = token()
         wait_until(lambda: len(self.instruments(tok)) >= 10, 60, what="10 instruments listed", proc=self.ingest)
         return self
 
