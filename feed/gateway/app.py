@@ -145,6 +145,7 @@ class GatewayMetrics:
 TICK_SLICE = 256  # connections per slice of a timer pass (``Gateway.tick_pass``)
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
+SNAPSHOT_RESEND_S = 0.25  # --region: a snapshot request unanswered this long is sent again (same inbox)
 WRITE_STAMP_TYPE = "write_stamp"
 INSTRUMENT_METADATA = ("min_order_size", "market", "question", "outcome")
 
@@ -365,6 +366,8 @@ class Gateway:
         self._nats_subs: dict[str, list[Any]] = {}  # instrument -> [delta sub, trade sub?]
         self._delta_subs: dict[str, Any] = {}
         self._snapshot_tasks: dict[str, asyncio.Task] = {}
+        self._snapshot_answered_s = float("-inf")  # loop time of the last snapshot answer (``_ask_ingest``)
+        self._snapshot_answered_sent_s = float("-inf")  # and the latest send time among the answered requests
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._hops: dict[str, Any] = {}
         self._held: dict[str, deque[tuple[float, bytes, str | None]]] = {}  # the slow-gateway hook's deltas
@@ -555,13 +558,136 @@ class Gateway:
 
     async def _kv_snapshot(self, instrument: str) -> bytes | None:
         """The snapshot the leading ingest last wrote to this region's KV books (every snapshot interval, by
-        ``feed.ha``): served when the region with the leading ingest is gone (PROTOCOL-wise a plain snapshot;
-        the deltas after it come from the ingest that takes over, or a resync)."""
+        ``feed.ha``), unjudged; ``_upstream_snapshot`` decides whether it may be served."""
         from feed.ha import kv_key
 
-        data = await self._kv_get(kv_key("snap", instrument))
-        if data is not None:
-            log.info("snapshot of %s from region %s's KV books (no ingest answering)", instrument, self.config.region)
+        return await self._kv_get(kv_key("snap", instrument))
+
+    def _judge_kv(self, instrument: str, machine: InstrumentMachine | None, data: bytes | None) -> im.Fallback:
+        """``InstrumentMachine.judge_fallback`` of a KV book (``STALE`` when there is none or it does not
+        decode), against the epoch the directory announces."""
+        if data is None:
+            return im.Fallback.STALE
+        try:
+            head = wire.loads(data)
+            epoch, seq = head["epoch"], head["seq"]
+            if not isinstance(epoch, str) or not isinstance(seq, int):
+                raise TypeError("epoch/seq")
+        except (ValueError, KeyError, TypeError):
+            return im.Fallback.STALE  # a broken entry: never served
+        announced = self.directory.get(instrument, {}).get("epoch") or None
+        if machine is None:
+            machine = InstrumentMachine(instrument, 1)  # nothing held: only the announced epoch judges
+        return machine.judge_fallback(epoch, seq, announced if isinstance(announced, str) else None)
+
+    async def _ask_ingest(self, instrument: str, deadline_s: float) -> bytes:
+        """The leading ingest's snapshot of ``instrument`` (request/reply), waiting until ``deadline_s``
+        (event-loop time). Raises ``TimeoutError`` (nothing answered) or a ``nats`` error.
+
+        With ``--region`` the request is sent again to the same inbox while it stays unanswered, and any
+        answer wins: a standby ingest subscribes to the snapshot subjects but stays silent (``feed.ingest``:
+        the leader answers), so NATS never says "no responders", and a request that reached only the standby,
+        or the leader of a region that then died, would otherwise wait out the whole timeout; a later send
+        reaches the ingest that took over. A send is repeated after ``SNAPSHOT_RESEND_S`` when no snapshot
+        answer reached this gateway for that long, or when a request sent after it was answered already (one
+        ingest answers in order: this one was lost). While older requests are still being answered, it is
+        not: a leader that is alive but slow (thousands of instruments resyncing at once) is not asked again
+        for the same books."""
+        loop = asyncio.get_running_loop()
+        subject = snapshot_subject(instrument)
+        if not self.config.region:
+            return (await self.nc.request(subject, b"", timeout=max(deadline_s - loop.time(), 0.001))).data
+        answer: asyncio.Future = loop.create_future()
+        sent_s = float("-inf")
+
+        async def on_reply(msg) -> None:
+            if (msg.headers or {}).get("Status"):
+                return  # 503 "no responders" to one of the sends: nobody subscribed then; a later send asks again
+            self._snapshot_answered_s = loop.time()
+            self._snapshot_answered_sent_s = max(self._snapshot_answered_sent_s, sent_s)
+            if not answer.done():
+                answer.set_result(msg.data)
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            while True:
+                now_s = loop.time()
+                if sent_s == float("-inf") or (now_s - sent_s >= SNAPSHOT_RESEND_S and (
+                        self._snapshot_answered_sent_s > sent_s or now_s - self._snapshot_answered_s >= SNAPSHOT_RESEND_S)):
+                    sent_s = now_s
+                    await self.nc.publish(subject, b"", reply=inbox)
+                remaining_s = deadline_s - now_s
+                if remaining_s <= 0:
+                    raise TimeoutError(f"no ingest answered within {self.snapshot_timeout_s:g} s")
+                done, _ = await asyncio.wait([answer], timeout=min(SNAPSHOT_RESEND_S, remaining_s))
+                if done:
+                    return answer.result()
+        finally:
+            await _unsubscribe(sub)
+
+    async def _upstream_snapshot(self, instrument: str,
+                                 machine: InstrumentMachine | None) -> tuple[bytes | None, str]:
+        """A snapshot of ``instrument`` from upstream for a machine that is not serving (or REST without one):
+        ``(payload, "")``, or ``(None, why)``.
+
+        Without ``--region``: the ingest's answer within ``snapshot_timeout_s``. With it, the ingest is asked
+        (``_ask_ingest``) while this region's KV book is read at the same time; the ingest's answer wins when
+        it comes. The KV book is served instead only when the machine judges it (``judge_fallback``)
+        ``CURRENT`` (the held live deltas chain onto it: served at once), or ``PLAUSIBLE`` once no ingest of
+        the venue has been heard for 2 s (``_leader_heard``: the region with the leader is gone), checked
+        every ``SNAPSHOT_RESEND_S`` and at the deadline (with the KV book read again). A ``STALE`` KV book (another
+        epoch, say the old one after a lossy takeover, or behind the live deltas) is never served: the machine
+        retries with backoff until an ingest answers."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + self.snapshot_timeout_s
+        if not self.config.region:
+            try:
+                return await self._ask_ingest(instrument, deadline_s), ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: the machine retries with backoff
+                return None, str(exc) or type(exc).__name__
+        ask = loop.create_task(self._ask_ingest(instrument, deadline_s))
+        kv_read = loop.create_task(self._kv_snapshot(instrument))
+        kv: bytes | None = None
+        failure = "no ingest answered and no KV book"
+
+        def servable(data: bytes | None) -> bool:
+            verdict = self._judge_kv(instrument, machine, data)
+            return verdict is im.Fallback.CURRENT or (verdict is im.Fallback.PLAUSIBLE
+                                                     and not self._leader_heard(instrument))
+
+        try:
+            while not ask.done():
+                await asyncio.wait([ask, kv_read] if not kv_read.done() else [ask], timeout=SNAPSHOT_RESEND_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if ask.done():
+                    break
+                if kv_read.done() and kv is None:
+                    kv = kv_read.result()
+                if kv is not None and servable(kv):
+                    return self._served_from_kv(instrument, kv), ""
+            try:
+                return ask.result(), ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - no ingest answered: the KV book, if it may be served
+                failure = str(exc) or type(exc).__name__
+            kv = await self._kv_snapshot(instrument)  # again: a new leader may have rewritten it meanwhile
+            if kv is not None and servable(kv):
+                return self._served_from_kv(instrument, kv), ""
+            if kv is not None:
+                failure += (f"; region {self.config.region}'s KV book is {self._judge_kv(instrument, machine, kv).value}"
+                            " against the live stream: not served")
+            return None, failure
+        finally:
+            for task in (ask, kv_read):
+                if not task.done():
+                    task.cancel()
+
+    def _served_from_kv(self, instrument: str, data: bytes) -> bytes:
+        log.info("snapshot of %s from region %s's KV books (no ingest answering)", instrument, self.config.region)
         return data
 
     async def _seed_directory_from_kv(self) -> None:
@@ -853,16 +979,7 @@ class Gateway:
         inst = machine.instrument
         if delay_s:
             await asyncio.sleep(delay_s)
-        data = await self._kv_snapshot(inst) if not self._leader_heard(inst) else None
-        failure = "no ingest answered and no KV book"
-        try:
-            if data is None:
-                data = (await self.nc.request(snapshot_subject(inst), b"", timeout=self.snapshot_timeout_s)).data
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure: the machine retries with backoff
-            failure = str(exc) or type(exc).__name__
-            data = await self._kv_snapshot(inst)  # no ingest answered: the book kept in this region's KV
+        data, failure = await self._upstream_snapshot(inst, machine)
         if data is None:
             if self.machines.get(inst) is not machine:
                 return
@@ -1084,15 +1201,9 @@ class Gateway:
         if machine is not None and machine.serving:
             body = machine.snapshot_bytes()
         elif self.known(instrument):
-            body = await self._kv_snapshot(instrument) if not self._leader_heard(instrument) else None
-            try:
-                if body is None:
-                    body = (await self.nc.request(snapshot_subject(instrument), b"", timeout=self.snapshot_timeout_s)).data
-            except Exception as exc:  # noqa: BLE001 - upstream unavailable
-                body = await self._kv_snapshot(instrument)
-                if body is None:
-                    return _json_error(503, ErrorCode.INTERNAL,
-                                       f"snapshot of {shown(instrument)} unavailable: {type(exc).__name__}")
+            body, failure = await self._upstream_snapshot(instrument, machine)
+            if body is None:
+                return _json_error(503, ErrorCode.INTERNAL, f"snapshot of {shown(instrument)} unavailable: {failure}")
         else:
             return _json_error(404, ErrorCode.UNKNOWN_INSTRUMENT, f"no instrument {shown(instrument)}")
         if depth is not None:

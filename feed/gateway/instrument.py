@@ -108,6 +108,17 @@ SERVING = frozenset({State.LIVE, State.SUSPECT})
 """States in which the book is current and may be served (snapshots, resume)."""
 
 
+class Fallback(enum.Enum):
+    """How a book from a fallback source (a region's KV books, which the leading ingest rewrites every second,
+    ``feed.ha``) compares with what the machine knows of the live stream (``InstrumentMachine.judge_fallback``)."""
+
+    CURRENT = "current"      # the held live deltas chain onto it: as good as the ingest's own answer
+    PLAUSIBLE = "plausible"  # no live delta held to compare: the last book the leader kept (served only
+                             # when no ingest is heard at all)
+    STALE = "stale"          # older than the live stream: another epoch, behind the machine's own book, or
+                             # a seq the held deltas do not chain from (never served)
+
+
 class BreakCause(enum.StrEnum):
     """Why the machine stopped trusting its book (the adapter logs it and counts it)."""
 
@@ -353,6 +364,36 @@ class InstrumentMachine:
                 return out
         out.append(ReleaseParked())
         return out
+
+    def judge_fallback(self, epoch: str, seq: int, announced_epoch: str | None = None) -> Fallback:
+        """Whether a fallback book at ``(epoch, seq)`` may be loaded instead of the ingest's answer, judged
+        against the live deltas buffered while awaiting a snapshot, the machine's own book and the epoch the
+        ingest's directory announces (``announced_epoch``; None: unknown).
+
+        ``STALE`` when the book is of another epoch than the newest buffered delta or than the announced
+        epoch (after a lossy takeover the KV books keep the old epoch until the new leader rewrites them),
+        when it is behind the machine's own book of the same epoch, when the machine's book is of another
+        epoch and no live delta says which is newer, or when replaying the buffer onto it would meet a gap.
+        ``CURRENT`` when the replay reaches the newest buffered delta; ``PLAUSIBLE`` when nothing is buffered.
+        Pure: nothing changes."""
+        if announced_epoch and epoch != announced_epoch:
+            return Fallback.STALE
+        book = self.book
+        if book.epoch and ((epoch == book.epoch and seq < book.seq) or (epoch != book.epoch and not self.buffer)):
+            return Fallback.STALE
+        if not self.buffer:
+            return Fallback.PLAUSIBLE
+        newest = self.buffer[-1][0]
+        if newest.epoch != epoch:
+            return Fallback.STALE
+        at = seq
+        for delta, _, _ in self.buffer:  # the replay ``on_snapshot_reply`` would make
+            if delta.epoch != epoch or delta.seq <= at:
+                continue
+            if delta.prev_seq != at:
+                return Fallback.STALE
+            at = delta.seq
+        return Fallback.CURRENT
 
     def on_snapshot_failed(self, now_ns: int) -> list[Action]:
         """The snapshot request timed out or failed: ask again after a backoff (doubling, capped)."""
