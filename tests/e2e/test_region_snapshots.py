@@ -1,8 +1,9 @@
 """A region's gateway (``--region``) whose snapshot requests no ingest answers (issue 9): the leader's region died
 and the standby ingest, subscribed to the snapshot subjects, stays silent (it is not the leader), so NATS never
 says "no responders". The region's KV books are served as soon as the live deltas the gateway holds chain onto
-them, not after ``--snapshot-timeout-s``; and a KV book older than the live stream (the old epoch after a lossy
-takeover) is never served, however long nobody answers.
+them, not after ``--snapshot-timeout-s``; a leader that starts answering after the request went out (the standby
+that took over) is heard from a repeated send, not after the timeout; and a KV book older than the live stream
+(the old epoch after a lossy takeover) is never served, however long nobody answers.
 
 Real nats-server with JetStream (the region's ``md_books_<region>`` bucket), real gateway process, real WebSocket
 client; a scripted leader publishes deltas, writes its KV book and answers (or stops answering) snapshot requests.
@@ -79,8 +80,20 @@ class ScriptedLeader:
         await kv.put(kv_key("snap", self.instrument), self.snapshot_bytes())
 
 
-async def _silent(msg) -> None:
-    """The standby ingest's snapshot handler as far as a gateway sees it: it is not the leader, it says nothing."""
+class SilentStandby:
+    """The standby ingest's snapshot subscription as a gateway sees it: it is not the leader, so it says nothing
+    (``feed.ingest``); it counts the requests it swallowed."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def start(self, nc) -> SilentStandby:
+        async def swallow(msg) -> None:
+            self.requests += 1
+
+        await nc.subscribe(f"{PREFIX}.snap.*.*", cb=swallow)
+        await nc.flush()
+        return self
 
 
 async def _books_kv(js):
@@ -137,13 +150,13 @@ def _fetch_failures(stack) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def test_kv_book_the_live_deltas_chain_onto_is_served_without_waiting_out_the_snapshot_timeout(
+async def test_kv_book_the_live_deltas_chain_onto_and_a_late_leaders_answer_are_served_without_waiting_out_the_timeout(
         region_gateway):
     stack = region_gateway(600)  # a request waited out would never end within the test
     nc = await nats.connect(stack.nats.url)
     try:
         kv = await _books_kv(nc.jetstream())
-        await nc.subscribe(f"{PREFIX}.snap.*.*", cb=_silent)  # the standby: subscribed, silent
+        standby = await SilentStandby().start(nc)
         leader = ScriptedLeader(nc, "test:KV-CURRENT", "E1", "1")
         await leader.answer()
         await leader.announce()
@@ -168,6 +181,21 @@ async def test_kv_book_the_live_deltas_chain_onto_is_served_without_waiting_out_
             await leader.delta("11")
             d = await _frame(ws)
             assert (d["type"], d["seq"]) == ("delta", 6)
+            # a lossy takeover: the new leader answers only once it leads, so the gateway's first request reached
+            # nobody but the silent standby (and the KV book is the old epoch's): a later send gets the answer
+            new = ScriptedLeader(nc, leader.instrument, "E2", "3")
+            swallowed = standby.requests
+            await new.delta("4")
+            notice = await _frame(ws)
+            assert (notice["type"], notice["reason"]) == ("resync", "epoch_change"), notice
+            deadline = time.monotonic() + 30
+            while standby.requests == swallowed:
+                assert time.monotonic() < deadline, "the gateway sent no snapshot request"
+                await asyncio.sleep(0.02)
+            await new.answer()
+            snap = await _frame(ws)  # long before the 600 s timeout of the request first sent
+            assert (snap["type"], snap["epoch"], snap["seq"]) == ("snapshot", "E2", 1), snap
+            assert snap["checksum"] == new.book.checksum()
         assert "from region a's KV books" in stack.log("gateway")
     finally:
         await nc.close()
@@ -178,7 +206,7 @@ async def test_kv_book_of_the_old_epoch_is_never_served_after_a_lossy_takeover(r
     nc = await nats.connect(stack.nats.url)
     try:
         kv = await _books_kv(nc.jetstream())
-        await nc.subscribe(f"{PREFIX}.snap.*.*", cb=_silent)  # the standby, silent until it leads
+        await SilentStandby().start(nc)
         old = ScriptedLeader(nc, "test:KV-EPOCH", "E1", "1")
         await old.answer()
         await old.announce()
