@@ -48,6 +48,10 @@ publish order, so those are from an older history); it may find another gap: the
 straight back to RECOVERING. A directory announcement is only trusted when no delta of the instrument is still waiting to
 be handled (``backlog``, from the adapter): an overloaded gateway lagging behind its own queue has lost
 nothing.
+
+``judge_fallback`` (a query, no transition) tells the adapter whether a book from a fallback source (a region's
+KV books, issue 9) may stand in for the ingest's answer: only when the held live deltas chain onto it, or
+nothing is held to compare; never another epoch than the live stream's.
 """
 from __future__ import annotations
 
