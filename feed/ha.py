@@ -220,9 +220,13 @@ class HaController:
         loop = asyncio.get_running_loop()
         cfg = self.ingest.config
 
+        async def on_lame_duck() -> None:  # on the lease thread
+            await self._on_lame_duck()
+
         async def connect():
             return await natsauth.connect(cfg.nats_url, cfg.nats_credentials, name=f"{self.name}-lease",
-                                          max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+                                          max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                          lame_duck_mode_cb=on_lame_duck)
 
         async def bind(lease_nc):
             return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region,
@@ -243,6 +247,28 @@ class HaController:
         self._tasks += [loop.create_task(self._ticker()), loop.create_task(self._kv_writer())]
         log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s (lease on its own thread and connection)",
                  self.config.region, LEASE_BUCKET, self.config.lease_region, self.config.lease_ttl_s)
+
+    async def _on_lame_duck(self) -> None:
+        """The lease connection's NATS server entered lame-duck mode (INFO ``ldm``: it accepts no client, and
+        after its grace period closes every one and exits). With no other server of this region to reconnect
+        to, a leader hands the lease over at once (released, not taken again for one TTL) so another region's
+        standby, in step, takes over losslessly instead of after the drain and a whole TTL. With another
+        server known, the connections move there and the lease stays. Runs on the lease thread."""
+        thread = self.lease
+        kv_lease = thread.lease if thread is not None else None
+        nc = thread.nc if thread is not None else None
+        if kv_lease is None or nc is None or len(self.config.regions) < 2:
+            return
+        current = nc.connected_url.netloc if nc.connected_url is not None else None
+        others = sorted({u.netloc for u in nc.servers} - {current})
+        if others:
+            log.info("NATS server %s is in lame-duck mode: the lease stays (reconnecting to one of %s)",
+                     current, ", ".join(others))
+            return
+        if kv_lease.role is Role.LEADER:
+            log.warning("NATS server %s is in lame-duck mode and this region has no other: publishing lease "
+                        "handed over (not taken again for %.2f s)", current, self.config.lease_ttl_s)
+            await kv_lease.hand_over(self.config.lease_ttl_s)
 
     async def wait_start(self) -> None:
         """Wait for ``replay_start_at_ns`` (wall clock), if set."""

@@ -310,6 +310,16 @@ class KvLease(_LeaseView):
             await self.step()
             await asyncio.sleep(self.poll_s)
 
+    async def hand_over(self, hold_s: float) -> bool:
+        """Give the lease up now and take it again no sooner than ``hold_s`` from now (so a standby elsewhere
+        wins the race for the released entry): our NATS server is going away (lame-duck mode). True when we
+        led."""
+        if self.machine.role is not Role.LEADER:
+            return False
+        self.not_before_s = max(self.not_before_s, self.now_s() + hold_s)
+        await self.release()
+        return True
+
     async def release(self) -> None:
         """Give the lease up (clean shutdown): delete the entry so a standby takes over without waiting."""
         was_leader = self.machine.role is Role.LEADER
@@ -398,6 +408,11 @@ class LeaseThread(_LeaseView):
             except Exception as exc:  # noqa: BLE001 - closing a dead connection
                 log.debug("lease connection close: %s", exc)
             raise
+
+    @property
+    def nc(self) -> Any:
+        """The lease thread's NATS connection (None before ``start``); use it on the lease thread only."""
+        return self._nc
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Release the lease (when held), close the connection, end the thread. Safe to call twice."""
