@@ -664,8 +664,8 @@ class Gateway:
                                    return_when=asyncio.FIRST_COMPLETED)
                 if ask.done():
                     break
-                if kv_read.done() and kv is None:
-                    kv = kv_read.result()
+                if kv_read.done() and kv is None and not kv_read.cancelled() and kv_read.exception() is None:
+                    kv = kv_read.result()  # (``_kv_get`` answers None on any failure; this only guards it)
                 if kv is not None and servable(kv):
                     return self._served_from_kv(instrument, kv), ""
             try:
