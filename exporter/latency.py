@@ -113,11 +113,15 @@ class SlidingWindow:
 
 
 _VALUE_TABLES: dict[tuple[int, int, int], np.ndarray] = {}
+_DTYPES: dict[type, np.dtype] = {}
 
 
 def _counts(hist: HdrHistogram) -> np.ndarray:
     """The histogram's bucket counts as a numpy view (no copy) of its ``counts`` array."""
-    return np.frombuffer(hist.counts, dtype=np.dtype(hist.counts._type_), count=hist.counts_len)
+    dtype = _DTYPES.get(hist.counts._type_)
+    if dtype is None:
+        dtype = _DTYPES[hist.counts._type_] = np.dtype(hist.counts._type_)
+    return np.frombuffer(hist.counts, dtype=dtype, count=hist.counts_len)
 
 
 def _value_table(hist: HdrHistogram) -> np.ndarray:
@@ -139,13 +143,10 @@ def _summary(shape: HdrHistogram, counts: np.ndarray, quantiles: Sequence[float]
     total = int(cumulative[-1])
     if not total:
         return 0, {q: 0 for q in quantiles}, 0
-    table = _value_table(shape)
-    values = {}
-    for q in quantiles:
-        # the library's rank: max(int(percentile * total / 100 + 0.5), 1), the first bucket reaching it
-        target = max(int(min(q * 100, 100.0) * total / 100 + 0.5), 1)
-        values[q] = int(table[int(np.searchsorted(cumulative, target, side="left"))])
-    return total, values, max_ns
+    # the library's rank: max(int(percentile * total / 100 + 0.5), 1), and the first bucket reaching it
+    targets = np.array([max(int(min(q * 100, 100.0) * total / 100 + 0.5), 1) for q in quantiles], dtype=cumulative.dtype)
+    found = _value_table(shape)[np.searchsorted(cumulative, targets, side="left")]
+    return total, dict(zip(quantiles, found.tolist())), max_ns
 
 
 def summarize(hist: HdrHistogram, quantiles: Iterable[float] = QUANTILES) -> tuple[int, dict[float, int], int]:

@@ -120,3 +120,15 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration_s(text)
+
+
+def test_window_bench_compares_both_readings_and_writes_figures(tmp_path):
+    from exporter import windowbench
+
+    out = tmp_path / "windows.json"
+    assert windowbench.main(["--regions", "1", "--values", "200", "--repeat", "1", "--out", str(out)]) == 0
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["identical"] is True and figures["windows"] == len(Hop) * 2
+    assert figures["library_ms_per_update"] > 0 and figures["vectorised_ms_per_update"] > 0
