@@ -38,6 +38,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from prometheus_client.metrics_core import Metric
 
 from feed.catalog import CATALOG
 from exporter.clickhouse import BOOK_EVENTS, HOST_SAMPLES, LATENCY_SAMPLES, ClickHouseError, ClickHouseWriter, open_backend
-from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, skewed, summarize
+from exporter.latency import QUANTILES, SlidingWindow, StaleTracker, skewed
 from feed.hops import WRITE_STAMP, Hop, hops_ns
 from feed.runstate import DEFAULT_RETENTION_S, default_store
 from feed.otlp import TRACEPARENT, Otlp, endpoint_from
@@ -69,6 +70,7 @@ EXAMPLES = """examples:
   bookcast probe --no-clickhouse --duration-s 60                   # Prometheus only, for one minute"""
 
 # (label, length in s, slices): the window moves in steps of one slice.
+PROBE_SWITCH_INTERVAL_S = 0.0005
 WINDOWS: tuple[tuple[str, float, int], ...] = (("1m", 60.0, 6), ("10m", 600.0, 10))
 
 
@@ -252,8 +254,7 @@ class RegionProbe:
         """Refresh the window quantiles, the stale count and the counters kept by the SDK."""
         for state in self.hops.values():
             for w in state.windows:
-                merged = w.window.merged(now_s)
-                w.count, values, max_ns = summarize(merged)
+                w.count, values, max_ns = w.window.summary(now_s)
                 w.sum_s = w.window.sum_ns(now_s) / 1e9
                 w.quantiles_s = {q: v / 1e9 for q, v in values.items()}
                 w.max.set(max_ns / 1e9)
@@ -565,6 +566,11 @@ def main(args: argparse.Namespace) -> int:
                          run_id=args.run_id, retention_s=retention_s, ebpf_url=args.ebpf_url,
                          reader_delay_s=args.test_reader_delay_ms / 1000, no_ticks=args.no_ticks,
                          failover=args.failover)
+    # Reports (``/v1/latency/report``) are built in a worker thread holding the GIL for ~100 ms of numpy and
+    # Python; at the default 5 ms switch interval the reading loop waits up to that long at each syscall it
+    # makes while one runs (the GIL convoy, bpo-7946) and its frames queue in the socket, measured as network
+    # latency. A shorter interval hands the loop the GIL sooner: the instrument keeps reading while asked.
+    sys.setswitchinterval(PROBE_SWITCH_INTERVAL_S)
     try:
         return asyncio.run(_serve(config, args.http_host, args.http_port, args.duration_s))
     except KeyboardInterrupt:

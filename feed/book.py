@@ -53,13 +53,10 @@ class L2Book:
         self, bids: Iterable[tuple[Decimal, Decimal]], asks: Iterable[tuple[Decimal, Decimal]]
     ) -> None:
         """Replace the whole book. Levels of size 0 are skipped; a repeated price keeps the last size."""
-        self.clear()
-        for price, size in bids:
-            if size:
-                self._bids[price.copy_negate()] = (size, canonical(price), canonical(size))
-        for price, size in asks:
-            if size:
-                self._asks[price] = (size, canonical(price), canonical(size))
+        # built whole (one sort) rather than level by level: a deep book's snapshot is 10^4 levels
+        self._bids = SortedDict([(price.copy_negate(), (size, canonical(price), canonical(size)))
+                                 for price, size in bids if size])
+        self._asks = SortedDict([(price, (size, canonical(price), canonical(size))) for price, size in asks if size])
 
     def set_level(self, side: Side, price: Decimal, size: Decimal) -> bool:
         """Set one level's absolute size (0 removes it). Returns True if the book changed.

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.latency import HDR_HIGHEST_NS, PATH_HOPS, Hop, SlidingWindow, StaleTracker, hops_ns, summarize
 from exporter.report import parse_duration_s
@@ -55,6 +57,25 @@ def test_window_quantiles_are_exact_to_three_digits():
     assert max_ns == pytest.approx(10_000_000, rel=1e-3)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-10, 4 * 10**12), st.floats(0.0, 80.0)), min_size=0, max_size=300),
+       st.floats(0.0, 90.0))
+def test_window_summary_is_the_librarys_percentiles_of_the_merged_window(values, now_s):
+    """The vectorised summary gives exactly what the library's own walk over the merged histogram gives."""
+    w = SlidingWindow(60.0, slices=6)
+    for value_ns, at_s in sorted(values, key=lambda v: v[1]):
+        w.record(value_ns, at_s)
+    merged = w.merged(now_s)
+    count, q, max_ns = w.summary(now_s)
+    assert (count, max_ns) == (merged.get_total_count(), merged.get_max_value())
+    assert summarize(merged) == (count, q, max_ns)
+    if count:
+        assert q == {k: v for k, v in zip(q, map(merged.get_percentile_to_value_dict([k * 100 for k in q]).get,
+                                                   [k * 100 for k in q]))}
+    else:
+        assert set(q.values()) == {0}
+
+
 def test_window_forgets_slices_older_than_its_length():
     w = SlidingWindow(60.0, slices=6)  # 10 s slices
     w.record(500 * MS, now_s=5.0)  # a stall, early
@@ -99,3 +120,15 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration_s(text)
+
+
+def test_window_bench_compares_both_readings_and_writes_figures(tmp_path):
+    from exporter import windowbench
+
+    out = tmp_path / "windows.json"
+    assert windowbench.main(["--regions", "1", "--values", "200", "--repeat", "1", "--out", str(out)]) == 0
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["identical"] is True and figures["windows"] == len(Hop) * 2
+    assert figures["library_ms_per_update"] > 0 and figures["vectorised_ms_per_update"] > 0

@@ -38,6 +38,16 @@ def test_canonical_is_exact_and_idempotent(value):
         assert not text.endswith("0") and not text.endswith(".")
 
 
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=None)
+       | st.builds(lambda i, e: D(i).scaleb(e), st.integers(-10**30, 10**30), st.integers(-40, 40)))
+def test_canonical_fast_path_equals_the_normalized_form(value):
+    """The str() fast path gives exactly the normalize-and-format form, for any sign and exponent."""
+    from decimal import Context
+
+    expected = "0" if not value else format(value.normalize(Context(prec=max(len(value.as_tuple().digits), 1))), "f")
+    assert canonical(value) == expected
+
+
 def _book(bids, asks) -> L2Book:
     b = L2Book("t:x")
     b.apply_snapshot([(D(p), D(s)) for p, s in bids], [(D(p), D(s)) for p, s in asks])
