@@ -216,14 +216,18 @@ class Counters:
     upstream_cpu_s: float
     publisher_cpu_s: float
     loadgen_cpu_s: float
+    idle_loadgen_cpu_s: float
     machine_busy: int
     machine_total: int
     at_s: float
 
     @classmethod
-    def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int]) -> Counters:
+    def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
+             idlers: list[int] = ()) -> Counters:
+        """``loadgen``: every client process, ``idlers`` (a subset): those holding the idle connections."""
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
-                   procstat.cpu_s(loadgen), *procstat.machine_ticks(), time.monotonic())
+                   procstat.cpu_s(loadgen), procstat.cpu_s(list(idlers)) if idlers else 0.0,
+                   *procstat.machine_ticks(), time.monotonic())
 
 
 async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
@@ -314,7 +318,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         _say(f"{label} {connected}/{clients} clients ready; RSS +{(rss_idle - rss_base) / max(idle_connected, 1) / 1024:.1f}"
              f" KiB per idle connection; publishing {rate_per_s:g} msg/s for {config.duration_s:g} s")
 
-        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)])
+        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)], [c.pid for c in idlers])
         load_before = os.getloadavg()[0]
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
@@ -413,6 +417,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     upstream_cpu_s = after.upstream_cpu_s - before.upstream_cpu_s
     publisher_cpu_s = after.publisher_cpu_s - before.publisher_cpu_s
     loadgen_cpu_s = after.loadgen_cpu_s - before.loadgen_cpu_s
+    idle_loadgen_cpu_s = after.idle_loadgen_cpu_s - before.idle_loadgen_cpu_s
     measured_s = max(after.at_s - before.at_s, 1e-9)
     cpus = os.cpu_count() or 1
     busy_pct = 100 * busy / ticks if ticks else None
@@ -444,6 +449,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
         "publisher_cpu_s": publisher_cpu_s,
         "loadgen_cpu_s": loadgen_cpu_s,
+        "idle_loadgen_cpu_s": idle_loadgen_cpu_s if idle else None,  # of loadgen_cpu_s: the idle connections' processes
         "harness_cpu_s": loadgen_cpu_s + publisher_cpu_s,
         "harness_cores": (loadgen_cpu_s + publisher_cpu_s) / measured_s,
         "server_cores": server_cpu_s / measured_s,
