@@ -463,6 +463,8 @@ class Client:
 
 async def main_async(args: argparse.Namespace) -> int:
     raise_nofile_limit()
+    if args.nice:
+        os.nice(args.nice)
     instruments = [] if args.idle else [name for name in args.instruments.split(",") if name]
     tally = Tally(instruments)
     clients = [Client(tally, args.target == "nats", args.idle) for _ in range(args.clients)]
@@ -503,6 +505,9 @@ def main() -> int:
     p.add_argument("--instruments", default="", help="comma-separated instrument ids; every client takes all")
     p.add_argument("--idle", action="store_true", help="connect but subscribe to nothing (idle connections)")
     p.add_argument("--connect-concurrency", type=int, default=50, help="connections being opened at once")
+    p.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (idle-connection processes: the healthy clients, "
+                        "which measure, get the CPU first)")
     p.add_argument("--connect-timeout-s", type=float, default=120.0,
                    help="until every client of this process is ready; later ones count as failed")
     return uvloop.run(main_async(p.parse_args()))
