@@ -143,7 +143,7 @@ class GatewayMetrics:
         tally.clear()
 
 
-TICK_SLICE = 256  # connections per slice of a timer pass (``Gateway.tick_due``)
+TICK_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
 HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.05 intervals after the last frame
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
@@ -479,10 +479,15 @@ class Gateway:
         and each session's tally folded into the counters. (Sampled, not set at scrape, so every worker's
         value is current whichever worker is scraped.)"""
         while True:
-            conns = list(self.connections)
             self.metrics.fold(self.tally)  # every session's (they share it: one fold, not one per connection)
-            self.metrics.queue_bytes.set(sum(c.session.queue.queued_bytes for c in conns))
-            self.metrics.queue_items.set(sum(len(c.session.queue) for c in conns))
+            queued_bytes = queued_items = 0
+            for conn in self.connections:  # one pass; most queues are empty (4% of a worker with 5,000 idle in py-spy)
+                queue = conn.session.queue
+                if queue.items:
+                    queued_bytes += queue.queued_bytes
+                    queued_items += len(queue.items)
+            self.metrics.queue_bytes.set(queued_bytes)
+            self.metrics.queue_items.set(queued_items)
             await asyncio.sleep(self.config.queue_sample_interval_s)
 
     async def _ticks(self) -> None:
