@@ -58,11 +58,16 @@ def runner_timer_kwargs(config: GatewayConfig) -> dict[str, float]:
     return {"timeout_ceil_threshold": max(5.0, config.ws_ping_interval_s)}
 
 
+GC_GEN1_THRESHOLD = 2  # gen0 collections between gen1 collections (CPython's default: 10); see GatewayConfig.gc_gen2_threshold
+
+
 def tune_gc(config: GatewayConfig) -> None:
     """Once the worker is serving: freeze what start-up made (imports, the app: never garbage, so no full
-    collection visits it again) and make full collections rare (``GatewayConfig.gc_gen2_threshold``)."""
-    gen0, gen1, _ = gc.get_threshold()
-    gc.set_threshold(gen0, gen1, config.gc_gen2_threshold)
+    collection visits it again), collect gen1 more often, each time smaller (``GC_GEN1_THRESHOLD``), and make
+    full collections rare (``GatewayConfig.gc_gen2_threshold``). Measured with ``python -m
+    loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10`` (docs/perf/round4-idle.md)."""
+    gen0, _, _ = gc.get_threshold()
+    gc.set_threshold(gen0, GC_GEN1_THRESHOLD, config.gc_gen2_threshold)
     gc.collect()
     gc.freeze()
 
