@@ -10,6 +10,7 @@ source line (or by traceback), beside RSS growth per connection.
     python -m loadtest.bench.idlemem --connections 5000 --no-trace   # RSS only (tracemalloc's own
                                                                      # bookkeeping would count in RSS)
     python -m loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10   # then loop stalls, GC
+    python -m loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10 --gc-thresholds 700,10,1000
 
 Exit codes: 0 printed, 1 the clients failed to connect, 2 usage.
 """
@@ -75,7 +76,7 @@ def stall_report(r: dict, connections: int, hold_s: float) -> str:
 
 
 async def measure(connections: int, top: int, group: str, frames: int, trace: bool = True,
-                  hold_s: float = 0.0) -> int:
+                  hold_s: float = 0.0, gc_thresholds: tuple[int, int, int] | None = None) -> int:
     from feed.gateway.app import create_app
     from feed.gateway.config import GatewayConfig
 
@@ -101,6 +102,8 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
             await asyncio.sleep(2.0)  # the warm-up's heartbeats: the ticker's first passes allocate too
             if tune_gc is not None and hold_s:
                 tune_gc(config)
+            if gc_thresholds is not None:  # an A/B of the worker's GC thresholds
+                gc.set_threshold(*gc_thresholds)
             gc.collect()
             if trace:
                 tracemalloc.start(frames)
@@ -169,13 +172,22 @@ def main() -> int:
     p.add_argument("--no-trace", action="store_true", help="RSS growth only, tracemalloc off")
     p.add_argument("--hold-s", type=float, default=0.0,
                    help="with --no-trace: then hold the connections this long and report loop stalls and GC")
+    p.add_argument("--gc-thresholds", help="GEN0,GEN1,GEN2: override the worker's gc.set_threshold (A/B runs)")
     args = p.parse_args()
     if args.connections < 1:
         p.error("--connections must be >= 1")
+    thresholds = None
+    if args.gc_thresholds:
+        try:
+            thresholds = tuple(int(x) for x in args.gc_thresholds.split(","))
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 3 or min(thresholds) < 1:
+            p.error("--gc-thresholds takes three integers >= 1, e.g. 700,10,10")
     import uvloop
 
     return uvloop.run(measure(args.connections, args.top, args.group, args.frames, trace=not args.no_trace,
-                                     hold_s=args.hold_s))
+                                     hold_s=args.hold_s, gc_thresholds=thresholds))
 
 
 if __name__ == "__main__":
