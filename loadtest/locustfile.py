@@ -36,6 +36,7 @@ import secrets
 import time
 import urllib.request
 
+import gevent
 import orjson
 import websocket
 from locust import User, constant, events, task
@@ -46,6 +47,14 @@ from feed.client.verify import GapDetected, ResyncReceived, SendResync, Verified
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
 from loadtest import natsproto
 from loadtest.mix import Mix, split_list
+
+
+@events.init.add_listener
+def _fresh_clock(**_kwargs) -> None:
+    """gevent's loop caches its clock until it first runs, and headless locust schedules ``--run-time``
+    from that cache before the loop has run: after a slow start-up (imports on a loaded machine took
+    longer than the run time) the run ended at once, with no request made. Refresh the clock first."""
+    gevent.get_hub().loop.update_now()
 
 
 @events.init_command_line_parser.add_listener

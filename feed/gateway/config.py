@@ -84,6 +84,18 @@ class GatewayConfig:
         "--otlp-endpoint", "OTLP/gRPC endpoint for spans of traced deltas, e.g. http://127.0.0.1:4317 "
         "($OTEL_EXPORTER_OTLP_ENDPOINT when set; unset = off)", default_factory=_otlp_default))
     queue_sample_interval_s: float = 1.0
+    # perf (issue 13): CPython runs a full garbage collection once gen1 has been collected this many times
+    # and the heap grew by a quarter since the last one. A full collection visits every tracked object:
+    # ~70 per connection, 0.4-0.8 s of a worker's loop with 5,000 connections each, a stall every client
+    # sees. CPython's default of 10 (gen1 every 10 gen0 collections) ran seven of them while 10,000
+    # connections arrived and one in the seconds after. The worker collects gen1 every 2 gen0 collections
+    # (``feed.gateway.server.GC_GEN1_THRESHOLD``: each gen1 collection is smaller, its longest stall 42-46 ->
+    # 18-22 ms CPU with 5,000 idle connections) and gen2 every 5000 gen1 collections: about as rare as
+    # 1000 x 10, minutes apart. Cyclic garbage that outlived the young generations (a closed connection's
+    # objects) waits that long to be freed.
+    gc_gen2_threshold: int = field(default=5000, metadata=cli(
+        "--gc-gen2-threshold", "gen1 collections between full garbage collections (CPython's default: 10)",
+        hidden=True))
     instrument_linger_s: float = field(default=30.0, metadata=cli(
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(

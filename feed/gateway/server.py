@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -46,6 +47,31 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return config
 
 
+def runner_timer_kwargs(config: GatewayConfig) -> dict[str, float]:
+    """``web.AppRunner`` arguments for the WebSocket ping timers: each connection pings at its own phase.
+
+    aiohttp rounds every timer longer than ``timeout_ceil_threshold`` (5 s by default) up to a whole
+    second of the loop's clock, so with the 10 s ping interval every connection that opened (or last
+    heard its client) within one second pinged in one loop iteration: 1,000 pings a second as one burst
+    with 10,000 connections, ~60 ms of a worker's loop each time (pings alone, no heartbeats: a healthy
+    client's p99 82 ms against 17 ms). Timers longer than the ping interval stay rounded."""
+    return {"timeout_ceil_threshold": max(5.0, config.ws_ping_interval_s)}
+
+
+GC_GEN1_THRESHOLD = 2  # gen0 collections between gen1 collections (CPython's default: 10); see GatewayConfig.gc_gen2_threshold
+
+
+def tune_gc(config: GatewayConfig) -> None:
+    """Once the worker is serving: freeze what start-up made (imports, the app: never garbage, so no full
+    collection visits it again), collect gen1 more often, each time smaller (``GC_GEN1_THRESHOLD``), and make
+    full collections rare (``GatewayConfig.gc_gen2_threshold``). Measured with ``python -m
+    loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10`` (docs/perf/round4-idle.md)."""
+    gen0, _, _ = gc.get_threshold()
+    gc.set_threshold(gen0, GC_GEN1_THRESHOLD, config.gc_gen2_threshold)
+    gc.collect()
+    gc.freeze()
+
+
 async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: bool = True) -> int:
     """Serve until SIGTERM/SIGINT, then drain (``shutdown`` to clients, close 1001) and exit 0."""
     from feed.gateway.app import create_app
@@ -55,13 +81,15 @@ async def run_worker(args: argparse.Namespace, *, reuse_port: bool, ready_line: 
     secure = hardening.from_args(args)
     app = create_app(server.gateway, authenticator=secure.authenticator(None))
     secure.attach(app)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0, **secure.runner_kwargs())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0, **secure.runner_kwargs(),
+                           **runner_timer_kwargs(server.gateway))
     await runner.setup()
     secure.install(runner)
     site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port, backlog=4096,
                        ssl_context=secure.ssl_context)
     await site.start()
     ops = await secure.start_ops(app, reuse_port=reuse_port)
+    tune_gc(server.gateway)
     if ready_line:
         scheme = "https" if secure.ssl_context is not None else "http"
         log.info("gateway worker pid=%d serving %s://%s:%d (WebSocket /v1/ws)", os.getpid(), scheme, server.host,

@@ -28,7 +28,10 @@ or ``tail_lost`` (not received by the drain deadline, e.g. a closed connection).
 ``dups`` and are in none of those.
 
 ``--idle``: the clients connect (and, for NATS, finish the ``CONNECT`` / ``PING`` / ``PONG`` exchange)
-but subscribe to nothing; they answer pings and count what they receive, to hold many idle connections.
+but subscribe to nothing and answer pings, to hold many idle connections at the least load-generator
+CPU: a bookcast idle client drops every text frame unread (a heartbeat a second each; a read that is one
+whole small text frame is dropped before any parsing); a NATS one reads its NATS ``PING`` / ``PONG``
+(nats-server sends nothing else to a connection without subscriptions).
 
     python -m loadtest.bench.clients --target bookcast --url ws://127.0.0.1:8080/v1/ws --clients 500 \\
         --instruments bench:I0000,bench:I0001
@@ -130,6 +133,12 @@ class WsProtocol(asyncio.Protocol):
         self.fragments: list[bytes] = []
         self.fragment_opcode = 0
         self.close_code: int | None = None
+        # an idle bookcast client reads nothing it is sent (a heartbeat a second, PROTOCOL.md section 4): a
+        # read that is exactly one whole small text frame is dropped unparsed, so holding 10,000 idle
+        # connections costs the load generator as little CPU as it can (pings and closes still parsed).
+        # An idle NATS client still reads its frames (NATS PING / PONG ride in them; the server sends
+        # nothing else to a connection without subscriptions).
+        self.skip_text = bool(getattr(client, "idle", False)) and not getattr(client, "nats", False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -150,6 +159,9 @@ class WsProtocol(asyncio.Protocol):
             self.transport.write(client_frame(opcode, payload))
 
     def data_received(self, data: bytes) -> None:
+        if self.skip_text and len(data) >= 2 and data[0] == 0x81 and len(data) == data[1] + 2 and not self.buf \
+                and self.upgraded.done():
+            return  # one whole unmasked text frame of < 126 bytes, nothing before it: an idle client drops it
         now = time.time_ns()
         buf = self.buf + data if self.buf else data
         if not self.upgraded.done():
@@ -194,7 +206,8 @@ class WsProtocol(asyncio.Protocol):
                 opcode, payload = self.fragment_opcode, b"".join(self.fragments)
                 self.fragments = []
             if opcode == 1 or opcode == 2:
-                client.on_message(payload, now)
+                if not self.skip_text:
+                    client.on_message(payload, now)
             elif opcode == 9:
                 self.send(10, payload)
             elif opcode == 8:
@@ -450,6 +463,8 @@ class Client:
 
 async def main_async(args: argparse.Namespace) -> int:
     raise_nofile_limit()
+    if args.nice:
+        os.nice(args.nice)
     instruments = [] if args.idle else [name for name in args.instruments.split(",") if name]
     tally = Tally(instruments)
     clients = [Client(tally, args.target == "nats", args.idle) for _ in range(args.clients)]
@@ -490,6 +505,9 @@ def main() -> int:
     p.add_argument("--instruments", default="", help="comma-separated instrument ids; every client takes all")
     p.add_argument("--idle", action="store_true", help="connect but subscribe to nothing (idle connections)")
     p.add_argument("--connect-concurrency", type=int, default=50, help="connections being opened at once")
+    p.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (idle-connection processes: the healthy clients, "
+                        "which measure, get the CPU first)")
     p.add_argument("--connect-timeout-s", type=float, default=120.0,
                    help="until every client of this process is ready; later ones count as failed")
     return uvloop.run(main_async(p.parse_args()))

@@ -49,6 +49,11 @@ from loadtest.bench.ipc import BenchError, Child
 
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 START_TIMEOUT_S = 240.0  # a loaded shared machine takes minutes to import and start a gateway's workers
+# The processes holding the idle connections run at a lower CPU priority than the healthy clients, for both
+# targets: the healthy clients are the instrument, and a heartbeat reader queued ahead of them on a 2-core
+# machine shows as the server's latency. They only need to keep their sockets drained and answer pings
+# (within 5 s): nice 10 still gives them ~10% of a core each against a busy machine.
+IDLE_NICE = 10
 WARMUP_PER_WORKER = 8  # SO_REUSEPORT hashes connections over workers: 8 per worker miss one < 1% of the time
 
 
@@ -216,14 +221,18 @@ class Counters:
     upstream_cpu_s: float
     publisher_cpu_s: float
     loadgen_cpu_s: float
+    idle_loadgen_cpu_s: float
     machine_busy: int
     machine_total: int
     at_s: float
 
     @classmethod
-    def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int]) -> Counters:
+    def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
+             idlers: list[int] = ()) -> Counters:
+        """``loadgen``: every client process, ``idlers`` (a subset): those holding the idle connections."""
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
-                   procstat.cpu_s(loadgen), *procstat.machine_ticks(), time.monotonic())
+                   procstat.cpu_s(loadgen), procstat.cpu_s(list(idlers)) if idlers else 0.0,
+                   *procstat.machine_ticks(), time.monotonic())
 
 
 async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
@@ -288,7 +297,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         if idle:
             for i, n in enumerate(_split(idle, config.client_procs)):
                 idlers.append(await Child.start(f"idle-{i}", "loadtest.bench.clients",
-                                                [*client_args, "--idle", "--clients", str(n)],
+                                                [*client_args, "--idle", "--nice", str(IDLE_NICE), "--clients", str(n)],
                                                 logs / f"clients-{tag}-idle-{i}.log"))
                 helpers.append(idlers[-1])
             idle_ready = await _progress(
@@ -314,7 +323,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         _say(f"{label} {connected}/{clients} clients ready; RSS +{(rss_idle - rss_base) / max(idle_connected, 1) / 1024:.1f}"
              f" KiB per idle connection; publishing {rate_per_s:g} msg/s for {config.duration_s:g} s")
 
-        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)])
+        pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)], [c.pid for c in idlers])
         load_before = os.getloadavg()[0]
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
@@ -413,6 +422,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     upstream_cpu_s = after.upstream_cpu_s - before.upstream_cpu_s
     publisher_cpu_s = after.publisher_cpu_s - before.publisher_cpu_s
     loadgen_cpu_s = after.loadgen_cpu_s - before.loadgen_cpu_s
+    idle_loadgen_cpu_s = after.idle_loadgen_cpu_s - before.idle_loadgen_cpu_s
     measured_s = max(after.at_s - before.at_s, 1e-9)
     cpus = os.cpu_count() or 1
     busy_pct = 100 * busy / ticks if ticks else None
@@ -444,6 +454,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
         "publisher_cpu_s": publisher_cpu_s,
         "loadgen_cpu_s": loadgen_cpu_s,
+        "idle_loadgen_cpu_s": idle_loadgen_cpu_s if idle else None,  # of loadgen_cpu_s: the idle connections' processes
         "harness_cpu_s": loadgen_cpu_s + publisher_cpu_s,
         "harness_cores": (loadgen_cpu_s + publisher_cpu_s) / measured_s,
         "server_cores": server_cpu_s / measured_s,

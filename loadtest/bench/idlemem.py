@@ -10,6 +10,7 @@ source line (or by traceback), beside RSS growth per connection.
     python -m loadtest.bench.idlemem --connections 5000 --no-trace   # RSS only (tracemalloc's own
                                                                      # bookkeeping would count in RSS)
     python -m loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10   # then loop stalls, GC
+    python -m loadtest.bench.idlemem --connections 5000 --no-trace --hold-s 10 --gc-thresholds 700,10,1000
 
 Exit codes: 0 printed, 1 the clients failed to connect, 2 usage.
 """
@@ -36,15 +37,15 @@ async def probe_stalls(hold_s: float, period_s: float = 0.002) -> dict:
     """For ``hold_s``: how long the event loop is kept from a task that wakes every ``period_s`` (what a
     healthy client's delta waits behind), in CPU seconds of this thread between two wakes (the loop's
     own work in between, whatever the machine's load) and in wall seconds; and every garbage collection's
-    duration by generation (``gc.callbacks``)."""
+    CPU time by generation (``gc.callbacks``)."""
     gcs: dict[int, list[float]] = {0: [], 1: [], 2: []}
     started = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            gcs[info["generation"]].append(time.perf_counter() - started[0])
+            started[0] = time.thread_time()
+        else:  # CPU time of this thread: what the collection cost, whatever the machine's load
+            gcs[info["generation"]].append(time.thread_time() - started[0])
 
     cpu_gaps: list[float] = []
     wall_gaps: list[float] = []
@@ -75,7 +76,7 @@ def stall_report(r: dict, connections: int, hold_s: float) -> str:
 
 
 async def measure(connections: int, top: int, group: str, frames: int, trace: bool = True,
-                  hold_s: float = 0.0) -> int:
+                  hold_s: float = 0.0, gc_thresholds: tuple[int, int, int] | None = None) -> int:
     from feed.gateway.app import create_app
     from feed.gateway.config import GatewayConfig
 
@@ -84,8 +85,13 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
         nats.start()
         runner = None
         try:
-            app = create_app(GatewayConfig(nats_url=nats.url))
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            config = GatewayConfig(nats_url=nats.url)
+            app = create_app(config)
+            try:  # configured as ``bookcast gateway`` configures a worker (ping timers, GC); absent before them
+                from feed.gateway.server import runner_timer_kwargs, tune_gc
+            except ImportError:
+                runner_timer_kwargs, tune_gc = (lambda config: {}), None
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_timer_kwargs(config))
             await runner.setup()
             port = free_port()
             await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
@@ -94,6 +100,10 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
             warm = await Child.start("warm-up", "loadtest.bench.clients", [*args, "--clients", "20"], Path(tmp) / "w.log")
             await warm.expect("ready", 120)
             await asyncio.sleep(2.0)  # the warm-up's heartbeats: the ticker's first passes allocate too
+            if tune_gc is not None and hold_s:
+                tune_gc(config)
+            if gc_thresholds is not None:  # an A/B of the worker's GC thresholds
+                gc.set_threshold(*gc_thresholds)
             gc.collect()
             if trace:
                 tracemalloc.start(frames)
@@ -104,6 +114,8 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
                                      Path(tmp) / "idle.log")
             ready = await idle.expect("ready", 300)
             await asyncio.sleep(3.0)  # the last handshakes' allocations, two heartbeats on every connection
+            if hold_s and not trace:  # the stalls right after the connections arrived, as a benchmark cell sees them
+                stalls = await probe_stalls(hold_s)
             gc.collect()
             after = tracemalloc.take_snapshot() if trace else None
             rss1 = procstat.rss_bytes([_pid()])
@@ -115,13 +127,13 @@ async def measure(connections: int, top: int, group: str, frames: int, trace: bo
                 print(f"{n} idle connections: RSS +{(rss1 - rss0) / n / 1024:.2f} KiB per connection "
                       f"(one worker, no tracemalloc)", flush=True)
                 if hold_s:
+                    print(stall_report(stalls, n, hold_s))
                     cpu0 = time.thread_time()
                     gc.collect()
                     full_ms = (time.thread_time() - cpu0) * 1e3
                     print(f"a full garbage collection: {full_ms:.1f} ms CPU over {len(gc.get_objects()):,} tracked "
                           f"objects ({(len(gc.get_objects()) - objects0) / n:.0f} per idle connection; "
                           f"{gc.get_freeze_count():,} frozen)", flush=True)
-                    print(stall_report(await probe_stalls(hold_s), n, hold_s))
                 await idle.stop()
                 await warm.stop()
                 return 0
@@ -160,13 +172,22 @@ def main() -> int:
     p.add_argument("--no-trace", action="store_true", help="RSS growth only, tracemalloc off")
     p.add_argument("--hold-s", type=float, default=0.0,
                    help="with --no-trace: then hold the connections this long and report loop stalls and GC")
+    p.add_argument("--gc-thresholds", help="GEN0,GEN1,GEN2: override the worker's gc.set_threshold (A/B runs)")
     args = p.parse_args()
     if args.connections < 1:
         p.error("--connections must be >= 1")
+    thresholds = None
+    if args.gc_thresholds:
+        try:
+            thresholds = tuple(int(x) for x in args.gc_thresholds.split(","))
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 3 or min(thresholds) < 1:
+            p.error("--gc-thresholds takes three integers >= 1, e.g. 700,10,10")
     import uvloop
 
     return uvloop.run(measure(args.connections, args.top, args.group, args.frames, trace=not args.no_trace,
-                                     hold_s=args.hold_s))
+                                     hold_s=args.hold_s, gc_thresholds=thresholds))
 
 
 if __name__ == "__main__":

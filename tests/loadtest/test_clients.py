@@ -119,3 +119,42 @@ def test_client_frames_are_masked_per_rfc6455():
         head = 2 + {126: 2, 127: 8}.get(frame[1] & 0x7F, 0)
         key, body = frame[head:head + 4], frame[head + 4:]
         assert bytes(b ^ key[i % 4] for i, b in enumerate(body)) == payload
+
+
+class _Wire:
+    """A transport that keeps what the client writes."""
+
+    def __init__(self):
+        self.written = []
+        self.closed = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+
+async def test_an_idle_client_drops_text_frames_unread_but_answers_pings_and_closes():
+    got = []
+    rec = Recorder(lean.Tally([]))
+    rec.idle, rec.nats = True, False
+    rec.on_message = lambda payload, now: got.append(payload)
+    proto = lean.WsProtocol(rec, b"")
+    proto.transport = _Wire()
+    proto.upgraded.set_result(None)
+    heartbeat = b'{"type":"heartbeat","ts_send_ns":1,"seqs":{}}'
+    proto.data_received(b"\x81" + bytes([len(heartbeat)]) + heartbeat)  # the one-frame read: dropped at once
+    proto.data_received(b"\x81\x02hi\x89\x04ping")  # two frames in one read: the text one skipped, the ping answered
+    assert got == [] and len(proto.transport.written) == 1
+    pong = proto.transport.written[0]
+    assert pong[0] == 0x8A and pong[1] == 0x80 | 4  # a masked pong carrying the ping's 4 bytes
+    assert bytes(b ^ pong[2 + i % 4] for i, b in enumerate(pong[6:])) == b"ping"
+    proto.data_received(b"\x88\x02\x0f\xa0")  # close 4000
+    assert proto.close_code == 4000 and proto.transport.closed
+    nats_idle = Recorder(lean.Tally([]))
+    nats_idle.idle, nats_idle.nats = True, True
+    assert not lean.WsProtocol(nats_idle, b"").skip_text  # NATS PING / PONG ride in its frames
