@@ -237,17 +237,18 @@ class Checker:
         try:
             reply = await self._nc.request(snapshot_subject(inst), b"", timeout=5)
         except Exception as exc:  # noqa: BLE001 - the ingest may be the thing being faulted
+            failure: Exception = exc
             if self.kv_region is not None:
                 from feed.ha import read_kv_snapshot
 
                 try:
                     snap = await read_kv_snapshot(self._nc, self.kv_region, inst)
                 except Exception as kv_exc:  # noqa: BLE001
-                    snap, exc = None, kv_exc
+                    snap, failure = None, kv_exc
                 if snap is not None:
                     self._apply(wire.dumps(snap))
                     return
-            log.info("checker: snapshot of %s failed: %s", inst, exc)
+            log.info("checker: snapshot of %s failed: %s", inst, failure)
             return
         self._apply(reply.data)
 
