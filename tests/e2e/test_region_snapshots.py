@@ -150,17 +150,24 @@ def _fetch_failures(stack) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+async def _leading(stack, nc, instrument: str):
+    """The region's books bucket, a silent standby subscribed beside a scripted leader of epoch E1 that answers
+    snapshot requests, and the instrument listed by the gateway."""
+    kv = await _books_kv(nc.jetstream())
+    standby = await SilentStandby().start(nc)
+    leader = ScriptedLeader(nc, instrument, "E1", "1")
+    await leader.answer()
+    await leader.announce()
+    await _wait_listed(stack, leader.instrument)
+    return kv, standby, leader
+
+
 async def test_kv_book_the_live_deltas_chain_onto_and_a_late_leaders_answer_are_served_without_waiting_out_the_timeout(
         region_gateway):
     stack = region_gateway(600)  # a request waited out would never end within the test
     nc = await nats.connect(stack.nats.url)
     try:
-        kv = await _books_kv(nc.jetstream())
-        standby = await SilentStandby().start(nc)
-        leader = ScriptedLeader(nc, "test:KV-CURRENT", "E1", "1")
-        await leader.answer()
-        await leader.announce()
-        await _wait_listed(stack, leader.instrument)
+        kv, standby, leader = await _leading(stack, nc, "test:KV-CURRENT")
         async with aiohttp.ClientSession() as s, s.ws_connect(stack.ws_url) as ws:
             snap = await _subscribed(ws, leader.instrument)
             assert (snap["type"], snap["epoch"], snap["seq"]) == ("snapshot", "E1", 0)
@@ -205,12 +212,7 @@ async def test_kv_book_of_the_old_epoch_is_never_served_after_a_lossy_takeover(r
     stack = region_gateway(0.5)  # a gateway that gave up on the ingest this fast used to serve KV at once
     nc = await nats.connect(stack.nats.url)
     try:
-        kv = await _books_kv(nc.jetstream())
-        await SilentStandby().start(nc)
-        old = ScriptedLeader(nc, "test:KV-EPOCH", "E1", "1")
-        await old.answer()
-        await old.announce()
-        await _wait_listed(stack, old.instrument)
+        kv, _, old = await _leading(stack, nc, "test:KV-EPOCH")
         async with aiohttp.ClientSession() as s, s.ws_connect(stack.ws_url) as ws:
             snap = await _subscribed(ws, old.instrument)
             assert (snap["type"], snap["epoch"]) == ("snapshot", "E1")
