@@ -57,10 +57,11 @@ def analyse(*, drill: str, title: str, t0_s: float, end_s: float, timeline: list
     detect = next((e.t_s for e in faulted_e if onset is not None and e.t_s >= onset and e.kind in DETECTION_KINDS), None)
     failover = next((d.t_s for d in faulted_d if onset is not None and d.t_s >= onset and d.url
                      and d.url != faulted_first_url), None)
-    # the system's own view (the ingest's provider pool): it may detect and fail over before any client sees it
-    sys_detect = next((e["t_s"] for e in timeline if onset is not None and e["t_s"] >= onset
+    # the system's own view (the ingest's provider pool): it may detect and fail over before any client sees it;
+    # what it does after the experiment ended (the quiesce pauses the ingests) is not the drill's
+    sys_detect = next((e["t_s"] for e in timeline if onset is not None and onset <= e["t_s"] <= end_s
                        and e["kind"] in ("system_detect", "system_failover")), None)
-    sys_failover = next((e["t_s"] for e in timeline if onset is not None and e["t_s"] >= onset
+    sys_failover = next((e["t_s"] for e in timeline if onset is not None and onset <= e["t_s"] <= end_s
                          and e["kind"] == "system_failover"), None)
     detect = min((t for t in (detect, sys_detect) if t is not None), default=None)
     failover = min((t for t in (failover, sys_failover) if t is not None), default=None)

@@ -424,6 +424,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
         journal = Runner(Strategy.DEFAULT).run(experiment, settings=settings)
         experiment_end_s = time.monotonic()
         safeguard.stopped.set()
+        if watcher is not None:  # the quiesce below pauses the ingests: the leases they drop are not the fault's
+            watcher.stopped.set()
         drill.note("note", f"experiment ended: {journal.get('status')}")
         progress(f"drill {name}: experiment {journal.get('status')}; checking books against the checker")
         onset = drill.first("fault_onset")

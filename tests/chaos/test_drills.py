@@ -138,5 +138,12 @@ def test_analyse_counts_the_pools_own_failover_and_keeps_verdict_order():
     assert r["verdict"] == "failed" and r["gaps"]["faulted"]["undetected"] == 1
     r = analyse(**{**common, "timeline": [e for e in timeline if e["kind"] != "system_failover"]})
     assert r["verdict"] == "failed" and any("no failover" in why for why in r["reasons"])
+    # the system's moves after the experiment ended (the quiesce pauses the ingests, which drop their lease) are
+    # not the drill's: one at end + 1 s used to push "recovered" past every delivery (a region drill failed on it)
+    late = {"t_s": t0 + 11, "kind": "system_failover", "detail": "selected a -> a,b", "data": {}}
+    r = analyse(**{**common, "timeline": [*timeline, late]})
+    assert (r["verdict"], r["failover_s"]) == ("passed", 1.1) and r["recover_s"] is not None, r["reasons"]
+    r = analyse(**{**common, "timeline": [e for e in timeline if e["kind"] != "system_failover"] + [late]})
+    assert r["verdict"] == "failed" and any("no failover" in why for why in r["reasons"])
 
 
