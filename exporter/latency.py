@@ -57,7 +57,7 @@ class SlidingWindow:
     The probe reads every window of every hop on its event loop, so reading is vectorised (``summary``:
     numpy over the slices' counts, well under a millisecond) and a slice is replaced, not reset: the
     library's pure-Python walks of its ~25,000 buckets (``add``, ``reset``, percentiles) cost 1-2 ms each,
-    and a probe with 2 regions x 8 hops x 3 windows stalled its own reading for 100-240 ms every update,
+    and a probe with 2 regions x 8 hops x 2 windows stalled its own reading for 100-240 ms every update,
     which its samples then showed as network latency.
     """
 
@@ -152,10 +152,7 @@ def _summary(shape: HdrHistogram, counts: np.ndarray, quantiles: Sequence[float]
 def summarize(hist: HdrHistogram, quantiles: Iterable[float] = QUANTILES) -> tuple[int, dict[float, int], int]:
     """``(count, {quantile: value_ns}, max_ns)`` of a histogram (zeros when empty); the values are the
     library's ``get_percentile_to_value_dict`` (quantiles > 0), computed over its counts with numpy."""
-    quantiles = tuple(quantiles)
-    if not hist.get_total_count():
-        return 0, {q: 0 for q in quantiles}, 0
-    return _summary(hist, _counts(hist), quantiles, hist.get_max_value())
+    return _summary(hist, _counts(hist), tuple(quantiles), hist.get_max_value())
 
 
 class StaleTracker:

@@ -70,8 +70,9 @@ EXAMPLES = """examples:
   bookcast probe --no-clickhouse --duration-s 60                   # Prometheus only, for one minute"""
 
 # (label, length in s, slices): the window moves in steps of one slice.
-PROBE_SWITCH_INTERVAL_S = 0.0005
 WINDOWS: tuple[tuple[str, float, int], ...] = (("1m", 60.0, 6), ("10m", 600.0, 10))
+# the probe process's GIL switch interval (CPython's default 5 ms): see ``main``
+PROBE_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,13 +220,10 @@ class HaController:
         loop = asyncio.get_running_loop()
         cfg = self.ingest.config
 
-        async def on_lame_duck() -> None:  # on the lease thread
-            await self._on_lame_duck()
-
         async def connect():
             return await natsauth.connect(cfg.nats_url, cfg.nats_credentials, name=f"{self.name}-lease",
                                           max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                          lame_duck_mode_cb=on_lame_duck)
+                                          lame_duck_mode_cb=self._on_lame_duck)  # on the lease thread
 
         async def bind(lease_nc):
             return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region,
@@ -265,10 +262,9 @@ class HaController:
             log.info("NATS server %s is in lame-duck mode: the lease stays (reconnecting to one of %s)",
                      current, ", ".join(others))
             return
-        if kv_lease.role is Role.LEADER:
+        if await kv_lease.hand_over(self.config.lease_ttl_s):
             log.warning("NATS server %s is in lame-duck mode and this region has no other: publishing lease "
                         "handed over (not taken again for %.2f s)", current, self.config.lease_ttl_s)
-            await kv_lease.hand_over(self.config.lease_ttl_s)
 
     async def wait_start(self) -> None:
         """Wait for ``replay_start_at_ns`` (wall clock), if set."""
