@@ -24,11 +24,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+import orjson
 
 from feed import wire
 from feed.client.sdk import BookClient, ConnectFailed, Connected, Disconnected
@@ -195,8 +197,28 @@ class ClientGroups:
                 thread.join(10)
 
 
+PENDING_DELTAS_MAX = 10_000   # deltas held per instrument while its snapshot is awaited (oldest dropped)
+
+
+def deltas_past(held: Iterable[tuple[Any, Any, bytes]], epoch: str, seq: int) -> list[bytes]:
+    """Pure: of the deltas ``held`` while a snapshot was awaited, as ``(epoch, seq, raw)`` in arrival order, the
+    raw ones to apply after the snapshot ``(epoch, seq)``: all but those of its epoch at or before its seq (the
+    snapshot already holds them). Another epoch's delta is kept, so that the book sees the epoch change.
+
+    The book is built the way venues document it (Coinbase's level2 and Binance's "how to manage a local order
+    book": buffer the stream, take a snapshot, drop what it covers, apply the rest): over NATS the snapshot reply
+    and the deltas come on different subscriptions, and nats-py runs each subscription's callbacks in its own
+    task, so a burst published right after the reply can be read before the reply's awaiting task resumes."""
+    return [raw for e, s, raw in held if not (e == epoch and isinstance(s, int) and s <= seq)]
+
+
 class Checker:
-    """Independent books from NATS (ingest deltas + ingest snapshots), in its own thread and loop."""
+    """Independent books from NATS (ingest deltas + ingest snapshots), in its own thread and loop.
+
+    Deltas of an instrument it holds no book of (its snapshot is on the way) are held, and those the snapshot
+    does not cover are applied after it (``deltas_past``); a snapshot older than the book held (a second
+    request's late reply) is dropped. Without both, a burst that overtook the reply left the checker behind the
+    ingest with nothing to tell it so once the stream went quiet (an "undetected gap" that was the checker's)."""
 
     def __init__(self, nats_url: str, instruments: list[str], kv_region: str | None = None) -> None:
         self.nats_url = nats_url
@@ -209,6 +231,7 @@ class Checker:
         self._nc = None
         self._repair: asyncio.Task | None = None
         self.paused = False      # set while the runner holds the ingest paused (no snapshot can be answered)
+        self._pending: dict[str, deque[tuple[Any, Any, bytes]]] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -246,14 +269,49 @@ class Checker:
                 except Exception as kv_exc:  # noqa: BLE001
                     snap, failure = None, kv_exc
                 if snap is not None:
-                    self._apply(wire.dumps(snap))
+                    self._apply_snapshot(wire.dumps(snap))
                     return
             log.info("checker: snapshot of %s failed: %s", inst, failure)
             return
-        self._apply(reply.data)
+        self._apply_snapshot(reply.data)
 
     async def _on_msg(self, msg) -> None:
-        self._apply(msg.data)
+        self._on_live(msg.data)
+
+    def _on_live(self, data: bytes) -> None:
+        """One message of the live stream: applied, or held when it is a delta of a book not held."""
+        try:
+            head = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            head = None
+        if isinstance(head, dict) and head.get("type") == "delta":
+            inst = head.get("instrument")
+            if isinstance(inst, str) and inst not in self.verified.books:
+                pending = self._pending.get(inst)
+                if pending is None:
+                    pending = self._pending[inst] = deque(maxlen=PENDING_DELTAS_MAX)
+                pending.append((head.get("epoch"), head.get("seq"), data))
+                return
+        self._apply(data)
+
+    def _apply_snapshot(self, data: bytes) -> None:
+        """Apply one snapshot reply, then the held deltas past it; drop it when the book held is at or past it
+        in the same epoch."""
+        try:
+            head = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            head = {}
+        inst = head.get("instrument") if isinstance(head, dict) else None
+        held = self.verified.books.get(inst) if isinstance(inst, str) else None
+        if held is not None and held.epoch == head.get("epoch") and isinstance(head.get("seq"), int) \
+                and head["seq"] <= held.seq:
+            return
+        self._apply(data)
+        held = self.verified.books.get(inst) if isinstance(inst, str) else None
+        if held is None:
+            return   # not a snapshot we could use: its fault already asked for another
+        for raw in deltas_past(self._pending.pop(inst, ()), held.epoch, held.seq):
+            self._on_live(raw)   # held again once a gap among them drops the book
 
     def _apply(self, data: bytes) -> None:
         for out in self.verified.on_message(data, time.time_ns()):
