@@ -10,7 +10,8 @@ Adapter module. Layout::
 The **faulted region** (``faulted_region``, default ``a``; ``b`` for the partition, where b is the side cut
 off from the leader) is what the drill faults. The faulted group's clients hold both regions, the faulted
 one preferred (``BookClient(regions=[[faulted], [other]])``: the SDK's region move is the failover under
-test); with ``failover=False`` they hold the faulted region only. The control group holds the other region's
+test); with ``failover=False`` they hold the faulted region only and no standby ingest ever takes the lease
+(the two failovers a region drill tests: the clients' region move and the standby's takeover). The control group holds the other region's
 gateway, and the independent checker builds its books from the other region's NATS.
 
 Roles for ``chaos.actions``: ``gateway-a``, ``gateway-b``, ``ingest-a``, ``ingest-b``, ``nats-a``, ``nats-b``
@@ -34,6 +35,7 @@ from feed.procs import port_open, wait_until
 log = logging.getLogger("bookcast.chaos.region_stack")
 
 REGIONS = ("a", "b")
+STANDBY_NEVER_S = 86_400.0   # failover disabled: the standbys' lease-acquire hold outlasts any drill
 
 
 @dataclass
@@ -71,8 +73,10 @@ class RegionDrillStack:
     def start(self) -> RegionDrillStack:
         from feed.regions import RegionsStack
 
+        # failover disabled: no standby ever takes the lease (set at start: a started stack keeps its standbys)
         self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
-                                    captures=list(self.captures), netns=self.netns)
+                                    captures=list(self.captures), netns=self.netns,
+                                    standby_hold_s=None if self.failover else STANDBY_NEVER_S)
         network = self.network
         if network is not None:     # recorded before they exist: a killed run's are undone by the next
             for ns in network.namespaces.values():
@@ -89,9 +93,10 @@ class RegionDrillStack:
         try:
             # in step, and past its start-up hold (--lease-acquire-delay-s): a standby still holding back
             # cannot take over, and a leader killed then would measure the hold, not the failover
-            wait_until(lambda: all(all((h.get("in_step") or {0: False}).values()) and h.get("acquire_hold_s", 0) == 0
+            wait_until(lambda: all(all((h.get("in_step") or {0: False}).values())
+                                   and (h.get("acquire_hold_s", 0) == 0 or not self.failover)
                                    for h in (p.ha() for p in standby)),
-                       60, what="standby ingest in step and armed")
+                       60, what="standby ingest in step and armed" if self.failover else "standby ingest in step")
         except TimeoutError as exc:   # the drill's verdict says what a takeover from here does
             log.warning("%s; the drill runs anyway", exc)
         listing = self._region(self.faulted_region).instruments()

@@ -124,6 +124,7 @@ class SystemWatcher(threading.Thread):
 
     def run(self) -> None:
         last = None
+        serving = None   # the last non-empty selection: coming back to it after none is a recovery in place
         while not self.stopped.wait(self.interval_s):
             try:
                 view = self.drill.stack.system_view()
@@ -139,6 +140,9 @@ class SystemWatcher(threading.Thread):
                     if view.get("selected") != last.get("selected") and not view.get("selected"):
                         # nobody selected / leading: the system saw the fault, it has not failed over yet
                         self.drill.note("system_detect", f"selected {last.get('selected')} -> none", **view)
+                    elif view.get("selected") != last.get("selected") and view.get("selected") == serving:
+                        self.drill.note("system", f"selected {last.get('selected')} -> {view.get('selected')} "
+                                                  "(the same again: recovered in place, no failover)", **view)
                     elif view.get("selected") != last.get("selected"):
                         self.drill.note("system_failover", f"selected {last.get('selected')} -> {view.get('selected')}",
                                         **view)
@@ -146,6 +150,8 @@ class SystemWatcher(threading.Thread):
                         self.drill.note("system_detect", f"{view.get('selected')} unhealthy: {view}", **view)
                     else:
                         self.drill.note("system", str(view)[:200], **view)
+            if view.get("selected"):
+                serving = view.get("selected")
             last = view
 
 

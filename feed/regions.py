@@ -112,6 +112,7 @@ class RegionsStack:
     loop: bool = True
     workers: int = 1
     lease_ttl_s: float = 1.5
+    standby_hold_s: float | None = None  # the standbys' --lease-acquire-delay-s (None: until region 0 leads)
     lease_servers: int | None = None  # servers of the lease cluster (default: nats_per_region, the same shape)
     ingest_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
@@ -147,7 +148,8 @@ class RegionsStack:
             start_at_ns = time.time_ns() + int(replay_delay_s * 1e9)
             # the others hold back until the replay starts and two TTLs more: on a loaded host region 0's
             # ingest may come up seconds after theirs, and it must still lead
-            hold_s = f"{replay_delay_s + 2 * self.lease_ttl_s + 2:g}"
+            hold_s = f"{replay_delay_s + 2 * self.lease_ttl_s + 2:g}" if self.standby_hold_s is None \
+                else f"{self.standby_hold_s:g}"
             for i, p in enumerate(self.procs):
                 replay = [] if self.provider_config else ["--replay-start-at-ns", str(start_at_ns)]
                 self.spawn_ingest(p, replay + (["--lease-acquire-delay-s", hold_s] if i else []))

@@ -147,3 +147,36 @@ def test_analyse_counts_the_pools_own_failover_and_keeps_verdict_order():
     assert r["verdict"] == "failed" and any("no failover" in why for why in r["reasons"])
 
 
+
+
+class _ScriptedViews:
+    """A stack whose ``system_view`` gives the leaders a drill saw, one per poll, then None (the watcher stops)."""
+
+    def __init__(self, views: list[dict]) -> None:
+        self.views = list(views)
+
+    def system_view(self) -> dict | None:
+        return self.views.pop(0) if self.views else None
+
+
+def _watch(views: list[dict]) -> list[tuple[str, str]]:
+    from chaos.context import Drill
+    from chaos.runner import SystemWatcher
+
+    drill = Drill("scripted", _ScriptedViews(views), None, None, None, 10.0)
+    drill.note("fault_onset", "scripted")
+    watcher = SystemWatcher(drill, interval_s=0.001)
+    watcher.start()
+    watcher.join(10)
+    assert not watcher.is_alive()
+    return [(e.kind, e.detail) for e in drill.timeline if e.kind != "fault_onset"]
+
+
+def test_the_system_coming_back_to_the_same_leader_is_no_failover():
+    """The leader lost and then the same one leading again (a killed leader restarted by the rollback, with the
+    standby held) is a detection and a recovery in place; only another leader is a failover."""
+    a, none, b = ({"selected": s, "healthy": s is not None} for s in ("ingest-a", None, "ingest-b"))
+    same = _watch([a, none, a])
+    assert [k for k, _ in same] == ["system_detect", "system"] and "recovered in place" in same[1][1]
+    moved = _watch([a, none, b, none, a])
+    assert [k for k, _ in moved] == ["system_detect", "system_failover", "system_detect", "system_failover"]
