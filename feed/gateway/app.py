@@ -54,7 +54,8 @@ from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink, count_written
+from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats, count_written,
+                                  empty_heartbeat_frame)
 from feed.gateway.timers import TimerWheel
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
@@ -538,12 +539,47 @@ class Gateway:
         for start in range(0, len(conns), step):
             if start:
                 await asyncio.sleep(0)
-            now_ns = time.time_ns()
-            for conn in conns[start:start + step]:
-                if conn._gone:
-                    continue
+            self._tick_slice(conns[start:start + step] if len(conns) > step else conns, time.time_ns(), limit_bytes)
+
+    def _tick_slice(self, conns: list[Connection], now_ns: int, limit_bytes: int) -> None:
+        """One slice of a timer pass at ``now_ns``. The common case, a connection whose writer is idle with a
+        heartbeat due, costs one ``Session.heartbeat_through`` and one ``transport.write`` (uvloop writes
+        at once when its buffer is empty): every connection holding no book is written the slice's one
+        shared heartbeat frame (``empty_heartbeat_frame``: same bytes, framed once), and the shared tally
+        is counted once for the slice. Anything else (a writer busy or draining, frames corked, write
+        stamps) goes through ``Connection.tick``."""
+        empty_frame = empty_heartbeat_frame(now_ns)
+        shared = self.tally
+        beats = size_bytes = 0
+        arm = self.arm
+        next_due: list[Connection] = []  # heartbeat written, no token expiry: all due one interval from now_ns
+        for conn in conns:
+            if conn._gone:
+                continue
+            transport = conn.transport
+            if (conn.idle and not conn.corked and not conn.write_stamps and transport is not None
+                    and not transport.is_closing() and not conn.ws.closed):
+                session = conn.session
+                frame = session.heartbeat_through(now_ns, empty_frame)
+                if frame is not None:
+                    transport.write(frame)
+                    if session.tally is shared:
+                        beats += 1
+                        size_bytes += len(frame)
+                    else:
+                        count_heartbeats(session.tally, 1, len(frame))
+                    if transport.get_write_buffer_size() > limit_bytes:
+                        conn._wait_for_drain()
+                        conn._wake()
+                    elif session.authorization is None:
+                        next_due.append(conn)  # what ``arm`` would file: last_send_ns (now_ns) + one interval
+                        continue
+            else:
                 conn.tick(now_ns, limit_bytes)
-                self.arm(conn, now_ns)
+            arm(conn, now_ns)
+        if beats:
+            count_heartbeats(shared, beats, size_bytes)
+        self.timers.add_all(next_due, now_ns + self._heartbeat_ns)
 
     def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:
         """Mark every instrument of a venue whose directory announcements stopped for ``ingest_silent_s``
