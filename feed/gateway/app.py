@@ -391,7 +391,7 @@ class Gateway:
         self.tally: Counter = Counter()
         # every connection's next timer (heartbeat or token expiry), by slot: ``_ticks`` fires each slot's
         self._heartbeat_ns = int(self.limits.heartbeat_interval_s * 1e9)
-        self.timers: TimerWheel[Connection] = TimerWheel(max(self._heartbeat_ns // HEARTBEAT_SLOTS, 1), time.time_ns())
+        self.timers: TimerWheel[Connection] = TimerWheel(max(self._heartbeat_ns // max(config.heartbeat_slots, 1), 1), time.time_ns())
 
     # -- Books (what sessions read) -------------------------------------------------------------------
     def known(self, instrument: str) -> bool:
@@ -533,7 +533,7 @@ class Gateway:
         connection's next one, ``slice_size`` (``TICK_SLICE``) connections at a time, yielding to the loop
         between slices (after a stall many slots are due at once); each slice reads the clock once (its
         heartbeats' ``ts_send_ns``). A timer is a hint: ``tick`` sends only what is due at that moment."""
-        step = slice_size or TICK_SLICE
+        step = max(slice_size or self.config.timer_slice, 1)
         limit_bytes = self.config.ws_writer_limit_bytes
         conns = self.timers.due(time.time_ns())
         for start in range(0, len(conns), step):

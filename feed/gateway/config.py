@@ -96,6 +96,12 @@ class GatewayConfig:
     gc_gen2_threshold: int = field(default=5000, metadata=cli(
         "--gc-gen2-threshold", "gen1 collections between full garbage collections (CPython's default: 10)",
         hidden=True))
+    # perf (issue 13, round 5): the timer pass (``feed.gateway.app.Gateway.tick_due``), for A/B runs of
+    # ``bookcast bench fanout --idle 10000 --gateway-args ...`` (docs/perf/round5-idle.md)
+    timer_slice: int = field(default=64, metadata=cli(
+        "--timer-slice", "connections per slice of a timer pass; the loop runs between slices", hidden=True))
+    heartbeat_slots: int = field(default=20, metadata=cli(
+        "--heartbeat-slots", "timer-wheel slots per heartbeat interval", hidden=True))
     instrument_linger_s: float = field(default=30.0, metadata=cli(
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(
