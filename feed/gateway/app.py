@@ -537,7 +537,7 @@ class Gateway:
         limit_bytes = self.config.ws_writer_limit_bytes
         conns = self.timers.due(time.time_ns())
         for start in range(0, len(conns), step):
-            if start:
+            if start or self._corked:  # a fan-out pass's frames wait for their flush: deliveries go first
                 await asyncio.sleep(0)
             self._tick_slice(conns[start:start + step] if len(conns) > step else conns, time.time_ns(), limit_bytes)
 

@@ -13,7 +13,11 @@ the re-arm) over ``--connections`` idle connections (subscribed to nothing, as `
 * ``gateway-nosock``: the same pass on transports that only count bytes: Python alone;
 * ``write``: ``transport.write`` of the same frame to every transport in a bare loop (uvloop's own
   cost plus the syscall: the floor any Python pass pays);
+* ``oswrite``: ``os.write`` on each transport's own fd when its buffer is empty (``get_write_buffer_size``
+  first), the direct write that would bypass uvloop's ``transport.write``;
 * ``send``: ``socket.send`` on the same sockets (duplicated fds) in a bare loop: the syscall floor.
+
+``--loop asyncio`` runs it all on asyncio's own event loop instead of uvloop.
 
 Modes alternate ``--repeat`` times (a busy spell of a shared machine hits all of them). CPU time, not
 wall time, so a loaded machine changes the figures little; quote them as ratios of modes in one run.
@@ -38,7 +42,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("gateway", "gateway-nosock", "write", "send")
+MODES = ("gateway", "gateway-nosock", "write", "oswrite", "send")
 
 
 class CountingTransport:
@@ -142,6 +146,7 @@ async def measure(args: argparse.Namespace) -> int:
         socks = [socket.socket(fileno=os.dup(t.get_extra_info("socket").fileno())) for t in transports]
         for s in socks:
             s.setblocking(False)
+        fds = [t.get_extra_info("socket").fileno() for t in transports]
         gw = Gateway(GatewayConfig(), CollectorRegistry())
         now_ns = time.time_ns()
         real = [Connection(gw, OpenWebSocket(), Session(gw, gw.limits, now_ns, tally=gw.tally), t, NoDrain())
@@ -179,6 +184,12 @@ async def measure(args: argparse.Namespace) -> int:
                 if kind == "write":
                     for t in transports:
                         t.write(frame)
+                elif kind == "oswrite":
+                    for t, fd in zip(transports, fds):
+                        if not t.get_write_buffer_size():
+                            os.write(fd, frame)
+                        else:
+                            t.write(frame)
                 else:
                     for s in socks:
                         s.send(frame)
@@ -199,7 +210,7 @@ async def measure(args: argparse.Namespace) -> int:
                 results[mode].append((user / count, sys_s / count))
                 print(f"run {n + 1}: {mode:15s} {(user + sys_s) / count * 1e6:6.2f} us CPU per heartbeat "
                       f"(user {user / count * 1e6:.2f}, system {sys_s / count * 1e6:.2f})", file=sys.stderr, flush=True)
-        print(f"CPU per heartbeat, {args.connections} idle connections, {args.ticks} ticks, {args.repeat} runs "
+        print(f"CPU per heartbeat, {args.loop}, {args.connections} idle connections, {args.ticks} ticks, {args.repeat} runs "
               f"(median: total = user + system, us):")
         for mode in args.modes:
             totals = [u + s for u, s in results[mode]]
@@ -228,6 +239,7 @@ def main() -> int:
     p.add_argument("--gap-s", type=float, default=0.05, help="pause between passes (default %(default)s)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
                    help=f"comma-separated, of {','.join(MODES)} (default all)")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (default %(default)s)")
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -235,6 +247,8 @@ def main() -> int:
         return receiver(args.port, args.connections)
     if min(args.connections, args.ticks, args.repeat) < 1 or any(m not in MODES for m in args.modes):
         p.error(f"counts must be >= 1 and modes of {','.join(MODES)}")
+    if args.loop == "asyncio":
+        return asyncio.run(measure(args))
     import uvloop
 
     return uvloop.run(measure(args))
