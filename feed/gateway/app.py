@@ -50,6 +50,7 @@ from feed import natsauth, wire
 from feed.gateway import instrument as im
 from feed.gateway import viewer
 from feed.gateway.config import GatewayConfig  # noqa: F401 - re-exported: declared once, in feed.gateway.config
+from feed.gateway.config import HEARTBEAT_SLOTS, TIMER_SLICE  # noqa: F401 - re-exported (tests, docstrings)
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
@@ -144,8 +145,6 @@ class GatewayMetrics:
         tally.clear()
 
 
-TICK_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
-HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.05 intervals after the last frame
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
 SNAPSHOT_RESEND_S = 0.25  # --region: a snapshot request unanswered this long is sent again (same inbox)
@@ -496,7 +495,7 @@ class Gateway:
 
     async def _ticks(self) -> None:
         """Session timers (heartbeats, token expiry) through one timer wheel for the worker (``timers``):
-        it wakes once per slot (``HEARTBEAT_SLOTS`` per heartbeat interval) and fires the timers of the
+        it wakes once per slot (``--heartbeat-slots``, ``HEARTBEAT_SLOTS`` per heartbeat interval) and fires the timers of the
         slots that began (``tick_due``), so a heartbeat goes out 1 to 1.05 intervals after the last frame,
         at each connection's own phase. It used to pass over every connection at a quarter of the interval:
         each pass sent every heartbeat that fell due in that quarter at once (2,500 of 10,000 idle
@@ -530,7 +529,7 @@ class Gateway:
 
     async def tick_due(self, slice_size: int | None = None) -> None:
         """Fire the timers that are due (``Connection.tick``: a heartbeat, a token expiry) and file each
-        connection's next one, ``slice_size`` (``TICK_SLICE``) connections at a time, yielding to the loop
+        connection's next one, ``slice_size`` (``--timer-slice``, ``TIMER_SLICE``) connections at a time, yielding to the loop
         between slices (after a stall many slots are due at once); each slice reads the clock once (its
         heartbeats' ``ts_send_ns``). A timer is a hint: ``tick`` sends only what is due at that moment."""
         step = max(slice_size or self.config.timer_slice, 1)
