@@ -130,6 +130,7 @@ async def measure(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     transports: list = []
+    socks: list[socket.socket] = []
     server = await loop.create_server(lambda: _Accepting(transports), "127.0.0.1", 0, backlog=4096)
     port = server.sockets[0].getsockname()[1]
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--receiver", "--port", str(port),
@@ -143,7 +144,7 @@ async def measure(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(transports)}/{args.connections} connections accepted")
             await asyncio.sleep(0.01)
-        socks = [socket.socket(fileno=os.dup(t.get_extra_info("socket").fileno())) for t in transports]
+        socks[:] = [socket.socket(fileno=os.dup(t.get_extra_info("socket").fileno())) for t in transports]
         for s in socks:
             s.setblocking(False)
         fds = [t.get_extra_info("socket").fileno() for t in transports]
@@ -219,11 +220,13 @@ async def measure(args: argparse.Namespace) -> int:
                   f"{statistics.median(s for _, s in results[mode]) * 1e6:.2f}")
         return 0
     finally:
+        for s in socks:  # the duplicated fds too, or the receiver never sees its sockets close
+            s.close()
         for t in transports:
             t.close()
         server.close()
         try:
-            child.wait(timeout=30)
+            await loop.run_in_executor(None, child.wait, 30)  # the loop runs meanwhile: the transports close
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
