@@ -50,11 +50,13 @@ from feed import natsauth, wire
 from feed.gateway import instrument as im
 from feed.gateway import viewer
 from feed.gateway.config import GatewayConfig  # noqa: F401 - re-exported: declared once, in feed.gateway.config
+from feed.gateway.config import HEARTBEAT_SLOTS, TIMER_SLICE  # noqa: F401 - re-exported (tests, docstrings)
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import Authorization, Close, Link, Session, SessionState, Unlink, count_written
+from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats, count_written,
+                                  empty_heartbeat_frame)
 from feed.gateway.timers import TimerWheel
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
@@ -143,8 +145,6 @@ class GatewayMetrics:
         tally.clear()
 
 
-TICK_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
-HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.05 intervals after the last frame
 INGEST_SILENT = "ingest_silent"  # instrument_status reason: the gateway stopped hearing the venue's ingest
 REGION_CUT_OFF = "region_cut_off"  # instrument_status reason: the publishing lease's bucket does not answer here
 SNAPSHOT_RESEND_S = 0.25  # --region: a snapshot request unanswered this long is sent again (same inbox)
@@ -390,7 +390,7 @@ class Gateway:
         self.tally: Counter = Counter()
         # every connection's next timer (heartbeat or token expiry), by slot: ``_ticks`` fires each slot's
         self._heartbeat_ns = int(self.limits.heartbeat_interval_s * 1e9)
-        self.timers: TimerWheel[Connection] = TimerWheel(max(self._heartbeat_ns // HEARTBEAT_SLOTS, 1), time.time_ns())
+        self.timers: TimerWheel[Connection] = TimerWheel(max(self._heartbeat_ns // max(config.heartbeat_slots, 1), 1), time.time_ns())
 
     # -- Books (what sessions read) -------------------------------------------------------------------
     def known(self, instrument: str) -> bool:
@@ -495,7 +495,7 @@ class Gateway:
 
     async def _ticks(self) -> None:
         """Session timers (heartbeats, token expiry) through one timer wheel for the worker (``timers``):
-        it wakes once per slot (``HEARTBEAT_SLOTS`` per heartbeat interval) and fires the timers of the
+        it wakes once per slot (``--heartbeat-slots``, ``HEARTBEAT_SLOTS`` per heartbeat interval) and fires the timers of the
         slots that began (``tick_due``), so a heartbeat goes out 1 to 1.05 intervals after the last frame,
         at each connection's own phase. It used to pass over every connection at a quarter of the interval:
         each pass sent every heartbeat that fell due in that quarter at once (2,500 of 10,000 idle
@@ -529,21 +529,56 @@ class Gateway:
 
     async def tick_due(self, slice_size: int | None = None) -> None:
         """Fire the timers that are due (``Connection.tick``: a heartbeat, a token expiry) and file each
-        connection's next one, ``slice_size`` (``TICK_SLICE``) connections at a time, yielding to the loop
+        connection's next one, ``slice_size`` (``--timer-slice``, ``TIMER_SLICE``) connections at a time, yielding to the loop
         between slices (after a stall many slots are due at once); each slice reads the clock once (its
         heartbeats' ``ts_send_ns``). A timer is a hint: ``tick`` sends only what is due at that moment."""
-        step = slice_size or TICK_SLICE
+        step = max(slice_size or self.config.timer_slice, 1)
         limit_bytes = self.config.ws_writer_limit_bytes
         conns = self.timers.due(time.time_ns())
         for start in range(0, len(conns), step):
-            if start:
+            if start or self._corked:  # a fan-out pass's frames wait for their flush: deliveries go first
                 await asyncio.sleep(0)
-            now_ns = time.time_ns()
-            for conn in conns[start:start + step]:
-                if conn._gone:
-                    continue
+            self._tick_slice(conns[start:start + step] if len(conns) > step else conns, time.time_ns(), limit_bytes)
+
+    def _tick_slice(self, conns: list[Connection], now_ns: int, limit_bytes: int) -> None:
+        """One slice of a timer pass at ``now_ns``. The common case, a connection whose writer is idle with a
+        heartbeat due, costs one ``Session.heartbeat_through`` and one ``transport.write`` (uvloop writes
+        at once when its buffer is empty): every connection holding no book is written the slice's one
+        shared heartbeat frame (``empty_heartbeat_frame``: same bytes, framed once), and the shared tally
+        is counted once for the slice. Anything else (a writer busy or draining, frames corked, write
+        stamps) goes through ``Connection.tick``."""
+        empty_frame = empty_heartbeat_frame(now_ns)
+        shared = self.tally
+        beats = size_bytes = 0
+        arm = self.arm
+        next_due: list[Connection] = []  # heartbeat written, no token expiry: all due one interval from now_ns
+        for conn in conns:
+            if conn._gone:
+                continue
+            transport = conn.transport
+            if (conn.idle and not conn.corked and not conn.write_stamps and transport is not None
+                    and not transport.is_closing() and not conn.ws.closed):
+                session = conn.session
+                frame = session.heartbeat_through(now_ns, empty_frame)
+                if frame is not None:
+                    transport.write(frame)
+                    if session.tally is shared:
+                        beats += 1
+                        size_bytes += len(frame)
+                    else:
+                        count_heartbeats(session.tally, 1, len(frame))
+                    if transport.get_write_buffer_size() > limit_bytes:
+                        conn._wait_for_drain()
+                        conn._wake()
+                    elif session.authorization is None:
+                        next_due.append(conn)  # what ``arm`` would file: last_send_ns (now_ns) + one interval
+                        continue
+            else:
                 conn.tick(now_ns, limit_bytes)
-                self.arm(conn, now_ns)
+            arm(conn, now_ns)
+        if beats:
+            count_heartbeats(shared, beats, size_bytes)
+        self.timers.add_all(next_due, now_ns + self._heartbeat_ns)
 
     def _check_ingest_silence(self, now_s: float, now_ns: int) -> None:
         """Mark every instrument of a venue whose directory announcements stopped for ``ingest_silent_s``

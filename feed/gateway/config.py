@@ -39,6 +39,8 @@ def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], A
                     "choices": choices, "default_factory": default_factory}}
 
 
+TIMER_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
+HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.05 intervals after the last frame
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the standard variable (feed.otlp.ENDPOINT_ENV)
 
 
@@ -96,6 +98,12 @@ class GatewayConfig:
     gc_gen2_threshold: int = field(default=5000, metadata=cli(
         "--gc-gen2-threshold", "gen1 collections between full garbage collections (CPython's default: 10)",
         hidden=True))
+    # perf (issue 13, round 5): the timer pass (``feed.gateway.app.Gateway.tick_due``), for A/B runs of
+    # ``bookcast bench fanout --idle 10000 --gateway-args ...`` (docs/perf/round5-idle.md)
+    timer_slice: int = field(default=TIMER_SLICE, metadata=cli(
+        "--timer-slice", "connections per slice of a timer pass; the loop runs between slices", hidden=True))
+    heartbeat_slots: int = field(default=HEARTBEAT_SLOTS, metadata=cli(
+        "--heartbeat-slots", "timer-wheel slots per heartbeat interval", hidden=True))
     instrument_linger_s: float = field(default=30.0, metadata=cli(
         "--instrument-linger-s", "an instrument nobody subscribes to keeps its NATS subscription this long"))
     fanout_delay_s: float = field(default=0.0, metadata=cli(

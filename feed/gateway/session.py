@@ -151,6 +151,25 @@ def _noop() -> None:
 _SENT_DELTA = ("sent", "delta")
 _HEARTBEAT = Item(Kind.HEARTBEAT)  # read only: what ``tick_through`` frames
 _EMPTY_HEARTBEAT: list = [None, b""]  # [now_ns, frame] of the last heartbeat with no seqs (a cache keyed by its input)
+_SENT_CONTROL = ("sent", "control")
+
+
+def empty_heartbeat_frame(now_ns: int) -> bytes:
+    """The heartbeat frame (WebSocket header + JSON) of every connection holding no book at ``now_ns``:
+    ``{"type":"heartbeat","ts_send_ns":now_ns,"seqs":{}}`` (PROTOCOL.md section 4), byte-identical for all of
+    them, so framed once per ``now_ns`` (the timer pass reads the clock once per slice) and the same bytes
+    written to each."""
+    if _EMPTY_HEARTBEAT[0] != now_ns:
+        _EMPTY_HEARTBEAT[:] = [now_ns, text_frame(proto.heartbeat(now_ns, {}))]
+    return _EMPTY_HEARTBEAT[1]
+
+
+def count_heartbeats(tally: Counter, frames: int, size_bytes: int) -> None:
+    """Tally ``frames`` heartbeats of ``heartbeat_through``, one socket write each, ``size_bytes`` in all
+    (what ``tick_through`` counts for one; the timer pass sums a slice over the sessions sharing a tally)."""
+    tally[_SENT_CONTROL] += frames
+    tally["bytes_sent"] += size_bytes
+    tally["socket_writes"] += frames
 
 
 class Session:
@@ -309,6 +328,31 @@ class Session:
         tally["socket_writes"] += 1
         self.last_send_ns = now_ns
         return frame
+
+    def heartbeat_through(self, now_ns: int, empty_frame: bytes) -> bytes | None:
+        """``tick_through`` for the worker's timer pass (``feed.gateway.app.Gateway.tick_due``), whose
+        caller writes the frame at once and tallies it (``count_heartbeats``): the heartbeat frame when one
+        is due on a session with nothing queued (``empty_frame``, the pass's shared frame from
+        ``empty_heartbeat_frame(now_ns)``, when it holds no book: ``seqs`` empty), else None. An expired
+        token queues close 4001 (``wakeup`` then runs the writer) and returns None."""
+        if self.state is not SessionState.OPEN or self.queue.items:
+            return None
+        auth = self.authorization
+        if auth is not None and auth.expires_at_ns is not None and now_ns >= auth.expires_at_ns:
+            self.close(CloseCode.UNAUTHORIZED, "token expired")
+            return None
+        if now_ns - self.last_send_ns < self.limits.heartbeat_interval_s * 1e9:
+            return None
+        self.last_send_ns = now_ns
+        if not self.held:
+            return empty_frame
+        return self._heartbeat_frame(now_ns)
+
+    def _heartbeat_frame(self, now_ns: int) -> bytes:
+        seqs = {i: (st.epoch, st.seq) for i, st in self.held.items() if type(st) is SentState and i in self.subs}
+        if not seqs:  # the same bytes for every connection holding no book
+            return empty_heartbeat_frame(now_ns)
+        return text_frame(proto.heartbeat(now_ns, seqs))
 
     # -- requests ------------------------------------------------------------------------------------
     def on_text(self, data: bytes | str, now_ns: int) -> list[Action]:
@@ -548,12 +592,7 @@ class Session:
         if kind is Kind.FLUSH:
             return self._conflated_for(item, now_ns), "delta"
         if kind is Kind.HEARTBEAT:
-            seqs = {i: (st.epoch, st.seq) for i, st in self.held.items() if type(st) is SentState and i in self.subs}
-            if not seqs:  # the same bytes for every connection holding no book: framed once per now_ns
-                if _EMPTY_HEARTBEAT[0] != now_ns:
-                    _EMPTY_HEARTBEAT[:] = [now_ns, text_frame(proto.heartbeat(now_ns, {}))]
-                return _EMPTY_HEARTBEAT[1], "control"
-            return text_frame(proto.heartbeat(now_ns, seqs)), "control"
+            return self._heartbeat_frame(now_ns), "control"
         raise ValueError(f"unexpected queue item {kind!r}")
 
     def _snapshot_for(self, instrument: str | None, now_ns: int) -> bytes | None:
