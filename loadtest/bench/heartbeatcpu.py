@@ -42,41 +42,9 @@ import subprocess
 import sys
 import time
 
+from loadtest.bench.fanoutcpu import CountingTransport, NoDrain, OpenWebSocket  # the same stubs
+
 MODES = ("gateway", "gateway-nosock", "write", "oswrite", "send")
-
-
-class CountingTransport:
-    """The transport surface the gateway's timer pass uses; writes are counted, never sent."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.bytes += len(data)
-        self.writes += 1
-
-    def writelines(self, frames) -> None:
-        self.bytes += sum(len(f) for f in frames)
-        self.writes += 1
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-
-class OpenWebSocket:
-    closed = False
-
-
-class NoDrain:
-    async def drain(self) -> None:
-        return None
 
 
 class _Accepting(asyncio.Protocol):
