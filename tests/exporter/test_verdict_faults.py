@@ -223,11 +223,14 @@ async def _phases(judge: Judge, ingest: Ingest, burners: list[subprocess.Popen])
     assert all(v.interval[0] >= 0.9 * DELAY_MS * 1e6 for v in c["fast"])
 
     # Phase D: CPU burners starving the host.
-    burners.extend(_burners(3 * (os.cpu_count() or 1)))
-    # a window the starved stack got too few messages through is no verdict at all (CI saw 1 in 5 once): up to 3
-    # such windows, each measurably starved, are set aside and another judged; any other cause still fails
-    d = await judge.windows(time.time_ns() + 2 * 10**9, ["fast"], max_skipped=3,
-                            skip=lambda w: w.cause == Cause.NOT_ENOUGH_DATA and w.starved)
-    assert all(w.starved for w in d["skipped:fast"])
+    burners.extend(_burners(4 * (os.cpu_count() or 1)))
+    # Windows where the burners did not take effect on the tail are set aside and another judged, at most 6:
+    # "healthy" (the tail within budget: the verdict's own rule) and "not enough data" on a starved host (too few
+    # messages got through). CI saw 1 of 5 of the second kind once, and 3 of 5 of the first on a quiet run. Any
+    # other cause still fails, and 5 windows must be judged host CPU starvation.
+    d = await judge.windows(time.time_ns() + 2 * 10**9, ["fast"], max_skipped=6,
+                            skip=lambda w: w.cause == Cause.HEALTHY
+                            or (w.cause == Cause.NOT_ENOUGH_DATA and w.starved))
+    assert all(w.cause == Cause.HEALTHY or w.starved for w in d["skipped:fast"])
     assert _causes(d["fast"]) == [Cause.HOST_CPU] * RUNS, [v.text for v in d["fast"]]
     assert all(v.starved and v.stall_share >= 0.5 for v in d["fast"])
