@@ -55,8 +55,8 @@ from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
-from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats, count_written,
-                                  empty_heartbeat_frame)
+from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats,
+                                  count_written)
 from feed.gateway.timers import TimerWheel
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
@@ -251,10 +251,15 @@ class Connection:
         writer (``drain`` returns once the transport resumes writing, below its low-water mark: so pings,
         written behind our data, stay timely)."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
+        if not self._socket_open(transport):
             raise ConnectionResetError("connection closing")
         if self._send(transport, frames, limit_bytes):
             await self.http_writer.drain()
+
+    def _socket_open(self, transport: asyncio.Transport | None) -> bool:
+        """The socket takes our writes: there is a transport, it is not closing, and the WebSocket is not
+        closed (every write path checks this first)."""
+        return transport is not None and not transport.is_closing() and not self.ws.closed
 
     def _send(self, transport: asyncio.Transport, frames: list[bytes], limit_bytes: int) -> bool:
         """The one socket write of every path (writer, ticker, write-through flush): ``frames`` (whole
@@ -281,7 +286,7 @@ class Connection:
         10,000 idle connections that is 10,000 task switches a second less."""
         session = self.session
         transport = self.transport
-        if not self.idle or self.corked or transport is None or transport.is_closing() or self.ws.closed:
+        if not self.idle or self.corked or not self._socket_open(transport):
             session.tick(now_ns)
             return
         self._inline = True
@@ -316,7 +321,7 @@ class Connection:
         frames = self.corked
         count = len(frames)
         transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
+        if not self._socket_open(transport):
             count = 0
         elif count and self._send(transport, frames, limit_bytes):
             self._wait_for_drain()
@@ -543,11 +548,10 @@ class Gateway:
     def _tick_slice(self, conns: list[Connection], now_ns: int, limit_bytes: int) -> None:
         """One slice of a timer pass at ``now_ns``. The common case, a connection whose writer is idle with a
         heartbeat due, costs one ``Session.heartbeat_through`` and one ``transport.write`` (uvloop writes
-        at once when its buffer is empty): every connection holding no book is written the slice's one
-        shared heartbeat frame (``empty_heartbeat_frame``: same bytes, framed once), and the shared tally
-        is counted once for the slice. Anything else (a writer busy or draining, frames corked, write
+        at once when its buffer is empty): every connection holding no book is written the same heartbeat
+        frame (``empty_heartbeat_frame``: same bytes, framed once per ``now_ns``), and the shared tally is
+        counted once for the slice. Anything else (a writer busy or draining, frames corked, write
         stamps) goes through ``Connection.tick``."""
-        empty_frame = empty_heartbeat_frame(now_ns)
         shared = self.tally
         beats = size_bytes = 0
         arm = self.arm
@@ -556,10 +560,9 @@ class Gateway:
             if conn._gone:
                 continue
             transport = conn.transport
-            if (conn.idle and not conn.corked and not conn.write_stamps and transport is not None
-                    and not transport.is_closing() and not conn.ws.closed):
+            if conn.idle and not conn.corked and not conn.write_stamps and conn._socket_open(transport):
                 session = conn.session
-                frame = session.heartbeat_through(now_ns, empty_frame)
+                frame = session.heartbeat_through(now_ns)
                 if frame is not None:
                     transport.write(frame)
                     if session.tally is shared:

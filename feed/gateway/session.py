@@ -149,7 +149,6 @@ def _noop() -> None:
 
 
 _SENT_DELTA = ("sent", "delta")
-_HEARTBEAT = Item(Kind.HEARTBEAT)  # read only: what ``tick_through`` frames
 _EMPTY_HEARTBEAT: list = [None, b""]  # [now_ns, frame] of the last heartbeat with no seqs (a cache keyed by its input)
 _SENT_CONTROL = ("sent", "control")
 
@@ -166,7 +165,7 @@ def empty_heartbeat_frame(now_ns: int) -> bytes:
 
 def count_heartbeats(tally: Counter, frames: int, size_bytes: int) -> None:
     """Tally ``frames`` heartbeats of ``heartbeat_through``, one socket write each, ``size_bytes`` in all
-    (what ``tick_through`` counts for one; the timer pass sums a slice over the sessions sharing a tally)."""
+    (``tick_through`` counts one; the timer pass sums a slice over the sessions sharing a tally)."""
     tally[_SENT_CONTROL] += frames
     tally["bytes_sent"] += size_bytes
     tally["socket_writes"] += frames
@@ -313,6 +312,17 @@ class Session:
         """``tick`` for a connection whose socket takes a write now (nothing queued, nobody writing): a
         heartbeat that is due is returned as the frame to write, tallied as ``pull`` would tally it,
         instead of being queued (no item, no queue); a close it decides is queued as ``tick`` queues it."""
+        frame = self.heartbeat_through(now_ns)
+        if frame is not None:
+            count_heartbeats(self.tally, 1, len(frame))
+        return frame
+
+    def heartbeat_through(self, now_ns: int) -> bytes | None:
+        """``tick_through`` untallied, for the worker's timer pass (``feed.gateway.app.Gateway.tick_due``),
+        which writes the frame at once and tallies a slice's heartbeats together (``count_heartbeats``):
+        the heartbeat frame when one is due on a session with nothing queued (the shared
+        ``empty_heartbeat_frame(now_ns)`` when it holds no book), else None. An expired token queues close
+        4001 (``wakeup`` then runs the writer) and returns None."""
         if self.state is not SessionState.OPEN:
             return None
         auth = self.authorization
@@ -321,34 +331,12 @@ class Session:
             return None
         if self.queue.items or now_ns - self.last_send_ns < self.limits.heartbeat_interval_s * 1e9:
             return None
-        frame, label = self._frame_for(_HEARTBEAT, now_ns)
-        tally = self.tally
-        tally[("sent", label)] += 1
-        tally["bytes_sent"] += len(frame)  # type: ignore[arg-type]
-        tally["socket_writes"] += 1
         self.last_send_ns = now_ns
-        return frame
-
-    def heartbeat_through(self, now_ns: int, empty_frame: bytes) -> bytes | None:
-        """``tick_through`` for the worker's timer pass (``feed.gateway.app.Gateway.tick_due``), whose
-        caller writes the frame at once and tallies it (``count_heartbeats``): the heartbeat frame when one
-        is due on a session with nothing queued (``empty_frame``, the pass's shared frame from
-        ``empty_heartbeat_frame(now_ns)``, when it holds no book: ``seqs`` empty), else None. An expired
-        token queues close 4001 (``wakeup`` then runs the writer) and returns None."""
-        if self.state is not SessionState.OPEN or self.queue.items:
-            return None
-        auth = self.authorization
-        if auth is not None and auth.expires_at_ns is not None and now_ns >= auth.expires_at_ns:
-            self.close(CloseCode.UNAUTHORIZED, "token expired")
-            return None
-        if now_ns - self.last_send_ns < self.limits.heartbeat_interval_s * 1e9:
-            return None
-        self.last_send_ns = now_ns
-        if not self.held:
-            return empty_frame
         return self._heartbeat_frame(now_ns)
 
     def _heartbeat_frame(self, now_ns: int) -> bytes:
+        if not self.held:
+            return empty_heartbeat_frame(now_ns)
         seqs = {i: (st.epoch, st.seq) for i, st in self.held.items() if type(st) is SentState and i in self.subs}
         if not seqs:  # the same bytes for every connection holding no book
             return empty_heartbeat_frame(now_ns)
