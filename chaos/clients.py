@@ -200,16 +200,27 @@ class ClientGroups:
 PENDING_DELTAS_MAX = 10_000   # deltas held per instrument while its snapshot is awaited (oldest dropped)
 
 
-def deltas_past(held: Iterable[tuple[Any, Any, bytes]], epoch: str, seq: int) -> list[bytes]:
-    """Pure: of the deltas ``held`` while a snapshot was awaited, as ``(epoch, seq, raw)`` in arrival order, the
-    raw ones to apply after the snapshot ``(epoch, seq)``: all but those of its epoch at or before its seq (the
+def deltas_past(held: Iterable[tuple[Any, Any, Any]], epoch: str, seq: int) -> list[Any]:
+    """Pure: of the deltas ``held`` while a snapshot was awaited, as ``(epoch, seq, message)`` in arrival order,
+    the messages to apply after the snapshot ``(epoch, seq)``: all but those of its epoch at or before its seq (the
     snapshot already holds them). Another epoch's delta is kept, so that the book sees the epoch change.
 
     The book is built the way venues document it (Coinbase's level2 and Binance's "how to manage a local order
     book": buffer the stream, take a snapshot, drop what it covers, apply the rest): over NATS the snapshot reply
     and the deltas come on different subscriptions, and nats-py runs each subscription's callbacks in its own
     task, so a burst published right after the reply can be read before the reply's awaiting task resumes."""
-    return [raw for e, s, raw in held if not (e == epoch and isinstance(s, int) and s <= seq)]
+    return [msg for e, s, msg in held if not (e == epoch and isinstance(s, int) and s <= seq)]
+
+
+def _decoded(data: bytes | dict) -> dict | None:
+    """The JSON object ``data`` holds (itself when already decoded), or None when it is not one."""
+    if isinstance(data, dict):
+        return data
+    try:
+        head = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return head if isinstance(head, dict) else None
 
 
 class Checker:
@@ -231,7 +242,7 @@ class Checker:
         self._nc = None
         self._repair: asyncio.Task | None = None
         self.paused = False      # set while the runner holds the ingest paused (no snapshot can be answered)
-        self._pending: dict[str, deque[tuple[Any, Any, bytes]]] = {}
+        self._pending: dict[str, deque[tuple[Any, Any, dict]]] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -278,42 +289,37 @@ class Checker:
     async def _on_msg(self, msg) -> None:
         self._on_live(msg.data)
 
-    def _on_live(self, data: bytes) -> None:
-        """One message of the live stream: applied, or held when it is a delta of a book not held."""
-        try:
-            head = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            head = None
-        if isinstance(head, dict) and head.get("type") == "delta":
+    def _on_live(self, data: bytes | dict) -> None:
+        """One message of the live stream: applied, or held when it is a delta of a book not held. Decoded
+        once here; what is not a JSON object goes to ``VerifiedBooks`` as it came (its error, its count)."""
+        head = _decoded(data)
+        if head is not None and head.get("type") == "delta":
             inst = head.get("instrument")
             if isinstance(inst, str) and inst not in self.verified.books:
                 pending = self._pending.get(inst)
                 if pending is None:
                     pending = self._pending[inst] = deque(maxlen=PENDING_DELTAS_MAX)
-                pending.append((head.get("epoch"), head.get("seq"), data))
+                pending.append((head.get("epoch"), head.get("seq"), head))
                 return
-        self._apply(data)
+        self._apply(data if head is None else head)
 
     def _apply_snapshot(self, data: bytes) -> None:
         """Apply one snapshot reply, then the held deltas past it; drop it when the book held is at or past it
         in the same epoch."""
-        try:
-            head = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            head = {}
-        inst = head.get("instrument") if isinstance(head, dict) else None
+        head = _decoded(data)
+        inst = head.get("instrument") if head is not None else None
         held = self.verified.books.get(inst) if isinstance(inst, str) else None
         if held is not None and held.epoch == head.get("epoch") and isinstance(head.get("seq"), int) \
                 and head["seq"] <= held.seq:
             return
-        self._apply(data)
+        self._apply(data if head is None else head)
         held = self.verified.books.get(inst) if isinstance(inst, str) else None
         if held is None:
             return   # not a snapshot we could use: its fault already asked for another
-        for raw in deltas_past(self._pending.pop(inst, ()), held.epoch, held.seq):
-            self._on_live(raw)   # held again once a gap among them drops the book
+        for msg in deltas_past(self._pending.pop(inst, ()), held.epoch, held.seq):
+            self._on_live(msg)   # held again once a gap among them drops the book
 
-    def _apply(self, data: bytes) -> None:
+    def _apply(self, data: bytes | dict) -> None:
         for out in self.verified.on_message(data, time.time_ns()):
             if isinstance(out, SendResync):
                 self.resyncs += 1
