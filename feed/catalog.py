@@ -80,6 +80,8 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("bookcast_gateway_errors_total", "Error replies sent, by error code.", ("code",)),
     _c("bookcast_gateway_resyncs_total", "resync notices sent to clients, by reason.", ("reason",)),
     _c("bookcast_gateway_slow_consumer_closes_total", "Connections closed with 4008 after repeated overflows."),
+    _c("bookcast_gateway_ping_timeouts_total", "Connections dropped (1006, no close handshake) for answering no "
+       "WebSocket ping within half the ping interval (PROTOCOL.md section 4)."),
     _c("bookcast_gateway_closes_total", "Connections closed by the gateway, by close code.", ("code",)),
     _c("bookcast_gateway_conflated_total", "Deltas merged into a conflated delta."),
     _c("bookcast_gateway_gaps_total", "Upstream gaps and epoch changes detected on NATS deltas."),

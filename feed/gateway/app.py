@@ -54,6 +54,7 @@ from feed.gateway.config import HEARTBEAT_SLOTS, TIMER_SLICE  # noqa: F401 - re-
 from feed.gateway.fanout import Item, Kind
 from feed.gateway.framing import text_frame
 from feed.gateway.instrument import InstrumentMachine
+from feed.gateway.liveness import PING_FRAME, Liveness, PeerLiveness
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
 from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats,
                                   count_written)
@@ -97,6 +98,7 @@ class GatewayMetrics:
         resyncs = b("bookcast_gateway_resyncs_total")
         self.resyncs = {r.value: resyncs.labels(r.value) for r in ResyncReason}
         self.slow_closes = b("bookcast_gateway_slow_consumer_closes_total")
+        self.ping_timeouts = b("bookcast_gateway_ping_timeouts_total")
         closes = b("bookcast_gateway_closes_total")
         self.closes = {int(c): closes.labels(str(int(c))) for c in CloseCode}
         self.conflated = b("bookcast_gateway_conflated_total")
@@ -195,6 +197,8 @@ class Connection:
         self.corked_bytes = 0
         self.must_drain = False  # the last write-through left the socket over the limit: the writer drains it
         self._inline = False  # tick() is running the session's timers and writes what they queue itself
+        # our WebSocket pings (PROTOCOL.md section 4), run by the timer pass instead of aiohttp's heartbeat=
+        self.liveness = PeerLiveness(gw.config.ws_ping_interval_s, time.time_ns())
         session.wakeup = self._wake
         session.sink = self
 
@@ -255,6 +259,25 @@ class Connection:
             raise ConnectionResetError("connection closing")
         if self._send(transport, frames, limit_bytes):
             await self.http_writer.drain()
+
+    def send_ping(self) -> None:
+        """Write a WebSocket ping (``feed.gateway.liveness``) now, between whole frames (every write path
+        writes whole frames): a control frame may come between data frames (RFC 6455 section 5.4)."""
+        transport = self.transport
+        if self._socket_open(transport):
+            transport.write(PING_FRAME)
+
+    def drop_unanswered(self) -> None:
+        """The peer answered no ping in time (``feed.gateway.liveness``): drop the TCP connection at once,
+        with what is still buffered for it (nothing reads it; a close handshake would wait on a dead peer).
+        The handler's ``receive()`` then ends and ``Gateway._drop`` cleans up; counted in
+        ``bookcast_gateway_ping_timeouts_total``."""
+        self.gw.metrics.ping_timeouts.inc()
+        log.debug("no answer to a WebSocket ping from %s within %.1f s: connection dropped", self.session.peer,
+                  self.liveness.timeout_ns / 1e9)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     def _socket_open(self, transport: asyncio.Transport | None) -> bool:
         """The socket takes our writes: there is a transport, it is not closing, and the WebSocket is not
@@ -560,11 +583,21 @@ class Gateway:
             if conn._gone:
                 continue
             transport = conn.transport
+            ping = False
+            if now_ns >= conn.liveness.due_ns:  # the one comparison most connections cost for pings
+                step = conn.liveness.on_timer(now_ns)
+                if step is Liveness.DEAD:
+                    conn.drop_unanswered()
+                    continue
+                ping = step is Liveness.PINGED
             if conn.idle and not conn.corked and not conn.write_stamps and conn._socket_open(transport):
                 session = conn.session
                 frame = session.heartbeat_through(now_ns)
+                if ping:  # in the heartbeat's socket write when one is due
+                    transport.write(PING_FRAME if frame is None else frame + PING_FRAME)
                 if frame is not None:
-                    transport.write(frame)
+                    if not ping:
+                        transport.write(frame)
                     if session.tally is shared:
                         beats += 1
                         size_bytes += len(frame)
@@ -578,6 +611,8 @@ class Gateway:
                         continue
             else:
                 conn.tick(now_ns, limit_bytes)
+                if ping:
+                    conn.send_ping()
             arm(conn, now_ns)
         if beats:
             count_heartbeats(shared, beats, size_bytes)
@@ -1165,7 +1200,7 @@ class Gateway:
     async def ws_handler(self, request: web.Request) -> web.StreamResponse:
         authorization = await self.authorize(request)
         ws = web.WebSocketResponse(
-            heartbeat=self.config.ws_ping_interval_s,
+            autoping=False,  # pings are ours (``feed.gateway.liveness``, in the timer pass); pongs are read below
             max_msg_size=self.limits.max_frame_bytes,
             compress=False,
             decode_text=False,
@@ -1213,6 +1248,7 @@ class Gateway:
         """Handle the client's frames until it goes away or a close is requested (``conn.close_request``;
         ``Connection._request_close`` cancels a pending ``receive()`` for it)."""
         session = conn.session
+        liveness = conn.liveness
         closing = _WS_END
         while not conn.close_request.done():
             conn.reading = True
@@ -1222,6 +1258,13 @@ class Gateway:
                 conn.reading = False
             if msg.type in closing:
                 return
+            now_ns = time.time_ns()
+            liveness.heard(now_ns)  # any frame from the peer answers a ping (RFC 6455 section 5.5.3)
+            if msg.type is WSMsgType.PONG:
+                continue
+            if msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)  # what aiohttp's autoping did: the client's ping answered at once
+                continue
             if msg.type is WSMsgType.TEXT:
                 if not _valid_utf8(msg.data):  # RFC 6455 section 8.1; bad_request stays for text that is not JSON
                     self.metrics.closes[int(CloseCode.INVALID_PAYLOAD)].inc()
@@ -1229,7 +1272,7 @@ class Gateway:
                     await ws.close(code=CloseCode.INVALID_PAYLOAD, message=b"text frame is not valid UTF-8")
                     return
                 try:
-                    actions = session.on_text(msg.data, time.time_ns())
+                    actions = session.on_text(msg.data, now_ns)
                     self._apply_links(session, actions)
                 except Exception:  # noqa: BLE001 - never let one request take the connection down
                     log.exception("internal error handling a request from %s", session.peer)

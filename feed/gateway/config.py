@@ -62,7 +62,8 @@ class GatewayConfig:
     ring_size: int = field(default=4096, metadata=cli(
         "--ring-size", "recent deltas kept per instrument to serve resume"))
     ws_ping_interval_s: float = field(default=10.0, metadata=cli(
-        "--ws-ping-interval-s", "WebSocket ping interval; a client not answering within half of it is closed"))
+        "--ws-ping-interval-s", "WebSocket ping after this long without a frame from the client (0: no pings); a "
+        "client that sends nothing within half of it after the ping is dropped (feed.gateway.liveness)"))
     snapshot_timeout_s: float = field(default=2.0, metadata=cli(
         "--snapshot-timeout-s", "limit on one snapshot request to the ingest (retried with backoff)"))
     shutdown_reconnect_after_ms: int = 500

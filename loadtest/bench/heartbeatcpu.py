@@ -116,7 +116,9 @@ async def measure(args: argparse.Namespace) -> int:
         for s in socks:
             s.setblocking(False)
         fds = [t.get_extra_info("socket").fileno() for t in transports]
-        gw = Gateway(GatewayConfig(), CollectorRegistry())
+        # pings off: the readers here never answer one, and this measures the heartbeat itself (a ping is one
+        # more frame in every tenth heartbeat's write; its cost shows in ``bench fanout --idle``)
+        gw = Gateway(GatewayConfig(ws_ping_interval_s=0), CollectorRegistry())
         now_ns = time.time_ns()
         real = [Connection(gw, OpenWebSocket(), Session(gw, gw.limits, now_ns, tally=gw.tally), t, NoDrain())
                 for t in transports]

@@ -1,6 +1,8 @@
 """PROTOCOL.md section 4: the gateway sends WebSocket ping frames and closes a connection that stops answering
-them (``--ws-ping-interval-s``: a ping after that long without a frame from the client, closed when no answer
-comes within half of it). A real aiohttp gateway worker (no NATS needed: nothing is subscribed), real clients."""
+them (``--ws-ping-interval-s``: a ping after that long without a frame from the client, dropped when no answer
+comes within half of it; ``feed.gateway.liveness``, run by the worker's timer pass), and answers the client's
+own pings. A real aiohttp gateway worker with its timer pass (no NATS needed: nothing is subscribed), real
+clients."""
 from __future__ import annotations
 
 import asyncio
@@ -28,10 +30,21 @@ async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answer
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     url = f"ws://127.0.0.1:{port}/v1/ws"
+    ticks = asyncio.get_running_loop().create_task(gw._ticks())  # what Gateway.start runs beside NATS
     try:
         async with aiohttp.ClientSession() as http:
-            answering = await http.ws_connect(url, autoping=True)
+            answering = await http.ws_connect(url, autoping=True)  # aiohttp answers pings while we read
             silent = await http.ws_connect(url, autoping=False)  # reads, never answers a ping
+            answered: list[aiohttp.WSMsgType] = []
+
+            async def read_answering() -> None:
+                while True:
+                    msg = await answering.receive()
+                    answered.append(msg.type)
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        return
+
+            reader = asyncio.get_running_loop().create_task(read_answering())
             pings = 0
             deadline = time.monotonic() + 10 * PING_INTERVAL_S
             closed = None
@@ -48,7 +61,40 @@ async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answer
                     break
             assert pings >= 1, "the gateway never pinged the silent client"
             assert closed is not None, f"a client that never answered {pings} ping(s) is still open"
-            assert not answering.closed  # it answered every ping (aiohttp's autoping): still served
+            # the answering client is pinged again and again: still served two ping rounds later
+            seen = len(answered)
+            hold_until = time.monotonic() + 2 * PING_INTERVAL_S
+            while time.monotonic() < hold_until and not reader.done():
+                await asyncio.wait([reader], timeout=hold_until - time.monotonic())
+            assert not reader.done(), f"the answering client was closed: {answered[-3:]}"
+            assert len(answered) > seen  # heartbeats kept coming
+            assert gw.metrics.ping_timeouts._value.get() == 1  # the silent one, counted once
+            assert len(gw.connections) == 1  # and its handler ended: dropped from the worker's table
+            reader.cancel()
             await answering.close()
+    finally:
+        ticks.cancel()
+        await runner.cleanup()
+
+
+async def test_the_gateway_answers_a_client_ping_with_its_payload():
+    config = GatewayConfig()
+    gw = Gateway(config, CollectorRegistry())
+    app = web.Application()
+    add_routes(app, gw)
+    runner = web.AppRunner(app, access_log=None, **runner_timer_kwargs(config))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/v1/ws", autoping=False)
+            await ws.ping(b"are you there")
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"are you there")
+            await ws.send_str('{"op":"ping","id":1}')  # the protocol's own ping still answered after it
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type is aiohttp.WSMsgType.TEXT and '"pong"' in msg.data, msg
+            await ws.close()
     finally:
         await runner.cleanup()
