@@ -6,6 +6,7 @@ clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -20,8 +21,10 @@ from feed.procs import free_port
 PING_INTERVAL_S = 4.0  # the answering client has 2 s to answer each ping, even on a loaded machine
 
 
-async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answers_stays():
-    config = GatewayConfig(ws_ping_interval_s=PING_INTERVAL_S)
+@contextlib.asynccontextmanager
+async def worker(config: GatewayConfig):
+    """A gateway worker serving on a free loopback port with its timer pass (what ``Gateway.start`` runs
+    beside NATS); yields (gateway, WebSocket URL), stopped on exit."""
     gw = Gateway(config, CollectorRegistry())
     app = web.Application()
     add_routes(app, gw)
@@ -29,9 +32,16 @@ async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answer
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"ws://127.0.0.1:{port}/v1/ws"
-    ticks = asyncio.get_running_loop().create_task(gw._ticks())  # what Gateway.start runs beside NATS
+    ticks = asyncio.get_running_loop().create_task(gw._ticks())
     try:
+        yield gw, f"ws://127.0.0.1:{port}/v1/ws"
+    finally:
+        ticks.cancel()
+        await runner.cleanup()
+
+
+async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answers_stays():
+    async with worker(GatewayConfig(ws_ping_interval_s=PING_INTERVAL_S)) as (gw, url):
         async with aiohttp.ClientSession() as http:
             answering = await http.ws_connect(url, autoping=True)  # aiohttp answers pings while we read
             silent = await http.ws_connect(url, autoping=False)  # reads, never answers a ping
@@ -72,29 +82,15 @@ async def test_a_client_that_stops_answering_pings_is_closed_and_one_that_answer
             assert len(gw.connections) == 1  # and its handler ended: dropped from the worker's table
             reader.cancel()
             await answering.close()
-    finally:
-        ticks.cancel()
-        await runner.cleanup()
 
 
 async def test_the_gateway_answers_a_client_ping_with_its_payload():
-    config = GatewayConfig()
-    gw = Gateway(config, CollectorRegistry())
-    app = web.Application()
-    add_routes(app, gw)
-    runner = web.AppRunner(app, access_log=None, **runner_timer_kwargs(config))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/v1/ws", autoping=False)
-            await ws.ping(b"are you there")
-            msg = await asyncio.wait_for(ws.receive(), 10)
-            assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"are you there")
-            await ws.send_str('{"op":"ping","id":1}')  # the protocol's own ping still answered after it
-            msg = await asyncio.wait_for(ws.receive(), 10)
-            assert msg.type is aiohttp.WSMsgType.TEXT and '"pong"' in msg.data, msg
-            await ws.close()
-    finally:
-        await runner.cleanup()
+    async with worker(GatewayConfig()) as (_, url), aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url, autoping=False)
+        await ws.ping(b"are you there")
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"are you there")
+        await ws.send_str('{"op":"ping","id":1}')  # the protocol's own ping still answered after it
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type is aiohttp.WSMsgType.TEXT and '"pong"' in msg.data, msg
+        await ws.close()
