@@ -333,8 +333,10 @@ class Supercluster:
     def servers(self) -> list[NatsServer]:
         return [s for r in self.clusters for s in r.servers]
 
-    def start(self, timeout_s: float = 20.0) -> Supercluster:
-        """Start every server (a cluster's servers wait for their routes, so all start before any wait)."""
+    def start(self, timeout_s: float = 45.0) -> Supercluster:
+        """Start every server (a cluster's servers wait for their routes, so all start before any wait).
+        ``timeout_s`` per wait: /healthz waits for JetStream's meta leader, elected over the gateway links
+        (seconds on a quiet machine; my fresh-clone CI once saw it miss 20 s)."""
         try:
             if self.network is not None:
                 self.network.create()
