@@ -593,11 +593,11 @@ class Gateway:
             if conn.idle and not conn.corked and not conn.write_stamps and conn._socket_open(transport):
                 session = conn.session
                 frame = session.heartbeat_through(now_ns)
-                if ping:  # in the heartbeat's socket write when one is due
-                    transport.write(PING_FRAME if frame is None else frame + PING_FRAME)
-                if frame is not None:
-                    if not ping:
-                        transport.write(frame)
+                if frame is None:
+                    if ping:
+                        transport.write(PING_FRAME)
+                else:
+                    transport.write(frame + PING_FRAME if ping else frame)  # a ping rides in the heartbeat's write
                     if session.tally is shared:
                         beats += 1
                         size_bytes += len(frame)

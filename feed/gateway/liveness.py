@@ -88,11 +88,7 @@ class PeerLiveness:
         ``Liveness.DEAD`` when the connection is to be dropped (once), ``None`` when there is nothing to do."""
         if now_ns < self.due_ns:
             return None
-        before = self.state
-        after = TRANSITIONS[(before, LivenessInput.DUE)]
-        self.state = after
-        if after is Liveness.PINGED:
-            self.due_ns = now_ns + self.timeout_ns
-            return after
-        self.due_ns = NEVER_NS
-        return after if before is not Liveness.DEAD else None
+        after = self.state = TRANSITIONS[(self.state, LivenessInput.DUE)]
+        # PINGED: the answer's deadline; DEAD: never due again, so it is reported once
+        self.due_ns = now_ns + self.timeout_ns if after is Liveness.PINGED else NEVER_NS
+        return after

@@ -54,7 +54,11 @@ def runner_timer_kwargs(config: GatewayConfig) -> dict[str, float]:
     second of the loop's clock, so with the 10 s ping interval every connection that opened (or last
     heard its client) within one second pinged in one loop iteration: 1,000 pings a second as one burst
     with 10,000 connections, ~60 ms of a worker's loop each time (pings alone, no heartbeats: a healthy
-    client's p99 82 ms against 17 ms). Timers longer than the ping interval stay rounded."""
+    client's p99 82 ms against 17 ms). Timers longer than the ping interval stay rounded.
+
+    Since issue 13's round 6 the pings are the timer pass's (``feed.gateway.liveness``), not aiohttp's; the
+    threshold is kept as it was, so aiohttp's other timers up to the ping interval (keep-alive, the guard's
+    handshake and idle timers) still fire at their own phase rather than in whole-second bursts."""
     return {"timeout_ceil_threshold": max(5.0, config.ws_ping_interval_s)}
 
 
