@@ -58,7 +58,7 @@ from feed.gateway.liveness import PING_FRAME, Liveness, PeerLiveness
 from feed.gateway.protocol import CloseCode, ErrorCode, ResyncReason, shown
 from feed.gateway.session import (Authorization, Close, Link, Session, SessionState, Unlink, count_heartbeats,
                                   count_written)
-from feed.gateway.timers import TimerWheel
+from feed.gateway.timers import TimerWheel, slice_gap_ns
 from feed.model import split_instrument
 from feed.otlp import TRACEPARENT, Otlp
 from feed.subjects import ANNOUNCE_REQUEST, DIRECTORY_WILDCARD, delta_subject, snapshot_subject, trade_subject
@@ -523,18 +523,23 @@ class Gateway:
 
     async def _ticks(self) -> None:
         """Session timers (heartbeats, token expiry) through one timer wheel for the worker (``timers``):
-        it wakes once per slot (``--heartbeat-slots``, ``HEARTBEAT_SLOTS`` per heartbeat interval) and fires the timers of the
-        slots that began (``tick_due``), so a heartbeat goes out 1 to 1.05 intervals after the last frame,
-        at each connection's own phase. It used to pass over every connection at a quarter of the interval:
-        each pass sent every heartbeat that fell due in that quarter at once (2,500 of 10,000 idle
-        connections), a burst that the healthy clients' deltas waited behind, and visited every connection
-        four times a second to find them. Every quarter interval it also checks for silent ingests."""
+        it wakes at every slot boundary (``--heartbeat-slots``, ``HEARTBEAT_SLOTS`` per heartbeat interval,
+        on the loop's clock, not a slot after the last pass ended) and fires the timers of the slots that
+        began (``tick_due``, its slices spread over the slot), so a heartbeat goes out 1 to 1.1 intervals
+        after the last frame, at each connection's own phase. It used to pass over every connection at a
+        quarter of the interval: each pass sent every heartbeat that fell due in that quarter at once (2,500
+        of 10,000 idle connections), a burst that the healthy clients' deltas waited behind, and visited
+        every connection four times a second to find them. Every quarter interval it also checks for
+        silent ingests."""
+        loop = asyncio.get_running_loop()
         slot_s = self.timers.slot_ns / 1e9
         silence_every_s = self.limits.heartbeat_interval_s / 4
         next_silence_s = time.monotonic() + silence_every_s
+        wake_s = loop.time()
         while True:
-            await asyncio.sleep(slot_s)
-            await self.tick_due()
+            wake_s = max(wake_s + slot_s, loop.time())  # behind after a stall: start again from now, no catch-up burst
+            await asyncio.sleep(wake_s - loop.time())
+            await self.tick_due(paced=True)
             now_s = time.monotonic()
             if now_s >= next_silence_s:
                 next_silence_s = now_s + silence_every_s
@@ -555,16 +560,21 @@ class Gateway:
             due_ns = auth.expires_at_ns
         self.timers.add(conn, due_ns)
 
-    async def tick_due(self, slice_size: int | None = None) -> None:
+    async def tick_due(self, slice_size: int | None = None, *, paced: bool = False) -> None:
         """Fire the timers that are due (``Connection.tick``: a heartbeat, a token expiry) and file each
-        connection's next one, ``slice_size`` (``--timer-slice``, ``TIMER_SLICE``) connections at a time, yielding to the loop
-        between slices (after a stall many slots are due at once); each slice reads the clock once (its
-        heartbeats' ``ts_send_ns``). A timer is a hint: ``tick`` sends only what is due at that moment."""
+        connection's next one, ``slice_size`` (``--timer-slice``, ``TIMER_SLICE``) connections at a time,
+        handing the loop back between slices (after a stall many slots are due at once); each slice reads
+        the clock once (its heartbeats' ``ts_send_ns``). ``paced``: the slices are spread over one slot
+        (``timers.slice_gap_ns``; what ``_ticks`` asks for), otherwise the loop runs one iteration between
+        them. A timer is a hint: ``tick`` sends only what is due at that moment."""
         step = max(slice_size or self.config.timer_slice, 1)
         limit_bytes = self.config.ws_writer_limit_bytes
         conns = self.timers.due(time.time_ns())
+        gap_s = slice_gap_ns(len(conns), step, self.timers.slot_ns) / 1e9 if paced else 0.0
         for start in range(0, len(conns), step):
-            if start or self._corked:  # a fan-out pass's frames wait for their flush: deliveries go first
+            if start:
+                await asyncio.sleep(gap_s)
+            if self._corked:  # a fan-out pass's frames wait for their flush: deliveries go first
                 await asyncio.sleep(0)
             self._tick_slice(conns[start:start + step] if len(conns) > step else conns, time.time_ns(), limit_bytes)
 

@@ -90,3 +90,22 @@ class TimerWheel(Generic[T]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def slice_gap_ns(due: int, slice_size: int, slot_ns: int) -> int:
+    """The pause between the slices of one timer pass that spreads ``due`` timers, ``slice_size`` at a time,
+    over one slot (``slot_ns``), or 0 when they fit in one slice (nothing to spread).
+
+    A pass that hands the loop back only for one iteration between slices (``asyncio.sleep(0)``) still runs
+    every slice of the slot within a few milliseconds: a delta that needs several loop iterations (the NATS
+    read, the subscription's task, the fan-out) meets a slice at each of them. Spread over the slot, a
+    heartbeat goes out at most one more slot late, and each slice's heartbeats are re-filed from the time
+    they were sent, so the next interval's load is as even as this one's ended up.
+
+    Raises:
+        ValueError: ``slice_size`` or ``slot_ns`` <= 0.
+    """
+    if slice_size <= 0 or slot_ns <= 0:
+        raise ValueError(f"slice_size and slot_ns must be > 0, got {slice_size} and {slot_ns}")
+    slices = -(-due // slice_size)
+    return slot_ns // slices if slices > 1 else 0

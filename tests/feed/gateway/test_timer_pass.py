@@ -154,6 +154,23 @@ async def test_tick_due_sends_a_heartbeat_after_an_interval_of_silence_in_slices
     await _stop([*conns, quiet])
 
 
+async def test_a_paced_pass_spreads_its_slices_over_the_slot():
+    gw = _gateway()
+    interval, slot_ns = gw._heartbeat_ns, gw.timers.slot_ns
+    now = time.time_ns()
+    conns = [_connect(gw, now - 2 * interval) for _ in range(6)]
+    for c in conns:
+        gw.timers.add(c, now - interval)
+    await gw.tick_due(slice_size=2, paced=True)  # three slices, a third of a slot apart
+    stamps = [_messages(c.transport.writes[0])[0]["ts_send_ns"] for c in conns]
+    assert [len(c.transport.writes) for c in conns] == [1] * 6
+    assert stamps[0] == stamps[1] and stamps[2] == stamps[3] and stamps[4] == stamps[5]  # one clock read a slice
+    gap_ns = slot_ns // 3
+    assert stamps[2] - stamps[0] >= gap_ns - 2_000_000 and stamps[4] - stamps[2] >= gap_ns - 2_000_000
+    assert len(gw.timers) == 6
+    await _stop(conns)
+
+
 async def test_busy_stamped_or_full_connections_get_their_heartbeat_through_the_writer():
     gw = _gateway()
     interval = gw._heartbeat_ns

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from feed.gateway.app import HEARTBEAT_SLOTS, Gateway
 from feed.gateway.config import GatewayConfig
 from feed.gateway.session import Session
-from feed.gateway.timers import TimerWheel
+from feed.gateway.timers import TimerWheel, slice_gap_ns
 
 SLOT = 50
 
@@ -25,6 +25,17 @@ def test_a_timer_comes_back_once_at_the_first_slot_at_or_after_its_due_time():
     assert w.due(1049) == []
     assert w.due(1050) == ["a", "b"]
     assert w.due(10_000) == [] and len(w) == 0
+
+
+def test_a_slot_of_timers_too_many_for_one_slice_is_spread_over_the_slot():
+    assert slice_gap_ns(250, 64, 50_000_000) == 12_500_000  # 4 slices: one every quarter slot
+    assert slice_gap_ns(65, 64, 50_000_000) == 25_000_000
+    assert slice_gap_ns(64, 64, 50_000_000) == 0  # one slice: nothing to spread
+    assert slice_gap_ns(0, 64, 50_000_000) == 0
+    with pytest.raises(ValueError, match="slice_size"):
+        slice_gap_ns(10, 0, 50_000_000)
+    with pytest.raises(ValueError, match="slot_ns"):
+        slice_gap_ns(10, 8, 0)
 
 
 @settings(max_examples=200, deadline=None)
