@@ -223,7 +223,7 @@ async def _phases(judge: Judge, ingest: Ingest, burners: list[subprocess.Popen])
     assert all(v.interval[0] >= 0.9 * DELAY_MS * 1e6 for v in c["fast"])
 
     # Phase D: CPU burners starving the host.
-    burners.extend(_burners(4 * (os.cpu_count() or 1)))
+    burners.extend(_burners(8 * (os.cpu_count() or 1)))
     # Windows where the burners did not take effect on the tail are set aside and another judged, at most 6:
     # "healthy" (the tail within budget: the verdict's own rule) and "not enough data" on a starved host (too few
     # messages got through). CI saw 1 of 5 of the second kind once, and 3 of 5 of the first on a quiet run. Any
@@ -231,8 +231,10 @@ async def _phases(judge: Judge, ingest: Ingest, burners: list[subprocess.Popen])
     # one window of 5 named "network" while the burners ran (the loopback hop's tail outgrew the CPU-wait
     # evidence, which then fell short of the starved bound), and a quiet run here 1 in 3: such a window is set
     # aside too. It is a limit of the rule, noted on issue 12/13; 5 windows of host CPU starvation are still
-    # required, and any other cause (ingest, reader, upstream, gateway) fails.
-    d = await judge.windows(time.time_ns() + 2 * 10**9, ["fast"], max_skipped=6,
+    # required, and any other cause (ingest, reader, upstream, gateway) fails. A later fresh-clone run (issue 13,
+    # round 7) had only 2 host CPU windows in 11, most others "healthy" on a starved host (the tail 36 ms against
+    # the 100 ms budget): twice the burners, and up to 10 windows set aside (30 s more at most).
+    d = await judge.windows(time.time_ns() + 2 * 10**9, ["fast"], max_skipped=10,
                             skip=lambda w: w.cause in (Cause.HEALTHY, Cause.NETWORK)
                             or (w.cause == Cause.NOT_ENOUGH_DATA and w.starved))
     assert all(w.cause in (Cause.HEALTHY, Cause.NETWORK) or w.starved for w in d["skipped:fast"])
