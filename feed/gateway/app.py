@@ -572,10 +572,8 @@ class Gateway:
         conns = self.timers.due(time.time_ns())
         gap_s = slice_gap_ns(len(conns), step, self.timers.slot_ns) / 1e9 if paced else 0.0
         for start in range(0, len(conns), step):
-            if start:
-                await asyncio.sleep(gap_s)
-            if self._corked:  # a fan-out pass's frames wait for their flush: deliveries go first
-                await asyncio.sleep(0)
+            if start or self._corked:  # between slices (paced: a gap); a fan-out pass's frames wait for their flush
+                await asyncio.sleep(gap_s if start else 0)
             self._tick_slice(conns[start:start + step] if len(conns) > step else conns, time.time_ns(), limit_bytes)
 
     def _tick_slice(self, conns: list[Connection], now_ns: int, limit_bytes: int) -> None:

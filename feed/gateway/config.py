@@ -40,7 +40,7 @@ def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], A
 
 
 TIMER_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
-HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.1 intervals (the pass spreads a slot's slices over the next slot) after the last frame
+HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.1 intervals after the last frame (a slot late, its slice paced over one more)
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the standard variable (feed.otlp.ENDPOINT_ENV)
 
 
