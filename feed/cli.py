@@ -271,7 +271,7 @@ async def _run_ingest(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = None
     # The first connection is bounded and interruptible: nats.py retries an unreachable server forever.
-    connecting = loop.create_task(ingest.start())
+    connecting = loop.create_task(ingest.connect())
     stopped = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({connecting, stopped}, timeout=args.connect_timeout_s,
                                  return_when=asyncio.FIRST_COMPLETED)
@@ -289,6 +289,22 @@ async def _run_ingest(args: argparse.Namespace) -> int:
 
         print(f"bookcast replay: cannot connect to NATS at {redacted_url(args.nats)} ({why}); is nats-server running? "
               f"(--connect-timeout-s sets the wait)", file=sys.stderr)
+        return 1
+    # Then HA (the lease and KV books buckets): bounded by its own waits for JetStream (--jetstream-wait-s),
+    # not by --connect-timeout-s, and interruptible too
+    ha_start = loop.create_task(ingest.start_ha())
+    await asyncio.wait({ha_start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not ha_start.done() or ha_start.exception() is not None:
+        ha_start.cancel()
+        stopped.cancel()
+        await asyncio.gather(ha_start, stopped, return_exceptions=True)
+        await ingest.stop()
+        if stop.is_set():
+            print("bookcast replay: interrupted while joining the publishing lease", file=sys.stderr)
+            return 1
+        exc = ha_start.exception()
+        print(f"bookcast replay: cannot join the publishing lease or bind the KV books ({type(exc).__name__}: "
+              f"{exc or 'no detail'}); is JetStream up in the lease cluster?", file=sys.stderr)
         return 1
     stopped.cancel()
     if args.http_port:

@@ -90,6 +90,7 @@ class HaConfig:
     replay_start_at_ns: int | None = None  # replays start at this wall-clock time (ingests in step on one upstream)
     lease_replicas: int = 1  # replicas of the lease bucket: min(3, servers of the lease cluster); R3 in production
     books_replicas: int = 1  # replicas of each region's KV books: min(3, servers per region)
+    jetstream_wait_s: float = 45.0  # how long the start waits for JetStream to bind the lease bucket
 
     def __post_init__(self) -> None:
         if not self.regions:
@@ -100,6 +101,8 @@ class HaConfig:
         for name in ("lease_replicas", "books_replicas"):
             if not 1 <= getattr(self, name) <= 5:
                 raise ValueError(f"{name} must be 1..5 (JetStream's limit), got {getattr(self, name)}")
+        if self.jetstream_wait_s < 0:
+            raise ValueError(f"jetstream_wait_s must be >= 0, got {self.jetstream_wait_s}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,6 +124,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cluster); 3 in the documented production shape (default %(default)s)")
     g.add_argument("--books-replicas", type=int, default=1,
                    help="replicas of each region's KV books bucket: min(3, servers per region) (default %(default)s)")
+    g.add_argument("--jetstream-wait-s", type=float, default=HaConfig.jetstream_wait_s,
+                   help="at start, keep trying this long to bind the lease bucket while JetStream cannot answer "
+                        "(a supercluster just started has no meta leader for a while); then exit 1 "
+                        "(default %(default)s)")
     g.add_argument("--test-force-lossy-takeover", action="store_true",
                    help="test hook: on takeover start a new epoch even when in step with the leader")
 
@@ -132,10 +139,18 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
     return HaConfig(args.region, regions, args.lease_region, args.lease_ttl_s,
                     force_lossy=args.test_force_lossy_takeover, acquire_delay_s=args.lease_acquire_delay_s,
                     replay_start_at_ns=args.replay_start_at_ns, lease_replicas=args.lease_replicas,
-                    books_replicas=args.books_replicas)
+                    books_replicas=args.books_replicas, jetstream_wait_s=args.jetstream_wait_s)
 
 
-async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1) -> Any:
+BIND_RETRY_S = 0.5  # between tries while JetStream cannot answer yet
+
+
+class BucketPlacementError(RuntimeError):
+    """A KV bucket exists, but in another cluster than the one it must live in (never retried)."""
+
+
+async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1,
+                      wait_s: float = 0.0, retry_s: float = BIND_RETRY_S) -> Any:
     """The KV bucket ``bucket``, its stream created in ``region``'s cluster if missing (a race with another
     creator is fine).
 
@@ -145,10 +160,40 @@ async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, re
     stream settings a KV bucket has (ADR-8: ``KV_<bucket>``, subjects ``$KV.<bucket>.>``, rollup headers,
     deny delete, discard new, history as max msgs per subject, direct get), plus the placement.
 
+    ``wait_s`` > 0 keeps trying, every ``retry_s``, while JetStream cannot answer yet: a supercluster just
+    started or restarted can have no meta leader, or too few current peers for the stream's replicas, for
+    some seconds (the JetStream API then times out, or answers 503 or "insufficient resources"). The first
+    failure is logged, and so is the bind that follows it.
+
     Raises:
-        RuntimeError: the bucket exists but in another cluster than ``region`` (a stale store from an older
-        layout: remove it, or delete the bucket).
+        BucketPlacementError (a RuntimeError): the bucket exists but in another cluster than ``region`` (a
+        stale store from an older layout: remove it, or delete the bucket). Never retried.
+        The last JetStream error (``nats.js.errors.APIError``, ``nats.errors.TimeoutError``, ...) when the
+        bucket is not bound within ``wait_s``.
     """
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + wait_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            kv = await _bind_bucket_once(js, bucket, region, history=history, replicas=replicas)
+        except BucketPlacementError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - JetStream not answering yet: tried again until the deadline
+            if loop.time() + retry_s >= deadline_s:
+                raise
+            if tries == 1:
+                log.warning("KV bucket %s in %s not bound yet (%s: %s); trying every %g s for up to %g s",
+                            bucket, region, type(exc).__name__, exc or "no detail", retry_s, wait_s)
+            await asyncio.sleep(retry_s)
+            continue
+        if tries > 1:
+            log.info("KV bucket %s in %s bound after %d tries", bucket, region, tries)
+        return kv
+
+
+async def _bind_bucket_once(js: Any, bucket: str, region: str, *, history: int, replicas: int) -> Any:
     from nats.js.api import DiscardPolicy, Placement, StreamConfig
     from nats.js.errors import BucketNotFoundError
 
@@ -168,7 +213,7 @@ async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, re
     info = await js.stream_info(stream)
     placed = getattr(info.cluster, "name", None) if info.cluster is not None else None
     if placed is not None and placed != region:
-        raise RuntimeError(f"KV bucket {bucket} lives in cluster {placed!r}, not {region!r}")
+        raise BucketPlacementError(f"KV bucket {bucket} lives in cluster {placed!r}, not {region!r}")
     return kv
 
 
@@ -227,20 +272,27 @@ class HaController:
 
         async def bind(lease_nc):
             return await bind_bucket(lease_nc.jetstream(), LEASE_BUCKET, self.config.lease_region,
-                                     replicas=self.config.lease_replicas)
+                                     replicas=self.config.lease_replicas, wait_s=self.config.jetstream_wait_s)
 
         self._acquire_after_s = time.monotonic() + self.config.acquire_delay_s
         self.lease = LeaseThread(connect, bind, LEASE_KEY, self.name, self.config.region, self.config.lease_ttl_s,
                                  on_event=lambda e: loop.call_soon_threadsafe(self._on_lease_event, e),
                                  not_before_s=self._acquire_after_s)
-        for region in self.config.regions:
-            try:
-                self.books_kv[region] = await bind_bucket(js, books_bucket(region), region,
-                                                          replicas=self.config.books_replicas)
-            except Exception as exc:  # noqa: BLE001 - that region is down: no KV books there for now
-                log.warning("KV books of region %s unavailable: %s", region, exc)
+        # every region's books at once: a region that is down (or a JetStream without a meta leader yet)
+        # costs one request timeout, not one per region
+        bound = await asyncio.gather(*(bind_bucket(js, books_bucket(region), region,
+                                                   replicas=self.config.books_replicas)
+                                       for region in self.config.regions), return_exceptions=True)
+        for region, kv in zip(self.config.regions, bound):
+            if isinstance(kv, BaseException):  # that region is down: no KV books there for now
+                if not isinstance(kv, Exception):
+                    raise kv
+                log.warning("KV books of region %s unavailable: %s", region, kv)
+            else:
+                self.books_kv[region] = kv
         await nc.subscribe(f"{PREFIX}.*.*", cb=self._on_leader_msg)
-        await asyncio.to_thread(self.lease.start)
+        # the connection, then the bucket (up to jetstream_wait_s while JetStream cannot answer yet)
+        await asyncio.to_thread(self.lease.start, self.config.jetstream_wait_s + 15.0)
         self._tasks += [loop.create_task(self._ticker()), loop.create_task(self._kv_writer())]
         log.info("HA on: region=%s lease bucket %s in %s, ttl %.2f s (lease on its own thread and connection)",
                  self.config.region, LEASE_BUCKET, self.config.lease_region, self.config.lease_ttl_s)

@@ -207,6 +207,18 @@ class Ingest:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """``connect()`` then ``start_ha()``: what a test or an embedded ingest calls."""
+        await self.connect()
+        await self.start_ha()
+
+    async def connect(self) -> None:
+        """Connect to NATS, answer snapshot and announce requests, start the announcer. The first connection
+        is the part an unreachable server makes wait (nats-py retries it), which the CLIs bound with
+        ``--connect-timeout-s``; ``start_ha`` comes after and has bounds of its own.
+
+        Raises: what ``nats.connect`` raises (``OSError``, ``nats.errors.NoServersError``, ...).
+        """
+        started_s = time.monotonic()
         self.nc = await natsauth.connect(
             self.config.nats_url, self.config.nats_credentials, name=self.config.name, max_reconnect_attempts=-1,
             reconnect_time_wait=0.25, pending_size=256 * 1024 * 1024, error_cb=self._nats_error,
@@ -217,6 +229,16 @@ class Ingest:
         self.nats_connected = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._announcer()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._burst_flusher()))
+        log.info("connected to NATS at %s in %.0f ms", natsauth.redacted_url(self.config.nats_url),
+                 (time.monotonic() - started_s) * 1e3)
+
+    async def start_ha(self) -> None:
+        """With ``config.ha``: bind the lease and KV books buckets and start the lease thread (waits for
+        JetStream, up to ``HaConfig.jetstream_wait_s`` for the lease bucket); then OTLP when configured.
+
+        Raises: ``RuntimeError`` (a bucket in the wrong cluster), ``TimeoutError`` or the last JetStream error
+        when the lease bucket cannot be bound in time.
+        """
         if self.config.ha is not None:
             from feed.ha import HaController
             self.ha = HaController(self, self.config.ha)

@@ -379,6 +379,11 @@ class LeaseThread(_LeaseView):
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._error = exc
             self._ready.set()
+            if self._nc is not None and not self._nc.is_closed:  # connected, the bucket not bound: close it here
+                try:
+                    loop.run_until_complete(asyncio.wait_for(self._nc.close(), 2.0))
+                except Exception as close_exc:  # noqa: BLE001 - closing on the way out
+                    log.debug("lease connection close: %s", close_exc)
             loop.close()
             return
         self._ready.set()

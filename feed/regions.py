@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,17 @@ class RegionsStack:
         self.wait_ingest(p)
 
     def wait_ingest(self, p: RegionProcs) -> None:
-        wait_until(lambda: http_ok(p.ingest_url + "/healthz"), 90, what=f"{p.name} ingest /healthz", proc=p.ingest)
+        self._wait(lambda: http_ok(p.ingest_url + "/healthz"), 90, what=f"{p.name} ingest /healthz", proc=p.ingest,
+                   log_name=f"ingest-{p.name}")
+
+    def _wait(self, predicate: Callable[[], bool], timeout_s: float, *, what: str, proc: subprocess.Popen | None,
+              log_name: str) -> None:
+        """``wait_until``; a process that exits meanwhile raises RuntimeError with its log's last lines."""
+        try:
+            wait_until(predicate, timeout_s, what=what, proc=proc)
+        except RuntimeError as exc:
+            tail = "\n".join(self.log(log_name).splitlines()[-15:])
+            raise RuntimeError(f"{exc}; the last lines of {self.tmp / (log_name + '.log')}:\n{tail}") from None
 
     def spawn_ingest(self, p: RegionProcs, extra: list[str] | None = None) -> None:
         p.ingest_port = free_port()
@@ -209,7 +220,8 @@ class RegionsStack:
                                "--carry-directory", "on",
                                "--region", p.name,
                                *self.gateway_args], self.tmp / f"gateway-{p.name}.log")
-        wait_until(lambda: http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway)
+        self._wait(lambda: http_ok(p.base + "/readyz"), 90, what=f"{p.name} gateway /readyz", proc=p.gateway,
+                   log_name=f"gateway-{p.name}")
 
     def leader(self) -> RegionProcs | None:
         for p in self.procs:

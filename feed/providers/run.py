@@ -59,15 +59,22 @@ async def _run(args: argparse.Namespace, config) -> int:
     from feed.ingest import Ingest, IngestConfig
     from feed.procs import run_until_signalled
 
-    from feed import ha
+    from feed import ha, natsauth
 
     ingest = Ingest(IngestConfig(nats_url=args.nats, name=args.name, providers=config,
                                  otlp_endpoint=args.otlp_endpoint, trace_sample_every=max(1, args.trace_sample_every),
                                  ha=ha.config_from_args(args)))  # --region: join the publishing lease (issue 9)
     try:
-        await ingest.start()
+        await ingest.connect()
     except Exception as exc:  # noqa: BLE001 - a clear reason and a non-zero code
-        log.error("cannot connect to NATS at %s: %s", args.nats, exc)
+        log.error("cannot connect to NATS at %s: %s", natsauth.redacted_url(args.nats), exc)
+        return 1
+    try:
+        await ingest.start_ha()  # the lease and KV books (waits for JetStream: --jetstream-wait-s)
+    except Exception as exc:  # noqa: BLE001 - a clear reason and a non-zero code
+        log.error("cannot join the publishing lease or bind the KV books (%s: %s); is JetStream up in the "
+                  "lease cluster?", type(exc).__name__, exc or "no detail")
+        await ingest.stop()
         return 1
     runner = None
     if args.http_port:

@@ -163,3 +163,66 @@ async def test_lease_bucket_is_r3_in_a_lease_cluster_of_three_and_survives_one_s
         if nc is not None and not nc.is_closed:
             await nc.close()
         sc.cleanup()
+
+
+def test_ingest_started_before_jetstream_has_a_quorum_waits_for_it(tmp_path):
+    """A regression of a fresh-clone CI failure: a region drill's ingest exited with code 1 at start on a
+    starved host. Its ``--connect-timeout-s`` (10 s) bounded the HA start too, and a lease bucket that JetStream
+    could not create yet was fatal at once. Here region a's server runs alone (no JetStream meta quorum: 1 of 3
+    servers), so the lease bucket cannot be bound; the ingest, with a 2 s connect timeout, must keep trying,
+    say so in its log, and come up once the other servers start."""
+    from feed.procs import free_port, http_ok, port_open, stop_process, wait_until
+    from feed.regions import spawn_cli
+    from feed.stack import bundled_capture
+
+    sc = Supercluster(["a", "b"], workdir=str(tmp_path))
+    a0 = sc.region("a").servers[0]
+    ingest = None
+    log_path = tmp_path / "ingest-a.log"
+    try:
+        a0.start_nowait()
+        wait_until(lambda: port_open(a0.host, a0.port), 30, what="nats-server a-0 client port", proc=a0.proc)
+        port = free_port()
+        ingest = spawn_cli(["replay", "--nats", a0.url, "--http-port", str(port), "--connect-timeout-s", "2",
+                            "--name", "ingest-a", "--region", "a", "--regions", "a,b", "--lease-region",
+                            sc.lease_region, "--lease-ttl-s", "1", "--loop", str(bundled_capture())], log_path)
+        wait_until(lambda: log_path.exists() and "not bound yet" in log_path.read_text(), 60,
+                   what="ingest logs that the lease bucket is not bound yet", proc=ingest)
+        wait_until(lambda: "connected to NATS" in log_path.read_text(), 5, what="ingest logs its connection")
+        for s in sc.servers:
+            s.start_nowait()
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, what="ingest /healthz", proc=ingest)
+        text = log_path.read_text()
+        assert "KV bucket md_lease in lease bound after" in text, text[-3000:]
+        assert ingest.poll() is None
+    finally:
+        if ingest is not None:
+            stop_process(ingest)
+        sc.cleanup()
+
+
+def test_ingest_exits_1_naming_jetstream_when_the_lease_bucket_never_binds(tmp_path):
+    """The same lone server, JetStream never reaching a quorum: after ``--jetstream-wait-s`` the ingest exits
+    with code 1 and says what it could not do (not "cannot connect to NATS": it did connect)."""
+    from feed.procs import free_port, port_open, stop_process, wait_until
+    from feed.regions import spawn_cli
+    from feed.stack import bundled_capture
+
+    sc = Supercluster(["a", "b"], workdir=str(tmp_path))
+    a0 = sc.region("a").servers[0]
+    ingest = None
+    log_path = tmp_path / "ingest-a.log"
+    try:
+        a0.start_nowait()
+        wait_until(lambda: port_open(a0.host, a0.port), 30, what="nats-server a-0 client port", proc=a0.proc)
+        ingest = spawn_cli(["replay", "--nats", a0.url, "--http-port", str(free_port()), "--jetstream-wait-s", "1",
+                            "--name", "ingest-a", "--region", "a", "--regions", "a,b", "--lease-region",
+                            sc.lease_region, str(bundled_capture())], log_path)
+        assert ingest.wait(60) == 1
+        text = log_path.read_text()
+        assert "cannot join the publishing lease" in text and "is JetStream up" in text, text[-2000:]
+        assert "cannot connect to NATS" not in text
+    finally:
+        if ingest is not None:
+            stop_process(ingest)
+        sc.cleanup()
