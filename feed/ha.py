@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from feed import metrics as prom
+from feed.errors import FeedError
 from feed import wire
 from feed.lease import (LEASE_BUCKET, LEASE_HOLDER_HEADER, LEASE_KEY,  # the names live in feed.lease
                         LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread, LostLease, Role)
@@ -145,8 +146,9 @@ def config_from_args(args: argparse.Namespace) -> HaConfig | None:
 BIND_RETRY_S = 0.5  # between tries while JetStream cannot answer yet
 
 
-class BucketPlacementError(RuntimeError):
-    """A KV bucket exists, but in another cluster than the one it must live in (never retried)."""
+class BucketPlacementError(FeedError, RuntimeError):
+    """A KV bucket exists, but in another cluster than the one it must live in (never retried): a stale
+    store, an operator's matter rather than a peer's malformed input or our bug."""
 
 
 async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, replicas: int = 1,
