@@ -344,7 +344,7 @@ def markdown(run: dict[str, Any]) -> str:
 def chart(run: dict[str, Any], path: Path) -> None:
     """Left: bookcast / nats ratio of each figure per point, median with min-max error bars over the runs
     (hollow: saturated, not judged), with the targets; right: server CPU s per million deliveries of each
-    target per point."""
+    target per point (every point measured, also when no nats-server cell pairs with it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,22 +376,31 @@ def chart(run: dict[str, Any], path: Path) -> None:
     left.set_ylabel("bookcast / nats-server (same run)")
     left.set_title("ratios per point (median, min-max over runs; hollow = saturated)")
     left.grid(True, axis="y", alpha=0.3)
+    if not rows:
+        left.text(0.5, 0.5, "no nats-server cell pairs with a bookcast cell: no ratios", ha="center",
+                  va="center", transform=left.transAxes, fontsize=9, color="grey")
     left.legend(fontsize="x-small", loc="best")
+    points = sorted({_point(c) for c in run["cells"]})
+    labelled: set[str] = set()
     for k, (target, color) in enumerate((("bookcast", "tab:blue"), ("nats", "tab:orange"))):
-        for j, r in enumerate(rows):
-            vals = [c["server_cpu_s_per_million"] for c in run["cells"]
-                    if c["target"] == target and _point(c) == (r["clients"], r["rate_per_s"], r["idle"])
-                    and c["server_cpu_s_per_million"] is not None]
-            if not vals:
+        for j, point in enumerate(points):
+            cells = [c for c in run["cells"] if c["target"] == target and _point(c) == point
+                     and c["server_cpu_s_per_million"] is not None]
+            if not cells:
                 continue
+            vals = [c["server_cpu_s_per_million"] for c in cells]
             med = statistics.median(vals)
-            right.bar(j + (k - 0.5) * 0.38, med, 0.38, color=color, alpha=0.5 if r["saturated"] else 0.9,
-                      yerr=[[med - min(vals)], [max(vals) - med]], capsize=4, label=target if j == 0 else None)
-    right.set_xticks(range(len(rows)), labels, fontsize=8)
+            saturated = all(c.get("saturated") for c in cells)
+            right.bar(j + (k - 0.5) * 0.38, med, 0.38, color=color, alpha=0.5 if saturated else 0.9,
+                      yerr=[[med - min(vals)], [max(vals) - med]], capsize=4,
+                      label=None if target in labelled else target)
+            labelled.add(target)
+    right.set_xticks(range(len(points)), [point_label(*p).replace(" + ", "\n+ ") for p in points], fontsize=8)
     right.set_ylabel("server CPU s per million deliveries")
     right.set_title("server CPU per delivery (faded = saturated)")
     right.grid(True, axis="y", alpha=0.3)
-    right.legend(fontsize="small")
+    if labelled:
+        right.legend(fontsize="small")
     fig.suptitle("fan-out: bookcast gateway vs nats-server WebSocket (same run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

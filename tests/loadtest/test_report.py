@@ -2,9 +2,11 @@
 would produce)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
-from loadtest.bench.report import analyse, markdown
+from loadtest.bench.report import analyse, chart, markdown
 
 
 def cell(target, clients, *, rate=100.0, delivered_per_s=None, p99_ms=10.0, cpu_per_m=20.0, rss_kib=24.0,
@@ -115,3 +117,16 @@ def test_not_measured_and_big_client_errors():
         found = [t["status"] for t in run["targets"] if t["target"].startswith(name)]
         assert found and set(found) == {"not measured"}, name
     assert len(run["targets"]) == 8
+
+
+@pytest.mark.parametrize("targets", [("bookcast",), ("bookcast", "nats")])
+def test_chart_draws_every_point_without_warnings_also_with_no_nats_cells(tmp_path, targets):
+    cells = [cell(t, 20, idle=idle, cpu_per_m=cpu) for t in targets for idle, cpu in ((0, 14.0), (10_000, 30.0))]
+    run = run_of(cells)
+    assert bool(run["comparisons"]) == ("nats" in targets)
+    path = tmp_path / "fanout.png"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chart(run, path)
+    assert [str(w.message) for w in caught] == []
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
