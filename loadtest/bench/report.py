@@ -9,7 +9,8 @@
   was saturated it gives those of all pairs, marked ``saturated`` (no verdict comes from it);
 * ``rate_search``: per client count and target, the highest rate of the run whose every repeat was
   sustained (``sustained``: no loss, no connect failure or closed connection, p99 under 250 ms), and
-  whether a higher rate failed (so the ceiling is known) on a saturated machine or not;
+  whether a higher rate failed (so the ceiling is known) on a saturated machine or not; when both targets
+  sustained every rate tested, no ceiling was reached and the rate target is ``not measured``;
 * ``idle``: in idle-connections mode, per target, the healthy clients' p99 with the idle connections
   over the p99 without them (same run) and RSS per idle connection;
 * ``targets``: issue 13's targets, each ``met``, ``missed``, ``saturated`` (only saturated cells measured
@@ -178,7 +179,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
         lambda r: r["p99_ms"]["ratio"] <= P99_RATIO_TARGET,
         lambda r: f"{r['rate_per_s']:g}/s: " + _fig(r, "p99_ms", unit=" ms")))
     search = [r for r in run["rate_search"] if r["clients"] == TARGET_CLIENTS]
-    judged, unjudged = [], []
+    judged, unjudged, open_ended = [], [], []
     for r in search:
         bk, nats = r["bookcast"], r["nats"]
         nats_fail = nats["failed_at"]
@@ -187,8 +188,10 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
         if (nats_fail and not nats_fail["saturated"]) or (bk["failed_at"] and not bk["failed_at"]["saturated"]
                                                           and not nats_fail):
             judged.append(r)
-        else:
+        elif (nats_fail and nats_fail["saturated"]) or (bk["failed_at"] and bk["failed_at"]["saturated"]):
             unjudged.append(r)
+        else:
+            open_ended.append(r)
 
     def rate_detail(r):
         def one(t):
@@ -198,9 +201,14 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                        else f" (sustained every rate tested, up to {max(r[t]['tested'], default=0):g}/s)"))
         return one("bookcast") + " vs " + one("nats") + (f": x{r['ratio']:.2f}" if r["ratio"] else "")
 
-    out.append(_verdict(f"highest rate at {TARGET_CLIENTS:,} clients with no loss and p99 < {SUSTAINED_P99_MS:g} ms "
-                        f">= {RATE_RATIO_TARGET}x nats-server's", judged, unjudged,
-                        lambda r: (r["ratio"] or 0) >= RATE_RATIO_TARGET, rate_detail))
+    verdict = _verdict(f"highest rate at {TARGET_CLIENTS:,} clients with no loss and p99 < {SUSTAINED_P99_MS:g} ms "
+                       f">= {RATE_RATIO_TARGET}x nats-server's", judged, unjudged,
+                       lambda r: (r["ratio"] or 0) >= RATE_RATIO_TARGET, rate_detail)
+    if verdict["status"] == "not measured" and open_ended:
+        # both sustained the highest rate tested: neither ceiling was reached, so there is no ratio yet
+        verdict["detail"] = ("no ceiling reached (add higher --rates, e.g. 20,100,150,200): "
+                             + "; ".join(rate_detail(r) for r in open_ended))
+    out.append(verdict)
     idle = run["idle"]
     rss_rows = idle or [c for c in cells if c["target"] == "bookcast" and c["rss_per_idle_connection_bytes"]]
     if not idle and rss_rows:
@@ -210,7 +218,8 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(_verdict(f"bookcast RSS per idle connection <= {RSS_TARGET_BYTES // 1024} KiB", rss_rows, [],
                         lambda r: r["rss_per_idle_connection_bytes"] <= RSS_TARGET_BYTES,
                         lambda r: f"{r['rss_per_idle_connection_bytes'] / 1024:.1f} KiB"
-                                  f" ({r.get('idle') or r.get('clients'):,} connections)"))
+                                  + (f" ({r['idle']:,} connections)" if idle else
+                                     f" ({r['clients']:,} subscribed connections before publishing; --idle for idle ones)")))
     held = [r for r in idle if r["target"] == "bookcast" and r["idle"] >= IDLE_TARGET]
     out.append(_verdict(
         f"{IDLE_TARGET:,} idle connections held on bookcast, a healthy client's p99 unchanged "
