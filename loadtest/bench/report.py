@@ -140,8 +140,10 @@ def idle_effect(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _verdict(name: str, measured: list, saturated: list, ok, detail) -> dict[str, Any]:
-    """``measured``: the unsaturated evidence; ``saturated``: evidence from saturated cells only."""
+def _verdict(name: str, measured: list, saturated: list, ok, detail,
+             unmeasured: str | None = None) -> dict[str, Any]:
+    """``measured``: the unsaturated evidence; ``saturated``: evidence from saturated cells only;
+    ``unmeasured``: the detail when there is neither (default: no cell for it in this run)."""
     if measured:
         return {"target": name, "status": "met" if all(ok(r) for r in measured) else "missed",
                 "detail": "; ".join(detail(r) for r in measured)}
@@ -149,7 +151,7 @@ def _verdict(name: str, measured: list, saturated: list, ok, detail) -> dict[str
         return {"target": name, "status": "saturated",
                 "detail": "only saturated cells measured it (left out of the verdict): "
                           + "; ".join(detail(r) for r in saturated)}
-    return {"target": name, "status": "not measured", "detail": "no cell for it in this run"}
+    return {"target": name, "status": "not measured", "detail": unmeasured or "no cell for it in this run"}
 
 
 def _fig(r: dict[str, Any], name: str, scale: float = 1.0, unit: str = "") -> str:
@@ -188,7 +190,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
         if (nats_fail and not nats_fail["saturated"]) or (bk["failed_at"] and not bk["failed_at"]["saturated"]
                                                           and not nats_fail):
             judged.append(r)
-        elif (nats_fail and nats_fail["saturated"]) or (bk["failed_at"] and bk["failed_at"]["saturated"]):
+        elif nats_fail or bk["failed_at"]:  # what failed, failed on a saturated machine
             unjudged.append(r)
         else:
             open_ended.append(r)
@@ -201,14 +203,12 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                        else f" (sustained every rate tested, up to {max(r[t]['tested'], default=0):g}/s)"))
         return one("bookcast") + " vs " + one("nats") + (f": x{r['ratio']:.2f}" if r["ratio"] else "")
 
-    verdict = _verdict(f"highest rate at {TARGET_CLIENTS:,} clients with no loss and p99 < {SUSTAINED_P99_MS:g} ms "
-                       f">= {RATE_RATIO_TARGET}x nats-server's", judged, unjudged,
-                       lambda r: (r["ratio"] or 0) >= RATE_RATIO_TARGET, rate_detail)
-    if verdict["status"] == "not measured" and open_ended:
-        # both sustained the highest rate tested: neither ceiling was reached, so there is no ratio yet
-        verdict["detail"] = ("no ceiling reached (add higher --rates, e.g. 20,100,150,200): "
-                             + "; ".join(rate_detail(r) for r in open_ended))
-    out.append(verdict)
+    # open-ended: both sustained the highest rate tested, neither ceiling was reached, so there is no ratio yet
+    out.append(_verdict(f"highest rate at {TARGET_CLIENTS:,} clients with no loss and p99 < {SUSTAINED_P99_MS:g} ms "
+                        f">= {RATE_RATIO_TARGET}x nats-server's", judged, unjudged,
+                        lambda r: (r["ratio"] or 0) >= RATE_RATIO_TARGET, rate_detail,
+                        unmeasured=("no ceiling reached (add higher --rates, e.g. 20,100,150,200): "
+                                    + "; ".join(rate_detail(r) for r in open_ended)) if open_ended else None))
     idle = run["idle"]
     rss_rows = idle or [c for c in cells if c["target"] == "bookcast" and c["rss_per_idle_connection_bytes"]]
     if not idle and rss_rows:
