@@ -158,3 +158,91 @@ async def test_an_idle_client_drops_text_frames_unread_but_answers_pings_and_clo
     nats_idle = Recorder(lean.Tally([]))
     nats_idle.idle, nats_idle.nats = True, True
     assert not lean.WsProtocol(nats_idle, b"").skip_text  # NATS PING / PONG ride in its frames
+
+
+def _deltas(book, count, ts_ns):
+    return [book.next_delta(ts_ns + i) for i in range(count)]
+
+
+def test_the_tally_counts_chained_dup_gapped_and_early_deltas_and_clamps_latency_into_the_histogram():
+    tally = lean.Tally(["bench:I0000", "bench:I0001"])
+    client = lean.Client(tally, nats=False)
+    tally.on_delta(client, 0, 1, 0, 0, 5_000)  # no snapshot held yet
+    assert tally.errors == {"delta before the instrument's snapshot": 1} and tally.delivered == 0
+    client.held = [0, 0]
+    tally.on_delta(client, 0, 1, 0, 1_000_000, 3_000_000)  # chains: 2 ms
+    tally.on_delta(client, 0, 1, 0, 1_000_000, 3_500_000)  # redelivered
+    tally.on_delta(client, 0, 4, 3, 1_000_000, 1_000_400)  # skips seqs 2 and 3: 400 ns, below 1 us
+    tally.on_delta(client, 1, 1, 0, 0, (lean.LATENCY_MAX_US + 5) * 1000)  # later than the histogram's top
+    assert client.held == [4, 1] and tally.delivered == 3
+    assert (tally.counts["dups"], tally.counts["gaps"], tally.counts["gap_lost"]) == (1, 1, 2)
+    assert tally.latency_us == {2000: 1, 0: 1, lean.LATENCY_MAX_US + 5: 1}
+    hist = tally.histogram()
+    assert hist.get_total_count() == 3 and hist.get_min_value() == 1
+    assert hist.get_max_value() >= lean.LATENCY_MAX_US and hist.get_value_at_percentile(50) == 2000
+    # the first and last receipt of a message over this process's clients, and how many got it
+    other = lean.Client(tally, nats=False)
+    other.held = [0, 0]
+    tally.on_delta(other, 0, 1, 0, 1_000_000, 4_000_000)
+    assert tally.receipts[1 * 2 + 0] == [3_000_000, 4_000_000, 2]
+
+
+def test_the_tally_signals_once_every_live_client_holds_the_final_seq():
+    tally = lean.Tally(["bench:I0000"])
+    a, b = lean.Client(tally, nats=True), lean.Client(tally, nats=True)
+    tally.on_delta(a, 0, 1, 0, 0, 1)
+    tally.finish([a, b], {"bench:I0000": 2})
+    assert tally.pending == 2 and not tally.all_done.is_set()
+    tally.on_delta(a, 0, 2, 1, 0, 1)
+    tally.on_delta(b, 0, 2, 1, 0, 1)  # missed seq 1 (a gap): still reaches the final seq
+    assert tally.all_done.is_set() and tally.counts["gap_lost"] == 1
+    result = tally.result([a, b])
+    assert result["delivered"] == 3 and result["hist"]
+
+
+async def test_nats_messages_split_at_every_byte_with_and_without_reply_to_reach_the_tally():
+    book = SyntheticBook("bench:I0000", "e1")
+    payloads = _deltas(book, 3, 1_700_000_000_000_000_000)
+    stream = (b"INFO {}\r\n+OK\r\nPING\r\n"
+              + b"MSG md.v1.bench.I0000 1 %d\r\n%s\r\n" % (len(payloads[0]), payloads[0])
+              + b"MSG md.v1.bench.I0000 1 _INBOX.x %d\r\n%s\r\n" % (len(payloads[1]), payloads[1])
+              + b"PONG\r\n"
+              + b"MSG md.v1.bench.I0000 1 %d\r\n%s\r\n" % (len(payloads[2]), payloads[2]))
+    tally = lean.Tally(["bench:I0000"])
+    client = lean.Client(tally, nats=True)
+    proto = lean.WsProtocol(client, b"")
+    proto.transport = _Wire()
+    proto.upgraded.set_result(None)
+    client.proto = proto
+    for i in range(len(stream)):  # one byte per NATS read: every split point
+        client.on_message(stream[i:i + 1], 1_700_000_000_001_000_000)
+    assert tally.delivered == 3 and client.held == [3] and not tally.errors and client.ready.is_set()
+    assert sum(tally.latency_us.values()) == 3
+    assert len(proto.transport.written) == 1  # the PING answered with one PONG
+
+
+async def test_nats_noise_is_an_error_and_a_malformed_msg_line_closes_the_connection():
+    tally = lean.Tally(["bench:I0000"])
+    client = lean.Client(tally, nats=True)
+    proto = lean.WsProtocol(client, b"")
+    proto.transport = _Wire()
+    client.proto = proto
+    client.on_message(b"MSG md.v1.bench.I0000 1 7\r\n{\"a\":1}\r\n-ERR 'Slow Consumer'\r\nWHAT\r\n", 1)
+    assert tally.errors == {"nats: a message that is not a benchmark delta": 1,
+                            "nats -ERR 'Slow Consumer'": 1, "nats: unknown operation b'WHAT'": 1}
+    assert not proto.transport.closed
+    client.on_message(b"MSG md.v1.bench.I0000 x 7\r\n", 1)
+    assert tally.errors["nats: malformed MSG line"] == 1 and proto.transport.closed
+
+
+def test_a_bookcast_delta_is_scanned_in_place_and_one_for_an_unknown_instrument_is_an_error():
+    tally = lean.Tally(["bench:I0000"])
+    client = lean.Client(tally, nats=False)
+    client.held = [0]
+    known, unknown = SyntheticBook("bench:I0000", "e1"), SyntheticBook("bench:I0099", "e1")
+    client.on_message(wire.with_send_ts(known.next_delta(1_000_000), 2_000_000), 3_000_000)
+    client.on_message(unknown.next_delta(1_000_000), 3_000_000)
+    client.on_message(b'{"type":"delta","instrument":"bench:I0000"}', 3_000_000)
+    assert client.held == [1] and tally.latency_us == {2000: 1}
+    assert tally.errors == {"delta for an unknown instrument bench:I0099": 1,
+                            "a delta without instrument, seq, prev_seq or ts_publish_ns": 1}
