@@ -42,7 +42,7 @@ from typing import Any
 
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
-from loadtest.bench import procstat
+from loadtest.bench import floor, procstat
 from loadtest.bench.procstat import TICKS_PER_S as _TICKS_PER_S
 from loadtest.bench.clients import LATENCY_MAX_US, new_histogram
 from loadtest.bench.ipc import BenchError, Child
@@ -477,7 +477,8 @@ def _machine() -> dict[str, Any]:
 
     version = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True).stdout.strip()
     return {"cpus": os.cpu_count(), "kernel": os.uname().release, "python": sys.version.split()[0],
-            "nats_server": version, "nofile_limit": procstat.raise_nofile_limit()}
+            "nats_server": version, "nofile_limit": procstat.raise_nofile_limit(),
+            "loopback_floor": floor.measure().to_dict()}
 
 
 async def run_all(config: FanoutConfig) -> dict[str, Any]:
@@ -491,6 +492,10 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
            "cells": [], "failed_cells": []}
+    lf = run["machine"]["loopback_floor"]
+    _say(f"kernel floor: a loopback TCP send + recv of a {lf['payload_bytes']}-byte message costs {lf['send_recv_us']:.1f} us "
+         f"of CPU here (getppid {lf['syscall_us']:.2f} us): "
+         + ", ".join(f"{c:,} x {r:g}/s takes {floor.LoopbackFloor(**lf).cores(c * r):.2f} cores" for c, r in points[:4]))
     for n, (repeat, target, clients, rate, idle) in enumerate(plan, 1):
         label = (f"[{n}/{len(plan)}] {target} clients={clients} rate={rate:g}/s" + (f" idle={idle}" if idle else "")
                  + (f" run={repeat + 1}" if config.repeat > 1 else "") + ":")

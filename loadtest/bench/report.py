@@ -275,6 +275,7 @@ def markdown(run: dict[str, Any]) -> str:
     cfg, machine = run["config"], run["machine"]
     toggles = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in cfg["toggles"].items())
     loads = [v for c in run["cells"] for v in (c.get("load_average_1m") or [])]
+    lf = machine.get("loopback_floor")  # absent in runs written before it was measured
     lines = [
         "# Fan-out benchmark: bookcast gateway vs nats-server's WebSocket listener", "",
         f"Run {run['started']} .. {run['finished']} on {machine['cpus']} CPUs, Linux {machine['kernel']}, "
@@ -289,12 +290,16 @@ def markdown(run: dict[str, Any]) -> str:
         "+ publisher CPU in cores; others: machine busy time not spent by this cell's processes (other users)",
         f"- a cell is **saturated** when the machine was over {cfg.get('saturated_busy_pct', 90):g}% busy (all CPUs, "
         "everyone's processes): its figures measure the machine, and it is left out of the verdict"
-        + (f"; 1-minute load average during the cells {min(loads):.1f} .. {max(loads):.1f}" if loads else ""), "",
+        + (f"; 1-minute load average during the cells {min(loads):.1f} .. {max(loads):.1f}" if loads else ""),
+        *([f"- kernel floor: a loopback TCP send + recv of a {lf['payload_bytes']}-byte message costs "
+           f"{lf['send_recv_us']:.1f} us of CPU on this machine (getppid {lf['syscall_us']:.2f} us; "
+           "`python -m loadtest.bench.floor`); **floor %** is offered/s x that over all CPUs: the share of the "
+           "machine every delivery costs in the kernel before any server or client logic runs"] if lf else []), "",
         "## Cells", "",
         "| target | clients | rate/s | idle | run | offered/s | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms "
-        "| server CPU s | CPU s / M | upstream nats CPU s | harness cores | machine busy % | others % | load 1m "
-        "| RSS KiB / idle conn | losses | errors |",
-        "|" + "---|" * 21,
+        "| server CPU s | CPU s / M | upstream nats CPU s | harness cores | machine busy % | floor % | others % "
+        "| load 1m | RSS KiB / idle conn | losses | errors |",
+        "|" + "---|" * 22,
     ]
     for c in run["cells"]:
         lat, rss = c["latency_ms"], c["rss_per_idle_connection_bytes"]
@@ -305,7 +310,9 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {lat['p99_9']:.2f} | {lat['max']:.1f} | {c['server_cpu_s']:.2f} "
             f"| {_f(c['server_cpu_s_per_million'], '.1f')} | {_f(c['upstream_nats_cpu_s'], '.2f')} "
             f"| {_f(c.get('harness_cores'), '.2f')} | {_f(c['machine_busy_pct'], '.0f')}"
-            f"{' **sat.**' if c.get('saturated') else ''} | {_f(c.get('others_busy_pct'), '.0f')} "
+            f"{' **sat.**' if c.get('saturated') else ''} "
+            f"| {_f(lf and 100 * c['offered_per_s'] * lf['send_recv_us'] / 1e6 / (machine.get('cpus') or 1), '.0f')} "
+            f"| {_f(c.get('others_busy_pct'), '.0f')} "
             f"| {_f(load and max(load), '.1f')} | {_f(rss and rss / 1024, '.1f')} "
             f"| {sum(c['losses'].values()):,} | {sum(c['errors'].values()):,} |")
     lines += ["", "## bookcast / nats-server WebSocket, same run", "",

@@ -79,6 +79,14 @@ def test_the_peer_comparison_and_report_files_are_written(quick_run):
     with Image.open(out / "fanout.png") as png:
         assert png.format == "PNG" and png.width > 800 and png.height > 300
     assert "[1/4] bookcast clients=24" in proc.stderr and "[4/4] nats clients=24 rate=50/s idle=30" in proc.stderr
+    # the kernel floor of the run's machine, in the log, the results and every cell's row
+    floor = run["machine"]["loopback_floor"]
+    assert floor["send_recv_us"] > floor["syscall_us"] > 0 and floor["payload_bytes"] == 300
+    assert "kernel floor: a loopback TCP send + recv of a 300-byte message costs" in proc.stderr
+    assert "24 x 50/s takes" in proc.stderr and "**floor %**" in md
+    pct = 100 * 24 * 50 * floor["send_recv_us"] / 1e6 / run["machine"]["cpus"]
+    cell_rows = [line for line in md.splitlines() if line.startswith("| bookcast | 24 | 50 | 0 |")]
+    assert cell_rows and cell_rows[0].split(" | ")[16] == f"{pct:.0f}"
 
 
 def test_an_overhead_toggle_that_cannot_run_fails_clearly(tmp_path):
