@@ -89,6 +89,7 @@ def test_rate_search_finds_each_targets_highest_sustained_rate():
     state, detail = status(run, "highest rate")
     assert state == "not measured" and detail.startswith("no ceiling reached")
     assert "sustained every rate tested, up to 100/s" in detail
+    assert " x1." not in detail  # the two highest rates tested are no ratio: there is no ceiling to compare
     # nats-server failed only on a saturated machine: not judged either
     run = run_of([cell("bookcast", 1000, rate=20.0), cell("nats", 1000, rate=20.0, lost=3, saturated=True)])
     assert run["rate_search"][0]["nats"]["failed_at"]["saturated"] and status(run, "highest rate")[0] == "saturated"
