@@ -15,7 +15,8 @@ EXAMPLES = """examples:
   bookcast bench fanout --clients 1000 --rates 20,100 --repeat 3   # each ratio with its run-to-run spread
   bookcast bench fanout --clients 1000 --rates 20,100,150,200     # highest sustainable rate of each target
   bookcast bench fanout --idle 10000 --repeat 3                   # RSS per idle connection, healthy client p99
-  bookcast bench fanout --clients 1000 --rates 20 --gateway-args "--write-through off"  # the A side of an A/B"""
+  bookcast bench fanout --clients 1000 --rates 20 --gateway-args "--write-through off"  # the A side of an A/B
+  python -m loadtest.bench.floor --rate 100000    # this machine's kernel floor per delivery, and what 100,000/s takes"""
 
 FANOUT_HELP = """open-loop fan-out benchmark: a synthetic ingest publishes at fixed rates to K instruments; every client
 subscribes to all of them, through a real bookcast gateway and through nats-server's own WebSocket listener,
