@@ -116,7 +116,9 @@ def rate_search(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 break
             row[target] = {"highest_sustained_per_s": best, "tested": rates, "failed_at": failed}
         bk, nats = row["bookcast"], row["nats"]
-        row["ratio"] = _ratio(bk["highest_sustained_per_s"], nats["highest_sustained_per_s"])
+        # neither target failed a rate: no ceiling is known, and the highest rate tested is no ratio
+        row["ratio"] = (_ratio(bk["highest_sustained_per_s"], nats["highest_sustained_per_s"])
+                        if bk["failed_at"] or nats["failed_at"] else None)
         out.append(row)
     return out
 
@@ -195,21 +197,20 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             open_ended.append(r)
 
-    def rate_detail(r, with_ratio=True):
+    def rate_detail(r):
         def one(t):
             f = r[t]["failed_at"]
             return (f"{t} {r[t]['highest_sustained_per_s'] or 0:g}/s"
                     + (f" (failed at {f['rate_per_s']:g}/s{', saturated' if f['saturated'] else ''})" if f
                        else f" (sustained every rate tested, up to {max(r[t]['tested'], default=0):g}/s)"))
-        return one("bookcast") + " vs " + one("nats") + (f": x{r['ratio']:.2f}" if r["ratio"] and with_ratio else "")
+        return one("bookcast") + " vs " + one("nats") + (f": x{r['ratio']:.2f}" if r["ratio"] else "")
 
     # open-ended: both sustained the highest rate tested, neither ceiling was reached, so there is no ratio yet
     out.append(_verdict(f"highest rate at {TARGET_CLIENTS:,} clients with no loss and p99 < {SUSTAINED_P99_MS:g} ms "
                         f">= {RATE_RATIO_TARGET}x nats-server's", judged, unjudged,
                         lambda r: (r["ratio"] or 0) >= RATE_RATIO_TARGET, rate_detail,
                         unmeasured=("no ceiling reached (add higher --rates, e.g. 20,100,150,200): "
-                                    + "; ".join(rate_detail(r, with_ratio=False) for r in open_ended))
-                        if open_ended else None))  # no ceiling: the two highest rates tested are no ratio
+                                    + "; ".join(rate_detail(r) for r in open_ended)) if open_ended else None))
     idle = run["idle"]
     rss_rows = idle or [c for c in cells if c["target"] == "bookcast" and c["rss_per_idle_connection_bytes"]]
     if not idle and rss_rows:

@@ -89,7 +89,8 @@ def test_rate_search_finds_each_targets_highest_sustained_rate():
     state, detail = status(run, "highest rate")
     assert state == "not measured" and detail.startswith("no ceiling reached")
     assert "sustained every rate tested, up to 100/s" in detail
-    assert " x1." not in detail  # the two highest rates tested are no ratio: there is no ceiling to compare
+    assert " x1." not in detail and run["rate_search"][0]["ratio"] is None  # no ceiling: nothing to compare
+    assert "| 1,000 | 100 (all) | 100 (all) | - | 20, 100 |" in markdown(run)
     # nats-server failed only on a saturated machine: not judged either
     run = run_of([cell("bookcast", 1000, rate=20.0), cell("nats", 1000, rate=20.0, lost=3, saturated=True)])
     assert run["rate_search"][0]["nats"]["failed_at"]["saturated"] and status(run, "highest rate")[0] == "saturated"
