@@ -1437,14 +1437,18 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
     viewer.add_routes(app)  # the book viewer at / and /static/
 
 
+GATEWAY_KEY = web.AppKey("gateway", Gateway)  # the worker's Gateway on its aiohttp application (typed key)
+
+
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None, *,
                authenticator: Authenticator | None = None) -> web.Application:
-    """An aiohttp application serving one gateway worker (NATS connects on startup).
+    """An aiohttp application serving one gateway worker (NATS connects on startup); its ``Gateway`` is
+    ``app[GATEWAY_KEY]``.
 
     ``authenticator``: see ``Authenticator`` (default ``None``: auth off)."""
     gw = Gateway(config, registry, authenticator=authenticator)
     app = web.Application()
-    app["gateway"] = gw
+    app[GATEWAY_KEY] = gw
     add_routes(app, gw)
 
     async def on_startup(app: web.Application) -> None:

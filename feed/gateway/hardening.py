@@ -234,7 +234,9 @@ class Hardening:
         guard = self._ensure_guard(registry)
         public = (lambda path: path != "/metrics") if self.ops_on else None
         app.middlewares.insert(0, middleware(guard, public_paths=public))
-        gw = app.get("gateway")
+        from feed.gateway.app import GATEWAY_KEY
+
+        gw = app.get(GATEWAY_KEY)
         if gw is not None:  # 1002 closes made by the guard count in the gateway's close counter
             guard.metrics.bind_closes(_ClosesByCode(gw.metrics.closes))
 
@@ -252,9 +254,10 @@ class Hardening:
             if self.verifier is not None:
                 log.warning("auth is on but /metrics is on the public port: give --ops-port to move it")
             return None
+        from feed.gateway.app import GATEWAY_KEY
         from feed.gateway.ops import create_ops_app, start_ops_listener
 
-        gw = gateway_app["gateway"]
+        gw = gateway_app[GATEWAY_KEY]
         guard = self.guard
 
         def status() -> dict[str, Any]:
