@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,11 +17,50 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close)."""
+# Ports handed out from below the kernel's ephemeral range (ip(7) ``ip_local_port_range``): a port taken
+# from the range itself (bind to port 0) can be taken again, as the local port of some outgoing connection,
+# between the moment it is handed out and the moment its server binds it. The floor keeps clear of the
+# well-known service ports (ClickHouse 8123/9000, Prometheus 9090, NATS 4222/6222/8222, ...).
+LISTEN_PORT_FLOOR = 20_000
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_handed_out: set[int] = set()
+_pick = random.Random()  # its own generator: a test framework reseeding ``random`` makes no two runs pick alike
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        with open(_EPHEMERAL_RANGE) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_port(host: str = "127.0.0.1", *, tries: int = 64) -> int:
+    """A TCP port that was free on ``host`` a moment ago: a random one in ``LISTEN_PORT_FLOOR`` up to the
+    kernel's ephemeral range (where no outgoing connection takes it in the meantime), never one this process
+    handed out before, checked by binding it (without SO_REUSEADDR: free for any server). When that range is
+    empty (an ephemeral range starting below the floor) or ``tries`` picks are all taken, the kernel's
+    choice (bind to port 0).
+
+    Raises OSError when ``host`` cannot be bound at all."""
+    low = _ephemeral_low()
+    if low is not None and low - 1 > LISTEN_PORT_FLOOR:
+        for _ in range(tries):
+            port = _pick.randint(LISTEN_PORT_FLOOR, low - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def die_with_parent() -> None:

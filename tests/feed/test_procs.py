@@ -1,11 +1,14 @@
-"""``feed.procs.run_until_signalled``: the asyncio main of the ingest's provider pool and the simulator."""
+"""``feed.procs``: ``run_until_signalled`` (the asyncio main of the ingest's provider pool and the simulator) and
+``free_port``."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 import signal
+import socket
 
+from feed import procs
 from feed.procs import run_until_signalled
 
 log = logging.getLogger("test")
@@ -39,3 +42,25 @@ async def test_work_that_ends_is_exit_0():
         return None
 
     assert await run_until_signalled(done(), "work", log) == 0
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_bindable_and_never_twice(monkeypatch):
+    low = procs._ephemeral_low()
+    assert low is not None and low > procs.LISTEN_PORT_FLOOR  # this machine's range (32768 by default)
+    ports = [procs.free_port() for _ in range(200)]
+    assert len(set(ports)) == 200 and all(procs.LISTEN_PORT_FLOOR <= p < low for p in ports)
+    with socket.socket() as s:  # free for a server that does not set SO_REUSEADDR
+        s.bind(("127.0.0.1", ports[-1]))
+    # a taken port is never handed out: hold one and make it the only candidate
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(procs._pick, "randint", lambda a, b: taken)
+        port = procs.free_port(tries=3)
+        assert port != taken and port not in ports  # after 3 refused picks: the kernel's choice
+
+
+def test_free_port_falls_back_to_the_kernels_choice_when_the_range_below_is_empty(monkeypatch):
+    monkeypatch.setattr(procs, "_ephemeral_low", lambda: 1024)
+    port = procs.free_port()
+    assert port >= 1024 and port in procs._handed_out
