@@ -83,10 +83,11 @@ _DELTA = re.compile(rb'\{"type":"delta","instrument":"([^"]*)","epoch":"[^"]*","
 _NATS_MSG = re.compile(rb'MSG [^ \r\n]+ (\d+) (?:[^ \r\n]+ )?(\d+)\r\n')
 
 
-def scan_delta(payload: bytes) -> tuple[bytes, int, int, int] | None:
-    """``(instrument, seq, prev_seq, ts_publish_ns)`` of an encoded PROTOCOL.md delta, read by matching its
-    keys rather than decoding it, or None when it is not a delta in ``feed.wire``'s key order."""
-    m = _DELTA.match(payload)
+def scan_delta(data: bytes, start: int = 0, end: int | None = None) -> tuple[bytes, int, int, int] | None:
+    """``(instrument, seq, prev_seq, ts_publish_ns)`` of the encoded PROTOCOL.md delta in ``data[start:end]``
+    (matched in place: no slice is copied), read by matching its keys rather than decoding it, or None when
+    it is not a delta in ``feed.wire``'s key order."""
+    m = _DELTA.match(data, start, len(data) if end is None else end)
     if m is None:
         return None
     return m[1], int(m[2]), int(m[3]), int(m[4])
@@ -416,13 +417,13 @@ class Client:
             self._on_nats(payload, now)
             return
         tally = self.tally
-        m = _DELTA.match(payload)  # scan_delta, inline: this is the load generator's hottest line
-        if m is not None:
-            i = tally.index_bytes.get(m[1])
+        fields = scan_delta(payload)
+        if fields is not None:
+            i = tally.index_bytes.get(fields[0])
             if i is None:
-                tally.error(f"delta for an unknown instrument {m[1][:80].decode(errors='replace')}")
+                tally.error(f"delta for an unknown instrument {fields[0][:80].decode(errors='replace')}")
             else:
-                tally.on_delta(self, i, int(m[2]), int(m[3]), int(m[4]), now)
+                tally.on_delta(self, i, fields[1], fields[2], fields[3], now)
             return
         try:
             msg = orjson.loads(payload)
@@ -460,11 +461,11 @@ class Client:
                     break  # the payload is still on its way
                 pos = payload_end + 2
                 sid = int(head[1])
-                m = _DELTA.match(buf, start, payload_end)
-                if m is None or not 0 < sid <= tally.width:
+                fields = scan_delta(buf, start, payload_end)
+                if fields is None or not 0 < sid <= tally.width:
                     tally.error("nats: a message that is not a benchmark delta")
                 else:
-                    tally.on_delta(self, sid - 1, int(m[2]), int(m[3]), int(m[4]), now)
+                    tally.on_delta(self, sid - 1, fields[1], fields[2], fields[3], now)
                 continue
             line = buf[pos:end]
             pos = end + 2

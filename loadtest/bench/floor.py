@@ -46,6 +46,10 @@ class LoopbackFloor:
         """CPU cores the floor alone takes at ``deliveries_per_s`` deliveries per second."""
         return deliveries_per_s * self.send_recv_us / 1e6
 
+    def machine_pct(self, deliveries_per_s: float, cpus: int) -> float:
+        """The share of a ``cpus``-CPU machine (%) the floor alone takes at ``deliveries_per_s``."""
+        return 100 * self.cores(deliveries_per_s) / max(cpus, 1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -99,7 +103,7 @@ def main() -> int:
     out = floor.to_dict()
     if args.rate > 0:
         out |= {"deliveries_per_s": args.rate, "cores": round(floor.cores(args.rate), 3),
-                "machine_pct": round(100 * floor.cores(args.rate) / (os.cpu_count() or 1), 1)}
+                "machine_pct": round(floor.machine_pct(args.rate, os.cpu_count() or 1), 1)}
     print(json.dumps(out))
     return 0
 

@@ -23,6 +23,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench.floor import LoopbackFloor
+
 TARGET_CLIENTS = 1000
 BIG_CLIENTS = 5000
 IDLE_TARGET = 10_000
@@ -278,6 +280,7 @@ def markdown(run: dict[str, Any]) -> str:
     toggles = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in cfg["toggles"].items())
     loads = [v for c in run["cells"] for v in (c.get("load_average_1m") or [])]
     lf = machine.get("loopback_floor")  # absent in runs written before it was measured
+    floor = LoopbackFloor(**lf) if lf else None
     lines = [
         "# Fan-out benchmark: bookcast gateway vs nats-server's WebSocket listener", "",
         f"Run {run['started']} .. {run['finished']} on {machine['cpus']} CPUs, Linux {machine['kernel']}, "
@@ -313,7 +316,7 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {_f(c['server_cpu_s_per_million'], '.1f')} | {_f(c['upstream_nats_cpu_s'], '.2f')} "
             f"| {_f(c.get('harness_cores'), '.2f')} | {_f(c['machine_busy_pct'], '.0f')}"
             f"{' **sat.**' if c.get('saturated') else ''} "
-            f"| {_f(lf and 100 * c['offered_per_s'] * lf['send_recv_us'] / 1e6 / (machine.get('cpus') or 1), '.0f')} "
+            f"| {_f(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
             f"| {_f(c.get('others_busy_pct'), '.0f')} "
             f"| {_f(load and max(load), '.1f')} | {_f(rss and rss / 1024, '.1f')} "
             f"| {sum(c['losses'].values()):,} | {sum(c['errors'].values()):,} |")
