@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="faulted clients hold only the faulted path (the drills must then fail)")
     r.add_argument("--proxy-off-path", action="store_true",
                    help="faulted clients bypass the fault proxy (proxy drills must then say 'not injected')")
-    c = sub.add_parser("cleanup", help="undo every injection and process a killed drill left")
+    c = sub.add_parser("cleanup", help="undo every injection, process and work directory a killed drill left "
+                                         "(exit 1 when one could not be undone)")
     c.add_argument("--state", type=Path, help="state file (default $BOOKCAST_CHAOS_STATE or run/chaos/state.json)")
 
 
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
         done = StateFile(args.state).undo_all()
         print("\n".join(done) if done else "nothing to clean up")
-        return 0
+        return 1 if any(" FAILED: " in line for line in done) else 0
     if bool(args.all) == bool(args.drill):
         print("bookcast drill run: give a drill NAME or FILE, or --all", file=sys.stderr)
         return 2

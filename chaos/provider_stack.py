@@ -49,6 +49,7 @@ class ProviderDrillStack(DrillStack):
         from feed.capture import read_capture
 
         self.venue = next(iter(read_capture(self.capture))).venue
+        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
         self.nats = NatsServer(name="bookcast-drill").start()
         self.nats_state_id = self.state.add_process(self.nats.pid, "nats-server")
         self.control_nats = NatsServer(name="bookcast-drill-control").start()

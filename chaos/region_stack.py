@@ -22,13 +22,12 @@ the leader's region NATS dies: the known regions failure).
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.stack import Proc, http_json
+from chaos.stack import Proc, http_json, remove_workdir
 from chaos.state import StateFile
 from feed.procs import port_open, wait_until
 
@@ -60,6 +59,7 @@ class RegionDrillStack:
     instruments: list[str] = field(default_factory=list)
     proxy_api: str = ""
     regions: object = None
+    workdir_state_id: str | None = None
     _ids: dict = field(default_factory=dict)
     _net_ids: list = field(default_factory=list)
 
@@ -73,6 +73,7 @@ class RegionDrillStack:
     def start(self) -> RegionDrillStack:
         from feed.regions import RegionsStack
 
+        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
         # failover disabled: no standby ever takes the lease (set at start: a started stack keeps its standbys)
         self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
                                     captures=list(self.captures), netns=self.netns,
@@ -160,11 +161,9 @@ class RegionDrillStack:
             self._net_ids.clear()
 
     def cleanup_workdir(self, keep_logs_in: Path | None = None) -> None:
-        if keep_logs_in is not None:
-            keep_logs_in.mkdir(parents=True, exist_ok=True)
-            for log_file in self.workdir.glob("*.log"):
-                shutil.copy(log_file, keep_logs_in / log_file.name)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Copy the processes' logs to ``keep_logs_in`` (when given), then remove the work directory."""
+        remove_workdir(self.state, self.workdir, self.workdir_state_id, keep_logs_in)
+        self.workdir_state_id = None
 
     # -- roles -------------------------------------------------------------------------------------
     def _region(self, name: str):

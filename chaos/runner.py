@@ -388,7 +388,8 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
                 stack.start()
         except (TimeoutError, RuntimeError, OSError) as exc:
             start_failed = True
-            raise DrillError(f"drill stack failed to start: {exc} (logs kept in {stack.workdir})") from None
+            raise DrillError(f"drill stack failed to start: {exc} (logs kept in {stack.workdir} until the next "
+                             f"drill run or 'bookcast drill cleanup')") from None
         checker = GroupCheckers(stack.checker_urls(), stack.instruments, getattr(stack, "checker_kv_region", None))
         checker.start()
         urls = stack.group_urls()
@@ -464,13 +465,13 @@ def run_drill(name_or_file: str, *, duration_s: float | None = None, report_dir:
             rest = undo_injections(state)
         else:
             stack.stop()
-            rest = state.undo_all()
+            if not start_failed:     # a failed start keeps its logs (the next run's undo_all removes them)
+                stack.cleanup_workdir(report_dir / name / "logs" if report_dir is not None else None)
+            rest = state.undo_all(keep=("workdir",))
         if rest:
             log.warning("rollback after the drill undid: %s", "; ".join(rest))
         set_current(None)
         shield.release()
-        if not shared_stack and not start_failed:
-            stack.cleanup_workdir(report_dir / name / "logs" if report_dir is not None else None)
     left = [e for e in state.entries() if not shared_stack or e["kind"] not in STACK_KINDS]
     if not shared_stack and hasattr(stack, "leftovers"):     # asked of the kernel, not only the state file
         left += [{"kind": "in the kernel", "what": w} for w in stack.leftovers()]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,19 @@ def http_json(url: str, body: object | None = None, method: str | None = None, t
     return json.loads(raw) if raw else None
 
 
+def remove_workdir(state: StateFile, workdir: Path, state_id: str | None, keep_logs_in: Path | None = None) -> None:
+    """Copy ``workdir``'s process logs (``*.log``) to ``keep_logs_in`` when given, remove the directory, then
+    its ``workdir`` entry ``state_id`` from ``state`` (recorded at the stack's start, so a drill killed before
+    this point leaves it to the next run's ``undo_all``)."""
+    if keep_logs_in is not None:
+        keep_logs_in.mkdir(parents=True, exist_ok=True)
+        for log_file in workdir.glob("*.log"):
+            shutil.copy(log_file, keep_logs_in / log_file.name)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if state_id:
+        state.remove(state_id)
+
+
 @dataclass
 class Proc:
     role: str
@@ -67,9 +81,11 @@ class DrillStack:
     proxy_listen: tuple[str, int] = ("127.0.0.1", 0)
     instruments: list[str] = field(default_factory=list)
     nats_state_id: str | None = None
+    workdir_state_id: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> DrillStack:
+        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
         self.nats = NatsServer(name="bookcast-drill").start()
         self.nats_state_id = self.state.add_process(self.nats.pid, "nats-server")
         ingest_port = free_port()
@@ -190,13 +206,8 @@ class DrillStack:
 
     def cleanup_workdir(self, keep_logs_in: Path | None = None) -> None:
         """Copy the processes' logs to ``keep_logs_in`` (when given), then remove the work directory."""
-        import shutil
-
-        if keep_logs_in is not None:
-            keep_logs_in.mkdir(parents=True, exist_ok=True)
-            for log_file in self.workdir.glob("*.log"):
-                shutil.copy(log_file, keep_logs_in / log_file.name)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_workdir(self.state, self.workdir, self.workdir_state_id, keep_logs_in)
+        self.workdir_state_id = None
 
     # -- URLs --------------------------------------------------------------------------------------
     def ws_url(self, role: str) -> str:

@@ -16,6 +16,8 @@ Entry kinds (``kind`` plus fields)::
     netns      name                        ip netns delete NAME (SIGKILL what still runs inside first)
     link       name                        ip link delete NAME (the namespaces' bridge)
     http_post  url, body, what             POST body to url (e.g. a simulator knob reset)
+    workdir    path                        rm -r PATH: a drill stack's work directory (its processes' logs,
+                                           NATS stores); only a ``bookcast-drill-*`` directory, else refused
 
 Default path: ``$BOOKCAST_CHAOS_STATE`` or ``run/chaos/state.json``.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -37,7 +40,9 @@ log = logging.getLogger("bookcast.chaos.state")
 
 # what a drill stack itself made (undone when the stack stops, or by ``undo_all`` after a crash); every other
 # kind is an injection, undone by a drill's rollback
-STACK_KINDS = ("process", "netns", "link")
+STACK_KINDS = ("process", "netns", "link", "workdir")
+# the only directories a ``workdir`` entry may remove (a corrupt or hand-edited state file must not rm -r /)
+WORKDIR_PREFIX = "bookcast-drill-"
 
 
 def default_path() -> Path:
@@ -105,11 +110,14 @@ class StateFile:
             self.remove(entry_id)
             return True
 
-    def undo_all(self) -> list[str]:
-        """Undo every listed entry, newest first. Returns one line per entry undone."""
+    def undo_all(self, keep: tuple[str, ...] = ()) -> list[str]:
+        """Undo every listed entry but those of the kinds in ``keep``, newest first. Returns one line per
+        entry undone."""
         done = []
         with self._lock:
             for entry in reversed(self.entries()):
+                if entry["kind"] in keep:
+                    continue
                 try:
                     undo_entry(entry)
                     done.append(f"{entry['kind']} {describe(entry)}")
@@ -165,6 +173,12 @@ def undo_entry(entry: dict[str, Any]) -> None:
         subprocess.run(["ip", "netns", "delete", entry["name"]], capture_output=True, check=False)
     elif kind == "link":
         subprocess.run(["ip", "link", "delete", entry["name"]], capture_output=True, check=False)
+    elif kind == "workdir":
+        path = Path(entry["path"])
+        if not path.is_absolute() or not path.name.startswith(WORKDIR_PREFIX) or path.is_symlink():
+            raise ValueError(f"refusing to remove {str(path)!r}: not a drill stack's work directory "
+                             f"(an absolute {WORKDIR_PREFIX}* directory)")
+        shutil.rmtree(path, ignore_errors=True)
     else:
         raise ValueError(f"unknown state entry kind {kind!r}")
 

@@ -262,6 +262,7 @@ def _replay(args: argparse.Namespace) -> int:
 async def _run_ingest(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from feed.errors import describe_exception
     from feed.ingest import Ingest, config_from_args
 
     ingest = Ingest(config_from_args(args))
@@ -303,8 +304,8 @@ async def _run_ingest(args: argparse.Namespace) -> int:
             print("bookcast replay: interrupted while joining the publishing lease", file=sys.stderr)
             return 1
         exc = ha_start.exception()
-        print(f"bookcast replay: cannot join the publishing lease or bind the KV books ({type(exc).__name__}: "
-              f"{exc or 'no detail'}); is JetStream up in the lease cluster?", file=sys.stderr)
+        print(f"bookcast replay: cannot join the publishing lease or bind the KV books ({describe_exception(exc)}); "
+              "is JetStream up in the lease cluster?", file=sys.stderr)
         return 1
     stopped.cancel()
     if args.http_port:

@@ -32,6 +32,16 @@ def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message[:keep] + f"... [{len(message) - keep} chars cut]"
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``exc`` as one phrase for a log line or an operator's error: ``Class: message``; the message alone when
+    it names its class already (nats-py's do: ``nats: ServiceUnavailableError: code=503 ...``); the class
+    alone when there is no message (``TimeoutError``)."""
+    name, text = type(exc).__name__, str(exc)
+    if not text:
+        return name
+    return text if name in text else f"{name}: {text}"
+
+
 class FeedError(Exception):
     """Root of every error raised by the ``feed`` package."""
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from feed import metrics as prom
-from feed.errors import FeedError
+from feed.errors import FeedError, describe_exception
 from feed import wire
 from feed.lease import (LEASE_BUCKET, LEASE_HOLDER_HEADER, LEASE_KEY,  # the names live in feed.lease
                         LEASE_REVISION_HEADER, BecameLeader, LeaseEvent, LeaseThread, LostLease, Role)
@@ -186,8 +186,8 @@ async def bind_bucket(js: Any, bucket: str, region: str, *, history: int = 1, re
             if loop.time() + retry_s >= deadline_s:
                 raise
             if tries == 1:
-                log.warning("KV bucket %s in %s not bound yet (%s: %s); trying every %g s for up to %g s",
-                            bucket, region, type(exc).__name__, exc or "no detail", retry_s, wait_s)
+                log.warning("KV bucket %s in %s not bound yet (%s); trying every %g s for up to %g s",
+                            bucket, region, describe_exception(exc), retry_s, wait_s)
             await asyncio.sleep(retry_s)
             continue
         if tries > 1:

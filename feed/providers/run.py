@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, config) -> int:
     from aiohttp import web
 
+    from feed.errors import describe_exception
     from feed.ingest import Ingest, IngestConfig
     from feed.procs import run_until_signalled
 
@@ -72,8 +73,8 @@ async def _run(args: argparse.Namespace, config) -> int:
     try:
         await ingest.start_ha()  # the lease and KV books (waits for JetStream: --jetstream-wait-s)
     except Exception as exc:  # noqa: BLE001 - a clear reason and a non-zero code
-        log.error("cannot join the publishing lease or bind the KV books (%s: %s); is JetStream up in the "
-                  "lease cluster?", type(exc).__name__, exc or "no detail")
+        log.error("cannot join the publishing lease or bind the KV books (%s); is JetStream up in the "
+                  "lease cluster?", describe_exception(exc))
         await ingest.stop()
         return 1
     runner = None

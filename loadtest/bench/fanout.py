@@ -225,6 +225,9 @@ class Counters:
     machine_busy: int
     machine_total: int
     at_s: float
+    server_wait_s: float = 0.0      # run-queue wait (procstat.runqueue_wait_s)
+    upstream_wait_s: float = 0.0
+    loadgen_wait_s: float = 0.0
 
     @classmethod
     def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
@@ -232,7 +235,8 @@ class Counters:
         """``loadgen``: every client process, ``idlers`` (a subset): those holding the idle connections."""
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
                    procstat.cpu_s(loadgen), procstat.cpu_s(list(idlers)) if idlers else 0.0,
-                   *procstat.machine_ticks(), time.monotonic())
+                   *procstat.machine_ticks(), time.monotonic(), procstat.runqueue_wait_s(server),
+                   procstat.runqueue_wait_s(upstream), procstat.runqueue_wait_s(loadgen))
 
 
 async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
@@ -424,6 +428,9 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     loadgen_cpu_s = after.loadgen_cpu_s - before.loadgen_cpu_s
     idle_loadgen_cpu_s = after.idle_loadgen_cpu_s - before.idle_loadgen_cpu_s
     measured_s = max(after.at_s - before.at_s, 1e-9)
+    server_wait_s = after.server_wait_s - before.server_wait_s
+    upstream_wait_s = after.upstream_wait_s - before.upstream_wait_s
+    loadgen_wait_s = after.loadgen_wait_s - before.loadgen_wait_s
     cpus = os.cpu_count() or 1
     busy_pct = 100 * busy / ticks if ticks else None
     # What the machine spent on everything that is not this cell's processes: other people's work on a
@@ -458,6 +465,12 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         "harness_cpu_s": loadgen_cpu_s + publisher_cpu_s,
         "harness_cores": (loadgen_cpu_s + publisher_cpu_s) / measured_s,
         "server_cores": server_cpu_s / measured_s,
+        # runnable but waiting for a CPU, per CPU second run: what a busy machine adds to the servers' latency
+        "server_runqueue_wait_s": server_wait_s,
+        "server_wait_per_cpu_s": server_wait_s / server_cpu_s if server_cpu_s > 0 else None,
+        "upstream_wait_per_cpu_s": (upstream_wait_s / upstream_cpu_s if upstream_cpu_s > 0 else None)
+        if target == "bookcast" else None,
+        "loadgen_wait_per_cpu_s": loadgen_wait_s / loadgen_cpu_s if loadgen_cpu_s > 0 else None,
         "measured_s": measured_s,
         "machine_busy_pct": busy_pct,
         "others_busy_pct": others_pct,
@@ -470,6 +483,10 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
 
 
 # -- the whole run ---------------------------------------------------------------------------------
+
+
+def _per_cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _machine() -> dict[str, Any]:
@@ -511,7 +528,8 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
         lat = cell["latency_ms"]
         _say(f"{label} delivered {cell['delivered']:,} ({cell['delivered_per_s']:,.0f}/s of {cell['offered_per_s']:,.0f}"
              f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, server CPU "
-             f"{cell['server_cpu_s']:.2f} s, harness {cell['harness_cores']:.2f} cores, machine busy "
+             f"{cell['server_cpu_s']:.2f} s (waited {_per_cpu(cell['server_wait_per_cpu_s'])} s per CPU s for a CPU), "
+             f"harness {cell['harness_cores']:.2f} cores, machine busy "
              f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
              + (" SATURATED" if cell["saturated"] else "")
              + f", losses {sum(cell['losses'].values())}, errors {sum(cell['errors'].values())}"

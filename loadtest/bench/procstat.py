@@ -1,8 +1,10 @@
 """CPU time and resident memory of processes, and the machine's busy time, read from Linux ``/proc``.
 
 Sources: proc(5): ``/proc/<pid>/stat`` fields 14-15 (``utime``, ``stime``, clock ticks), ``/proc/<pid>/status``
-``VmRSS`` (kB), ``/proc/stat`` first line (ticks per state, all CPUs). A process that has exited reads as
-zero, so a caller summing several processes still gets the living ones.
+``VmRSS`` (kB), ``/proc/stat`` first line (ticks per state, all CPUs); the kernel's
+Documentation/scheduler/sched-stats.rst: ``/proc/<pid>/task/<tid>/schedstat`` (ns on CPU, ns runnable but
+waiting on a run queue, timeslices). A process that has exited reads as zero, so a caller summing several
+processes still gets the living ones.
 """
 from __future__ import annotations
 
@@ -30,6 +32,25 @@ def cpu_s(pids: Iterable[int]) -> float:
         if fields is not None:
             total += int(fields[11]) + int(fields[12])
     return total / _TICKS_PER_S
+
+
+def runqueue_wait_s(pids: Iterable[int]) -> float:
+    """Seconds the threads of ``pids`` have spent runnable but waiting for a CPU (the scheduler's run-queue
+    wait, summed over every live thread; a thread that has exited takes its share with it). On a busy machine
+    this is the delay a server's work sat behind everyone else's: time in its latency, not in its CPU."""
+    total_ns = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total_ns += int(f.read().split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+    return total_ns / 1e9
 
 
 def rss_bytes(pids: Iterable[int]) -> int:

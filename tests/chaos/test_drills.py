@@ -56,9 +56,11 @@ def gateway_stack(tmp_path_factory):
     finally:
         pids = [p.popen.pid for p in stack.procs.values() if p.popen is not None] + [stack.nats.pid]
         stack.stop()
-        assert state.undo_all() == []          # the stack removed its own entries
         assert not [p for p in pids if _alive(p)], "a drill stack process outlived stop()"
+        assert [e["kind"] for e in state.entries()] == ["workdir"]   # until the logs are read
         stack.cleanup_workdir()
+        assert state.undo_all() == []          # the stack removed its own entries
+        assert not stack.workdir.exists()
 
 
 @pytest.mark.timeout(900)

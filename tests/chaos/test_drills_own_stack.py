@@ -54,9 +54,11 @@ def provider_stack(tmp_path_factory):
     finally:
         pids = [p.popen.pid for p in stack.procs.values() if p.popen is not None]
         stack.stop()
-        assert state.undo_all() == []          # the stack removed its own entries
         assert not [p for p in pids if _alive(p)], "a drill stack process outlived stop()"
+        assert [e["kind"] for e in state.entries()] == ["workdir"]   # until the logs are read
         stack.cleanup_workdir()
+        assert state.undo_all() == []          # the stack removed its own entries
+        assert not stack.workdir.exists()
 
 
 @pytest.mark.timeout(900)
@@ -118,6 +120,8 @@ def test_a_drill_killed_mid_fault_is_cleaned_up_by_the_next_run(tmp_path):
         pids = [(e["pid"], e["start_ticks"]) for e in entries if e["kind"] == "process"]
         namespaces = [e["name"] for e in entries if e["kind"] == "netns"]
         assert len(pids) >= 5                       # every process of the stack, recorded before use
+        [workdir] = [Path(e["path"]) for e in entries if e["kind"] == "workdir"]
+        assert workdir.is_dir() and any(workdir.glob("*.log"))
         if KILLED == "region-partitioned":
             table = next(e for e in entries if e["kind"] == "nft_table")
             assert len(namespaces) == 3 and set(namespaces) <= set(_namespaces())
@@ -129,8 +133,9 @@ def test_a_drill_killed_mid_fault_is_cleaned_up_by_the_next_run(tmp_path):
         done = subprocess.run([sys.executable, "-m", "feed.cli", "drill", "cleanup", "--state", str(state_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert fault_kind in done.stdout and "process" in done.stdout
+        assert fault_kind in done.stdout and "process" in done.stdout and "workdir" in done.stdout
         assert state.entries() == []
+        assert not workdir.exists(), "the killed drill's work directory outlived cleanup"
         assert not [p for p, t in pids if start_ticks(p) == t and _alive(p)], "a process outlived cleanup"
         assert not set(namespaces) & set(_namespaces()), "a network namespace outlived cleanup"
         if KILLED == "region-partitioned":

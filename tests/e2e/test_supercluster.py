@@ -222,6 +222,11 @@ def test_ingest_exits_1_naming_jetstream_when_the_lease_bucket_never_binds(tmp_p
         text = log_path.read_text()
         assert "cannot join the publishing lease" in text and "is JetStream up" in text, text[-2000:]
         assert "cannot connect to NATS" not in text
+        import re
+
+        for line in (x for x in text.splitlines() if "cannot join the publishing lease" in x or "not bound yet" in x):
+            names = re.findall(r"\b\w+Error\b", line)
+            assert len(names) == len(set(names)), f"an error class named twice: {line}"
     finally:
         if ingest is not None:
             stop_process(ingest)

@@ -27,3 +27,17 @@ def test_every_feed_exception_derives_from_feed_error():
     assert stray == [], f"exceptions outside the FeedError root: {stray}"
     both = sorted(name for name, cls in found.items() if issubclass(cls, LocalError) and issubclass(cls, RemoteError))
     assert both == [], f"an error is either local or remote, never both: {both}"
+
+
+def test_describe_exception_names_the_class_once():
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    from feed.errors import describe_exception
+
+    unavailable = ServiceUnavailableError(code=503, description="JetStream not ready")
+    assert describe_exception(unavailable) == str(unavailable)             # nats-py names it in the message
+    assert describe_exception(unavailable).count("ServiceUnavailableError") == 1
+    assert describe_exception(NatsTimeout()) == "TimeoutError: nats: timeout"
+    assert describe_exception(TimeoutError()) == "TimeoutError"            # no message: the class alone
+    assert describe_exception(ValueError("bad seq")) == "ValueError: bad seq"
