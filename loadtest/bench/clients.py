@@ -497,15 +497,18 @@ async def main_async(args: argparse.Namespace) -> int:
             task.cancel()  # late: counted as failed, never as a subscriber
     ready = sum(1 for c in clients if c.ready.is_set())
     emit("ready", connected=ready, failed=len(clients) - ready, errors=dict(tally.errors))
+    # After its result the process holds on, connections open, until stdin closes: the bench reads every
+    # client process's CPU once all results are in, and a process gone by then would read as zero (and its
+    # closes would land in the servers' measured window)
     async for command in commands():
-        if command["cmd"] == "finish":
+        if command["cmd"] == "finish" and not tally.ending:
             tally.finish(clients, command["final_seqs"])
             try:
                 await asyncio.wait_for(tally.all_done.wait(), command["drain_s"])
             except TimeoutError:
                 pass
             emit("result", **tally.result(clients))
-            break
+            tally.ending = True     # what arrives from here on is not measured: closes are not errors
     tally.ending = True
     for c in clients:
         if c.proto is not None and c.proto.transport is not None:

@@ -184,6 +184,22 @@ def _metrics_text(port: int) -> str | None:
         return None
 
 
+GATEWAY_HOP = "bookcast_hop_nats_gateway_seconds"
+OTHERS_NAMED_PCT = 5.0    # a cell whose others % reaches this names the busiest outside processes in its log line
+
+
+def hop_sum_count(metrics_text: str | None, name: str = GATEWAY_HOP) -> tuple[float, int]:
+    """(seconds, observations) of histogram ``name`` in a Prometheus text exposition, summed over its labels
+    ((0.0, 0) when absent: a gateway that has observed nothing yet exposes no series)."""
+    total_s, count = 0.0, 0
+    for line in (metrics_text or "").splitlines():
+        if line.startswith(f"{name}_sum"):
+            total_s += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count"):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total_s, count
+
+
 def _start_ebpf(pids: list[int], log_path: Path) -> subprocess.Popen:
     """``bookcast ebpf`` tracing ``pids``; returns once its probes are attached.
 
@@ -225,9 +241,9 @@ class Counters:
     machine_busy: int
     machine_total: int
     at_s: float
-    server_wait_s: float = 0.0      # run-queue wait (procstat.runqueue_wait_s)
-    upstream_wait_s: float = 0.0
-    loadgen_wait_s: float = 0.0
+    server_wait: tuple[float, int] = (0.0, 0)       # run-queue wait (s, runs): procstat.runqueue_wait
+    upstream_wait: tuple[float, int] = (0.0, 0)
+    loadgen_wait: tuple[float, int] = (0.0, 0)
 
     @classmethod
     def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
@@ -235,8 +251,8 @@ class Counters:
         """``loadgen``: every client process, ``idlers`` (a subset): those holding the idle connections."""
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
                    procstat.cpu_s(loadgen), procstat.cpu_s(list(idlers)) if idlers else 0.0,
-                   *procstat.machine_ticks(), time.monotonic(), procstat.runqueue_wait_s(server),
-                   procstat.runqueue_wait_s(upstream), procstat.runqueue_wait_s(loadgen))
+                   *procstat.machine_ticks(), time.monotonic(), procstat.runqueue_wait(server),
+                   procstat.runqueue_wait(upstream), procstat.runqueue_wait(loadgen))
 
 
 async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
@@ -329,6 +345,9 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
 
         pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)], [c.pid for c in idlers])
         load_before = os.getloadavg()[0]
+        hop_port = port if target == "bookcast" else None
+        hop_before = hop_sum_count(_metrics_text(hop_port)) if hop_port else None
+        everyone_before = procstat.every_process_cpu_s()
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
         await publisher.send("run", rate_per_s=rate_per_s, count=count)
@@ -340,6 +359,8 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         results = await _progress(asyncio.gather(*(c.expect("result", config.drain_s + 120) for c in loadgen)),
                                   f"{label} draining (up to {config.drain_s:g} s)")
         after = Counters.read(*pids)
+        everyone_after = procstat.every_process_cpu_s()
+        hop_after = hop_sum_count(_metrics_text(hop_port)) if hop_port else None
         load_after = os.getloadavg()[0]
         rss_end = procstat.rss_bytes(server_pids)
         for c in idlers:
@@ -360,6 +381,9 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         published=published, t0_ns=t0_ns, before=before, after=after, rss=(rss_base, rss_idle, rss_end),
         idle=idle, idle_connected=idle_connected, idle_results=idle_results, repeat=repeat,
         load_average=(load_before, load_after),
+        others_top=procstat.busiest_others(everyone_before, everyone_after,
+                                           [*pids[0], *pids[1], pids[2], *pids[3], os.getpid()]),
+        gateway_hop=(hop_before, hop_after) if hop_port else None,
     )
 
 
@@ -384,9 +408,14 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
               results: list[dict], published: dict, t0_ns: int, before: Counters, after: Counters,
               rss: tuple[int, int, int], idle: int = 0, idle_connected: int | None = None,
               idle_results: list[dict] | None = None, repeat: int = 0,
-              load_average: tuple[float, float] | None = None) -> dict[str, Any]:
+              load_average: tuple[float, float] | None = None,
+              gateway_hop: tuple[tuple[float, int], tuple[float, int]] | None = None,
+              others_top: list[dict] | None = None) -> dict[str, Any]:
     """Merge the client processes' results into one cell: counts, accounting check, latency and spread
-    quantiles (ms), rates (/s), CPU (s), RSS (bytes), and ``harness_failures`` (empty when sound)."""
+    quantiles (ms), rates (/s), CPU (s), RSS (bytes), and ``harness_failures`` (empty when sound).
+    ``gateway_hop``: the gateway's ``bookcast_hop_nats_gateway_seconds`` (sum, count) before and after the
+    window (bookcast only), giving the mean NATS publish -> gateway fan-out time of the cell's deltas.
+    ``others_top``: the busiest processes outside the cell over the window (``procstat.busiest_others``)."""
     latency, spread = new_histogram(), new_histogram()
     receipts: dict[int, list[int]] = {}
     for r in results:
@@ -428,15 +457,19 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     loadgen_cpu_s = after.loadgen_cpu_s - before.loadgen_cpu_s
     idle_loadgen_cpu_s = after.idle_loadgen_cpu_s - before.idle_loadgen_cpu_s
     measured_s = max(after.at_s - before.at_s, 1e-9)
-    server_wait_s = after.server_wait_s - before.server_wait_s
-    upstream_wait_s = after.upstream_wait_s - before.upstream_wait_s
-    loadgen_wait_s = after.loadgen_wait_s - before.loadgen_wait_s
+    waits = {k: (getattr(after, k)[0] - getattr(before, k)[0], getattr(after, k)[1] - getattr(before, k)[1])
+             for k in ("server_wait", "upstream_wait", "loadgen_wait")}
+    per_run_us = {k: 1e6 * w / runs if runs > 0 else None for k, (w, runs) in waits.items()}
     cpus = os.cpu_count() or 1
     busy_pct = 100 * busy / ticks if ticks else None
     # What the machine spent on everything that is not this cell's processes: other people's work on a
     # shared machine (the load generator, the publisher and the servers are counted apart).
     ours_s = server_cpu_s + loadgen_cpu_s + publisher_cpu_s + (upstream_cpu_s if target == "bookcast" else 0)
     others_pct = (max(busy / _TICKS_PER_S - ours_s, 0) / (measured_s * cpus) * 100) if ticks else None
+    hop_ms = None
+    if gateway_hop is not None:
+        (sum0, n0), (sum1, n1) = gateway_hop
+        hop_ms = 1000 * (sum1 - sum0) / (n1 - n0) if n1 > n0 else None
     for r in idle_results or []:
         for text, n in r["errors"].items():
             errors[f"idle: {text}"] = errors.get(f"idle: {text}", 0) + n
@@ -456,6 +489,9 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
                        "max": latency.get_max_value() / 1000, "mean": latency.get_mean_value() / 1000},
         "spread_ms": {"p50": _ms(spread, 50), "p99": _ms(spread, 99), "max": spread.get_max_value() / 1000,
                       "messages": spread.get_total_count()},
+        # NATS publish -> gateway fan-out (ts_send_ns - ts_publish_ns), mean over the window's deltas (one per
+        # worker per message): the part of the latency spent before the gateway writes the first frame
+        "gateway_hop_mean_ms": hop_ms,
         "server_cpu_s": server_cpu_s,
         "server_cpu_s_per_million": server_cpu_s / delivered * 1e6 if delivered else None,
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
@@ -465,15 +501,16 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         "harness_cpu_s": loadgen_cpu_s + publisher_cpu_s,
         "harness_cores": (loadgen_cpu_s + publisher_cpu_s) / measured_s,
         "server_cores": server_cpu_s / measured_s,
-        # runnable but waiting for a CPU, per CPU second run: what a busy machine adds to the servers' latency
-        "server_runqueue_wait_s": server_wait_s,
-        "server_wait_per_cpu_s": server_wait_s / server_cpu_s if server_cpu_s > 0 else None,
-        "upstream_wait_per_cpu_s": (upstream_wait_s / upstream_cpu_s if upstream_cpu_s > 0 else None)
-        if target == "bookcast" else None,
-        "loadgen_wait_per_cpu_s": loadgen_wait_s / loadgen_cpu_s if loadgen_cpu_s > 0 else None,
+        # runnable but waiting for a CPU (all threads): the total, the runs, and the mean delay per run, which is
+        # what a busy machine's scheduler adds to every wake-up of the server (procstat.runqueue_wait)
+        "server_runqueue_wait_s": waits["server_wait"][0], "server_runs": waits["server_wait"][1],
+        "server_wait_per_run_us": per_run_us["server_wait"],
+        "upstream_wait_per_run_us": per_run_us["upstream_wait"] if target == "bookcast" else None,
+        "loadgen_wait_per_run_us": per_run_us["loadgen_wait"],
         "measured_s": measured_s,
         "machine_busy_pct": busy_pct,
         "others_busy_pct": others_pct,
+        "others_top": others_top or [],
         "saturated": busy_pct is not None and busy_pct > config.saturated_busy_pct,
         "load_average_1m": list(load_average) if load_average else None,
         "rss_base_bytes": rss_base, "rss_idle_bytes": rss_idle, "rss_end_bytes": rss_end,
@@ -485,8 +522,12 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
 # -- the whole run ---------------------------------------------------------------------------------
 
 
-def _per_cpu(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _others(top: list[dict]) -> str:
+    return ", ".join(f"{o['comm']} pid {o['pid']} {o['cpu_s']:.1f} s" for o in top)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _machine() -> dict[str, Any]:
@@ -527,11 +568,15 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
         run["cells"].append(cell)
         lat = cell["latency_ms"]
         _say(f"{label} delivered {cell['delivered']:,} ({cell['delivered_per_s']:,.0f}/s of {cell['offered_per_s']:,.0f}"
-             f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms, server CPU "
-             f"{cell['server_cpu_s']:.2f} s (waited {_per_cpu(cell['server_wait_per_cpu_s'])} s per CPU s for a CPU), "
+             f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms"
+             + (f" (NATS -> gateway fan-out {cell['gateway_hop_mean_ms']:.2f} ms mean)"
+                if cell.get("gateway_hop_mean_ms") is not None else "") + ", server CPU "
+             f"{cell['server_cpu_s']:.2f} s (waited {_us(cell['server_wait_per_run_us'])} us for a CPU per run), "
              f"harness {cell['harness_cores']:.2f} cores, machine busy "
              f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
              + (" SATURATED" if cell["saturated"] else "")
+             + (f" (busiest others: {_others(cell['others_top'])})"
+                if (cell["others_busy_pct"] or 0) >= OTHERS_NAMED_PCT and cell["others_top"] else "")
              + f", losses {sum(cell['losses'].values())}, errors {sum(cell['errors'].values())}"
              + (f", HARNESS FAILURES: {cell['harness_failures']}" if cell["harness_failures"] else ""))
     run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

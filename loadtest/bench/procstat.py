@@ -34,11 +34,12 @@ def cpu_s(pids: Iterable[int]) -> float:
     return total / _TICKS_PER_S
 
 
-def runqueue_wait_s(pids: Iterable[int]) -> float:
-    """Seconds the threads of ``pids`` have spent runnable but waiting for a CPU (the scheduler's run-queue
-    wait, summed over every live thread; a thread that has exited takes its share with it). On a busy machine
-    this is the delay a server's work sat behind everyone else's: time in its latency, not in its CPU."""
-    total_ns = 0
+def runqueue_wait(pids: Iterable[int]) -> tuple[float, int]:
+    """(seconds, runs): how long the threads of ``pids`` sat runnable waiting for a CPU, and how many times
+    they were run, summed over every live thread (a thread that has exited takes its share with it). Seconds
+    over runs is the mean delay between becoming runnable and running: on a busy machine, latency that is the
+    scheduler's, not the server's."""
+    wait_ns = runs = 0
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -47,10 +48,12 @@ def runqueue_wait_s(pids: Iterable[int]) -> float:
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total_ns += int(f.read().split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                    _, waited, slices = f.read().split()[:3]
+            except (FileNotFoundError, ProcessLookupError, ValueError):
                 continue
-    return total_ns / 1e9
+            wait_ns += int(waited)
+            runs += int(slices)
+    return wait_ns / 1e9, runs
 
 
 def rss_bytes(pids: Iterable[int]) -> int:
@@ -77,6 +80,34 @@ def children(pid: int) -> list[int]:
             if fields is not None and int(fields[1]) == pid:
                 out.append(int(entry))
     return out
+
+
+def every_process_cpu_s() -> dict[int, tuple[float, str]]:
+    """``{pid: (cpu_s, comm)}`` of every process on the machine (user + system CPU so far, threads included):
+    two readings name whoever else was busy between them."""
+    out: dict[int, tuple[float, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(entry)] = ((int(fields[11]) + int(fields[12])) / _TICKS_PER_S, text[text.index("(") + 1:text.rindex(")")])
+    return out
+
+
+def busiest_others(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]], ours: Iterable[int],
+                   top: int = 3, min_cpu_s: float = 0.05) -> list[dict]:
+    """The ``top`` processes outside ``ours`` that used the most CPU between two ``every_process_cpu_s``
+    readings (at least ``min_cpu_s``): ``[{"pid", "comm", "cpu_s"}]``, busiest first. A process born between
+    the readings counts from zero; one that died is not seen."""
+    mine = set(ours)
+    used = [(cpu - before.get(pid, (0.0, ""))[0], pid, comm) for pid, (cpu, comm) in after.items() if pid not in mine]
+    return [{"pid": pid, "comm": comm, "cpu_s": round(cpu, 2)}
+            for cpu, pid, comm in sorted(used, reverse=True)[:top] if cpu >= min_cpu_s]
 
 
 def machine_ticks() -> tuple[int, int]:

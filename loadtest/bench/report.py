@@ -293,8 +293,10 @@ def markdown(run: dict[str, Any]) -> str:
         "last minus first receipt of one message over all clients; server CPU: utime+stime of gateway supervisor "
         "+ workers (bookcast) or nats-server (nats) over the publishing and drain window; harness: load generator "
         "+ publisher CPU in cores; others: machine busy time not spent by this cell's processes (other users); "
-        "**wait / CPU s**: seconds the server's threads sat runnable waiting for a CPU per second they ran "
-        "(/proc/PID/task/TID/schedstat): on a busy machine, latency that is the scheduler's, not the server's",
+        "**wait / run us**: the mean time a server thread sat runnable before it got a CPU, per run "
+        "(/proc/PID/task/TID/schedstat): on a busy machine, latency that is the scheduler's, not the server's; "
+        "**NATS -> gw ms** (bookcast): mean NATS publish to gateway fan-out of the cell's deltas (the gateway's "
+        "bookcast_hop_nats_gateway_seconds), the part of the latency spent before the first frame is written",
         f"- a cell is **saturated** when the machine was over {cfg.get('saturated_busy_pct', 90):g}% busy (all CPUs, "
         "everyone's processes): its figures measure the machine, and it is left out of the verdict"
         + (f"; 1-minute load average during the cells {min(loads):.1f} .. {max(loads):.1f}" if loads else ""),
@@ -305,8 +307,8 @@ def markdown(run: dict[str, Any]) -> str:
         "## Cells", "",
         "| target | clients | rate/s | idle | run | offered/s | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms "
         "| server CPU s | CPU s / M | upstream nats CPU s | harness cores | machine busy % | floor % | others % "
-        "| wait / CPU s | load 1m | RSS KiB / idle conn | losses | errors |",
-        "|" + "---|" * 23,
+        "| wait / run us | NATS -> gw ms | load 1m | RSS KiB / idle conn | losses | errors |",
+        "|" + "---|" * 24,
     ]
     for c in run["cells"]:
         lat, rss = c["latency_ms"], c["rss_per_idle_connection_bytes"]
@@ -319,7 +321,8 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {_f(c.get('harness_cores'), '.2f')} | {_f(c['machine_busy_pct'], '.0f')}"
             f"{' **sat.**' if c.get('saturated') else ''} "
             f"| {_f(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
-            f"| {_f(c.get('others_busy_pct'), '.0f')} | {_f(c.get('server_wait_per_cpu_s'), '.2f')} "
+            f"| {_f(c.get('others_busy_pct'), '.0f')} | {_f(c.get('server_wait_per_run_us'), '.0f')} "
+            f"| {_f(c.get('gateway_hop_mean_ms'), '.2f')} "
             f"| {_f(load and max(load), '.1f')} | {_f(rss and rss / 1024, '.1f')} "
             f"| {sum(c['losses'].values()):,} | {sum(c['errors'].values()):,} |")
     lines += ["", "## bookcast / nats-server WebSocket, same run", "",

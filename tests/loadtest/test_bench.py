@@ -87,14 +87,22 @@ def test_the_peer_comparison_and_report_files_are_written(quick_run):
     pct = 100 * 24 * 50 * floor["send_recv_us"] / 1e6 / run["machine"]["cpus"]
     cell_rows = [line for line in md.splitlines() if line.startswith("| bookcast | 24 | 50 | 0 |")]
     assert cell_rows and cell_rows[0].split(" | ")[16] == f"{pct:.0f}"
-    # the servers' run-queue wait per CPU second, in every cell and its row (the upstream NATS's for bookcast)
+    # the servers' run-queue wait per run, in every cell and its row (the upstream NATS's too for bookcast)
     for c in run["cells"]:
-        assert c["server_runqueue_wait_s"] >= 0 and c["server_wait_per_cpu_s"] is not None, c["target"]
-        assert c["loadgen_wait_per_cpu_s"] is not None
-        assert (c["upstream_wait_per_cpu_s"] is not None) == (c["target"] == "bookcast")
+        assert c["server_runqueue_wait_s"] >= 0 and c["server_runs"] > 0, c["target"]
+        assert c["server_wait_per_run_us"] == pytest.approx(1e6 * c["server_runqueue_wait_s"] / c["server_runs"])
+        assert c["loadgen_wait_per_run_us"] is not None
+        assert (c["upstream_wait_per_run_us"] is not None) == (c["target"] == "bookcast")
     bookcast_cell = next(c for c in run["cells"] if c["target"] == "bookcast" and not c["idle"])
-    assert cell_rows[0].split(" | ")[18] == f"{bookcast_cell['server_wait_per_cpu_s']:.2f}"
-    assert "**wait / CPU s**" in md and "s per CPU s for a CPU" in proc.stderr
+    assert cell_rows[0].split(" | ")[18] == f"{bookcast_cell['server_wait_per_run_us']:.0f}"
+    assert "**wait / run us**" in md and "us for a CPU per run" in proc.stderr
+    # the gateway's own NATS -> fan-out hop over the window, for bookcast cells only
+    for c in run["cells"]:
+        assert (c["gateway_hop_mean_ms"] is not None) == (c["target"] == "bookcast"), c["target"]
+    assert 0 < bookcast_cell["gateway_hop_mean_ms"] < bookcast_cell["latency_ms"]["max"]
+    assert cell_rows[0].split(" | ")[19] == f"{bookcast_cell['gateway_hop_mean_ms']:.2f}"
+    nats_row = next(line for line in md.splitlines() if line.startswith("| nats | 24 | 50 | 0 |"))
+    assert nats_row.split(" | ")[19] == "-" and "NATS -> gateway fan-out" in proc.stderr
 
 
 def test_an_overhead_toggle_that_cannot_run_fails_clearly(tmp_path):

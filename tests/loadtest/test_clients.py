@@ -246,3 +246,52 @@ def test_a_bookcast_delta_is_scanned_in_place_and_one_for_an_unknown_instrument_
     assert client.held == [1] and tally.latency_us == {2000: 1}
     assert tally.errors == {"delta for an unknown instrument bench:I0099": 1,
                             "a delta without instrument, seq, prev_seq or ts_publish_ns": 1}
+
+
+async def test_a_client_process_holds_its_connections_after_its_result_until_stdin_closes(tmp_path):
+    """The bench reads every client process's CPU once all results are in: a process that exited after its
+    own result read as zero there (one of two client processes lost: "harness" halved, "others" inflated),
+    and its closes landed in the servers' measured window."""
+    from loadtest.bench.ipc import Child
+
+    open_now: set = set()
+    closed: list = []
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        open_now.add(ws)
+        async for _ in ws:
+            pass
+        open_now.discard(ws)
+        closed.append(ws)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    child = await Child.start("clients", "loadtest.bench.clients",
+                              ["--target", "bookcast", "--url", f"ws://127.0.0.1:{port}/ws", "--instruments", "",
+                               "--idle", "--clients", "3"], tmp_path / "clients.log")
+    try:
+        assert (await child.expect("ready", 30))["connected"] == 3
+        await child.send("finish", final_seqs={}, drain_s=0)
+        result = await child.expect("result", 30)
+        assert result["connected"] == 3
+        await child.send("finish", final_seqs={}, drain_s=0)   # a second finish: no second result
+        # alive, every connection open, after its result (the bench's counters are read now): a bounded
+        # negative observation (the process used to exit within milliseconds of its result)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(child.proc.wait()), 1.5)
+        assert child.proc.returncode is None and len(open_now) == 3 and closed == []
+        child.proc.stdin.close()
+        assert await asyncio.wait_for(child.proc.wait(), 30) == 0
+        await _until(lambda: len(closed) == 3)
+        assert (await child.proc.stdout.read()) == b""      # nothing more was said after the one result
+    finally:
+        await child.stop()
+        await runner.cleanup()

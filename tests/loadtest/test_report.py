@@ -135,3 +135,21 @@ def test_chart_draws_every_point_without_warnings_also_with_no_nats_cells(tmp_pa
         chart(run, path)
     assert [str(w.message) for w in caught] == []
     assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hop_sum_count_reads_a_histogram_over_its_labels_and_nothing_else():
+    from loadtest.bench.fanout import hop_sum_count
+
+    text = "\n".join([
+        "# HELP bookcast_hop_nats_gateway_seconds NATS publish to gateway queueing.",
+        "# TYPE bookcast_hop_nats_gateway_seconds histogram",
+        'bookcast_hop_nats_gateway_seconds_bucket{le="0.001",venue="bench"} 3.0',
+        'bookcast_hop_nats_gateway_seconds_count{venue="bench"} 4.0',
+        'bookcast_hop_nats_gateway_seconds_sum{venue="bench"} 0.5',
+        'bookcast_hop_nats_gateway_seconds_count{venue="coinbase"} 6.0',
+        'bookcast_hop_nats_gateway_seconds_sum{venue="coinbase"} 1.5',
+        'bookcast_hop_ingest_seconds_sum{venue="bench"} 99.0',
+        'bookcast_hop_ingest_seconds_count{venue="bench"} 99.0',
+    ])
+    assert hop_sum_count(text) == (2.0, 10)
+    assert hop_sum_count(None) == (0.0, 0) and hop_sum_count("") == (0.0, 0)
