@@ -86,9 +86,11 @@ def compare(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratios = [r for r in (_ratio(get(a), get(b)) for a, b in used) if r is not None]
             bk = [get(a) for a, _ in used if get(a) is not None]
             nats = [get(b) for _, b in used if get(b) is not None]
+            # each side's own run-to-run spread: which target's variance the ratio's spread comes from
             row[name] = {"bookcast": statistics.median(bk) if bk else None,
                          "nats": statistics.median(nats) if nats else None,
-                         **_stats(ratios), "ratios": ratios, "saturated": not clean}
+                         **_stats(ratios), "ratios": ratios, "saturated": not clean,
+                         "bookcast_spread": _stats(bk)["spread"], "nats_spread": _stats(nats)["spread"]}
         out.append(row)
     return out
 
@@ -241,7 +243,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                         spread_rows, sat_rows,
                         lambda rn: rn[0][rn[1]]["spread"] is not None and rn[0][rn[1]]["spread"] < SPREAD_TARGET,
                         lambda rn: f"{point_label(rn[0]['clients'], rn[0]['rate_per_s'], rn[0]['idle'])} "
-                                   f"{_LABELS[rn[1]]}: {(rn[0][rn[1]]['spread'] or 0):.0%}"))
+                                   f"{_LABELS[rn[1]]}: {(rn[0][rn[1]]['spread'] or 0):.0%}{_sides(rn[0][rn[1]])}"))
     big = [c for c in cells if c["target"] == "bookcast" and c["clients"] == BIG_CLIENTS and not c.get("idle")]
     out.append(_verdict(f"{BIG_CLIENTS:,} clients on bookcast without errors", big, [],
                         lambda c: not (c["connect_failures"] or c["closed_early"] or c["errors"] or c["harness_failures"]),
@@ -249,6 +251,12 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                                   f"connect failures, {c['closed_early']} closed, errors {c['errors'] or 0}, losses "
                                   f"{sum(c['losses'].values()):,}"))
     return out
+
+
+def _sides(figure: dict[str, Any]) -> str:
+    """`` (bookcast 2%, nats 12%)``: each target's own spread of a compared figure, when both are known."""
+    bk, nats = figure.get("bookcast_spread"), figure.get("nats_spread")
+    return f" (bookcast {bk:.0%}, nats {nats:.0%})" if bk is not None and nats is not None else ""
 
 
 def analyse(run: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ idle clients), close codes, and the delta scan against ``feed.wire``'s encoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from aiohttp import web
@@ -55,6 +56,13 @@ async def server():
                 await ws.send_str("echo:" + msg.data)
         return ws
 
+    async with _serving(handler) as url:
+        yield url, seen
+
+
+@contextlib.asynccontextmanager
+async def _serving(handler):
+    """A real aiohttp server on a loopback port with ``handler`` at ``/ws``; yields its ws:// URL."""
     app = web.Application()
     app.router.add_get("/ws", handler)
     runner = web.AppRunner(app)
@@ -63,7 +71,7 @@ async def server():
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        yield f"ws://127.0.0.1:{port}/ws", seen
+        yield f"ws://127.0.0.1:{port}/ws"
     finally:
         await runner.cleanup()
 
@@ -267,31 +275,28 @@ async def test_a_client_process_holds_its_connections_after_its_result_until_std
         closed.append(ws)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    child = await Child.start("clients", "loadtest.bench.clients",
-                              ["--target", "bookcast", "--url", f"ws://127.0.0.1:{port}/ws", "--instruments", "",
-                               "--idle", "--clients", "3"], tmp_path / "clients.log")
-    try:
-        assert (await child.expect("ready", 30))["connected"] == 3
-        await child.send("finish", final_seqs={}, drain_s=0)
-        result = await child.expect("result", 30)
-        assert result["connected"] == 3
-        await child.send("finish", final_seqs={}, drain_s=0)   # a second finish: no second result
-        # alive, every connection open, after its result (the bench's counters are read now): a bounded
-        # negative observation (the process used to exit within milliseconds of its result)
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(child.proc.wait()), 1.5)
-        assert child.proc.returncode is None and len(open_now) == 3 and closed == []
-        child.proc.stdin.close()
-        assert await asyncio.wait_for(child.proc.wait(), 30) == 0
-        await _until(lambda: len(closed) == 3)
-        assert (await child.proc.stdout.read()) == b""      # nothing more was said after the one result
-    finally:
-        await child.stop()
-        await runner.cleanup()
+    async with _serving(handler) as url:
+        child = await Child.start("clients", "loadtest.bench.clients",
+                                  ["--target", "bookcast", "--url", url, "--instruments", "", "--idle", "--clients", "3"],
+                                  tmp_path / "clients.log")
+        try:
+            await _hold_after_result(child, open_now, closed)
+        finally:
+            await child.stop()
+
+
+async def _hold_after_result(child, open_now: set, closed: list) -> None:
+    assert (await child.expect("ready", 30))["connected"] == 3
+    await child.send("finish", final_seqs={}, drain_s=0)
+    result = await child.expect("result", 30)
+    assert result["connected"] == 3
+    await child.send("finish", final_seqs={}, drain_s=0)   # a second finish: no second result
+    # alive, every connection open, after its result (the bench's counters are read now): a bounded
+    # negative observation (the process used to exit within milliseconds of its result)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(child.proc.wait()), 1.5)
+    assert child.proc.returncode is None and len(open_now) == 3 and closed == []
+    child.proc.stdin.close()
+    assert await asyncio.wait_for(child.proc.wait(), 30) == 0
+    await _until(lambda: len(closed) == 3)
+    assert (await child.proc.stdout.read()) == b""      # nothing more was said after the one result
