@@ -90,7 +90,7 @@ def compare(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[name] = {"bookcast": statistics.median(bk) if bk else None,
                          "nats": statistics.median(nats) if nats else None,
                          **_stats(ratios), "ratios": ratios, "saturated": not clean,
-                         "bookcast_spread": _stats(bk)["spread"], "nats_spread": _stats(nats)["spread"]}
+                         "spread_bookcast": _stats(bk)["spread"], "spread_nats": _stats(nats)["spread"]}
         out.append(row)
     return out
 
@@ -255,7 +255,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _sides(figure: dict[str, Any]) -> str:
     """`` (bookcast 2%, nats 12%)``: each target's own spread of a compared figure, when both are known."""
-    bk, nats = figure.get("bookcast_spread"), figure.get("nats_spread")
+    bk, nats = figure.get("spread_bookcast"), figure.get("spread_nats")
     return f" (bookcast {bk:.0%}, nats {nats:.0%})" if bk is not None and nats is not None else ""
 
 

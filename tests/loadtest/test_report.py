@@ -55,7 +55,7 @@ def test_ratios_pair_runs_and_report_their_spread():
     spread = status(run, "run-to-run spread")
     assert spread[0] == "missed" and "13%" in spread[1]  # 13% spread of the CPU ratio
     # and where it comes from: bookcast's own CPU moved 14..16 (13%), nats-server's not at all
-    assert cpu["bookcast_spread"] == pytest.approx(2 / 15) and cpu["nats_spread"] == 0
+    assert cpu["spread_bookcast"] == pytest.approx(2 / 15) and cpu["spread_nats"] == 0
     assert "CPU s / M deliveries: 13% (bookcast 13%, nats 0%)" in spread[1]
     md = markdown(run)
     assert "| 1,000 x 20/s | 3 (0) | 1.00 [1.00-1.00, 0%] | 0.60 [0.60-0.60, 0%] | 0.75 [0.70-0.80, 13%]" in md
