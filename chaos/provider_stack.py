@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from chaos.stack import DrillStack, Proc, http_json
+from chaos.stack import DrillStack, Proc, http_json, record_workdir
 from feed.natsserver import NatsServer
 from feed.procs import free_port, http_ok, wait_until
 
@@ -49,7 +49,7 @@ class ProviderDrillStack(DrillStack):
         from feed.capture import read_capture
 
         self.venue = next(iter(read_capture(self.capture))).venue
-        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
+        self.workdir_state_id = record_workdir(self.state, self.workdir)
         self.nats = NatsServer(name="bookcast-drill").start()
         self.nats_state_id = self.state.add_process(self.nats.pid, "nats-server")
         self.control_nats = NatsServer(name="bookcast-drill-control").start()

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.stack import Proc, http_json, remove_workdir
+from chaos.stack import Proc, http_json, record_workdir, remove_workdir
 from chaos.state import StateFile
 from feed.procs import port_open, wait_until
 
@@ -73,7 +73,7 @@ class RegionDrillStack:
     def start(self) -> RegionDrillStack:
         from feed.regions import RegionsStack
 
-        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
+        self.workdir_state_id = record_workdir(self.state, self.workdir)
         # failover disabled: no standby ever takes the lease (set at start: a started stack keeps its standbys)
         self.regions = RegionsStack(self.workdir, regions=list(REGIONS), speed=self.speed, lease_ttl_s=self.lease_ttl_s,
                                     captures=list(self.captures), netns=self.netns,

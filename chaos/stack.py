@@ -43,6 +43,12 @@ def http_json(url: str, body: object | None = None, method: str | None = None, t
     return json.loads(raw) if raw else None
 
 
+def record_workdir(state: StateFile, workdir: Path) -> str:
+    """Record ``workdir`` in ``state`` (kind ``workdir``) before the stack writes into it; returns the entry's
+    id for ``remove_workdir``."""
+    return state.add("workdir", path=str(workdir))
+
+
 def remove_workdir(state: StateFile, workdir: Path, state_id: str | None, keep_logs_in: Path | None = None) -> None:
     """Copy ``workdir``'s process logs (``*.log``) to ``keep_logs_in`` when given, remove the directory, then
     its ``workdir`` entry ``state_id`` from ``state`` (recorded at the stack's start, so a drill killed before
@@ -85,7 +91,7 @@ class DrillStack:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> DrillStack:
-        self.workdir_state_id = self.state.add("workdir", path=str(self.workdir))
+        self.workdir_state_id = record_workdir(self.state, self.workdir)
         self.nats = NatsServer(name="bookcast-drill").start()
         self.nats_state_id = self.state.add_process(self.nats.pid, "nats-server")
         ingest_port = free_port()

@@ -42,7 +42,7 @@ from typing import Any
 
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
-from loadtest.bench import floor, procstat
+from loadtest.bench import floor, procstat, report
 from loadtest.bench.procstat import TICKS_PER_S as _TICKS_PER_S
 from loadtest.bench.clients import LATENCY_MAX_US, new_histogram
 from loadtest.bench.ipc import BenchError, Child
@@ -191,12 +191,17 @@ OTHERS_NAMED_PCT = 5.0    # a cell whose others % reaches this names the busiest
 def hop_sum_count(metrics_text: str | None, name: str = GATEWAY_HOP) -> tuple[float, int]:
     """(seconds, observations) of histogram ``name`` in a Prometheus text exposition, summed over its labels
     ((0.0, 0) when absent: a gateway that has observed nothing yet exposes no series)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     total_s, count = 0.0, 0
-    for line in (metrics_text or "").splitlines():
-        if line.startswith(f"{name}_sum"):
-            total_s += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f"{name}_count"):
-            count += int(float(line.rsplit(" ", 1)[1]))
+    for family in text_string_to_metric_families(metrics_text or ""):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_sum":
+                total_s += sample.value
+            elif sample.name == f"{name}_count":
+                count += int(sample.value)
     return total_s, count
 
 
@@ -241,9 +246,9 @@ class Counters:
     machine_busy: int
     machine_total: int
     at_s: float
-    server_wait: tuple[float, int] = (0.0, 0)       # run-queue wait (s, runs): procstat.runqueue_wait
-    upstream_wait: tuple[float, int] = (0.0, 0)
-    loadgen_wait: tuple[float, int] = (0.0, 0)
+    server_wait: tuple[float, int]       # run-queue wait (s, runs): procstat.runqueue_wait
+    upstream_wait: tuple[float, int]
+    loadgen_wait: tuple[float, int]
 
     @classmethod
     def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
@@ -526,10 +531,6 @@ def _others(top: list[dict]) -> str:
     return ", ".join(f"{o['comm']} pid {o['pid']} {o['cpu_s']:.1f} s" for o in top)
 
 
-def _us(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
 def _machine() -> dict[str, Any]:
     from feed.natsserver import nats_server_binary
 
@@ -571,7 +572,7 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
              f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms"
              + (f" (NATS -> gateway fan-out {cell['gateway_hop_mean_ms']:.2f} ms mean)"
                 if cell.get("gateway_hop_mean_ms") is not None else "") + ", server CPU "
-             f"{cell['server_cpu_s']:.2f} s (waited {_us(cell['server_wait_per_run_us'])} us for a CPU per run), "
+             f"{cell['server_cpu_s']:.2f} s (waited {report.or_dash(cell['server_wait_per_run_us'], '.0f')} us for a CPU per run), "
              f"harness {cell['harness_cores']:.2f} cores, machine busy "
              f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
              + (" SATURATED" if cell["saturated"] else "")
@@ -590,8 +591,6 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bookcast bench fanout``: 0 all cells ran soundly, 1 a cell failed or broke its
     accounting, 2 bad usage or an overhead toggle that is not available."""
-    from loadtest.bench import report
-
     config = config_from_args(args)
     bad = [v for v in (*config.clients, config.instruments, config.client_procs, config.workers, config.repeat) if v < 1]
     bad += [config.idle] if config.idle < 0 else []

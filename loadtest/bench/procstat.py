@@ -15,13 +15,24 @@ from collections.abc import Iterable
 TICKS_PER_S = _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat(pid: int) -> tuple[str, list[str]] | None:
+    """``(comm, fields)`` of ``/proc/PID/stat``, fields after "pid (comm) " (field 3, state, is index 0);
+    None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is index 0
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _cpu_ticks(fields: list[str]) -> int:
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def cpu_s(pids: Iterable[int]) -> float:
@@ -30,7 +41,7 @@ def cpu_s(pids: Iterable[int]) -> float:
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            total += int(fields[11]) + int(fields[12])
+            total += _cpu_ticks(fields)
     return total / _TICKS_PER_S
 
 
@@ -87,15 +98,10 @@ def every_process_cpu_s() -> dict[int, tuple[float, str]]:
     two readings name whoever else was busy between them."""
     out: dict[int, tuple[float, str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                text = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        out[int(entry)] = ((int(fields[11]) + int(fields[12])) / _TICKS_PER_S, text[text.index("(") + 1:text.rindex(")")])
+        stat = _stat(int(entry)) if entry.isdigit() else None
+        if stat is not None:
+            comm, fields = stat
+            out[int(entry)] = (_cpu_ticks(fields) / _TICKS_PER_S, comm)
     return out
 
 

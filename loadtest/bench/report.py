@@ -270,7 +270,8 @@ def analyse(run: dict[str, Any]) -> dict[str, Any]:
 # -- rendering -------------------------------------------------------------------------------------
 
 
-def _f(value: float | None, fmt: str) -> str:
+def or_dash(value: float | None, fmt: str) -> str:
+    """``value`` formatted with ``fmt``, or "-" when it is not known (a table cell, a log figure)."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -325,13 +326,13 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {c['target']} | {c['clients']:,} | {c['rate_per_s']:g} | {c.get('idle') or 0:,} | {c.get('repeat', 0) + 1} "
             f"| {c['offered_per_s']:,.0f} | {c['delivered_per_s']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} "
             f"| {lat['p99_9']:.2f} | {lat['max']:.1f} | {c['server_cpu_s']:.2f} "
-            f"| {_f(c['server_cpu_s_per_million'], '.1f')} | {_f(c['upstream_nats_cpu_s'], '.2f')} "
-            f"| {_f(c.get('harness_cores'), '.2f')} | {_f(c['machine_busy_pct'], '.0f')}"
+            f"| {or_dash(c['server_cpu_s_per_million'], '.1f')} | {or_dash(c['upstream_nats_cpu_s'], '.2f')} "
+            f"| {or_dash(c.get('harness_cores'), '.2f')} | {or_dash(c['machine_busy_pct'], '.0f')}"
             f"{' **sat.**' if c.get('saturated') else ''} "
-            f"| {_f(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
-            f"| {_f(c.get('others_busy_pct'), '.0f')} | {_f(c.get('server_wait_per_run_us'), '.0f')} "
-            f"| {_f(c.get('gateway_hop_mean_ms'), '.2f')} "
-            f"| {_f(load and max(load), '.1f')} | {_f(rss and rss / 1024, '.1f')} "
+            f"| {or_dash(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
+            f"| {or_dash(c.get('others_busy_pct'), '.0f')} | {or_dash(c.get('server_wait_per_run_us'), '.0f')} "
+            f"| {or_dash(c.get('gateway_hop_mean_ms'), '.2f')} "
+            f"| {or_dash(load and max(load), '.1f')} | {or_dash(rss and rss / 1024, '.1f')} "
             f"| {sum(c['losses'].values()):,} | {sum(c['errors'].values()):,} |")
     lines += ["", "## bookcast / nats-server WebSocket, same run", "",
               "Median ratio of the unsaturated run pairs [min-max, spread (max - min) / median]; `(sat.)`: every "
@@ -347,18 +348,18 @@ def markdown(run: dict[str, Any]) -> str:
         for r in run["rate_search"]:
             def one(t):
                 f = r[t]["failed_at"]
-                return (f"{_f(r[t]['highest_sustained_per_s'], 'g')}"
+                return (f"{or_dash(r[t]['highest_sustained_per_s'], 'g')}"
                         + (f" (fails at {f['rate_per_s']:g}{', saturated' if f['saturated'] else ''})" if f else " (all)"))
-            lines.append(f"| {r['clients']:,} | {one('bookcast')} | {one('nats')} | {_f(r['ratio'], '.2f')} "
+            lines.append(f"| {r['clients']:,} | {one('bookcast')} | {one('nats')} | {or_dash(r['ratio'], '.2f')} "
                          f"| {', '.join(format(x, 'g') for x in r['bookcast']['tested'])} |")
     if run["idle"]:
         lines += ["", "## Idle connections", "",
                   "| target | idle | run | held | closed | RSS KiB / idle conn | healthy p99 ms | without idle | ratio |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in run["idle"]:
-            lines.append(f"| {r['target']} | {r['idle']:,} | {r['repeat'] + 1} | {_f(r['idle_connected'], ',')} "
-                         f"| {r['idle_closed_early']} | {_f(r['rss_per_idle_connection_bytes'] and r['rss_per_idle_connection_bytes'] / 1024, '.1f')} "
-                         f"| {r['p99_ms']:.2f} | {_f(r['p99_without_ms'], '.2f')} | {_f(r['p99_ratio'], '.2f')}"
+            lines.append(f"| {r['target']} | {r['idle']:,} | {r['repeat'] + 1} | {or_dash(r['idle_connected'], ',')} "
+                         f"| {r['idle_closed_early']} | {or_dash(r['rss_per_idle_connection_bytes'] and r['rss_per_idle_connection_bytes'] / 1024, '.1f')} "
+                         f"| {r['p99_ms']:.2f} | {or_dash(r['p99_without_ms'], '.2f')} | {or_dash(r['p99_ratio'], '.2f')}"
                          f"{' (sat.)' if r['saturated'] else ''} |")
     lines += ["", "## Targets (issue 13)", ""]
     lines += [f"- **{t['status']}**: {t['target']}. {t['detail']}" for t in run["targets"]]
