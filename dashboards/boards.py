@@ -336,6 +336,13 @@ def latency(config: slo.RuleConfig) -> tuple[g.Dashboard, Board]:
         Query(f"histogram_quantile(0.99, sum by (le, venue) (rate(bookcast_hop_nats_gateway_seconds_bucket{{{RIV}}}[{RATE}])))",
               "NATS + gateway {{venue}}"),
     ], "s")
+    b.timeseries("Gateway worker CPU", [
+        Query(f"sum by (instance, worker) (rate(bookcast_gateway_worker_cpu_seconds_total{{{RI}}}[{RATE}]))",
+              "{{instance}} {{worker}}"),
+    ], "short", thresholds=[(0.9, "red")],
+                 description="Cores each gateway worker process uses (user + system; 1 = one CPU). A worker is "
+                             "one event loop: near 1 it is saturated, deltas wait in its inbound queue and the "
+                             "NATS + gateway p99 beside grows with it (add workers, or move clients away).")
     b.timeseries("Clock skew (samples recorded as 0)", [
         Query(f"sum by (region, hop) (rate(bookcast_probe_clock_skew_total{{{R}}}[{RATE}]))", "probe {{region}} {{hop}}"),
         Query(f"sum by (venue) (rate(bookcast_ingest_upstream_clock_skew_total{{{RIV}}}[{RATE}]))", "ingest {{venue}}"),

@@ -71,6 +71,10 @@ SPECS: tuple[MetricSpec, ...] = (
     _g("bookcast_gateway_instruments", "Instruments with a NATS subscription on this gateway."),
     _g("bookcast_gateway_queue_bytes", "Bytes queued for clients, summed over connections (sampled every second).", "bytes"),
     _g("bookcast_gateway_queue_items", "Items queued for clients, summed over connections (sampled every second)."),
+    _c("bookcast_gateway_worker_cpu_seconds_total", "CPU time (user + system) of each gateway worker process, by "
+       "worker name (sampled every second; a restarted worker carries on its name's count): rate() is the cores a "
+       "worker uses, and a worker near 1 is saturated, its deltas waiting in its inbound queue (the NATS + gateway "
+       "hop grows).", ("worker",)),
     _c("bookcast_gateway_nats_messages_total", "Messages received from NATS, by type (delta, trade).", ("type",)),
     _c("bookcast_gateway_messages_sent_total", "Frames written to clients.", ("type",)),
     _c("bookcast_gateway_socket_writes_total", "Socket writes of frames to clients: one per frame, or one for a "

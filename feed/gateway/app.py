@@ -75,7 +75,8 @@ class GatewayMetrics:
     """Label children resolved once; nothing on the hot path looks a label up. With ``instrumented=False``
     the per-message metrics (hop histogram, frames and bytes sent, NATS messages in) do nothing."""
 
-    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True, region: str | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None, instrumented: bool = True, region: str | None = None,
+                 worker: str = "gateway") -> None:
         b = lambda name: prom.build(name, registry)  # noqa: E731
         per_msg = b if instrumented else (lambda name: prom.NULL)  # noqa: E731
         self.clients = b("bookcast_gateway_clients")
@@ -83,6 +84,7 @@ class GatewayMetrics:
         self.instruments = b("bookcast_gateway_instruments")
         self.queue_bytes = b("bookcast_gateway_queue_bytes")
         self.queue_items = b("bookcast_gateway_queue_items")
+        self.worker_cpu = b("bookcast_gateway_worker_cpu_seconds_total").labels(worker)
         nats_in = per_msg("bookcast_gateway_nats_messages_total")
         self.nats_in = {k: nats_in.labels(k) for k in ("delta", "trade", "instrument_status", "unknown")}
         self.nats_deltas, self.nats_trades = self.nats_in["delta"], self.nats_in["trade"]
@@ -384,7 +386,7 @@ class Gateway:
         self.limits = config.limits
         self.snapshot_timeout_s = config.snapshot_timeout_s
         self.registry = registry
-        self.metrics = GatewayMetrics(registry, config.instrumented, config.region)
+        self.metrics = GatewayMetrics(registry, config.instrumented, config.region, config.name)
         self.authenticator = authenticator
         self.otlp: Otlp | None = None
         self._tasks: list[asyncio.Task] = []
@@ -507,9 +509,15 @@ class Gateway:
 
     async def _sample_queues(self) -> None:
         """Every ``queue_sample_interval_s``: queue bytes and items summed over this worker's sessions,
-        and each session's tally folded into the counters. (Sampled, not set at scrape, so every worker's
-        value is current whichever worker is scraped.)"""
+        each session's tally folded into the counters, and this process's CPU time since the last sample
+        added to ``bookcast_gateway_worker_cpu_seconds_total``. (Sampled, not set at scrape, so every
+        worker's value is current whichever worker is scraped; prometheus-client's process collector does
+        not run in multiprocess mode.)"""
+        cpu_s = 0.0  # from the process's start, as process_cpu_seconds_total counts
         while True:
+            now_cpu_s = time.process_time()
+            self.metrics.worker_cpu.inc(now_cpu_s - cpu_s)
+            cpu_s = now_cpu_s
             self.metrics.fold(self.tally)  # every session's (they share it: one fold, not one per connection)
             queued_bytes = queued_items = 0
             for conn in self.connections:  # one pass; most queues are empty (4% of a worker with 5,000 idle in py-spy)
