@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
@@ -188,12 +188,20 @@ GATEWAY_HOP = "bookcast_hop_nats_gateway_seconds"
 OTHERS_NAMED_PCT = 5.0    # a cell whose others % reaches this names the busiest outside processes in its log line
 
 
-def hop_sum_count(metrics_text: str | None, name: str = GATEWAY_HOP) -> tuple[float, int]:
-    """(seconds, observations) of histogram ``name`` in a Prometheus text exposition, summed over its labels
-    ((0.0, 0) when absent: a gateway that has observed nothing yet exposes no series)."""
+class HopReading(NamedTuple):
+    """One scrape of a latency histogram, summed over its labels: ``sum_s`` seconds, ``count``
+    observations, ``buckets`` the cumulative counts by upper bound in seconds (ascending, ``inf`` last)."""
+    sum_s: float
+    count: int
+    buckets: tuple[tuple[float, int], ...]
+
+
+def hop_reading(metrics_text: str | None, name: str = GATEWAY_HOP) -> HopReading:
+    """Histogram ``name`` from a Prometheus text exposition, summed over its labels (empty when absent: a
+    gateway that has observed nothing yet exposes no series)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    total_s, count = 0.0, 0
+    total_s, count, buckets = 0.0, 0, {}
     for family in text_string_to_metric_families(metrics_text or ""):
         if family.name != name:
             continue
@@ -202,7 +210,34 @@ def hop_sum_count(metrics_text: str | None, name: str = GATEWAY_HOP) -> tuple[fl
                 total_s += sample.value
             elif sample.name == f"{name}_count":
                 count += int(sample.value)
-    return total_s, count
+            elif sample.name == f"{name}_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0) + int(sample.value)
+    return HopReading(total_s, count, tuple(sorted(buckets.items())))
+
+
+def hop_window(before: HopReading, after: HopReading, quantile: float = 0.99) -> tuple[float | None, float | None]:
+    """(mean ms, ``quantile`` ms) of what the histogram observed between two readings (pure; ``None`` when it
+    observed nothing). The quantile is interpolated linearly inside its bucket, as Prometheus's
+    ``histogram_quantile`` does (the first bucket starts at 0; one in the ``+Inf`` bucket reads as the highest
+    finite bound), so it is as coarse as the buckets (``feed.catalog.LATENCY_BUCKETS_S``: 25, 50, 100 ms...)."""
+    n = after.count - before.count
+    if n <= 0:
+        return None, None
+    mean_ms = 1000 * (after.sum_s - before.sum_s) / n
+    earlier = dict(before.buckets)
+    window = [(le, c - earlier.get(le, 0)) for le, c in after.buckets]
+    if not window or window[-1][1] <= 0:
+        return mean_ms, None
+    rank = quantile * window[-1][1]
+    lower_le, lower_c = 0.0, 0
+    for le, c in window:
+        if c >= rank:
+            if le == float("inf"):
+                return mean_ms, 1000 * lower_le
+            return mean_ms, 1000 * (lower_le + (le - lower_le) * (rank - lower_c) / max(c - lower_c, 1))
+        lower_le, lower_c = le, c
+    return mean_ms, 1000 * lower_le
 
 
 def _start_ebpf(pids: list[int], log_path: Path) -> subprocess.Popen:
@@ -351,7 +386,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         pids = (server_pids, upstream_pids, publisher.pid, [c.pid for c in (*loadgen, *idlers)], [c.pid for c in idlers])
         load_before = os.getloadavg()[0]
         hop_port = port if target == "bookcast" else None
-        hop_before = hop_sum_count(_metrics_text(hop_port)) if hop_port else None
+        hop_before = hop_reading(_metrics_text(hop_port)) if hop_port else None
         everyone_before = procstat.every_process_cpu_s()
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
@@ -365,7 +400,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
                                   f"{label} draining (up to {config.drain_s:g} s)")
         after = Counters.read(*pids)
         everyone_after = procstat.every_process_cpu_s()
-        hop_after = hop_sum_count(_metrics_text(hop_port)) if hop_port else None
+        hop_after = hop_reading(_metrics_text(hop_port)) if hop_port else None
         load_after = os.getloadavg()[0]
         rss_end = procstat.rss_bytes(server_pids)
         for c in idlers:
@@ -414,12 +449,13 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
               rss: tuple[int, int, int], idle: int = 0, idle_connected: int | None = None,
               idle_results: list[dict] | None = None, repeat: int = 0,
               load_average: tuple[float, float] | None = None,
-              gateway_hop: tuple[tuple[float, int], tuple[float, int]] | None = None,
+              gateway_hop: tuple[HopReading, HopReading] | None = None,
               others_top: list[dict] | None = None) -> dict[str, Any]:
     """Merge the client processes' results into one cell: counts, accounting check, latency and spread
     quantiles (ms), rates (/s), CPU (s), RSS (bytes), and ``harness_failures`` (empty when sound).
-    ``gateway_hop``: the gateway's ``bookcast_hop_nats_gateway_seconds`` (sum, count) before and after the
-    window (bookcast only), giving the mean NATS publish -> gateway fan-out time of the cell's deltas.
+    ``gateway_hop``: the gateway's ``bookcast_hop_nats_gateway_seconds`` before and after the window
+    (bookcast only, ``hop_reading``), giving the mean and p99 NATS publish -> gateway fan-out time of the
+    cell's deltas (``hop_window``).
     ``others_top``: the busiest processes outside the cell over the window (``procstat.busiest_others``)."""
     latency, spread = new_histogram(), new_histogram()
     receipts: dict[int, list[int]] = {}
@@ -471,10 +507,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
     # shared machine (the load generator, the publisher and the servers are counted apart).
     ours_s = server_cpu_s + loadgen_cpu_s + publisher_cpu_s + (upstream_cpu_s if target == "bookcast" else 0)
     others_pct = (max(busy / _TICKS_PER_S - ours_s, 0) / (measured_s * cpus) * 100) if ticks else None
-    hop_ms = None
-    if gateway_hop is not None:
-        (sum0, n0), (sum1, n1) = gateway_hop
-        hop_ms = 1000 * (sum1 - sum0) / (n1 - n0) if n1 > n0 else None
+    hop_ms, hop_p99_ms = hop_window(*gateway_hop) if gateway_hop is not None else (None, None)
     for r in idle_results or []:
         for text, n in r["errors"].items():
             errors[f"idle: {text}"] = errors.get(f"idle: {text}", 0) + n
@@ -497,6 +530,7 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         # NATS publish -> gateway fan-out (ts_send_ns - ts_publish_ns), mean over the window's deltas (one per
         # worker per message): the part of the latency spent before the gateway writes the first frame
         "gateway_hop_mean_ms": hop_ms,
+        "gateway_hop_p99_ms": hop_p99_ms,  # the same hop's p99, from the gateway's histogram buckets (coarse)
         "server_cpu_s": server_cpu_s,
         "server_cpu_s_per_million": server_cpu_s / delivered * 1e6 if delivered else None,
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
@@ -570,7 +604,8 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
         lat = cell["latency_ms"]
         _say(f"{label} delivered {cell['delivered']:,} ({cell['delivered_per_s']:,.0f}/s of {cell['offered_per_s']:,.0f}"
              f" offered), p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms max {lat['max']:.1f} ms"
-             + (f" (NATS -> gateway fan-out {cell['gateway_hop_mean_ms']:.2f} ms mean)"
+             + (f" (NATS -> gateway fan-out {cell['gateway_hop_mean_ms']:.2f} ms mean, "
+                f"p99 {report.or_dash(cell['gateway_hop_p99_ms'], '.1f')} ms)"
                 if cell.get("gateway_hop_mean_ms") is not None else "") + ", server CPU "
              f"{cell['server_cpu_s']:.2f} s (waited {report.or_dash(cell['server_wait_per_run_us'], '.0f')} us for a CPU per run), "
              f"harness {cell['harness_cores']:.2f} cores, machine busy "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,10 +100,14 @@ def test_the_peer_comparison_and_report_files_are_written(quick_run):
     # the gateway's own NATS -> fan-out hop over the window, for bookcast cells only
     for c in run["cells"]:
         assert (c["gateway_hop_mean_ms"] is not None) == (c["target"] == "bookcast"), c["target"]
+        assert (c["gateway_hop_p99_ms"] is not None) == (c["target"] == "bookcast"), c["target"]
     assert 0 < bookcast_cell["gateway_hop_mean_ms"] < bookcast_cell["latency_ms"]["max"]
-    assert cell_rows[0].split(" | ")[19] == f"{bookcast_cell['gateway_hop_mean_ms']:.2f}"
+    assert 0 < bookcast_cell["gateway_hop_p99_ms"] <= 10_000  # inside the histogram's finite buckets
+    assert cell_rows[0].split(" | ")[19] == (f"{bookcast_cell['gateway_hop_mean_ms']:.2f} / "
+                                             f"{bookcast_cell['gateway_hop_p99_ms']:.1f}")
     nats_row = next(line for line in md.splitlines() if line.startswith("| nats | 24 | 50 | 0 |"))
-    assert nats_row.split(" | ")[19] == "-" and "NATS -> gateway fan-out" in proc.stderr
+    assert nats_row.split(" | ")[19] == "- / -" and "NATS -> gateway fan-out" in proc.stderr
+    assert re.search(r"NATS -> gateway fan-out [\d.]+ ms mean, p99 [\d.]+ ms\)", proc.stderr)
 
 
 def test_an_overhead_toggle_that_cannot_run_fails_clearly(tmp_path):

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+from loadtest.bench.fanout import HopReading, hop_reading, hop_window
 from loadtest.bench.report import analyse, chart, markdown
 
 
@@ -140,19 +141,46 @@ def test_chart_draws_every_point_without_warnings_also_with_no_nats_cells(tmp_pa
     assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_hop_sum_count_reads_a_histogram_over_its_labels_and_nothing_else():
-    from loadtest.bench.fanout import hop_sum_count
-
+def test_hop_reading_sums_a_histogram_over_its_labels_and_reads_nothing_else():
     text = "\n".join([
         "# HELP bookcast_hop_nats_gateway_seconds NATS publish to gateway queueing.",
         "# TYPE bookcast_hop_nats_gateway_seconds histogram",
         'bookcast_hop_nats_gateway_seconds_bucket{le="0.001",venue="bench"} 3.0',
+        'bookcast_hop_nats_gateway_seconds_bucket{le="+Inf",venue="bench"} 4.0',
         'bookcast_hop_nats_gateway_seconds_count{venue="bench"} 4.0',
         'bookcast_hop_nats_gateway_seconds_sum{venue="bench"} 0.5',
+        'bookcast_hop_nats_gateway_seconds_bucket{le="0.001",venue="coinbase"} 1.0',
+        'bookcast_hop_nats_gateway_seconds_bucket{le="+Inf",venue="coinbase"} 6.0',
         'bookcast_hop_nats_gateway_seconds_count{venue="coinbase"} 6.0',
         'bookcast_hop_nats_gateway_seconds_sum{venue="coinbase"} 1.5',
+        'bookcast_hop_ingest_seconds_bucket{le="0.001",venue="bench"} 99.0',
         'bookcast_hop_ingest_seconds_sum{venue="bench"} 99.0',
         'bookcast_hop_ingest_seconds_count{venue="bench"} 99.0',
     ])
-    assert hop_sum_count(text) == (2.0, 10)
-    assert hop_sum_count(None) == (0.0, 0) and hop_sum_count("") == (0.0, 0)
+    assert hop_reading(text) == HopReading(2.0, 10, ((0.001, 4), (float("inf"), 10)))
+    assert hop_reading(None) == HopReading(0.0, 0, ()) == hop_reading("")
+
+
+def _reading(sum_s: float, counts: dict[float, int]) -> HopReading:
+    cumulative, total = [], 0
+    for le in (0.01, 0.025, 0.05, float("inf")):
+        total += counts.get(le, 0)
+        cumulative.append((le, total))
+    return HopReading(sum_s, total, tuple(cumulative))
+
+
+def test_hop_window_mean_and_p99_are_of_the_window_only():
+    before = _reading(1.0, {0.01: 1000})  # a warm-up that was all fast
+    # the window: 90 more under 10 ms, 10 between 25 and 50 ms; 100 observations summing to 0.9 s
+    after = _reading(1.9, {0.01: 1090, 0.05: 10})
+    mean_ms, p99_ms = hop_window(before, after)
+    assert mean_ms == pytest.approx(9.0)
+    # rank 99 of 100 is the 9th of the 10 in (25, 50] ms: 25 + 25 * 9 / 10 (histogram_quantile's interpolation)
+    assert p99_ms == pytest.approx(47.5)
+    # the same window read from a histogram that started empty gives the same quantile (the warm-up is not in it)
+    assert hop_window(_reading(0.0, {}), _reading(0.9, {0.01: 90, 0.05: 10}))[1] == pytest.approx(47.5)
+    # past the last finite bound reads as that bound; nothing observed in the window is no figure
+    assert hop_window(before, _reading(3.0, {0.01: 1000, float("inf"): 2}))[1] == pytest.approx(50.0)
+    assert hop_window(before, before) == (None, None)
+    # a gateway that exposes no buckets (only sum and count) still gives its mean
+    assert hop_window(HopReading(0.0, 0, ()), HopReading(0.5, 10, ())) == (pytest.approx(50.0), None)
