@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +44,6 @@ from typing import Any, NamedTuple
 from feed.natsserver import NatsServer
 from feed.procs import free_port, stop_process, wait_until
 from loadtest.bench import floor, procstat, report
-from loadtest.bench.speed import SpeedProbe, median_ns
 from loadtest.bench.procstat import TICKS_PER_S as _TICKS_PER_S
 from loadtest.bench.clients import LATENCY_MAX_US, new_histogram
 from loadtest.bench.ipc import BenchError, Child
@@ -311,7 +311,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
     gateway: subprocess.Popen | None = None
     sidecars: list[subprocess.Popen] = []
     helpers: list[Child] = []
-    speed: SpeedProbe | None = None
+    floor_probe: floor.FloorProbe | None = None
     try:
         nats.start()
         publisher = await Child.start("publisher", "loadtest.bench.publisher",
@@ -390,7 +390,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         hop_port = port if target == "bookcast" else None
         hop_before = hop_reading(_metrics_text(hop_port)) if hop_port else None
         everyone_before = procstat.every_process_cpu_s()
-        speed = SpeedProbe().start()  # stopped in the finally below, also when the cell fails
+        floor_probe = floor.FloorProbe().start()  # stopped in the finally below, also when the cell fails
         before = Counters.read(*pids)
         count = max(1, round(rate_per_s * config.duration_s))
         await publisher.send("run", rate_per_s=rate_per_s, count=count)
@@ -402,7 +402,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         results = await _progress(asyncio.gather(*(c.expect("result", config.drain_s + 120) for c in loadgen)),
                                   f"{label} draining (up to {config.drain_s:g} s)")
         after = Counters.read(*pids)
-        speed.stop()
+        floor_probe.stop()
         everyone_after = procstat.every_process_cpu_s()
         hop_after = hop_reading(_metrics_text(hop_port)) if hop_port else None
         load_after = os.getloadavg()[0]
@@ -411,8 +411,8 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
             await c.send("finish", final_seqs={}, drain_s=0)
             idle_results.append(await c.expect("result", 60))
     finally:
-        if speed is not None:
-            speed.stop()
+        if floor_probe is not None:
+            floor_probe.stop()
         for helper in reversed(helpers):
             await helper.stop()
         for proc in (*sidecars, gateway):
@@ -429,7 +429,7 @@ async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: 
         load_average=(load_before, load_after),
         others_top=procstat.busiest_others(everyone_before, everyone_after,
                                            [*pids[0], *pids[1], pids[2], *pids[3], os.getpid()]),
-        gateway_hop=(hop_before, hop_after) if hop_port else None, speed_samples=speed.samples,
+        gateway_hop=(hop_before, hop_after) if hop_port else None, floor_samples=floor_probe.samples,
     )
 
 
@@ -456,14 +456,14 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
               idle_results: list[dict] | None = None, repeat: int = 0,
               load_average: tuple[float, float] | None = None,
               gateway_hop: tuple[HopReading, HopReading] | None = None,
-              others_top: list[dict] | None = None, speed_samples: list[float] | None = None) -> dict[str, Any]:
+              others_top: list[dict] | None = None, floor_samples: list[float] | None = None) -> dict[str, Any]:
     """Merge the client processes' results into one cell: counts, accounting check, latency and spread
     quantiles (ms), rates (/s), CPU (s), RSS (bytes), and ``harness_failures`` (empty when sound).
     ``gateway_hop``: the gateway's ``bookcast_hop_nats_gateway_seconds`` before and after the window
     (bookcast only, ``hop_reading``), giving the mean and p99 NATS publish -> gateway fan-out time of the
     cell's deltas (``hop_window``).
     ``others_top``: the busiest processes outside the cell over the window (``procstat.busiest_others``).
-    ``speed_samples``: the window's ``loadtest.bench.speed`` samples (ns per loop iteration)."""
+    ``floor_samples``: the window's ``floor.FloorProbe`` samples (CPU us per loopback send + recv)."""
     latency, spread = new_histogram(), new_histogram()
     receipts: dict[int, list[int]] = {}
     for r in results:
@@ -538,10 +538,10 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         # worker per message): the part of the latency spent before the gateway writes the first frame
         "gateway_hop_mean_ms": hop_ms,
         "gateway_hop_p99_ms": hop_p99_ms,
-        # how fast the CPU ran over the window (median ns per iteration of a fixed loop: lower is faster;
-        # loadtest.bench.speed): the same work costs more CPU seconds when this is higher
-        "cpu_speed_ns": median_ns(speed_samples or []),
-        "cpu_speed_samples": len(speed_samples or []),  # the same hop's p99, from the gateway's histogram buckets (coarse)
+        # the kernel floor as the cell found the machine (median CPU us per loopback send + recv, sampled
+        # through the window, floor.FloorProbe): the same work costs more CPU seconds when this is higher
+        "floor_us": statistics.median(floor_samples) if floor_samples else None,
+        "floor_samples": len(floor_samples or []),  # the same hop's p99, from the gateway's histogram buckets (coarse)
         "server_cpu_s": server_cpu_s,
         "server_cpu_s_per_million": server_cpu_s / delivered * 1e6 if delivered else None,
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,
@@ -619,8 +619,8 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
                 f"p99 {report.or_dash(cell['gateway_hop_p99_ms'], '.1f')} ms)"
                 if cell.get("gateway_hop_mean_ms") is not None else "") + ", server CPU "
              f"{cell['server_cpu_s']:.2f} s (waited {report.or_dash(cell['server_wait_per_run_us'], '.0f')} us for a CPU per run), "
-             f"harness {cell['harness_cores']:.2f} cores, CPU speed "
-             f"{report.or_dash(cell['cpu_speed_ns'], '.1f')} ns/iter, machine busy "
+             f"harness {cell['harness_cores']:.2f} cores, floor "
+             f"{report.or_dash(cell['floor_us'], '.1f')} us, machine busy "
              f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
              + (" SATURATED" if cell["saturated"] else "")
              + (f" (busiest others: {_others(cell['others_top'])})"

@@ -42,12 +42,12 @@ _COMPARED = {
     "p99_ms": lambda c: c["latency_ms"]["p99"],
     "server_cpu_s_per_million": lambda c: c["server_cpu_s_per_million"],
     "rss_per_idle_connection_bytes": lambda c: c["rss_per_idle_connection_bytes"],
-    # not a target: the pair's CPU speed (loadtest.bench.speed), bookcast's cell over nats-server's; away from
-    # 1 the two cells ran on a faster or slower machine and the pair's CPU ratio is partly the machine's
-    "cpu_speed_ns": lambda c: c.get("cpu_speed_ns"),
+    # not a target: the floor each cell found (floor.FloorProbe), bookcast's cell over nats-server's; away
+    # from 1 the two cells ran on a cheaper or dearer machine and the pair's CPU ratio is partly the machine's
+    "floor_us": lambda c: c.get("floor_us"),
 }
 _LABELS = {"delivered_per_s": "delivered/s", "p99_ms": "p99", "server_cpu_s_per_million": "CPU s / M deliveries",
-           "rss_per_idle_connection_bytes": "RSS / idle conn", "cpu_speed_ns": "CPU speed (ns / iteration)"}
+           "rss_per_idle_connection_bytes": "RSS / idle conn", "floor_us": "floor (us per send + recv)"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -247,7 +247,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                         lambda rn: rn[0][rn[1]]["spread"] is not None and rn[0][rn[1]]["spread"] < SPREAD_TARGET,
                         lambda rn: f"{point_label(rn[0]['clients'], rn[0]['rate_per_s'], rn[0]['idle'])} "
                                    f"{_LABELS[rn[1]]}: {(rn[0][rn[1]]['spread'] or 0):.0%}{_sides(rn[0][rn[1]])}"
-                                   + (_speeds(rn[0]) if rn[1] == "server_cpu_s_per_million" else "")))
+                                   + (_floors(rn[0]) if rn[1] == "server_cpu_s_per_million" else "")))
     big = [c for c in cells if c["target"] == "bookcast" and c["clients"] == BIG_CLIENTS and not c.get("idle")]
     out.append(_verdict(f"{BIG_CLIENTS:,} clients on bookcast without errors", big, [],
                         lambda c: not (c["connect_failures"] or c["closed_early"] or c["errors"] or c["harness_failures"]),
@@ -263,11 +263,11 @@ def _sides(figure: dict[str, Any]) -> str:
     return f" (bookcast {bk:.0%}, nats {nats:.0%})" if bk is not None and nats is not None else ""
 
 
-def _speeds(row: dict[str, Any]) -> str:
-    """``; the pairs' CPU speed ratios 0.93-1.08``: how far the machine's speed moved within the pairs."""
-    speed = row.get("cpu_speed_ns") or {}
-    return (f"; the pairs' CPU speed ratios {speed['min']:.2f}-{speed['max']:.2f}"
-            if speed.get("min") is not None else "")
+def _floors(row: dict[str, Any]) -> str:
+    """``; the pairs' floor ratios 0.93-1.08``: how far the machine's cost moved within the pairs."""
+    floor = row.get("floor_us") or {}
+    return (f"; the pairs' floor ratios {floor['min']:.2f}-{floor['max']:.2f}"
+            if floor.get("min") is not None else "")
 
 
 def analyse(run: dict[str, Any]) -> dict[str, Any]:
@@ -317,10 +317,10 @@ def markdown(run: dict[str, Any]) -> str:
         "(/proc/PID/task/TID/schedstat): on a busy machine, latency that is the scheduler's, not the server's; "
         "**NATS -> gw ms** (bookcast): mean / p99 NATS publish to gateway fan-out of the cell's deltas (the "
         "gateway's bookcast_hop_nats_gateway_seconds; the p99 interpolated in its buckets, so coarse), the part "
-        "of the latency spent before the first frame is written; **CPU speed ns/iter**: the median CPU time of one "
-        "iteration of a fixed Python loop sampled through the window (loadtest.bench.speed; lower is faster): on a "
-        "shared VM the same work costs more CPU seconds when it is higher, and a pair's **CPU speed ratio** away "
-        "from 1 says its two cells ran on a different machine",
+        "of the latency spent before the first frame is written; **floor us**: the kernel floor (CPU us per "
+        "loopback TCP send + recv) sampled through the window (floor.FloorProbe): on a shared VM the same work "
+        "costs more CPU seconds when it is higher, and a pair's **floor ratio** away from 1 says its two cells "
+        "found the machine cheaper or dearer",
         f"- a cell is **saturated** when the machine was over {cfg.get('saturated_busy_pct', 90):g}% busy (all CPUs, "
         "everyone's processes): its figures measure the machine, and it is left out of the verdict"
         + (f"; 1-minute load average during the cells {min(loads):.1f} .. {max(loads):.1f}" if loads else ""),
@@ -331,7 +331,7 @@ def markdown(run: dict[str, Any]) -> str:
         "## Cells", "",
         "| target | clients | rate/s | idle | run | offered/s | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms "
         "| server CPU s | CPU s / M | upstream nats CPU s | harness cores | machine busy % | floor % | others % "
-        "| wait / run us | NATS -> gw ms mean / p99 | CPU speed ns/iter | load 1m | RSS KiB / idle conn | losses "
+        "| wait / run us | NATS -> gw ms mean / p99 | floor us | load 1m | RSS KiB / idle conn | losses "
         "| errors |",
         "|" + "---|" * 25,
     ]
@@ -348,14 +348,14 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {or_dash(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
             f"| {or_dash(c.get('others_busy_pct'), '.0f')} | {or_dash(c.get('server_wait_per_run_us'), '.0f')} "
             f"| {or_dash(c.get('gateway_hop_mean_ms'), '.2f')} / {or_dash(c.get('gateway_hop_p99_ms'), '.1f')} "
-            f"| {or_dash(c.get('cpu_speed_ns'), '.1f')} "
+            f"| {or_dash(c.get('floor_us'), '.1f')} "
             f"| {or_dash(load and max(load), '.1f')} | {or_dash(rss and rss / 1024, '.1f')} "
             f"| {sum(c['losses'].values()):,} | {sum(c['errors'].values()):,} |")
     lines += ["", "## bookcast / nats-server WebSocket, same run", "",
               "Median ratio of the unsaturated run pairs [min-max, spread (max - min) / median]; `(sat.)`: every "
               "pair saturated, shown but not judged.", "",
               "| point | runs (saturated) | delivered/s ratio | p99 ratio | CPU per M ratio | RSS per idle conn ratio "
-              "| CPU speed ratio |",
+              "| floor ratio |",
               "|---|---|---|---|---|---|---|"]
     for r in run["comparisons"]:
         lines.append(f"| {point_label(r['clients'], r['rate_per_s'], r['idle'])} | {r['runs']} ({r['saturated_runs']}) | "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -38,3 +40,52 @@ def test_the_command_prints_json_with_the_cores_a_rate_takes_and_exits_2_on_bad_
     assert out["cores"] == pytest.approx(100_000 * out["send_recv_us"] / 1e6, abs=0.001) and out["machine_pct"] > 0
     bad = run("--messages", "0")
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr
+
+
+def test_the_probe_samples_the_floor_on_its_own_thread_until_stopped():
+    probe = floor.FloorProbe(interval_s=0.01, pairs=50).start()
+    deadline = time.monotonic() + 20
+    while len(probe.samples) < 5:
+        assert time.monotonic() < deadline, "the probe took no 5 samples in 20 s"
+        time.sleep(0.01)
+    samples = probe.stop()
+    # stop() joined the thread: nothing is left to add a sample, and a second stop is harmless
+    assert not any(t.name == "bench-floor-probe" and t.is_alive() for t in threading.enumerate())
+    assert probe.stop() is samples and len(samples) >= 5
+    # a loopback send + recv costs microseconds of CPU: not nothing, not milliseconds
+    assert all(0.5 < s < 5_000 for s in samples), samples
+    assert min(samples) <= probe.median_us() <= max(samples)
+
+
+def test_the_probe_counts_only_its_own_threads_cpu():
+    """A thread burning CPU beside it does not count: the pairs are timed in the probe thread's CPU time."""
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            sum(range(10_000))
+
+    burner = threading.Thread(target=burn, daemon=True)
+    probe = floor.FloorProbe(interval_s=0.001, pairs=200)  # hardly a pause: the process is busy throughout
+    burner.start()
+    try:
+        t0 = time.process_time()
+        probe.start()
+        deadline = time.monotonic() + 20
+        while len(probe.samples) < 5:
+            assert time.monotonic() < deadline, "the probe took no 5 samples in 20 s"
+            time.sleep(0.01)
+        probe.stop()
+        process_us_per_pair = (time.process_time() - t0) * 1e6 / (len(probe.samples) * probe.pairs)
+    finally:
+        stop.set()
+        burner.join()
+    # the process's CPU per pair counts the burner too (it runs while the probe waits in a system call or for
+    # the GIL); the probe's own figure leaves it out, so it is well below (timed in process CPU it would match)
+    assert probe.median_us() < 0.75 * process_us_per_pair, (probe.median_us(), process_us_per_pair)
+
+
+def test_probe_arguments_are_checked_and_no_sample_is_no_figure():
+    with pytest.raises(ValueError, match="must be > 0"):
+        floor.FloorProbe(pairs=0)
+    assert floor.FloorProbe().median_us() is None

@@ -11,7 +11,7 @@ from loadtest.bench.report import analyse, chart, markdown
 
 
 def cell(target, clients, *, rate=100.0, delivered_per_s=None, p99_ms=10.0, cpu_per_m=20.0, rss_kib=24.0,
-         failures=0, errors=None, saturated=False, repeat=0, idle=0, lost=0, speed_ns=None):
+         failures=0, errors=None, saturated=False, repeat=0, idle=0, lost=0, floor_us=None):
     return {"target": target, "clients": clients, "rate_per_s": rate, "repeat": repeat, "idle": idle,
             "idle_connected": idle or None, "idle_closed_early": 0 if idle else None,
             "delivered_per_s": delivered_per_s or rate * clients, "offered_per_s": rate * clients,
@@ -22,7 +22,7 @@ def cell(target, clients, *, rate=100.0, delivered_per_s=None, p99_ms=10.0, cpu_
             "saturated": saturated, "load_average_1m": [1.0, 1.2],
             "rss_per_idle_connection_bytes": rss_kib * 1024, "connect_failures": failures,
             "closed_early": 0, "errors": errors or {}, "harness_failures": [], "subscribers": clients - failures,
-            "losses": {"gap_lost": 0, "resync_skipped": 0, "tail_lost": lost}, "resyncs": 0, "cpu_speed_ns": speed_ns}
+            "losses": {"gap_lost": 0, "resync_skipped": 0, "tail_lost": lost}, "resyncs": 0, "floor_us": floor_us}
 
 
 def run_of(cells):
@@ -60,25 +60,25 @@ def test_ratios_pair_runs_and_report_their_spread():
     assert "CPU s / M deliveries: 13% (bookcast 13%, nats 0%)" in spread[1]
     md = markdown(run)
     assert "| 1,000 x 20/s | 3 (0) | 1.00 [1.00-1.00, 0%] | 0.60 [0.60-0.60, 0%] | 0.75 [0.70-0.80, 13%]" in md
-    # cells without a CPU-speed figure (results from before it existed) give no speed ratio and no clause
-    assert row["cpu_speed_ns"]["ratio"] is None and "CPU speed ratios" not in spread[1]
+    # cells without a sampled floor (results from before it existed) give no floor ratio and no clause
+    assert row["floor_us"]["ratio"] is None and "floor ratios" not in spread[1]
 
 
-def test_a_pair_measured_at_different_cpu_speeds_is_visible_beside_the_cpu_spread():
+def test_a_pair_whose_cells_found_different_floors_is_visible_beside_the_cpu_spread():
     cells = []
-    # run 2's bookcast cell ran on a machine 25% slower (ns per loop iteration up) and spent more CPU for it
-    for n, (bk, bk_speed) in enumerate([(14.0, 40.0), (17.5, 50.0), (14.0, 40.0)]):
-        cells += [cell("bookcast", 1000, rate=20.0, cpu_per_m=bk, repeat=n, speed_ns=bk_speed),
-                  cell("nats", 1000, rate=20.0, cpu_per_m=20.0, repeat=n, speed_ns=40.0)]
+    # run 2's bookcast cell found the kernel floor 25% dearer (us per send + recv) and spent more CPU for it
+    for n, (bk, bk_floor) in enumerate([(14.0, 8.0), (17.5, 10.0), (14.0, 8.0)]):
+        cells += [cell("bookcast", 1000, rate=20.0, cpu_per_m=bk, repeat=n, floor_us=bk_floor),
+                  cell("nats", 1000, rate=20.0, cpu_per_m=20.0, repeat=n, floor_us=8.0)]
     run = run_of(cells)
     [row] = run["comparisons"]
-    assert row["cpu_speed_ns"]["ratios"] == [1.0, 1.25, 1.0] and row["cpu_speed_ns"]["bookcast"] == 40.0
+    assert row["floor_us"]["ratios"] == [1.0, 1.25, 1.0] and row["floor_us"]["bookcast"] == 8.0
     spread = status(run, "run-to-run spread")
     assert spread[0] == "missed"
-    assert "CPU s / M deliveries: 25% (bookcast 25%, nats 0%); the pairs' CPU speed ratios 1.00-1.25" in spread[1]
+    assert "CPU s / M deliveries: 25% (bookcast 25%, nats 0%); the pairs' floor ratios 1.00-1.25" in spread[1]
     assert "p99: 0% (bookcast 0%, nats 0%)" in spread[1] and "p99: 0% (bookcast 0%, nats 0%);" not in spread[1]
     md = markdown(run)
-    assert "| 1.00 [1.00-1.25, 25%] |" in md and "| CPU speed ratio |" in md and "| 40.0 |" in md
+    assert "| 1.00 [1.00-1.25, 25%] |" in md and "| floor ratio |" in md and "| 8.0 |" in md
 
 
 def test_saturated_pairs_are_left_out_of_the_verdict():
