@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -537,11 +536,11 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         # NATS publish -> gateway fan-out (ts_send_ns - ts_publish_ns), mean over the window's deltas (one per
         # worker per message): the part of the latency spent before the gateway writes the first frame
         "gateway_hop_mean_ms": hop_ms,
-        "gateway_hop_p99_ms": hop_p99_ms,
+        "gateway_hop_p99_ms": hop_p99_ms,  # the same hop's p99, from the gateway's histogram buckets (coarse)
         # the kernel floor as the cell found the machine (median CPU us per loopback send + recv, sampled
         # through the window, floor.FloorProbe): the same work costs more CPU seconds when this is higher
-        "floor_us": statistics.median(floor_samples) if floor_samples else None,
-        "floor_samples": len(floor_samples or []),  # the same hop's p99, from the gateway's histogram buckets (coarse)
+        "floor_us": floor.median_us(floor_samples or []),
+        "floor_samples": len(floor_samples or []),
         "server_cpu_s": server_cpu_s,
         "server_cpu_s_per_million": server_cpu_s / delivered * 1e6 if delivered else None,
         "upstream_nats_cpu_s": upstream_cpu_s if target == "bookcast" else None,

@@ -99,6 +99,11 @@ def measure(payload_bytes: int = 300, messages: int = 20_000, trials: int = 3) -
     return LoopbackFloor(round(send_recv, 3), round(syscall, 3), payload_bytes, messages, trials)
 
 
+def median_us(samples: list[float]) -> float | None:
+    """The median of a ``FloorProbe``'s samples (``None`` for none: the window was too short to take one)."""
+    return statistics.median(samples) if samples else None
+
+
 class FloorProbe:
     """The floor sampled through a measured window: every ``interval_s``, ``pairs`` loopback send + recv
     pairs timed in this thread's CPU (``time.thread_time_ns``: the caller's event loop does not count), on
@@ -140,9 +145,6 @@ class FloorProbe:
             self._thread.join()
         return self.samples
 
-    def median_us(self) -> float | None:
-        """The median of the samples (``None`` before the first)."""
-        return statistics.median(self.samples) if self.samples else None
 
 
 def main() -> int:
