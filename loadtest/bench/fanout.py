@@ -220,7 +220,7 @@ def hop_window(before: HopReading, after: HopReading, quantile: float = 0.99) ->
     """(mean ms, ``quantile`` ms) of what the histogram observed between two readings (pure; ``None`` when it
     observed nothing). The quantile is interpolated linearly inside its bucket, as Prometheus's
     ``histogram_quantile`` does (the first bucket starts at 0; one in the ``+Inf`` bucket reads as the highest
-    finite bound), so it is as coarse as the buckets (``feed.catalog.LATENCY_BUCKETS_S``: 25, 50, 100 ms...)."""
+    finite bound), so it is as coarse as the buckets (``feed.catalog.LATENCY_BUCKETS_S``: ... 1, 2.5, 5, 10, 25 ms ...)."""
     n = after.count - before.count
     if n <= 0:
         return None, None

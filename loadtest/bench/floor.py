@@ -146,7 +146,6 @@ class FloorProbe:
         return self.samples
 
 
-
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench.floor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
