@@ -284,6 +284,7 @@ class Counters:
     server_wait: tuple[float, int]       # run-queue wait (s, runs): procstat.runqueue_wait
     upstream_wait: tuple[float, int]
     loadgen_wait: tuple[float, int]
+    server_preemptions: int              # procstat.preemptions
 
     @classmethod
     def read(cls, server: list[int], upstream: list[int], publisher: int, loadgen: list[int],
@@ -292,7 +293,7 @@ class Counters:
         return cls(procstat.cpu_s(server), procstat.cpu_s(upstream), procstat.cpu_s([publisher]),
                    procstat.cpu_s(loadgen), procstat.cpu_s(list(idlers)) if idlers else 0.0,
                    *procstat.machine_ticks(), time.monotonic(), procstat.runqueue_wait(server),
-                   procstat.runqueue_wait(upstream), procstat.runqueue_wait(loadgen))
+                   procstat.runqueue_wait(upstream), procstat.runqueue_wait(loadgen), procstat.preemptions(server))
 
 
 async def run_cell(config: FanoutConfig, target: str, clients: int, rate_per_s: float, label: str,
@@ -556,6 +557,9 @@ def summarise(*, target: str, clients: int, rate_per_s: float, config: FanoutCon
         "server_wait_per_run_us": per_run_us["server_wait"],
         "upstream_wait_per_run_us": per_run_us["upstream_wait"] if target == "bookcast" else None,
         "loadgen_wait_per_run_us": per_run_us["loadgen_wait"],
+        # switched out while still runnable, per second (procstat.preemptions): mostly clients woken by the
+        # server's own writes on this one machine
+        "server_preempted_per_s": (after.server_preemptions - before.server_preemptions) / measured_s,
         "measured_s": measured_s,
         "machine_busy_pct": busy_pct,
         "others_busy_pct": others_pct,
@@ -617,8 +621,8 @@ async def run_all(config: FanoutConfig) -> dict[str, Any]:
              + (f" (NATS -> gateway fan-out {cell['gateway_hop_mean_ms']:.2f} ms mean, "
                 f"p99 {report.or_dash(cell['gateway_hop_p99_ms'], '.1f')} ms)"
                 if cell.get("gateway_hop_mean_ms") is not None else "") + ", server CPU "
-             f"{cell['server_cpu_s']:.2f} s (waited {report.or_dash(cell['server_wait_per_run_us'], '.0f')} us for a CPU per run), "
-             f"harness {cell['harness_cores']:.2f} cores, floor "
+             f"{cell['server_cpu_s']:.2f} s (waited {report.or_dash(cell['server_wait_per_run_us'], '.0f')} us for a CPU per run, "
+             f"preempted {cell['server_preempted_per_s']:,.0f}/s), harness {cell['harness_cores']:.2f} cores, floor "
              f"{report.or_dash(cell['floor_us'], '.1f')} us, machine busy "
              f"{cell['machine_busy_pct'] or 0:.0f}% (others {cell['others_busy_pct'] or 0:.0f}%)"
              + (" SATURATED" if cell["saturated"] else "")

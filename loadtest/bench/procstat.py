@@ -3,14 +3,15 @@
 Sources: proc(5): ``/proc/<pid>/stat`` fields 14-15 (``utime``, ``stime``, clock ticks), ``/proc/<pid>/status``
 ``VmRSS`` (kB), ``/proc/stat`` first line (ticks per state, all CPUs); the kernel's
 Documentation/scheduler/sched-stats.rst: ``/proc/<pid>/task/<tid>/schedstat`` (ns on CPU, ns runnable but
-waiting on a run queue, timeslices). A process that has exited reads as zero, so a caller summing several
+waiting on a run queue, timeslices); ``/proc/<pid>/task/<tid>/status`` ``nonvoluntary_ctxt_switches`` (times
+the thread lost its CPU while still runnable: preempted). A process that has exited reads as zero, so a caller summing several
 processes still gets the living ones.
 """
 from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 TICKS_PER_S = _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -45,26 +46,47 @@ def cpu_s(pids: Iterable[int]) -> float:
     return total / _TICKS_PER_S
 
 
-def runqueue_wait(pids: Iterable[int]) -> tuple[float, int]:
-    """(seconds, runs): how long the threads of ``pids`` sat runnable waiting for a CPU, and how many times
-    they were run, summed over every live thread (a thread that has exited takes its share with it). Seconds
-    over runs is the mean delay between becoming runnable and running: on a busy machine, latency that is the
-    scheduler's, not the server's."""
-    wait_ns = runs = 0
+def _task_dirs(pids: Iterable[int]) -> Iterator[str]:
+    """``/proc/PID/task/TID`` of every live thread of ``pids``."""
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except (FileNotFoundError, ProcessLookupError):
             continue
         for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    _, waited, slices = f.read().split()[:3]
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                continue
-            wait_ns += int(waited)
-            runs += int(slices)
+            yield f"/proc/{pid}/task/{tid}"
+
+
+def runqueue_wait(pids: Iterable[int]) -> tuple[float, int]:
+    """(seconds, runs): how long the threads of ``pids`` sat runnable waiting for a CPU, and how many times
+    they were run, summed over every live thread (a thread that has exited takes its share with it). Seconds
+    over runs is the mean delay between becoming runnable and running: on a busy machine, latency that is the
+    scheduler's, not the server's."""
+    wait_ns = runs = 0
+    for task in _task_dirs(pids):
+        try:
+            with open(f"{task}/schedstat") as f:
+                _, waited, slices = f.read().split()[:3]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        wait_ns += int(waited)
+        runs += int(slices)
     return wait_ns / 1e9, runs
+
+
+def preemptions(pids: Iterable[int]) -> int:
+    """How many times the threads of ``pids`` were switched out while still runnable (``nonvoluntary_ctxt_switches``:
+    a woken task or the tick took their CPU), summed over every live thread. On one machine shared with the load
+    generator, a client woken by the server's own write preempts the server: that is the scheduler's latency
+    added to the server's, and it does not happen to a server whose clients are on other machines."""
+    total = 0
+    for task in _task_dirs(pids):
+        try:
+            with open(f"{task}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("nonvoluntary_ctxt_switches:")), 0)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
 
 
 def rss_bytes(pids: Iterable[int]) -> int:

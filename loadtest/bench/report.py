@@ -315,6 +315,8 @@ def markdown(run: dict[str, Any]) -> str:
         "+ publisher CPU in cores; others: machine busy time not spent by this cell's processes (other users); "
         "**wait / run us**: the mean time a server thread sat runnable before it got a CPU, per run "
         "(/proc/PID/task/TID/schedstat): on a busy machine, latency that is the scheduler's, not the server's; "
+        "**preempted/s**: how often a server thread lost its CPU while still runnable (nonvoluntary_ctxt_switches): "
+        "here, mostly clients woken by the server's own writes, which clients on other machines would not do; "
         "**NATS -> gw ms** (bookcast): mean / p99 NATS publish to gateway fan-out of the cell's deltas (the "
         "gateway's bookcast_hop_nats_gateway_seconds; the p99 interpolated in its buckets, so coarse), the part "
         "of the latency spent before the first frame is written; **floor us**: the kernel floor (CPU us per "
@@ -331,9 +333,9 @@ def markdown(run: dict[str, Any]) -> str:
         "## Cells", "",
         "| target | clients | rate/s | idle | run | offered/s | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms "
         "| server CPU s | CPU s / M | upstream nats CPU s | harness cores | machine busy % | floor % | others % "
-        "| wait / run us | NATS -> gw ms mean / p99 | floor us | load 1m | RSS KiB / idle conn | losses "
+        "| wait / run us | preempted/s | NATS -> gw ms mean / p99 | floor us | load 1m | RSS KiB / idle conn | losses "
         "| errors |",
-        "|" + "---|" * 25,
+        "|" + "---|" * 26,
     ]
     for c in run["cells"]:
         lat, rss = c["latency_ms"], c["rss_per_idle_connection_bytes"]
@@ -347,6 +349,7 @@ def markdown(run: dict[str, Any]) -> str:
             f"{' **sat.**' if c.get('saturated') else ''} "
             f"| {or_dash(floor and floor.machine_pct(c['offered_per_s'], machine.get('cpus') or 1), '.0f')} "
             f"| {or_dash(c.get('others_busy_pct'), '.0f')} | {or_dash(c.get('server_wait_per_run_us'), '.0f')} "
+            f"| {or_dash(c.get('server_preempted_per_s'), ',.0f')} "
             f"| {or_dash(c.get('gateway_hop_mean_ms'), '.2f')} / {or_dash(c.get('gateway_hop_p99_ms'), '.1f')} "
             f"| {or_dash(c.get('floor_us'), '.1f')} "
             f"| {or_dash(load and max(load), '.1f')} | {or_dash(rss and rss / 1024, '.1f')} "

@@ -97,21 +97,26 @@ def test_the_peer_comparison_and_report_files_are_written(quick_run):
     bookcast_cell = next(c for c in run["cells"] if c["target"] == "bookcast" and not c["idle"])
     assert cell_rows[0].split(" | ")[18] == f"{bookcast_cell['server_wait_per_run_us']:.0f}"
     assert "**wait / run us**" in md and "us for a CPU per run" in proc.stderr
+    # how often the server was preempted: a count that moves (clients woken by its writes take its CPU)
+    assert all(c["server_preempted_per_s"] >= 0 for c in run["cells"])
+    assert any(c["server_preempted_per_s"] > 0 for c in run["cells"])
+    assert cell_rows[0].split(" | ")[19] == f"{bookcast_cell['server_preempted_per_s']:,.0f}"
+    assert "**preempted/s**" in md and "/s), harness" in proc.stderr
     # the gateway's own NATS -> fan-out hop over the window, for bookcast cells only
     for c in run["cells"]:
         assert (c["gateway_hop_mean_ms"] is not None) == (c["target"] == "bookcast"), c["target"]
         assert (c["gateway_hop_p99_ms"] is not None) == (c["target"] == "bookcast"), c["target"]
     assert 0 < bookcast_cell["gateway_hop_mean_ms"] < bookcast_cell["latency_ms"]["max"]
     assert 0 < bookcast_cell["gateway_hop_p99_ms"] <= 10_000  # inside the histogram's finite buckets
-    assert cell_rows[0].split(" | ")[19] == (f"{bookcast_cell['gateway_hop_mean_ms']:.2f} / "
+    assert cell_rows[0].split(" | ")[20] == (f"{bookcast_cell['gateway_hop_mean_ms']:.2f} / "
                                              f"{bookcast_cell['gateway_hop_p99_ms']:.1f}")
     nats_row = next(line for line in md.splitlines() if line.startswith("| nats | 24 | 50 | 0 |"))
-    assert nats_row.split(" | ")[19] == "- / -" and "NATS -> gateway fan-out" in proc.stderr
+    assert nats_row.split(" | ")[20] == "- / -" and "NATS -> gateway fan-out" in proc.stderr
     assert re.search(r"NATS -> gateway fan-out [\d.]+ ms mean, p99 [\d.]+ ms\)", proc.stderr)
     # the kernel floor as each cell found it, sampled through its window on the bench's own thread
     for c in run["cells"]:
         assert c["floor_samples"] >= 1 and 0.5 < c["floor_us"] < 5_000, c
-    assert cell_rows[0].split(" | ")[20] == f"{bookcast_cell['floor_us']:.1f}"
+    assert cell_rows[0].split(" | ")[21] == f"{bookcast_cell['floor_us']:.1f}"
     assert re.search(r"floor [\d.]+ us, machine busy", proc.stderr)
 
 

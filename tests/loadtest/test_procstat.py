@@ -1,4 +1,5 @@
-"""``loadtest.bench.procstat`` read from real processes: CPU, run-queue wait, and what a gone process reads as."""
+"""``loadtest.bench.procstat`` read from real processes: CPU, run-queue wait, preemptions, and what a gone process
+reads as."""
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def _until(predicate, timeout_s: float = 20.0) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
-def test_two_spinners_on_one_cpu_wait_for_it_and_each_waits_about_as_long_as_it_runs():
+def test_two_spinners_on_one_cpu_wait_for_it_and_each_waits_about_as_long_as_it_runs_and_is_preempted():
     cpu = sorted(os.sched_getaffinity(0))[0]
     procs = [_spinner(cpu), _spinner(cpu)]
     try:
@@ -38,12 +39,15 @@ def test_two_spinners_on_one_cpu_wait_for_it_and_each_waits_about_as_long_as_it_
         # a timeslice at a time (a few ms under CFS, never a whole second)
         assert wait_s > 0.3 * cpu_s, (wait_s, cpu_s)
         assert runs > 2 and 1e-5 < wait_s / runs < 0.5, (wait_s, runs)
+        # a spinner never blocks, so nearly every run ends with the other taking its CPU: preempted
+        preempted = procstat.preemptions(pids)
+        assert preempted > 2 and preempted >= 0.5 * runs, (preempted, runs)
     finally:
         for p in procs:
             p.kill()
             p.wait(10)
     assert procstat.runqueue_wait(pids) == (0.0, 0) and procstat.cpu_s(pids) == 0.0   # gone: read as zero
-
+    assert procstat.preemptions(pids) == 0
 
 
 def test_busiest_others_names_who_else_used_the_cpu_between_two_readings():
