@@ -39,7 +39,7 @@ def cli(flag: str, help: str, *, hidden: bool = False, to_cli: Callable[[Any], A
                     "choices": choices, "default_factory": default_factory}}
 
 
-TIMER_SLICE = 64  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats
+TIMER_SLICE = 16  # connections per slice of a timer pass (``Gateway.tick_due``): a delta waits behind at most this many heartbeats (16 over 64: docs/perf/round11-timer-slice.md)
 HEARTBEAT_SLOTS = 20  # timer-wheel slots per heartbeat interval: a heartbeat goes out 1 to 1.1 intervals after the last frame (a slot late, its slice paced over one more)
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the standard variable (feed.otlp.ENDPOINT_ENV)
 
